@@ -1,0 +1,181 @@
+"""The ADD network (Fig. 2), its two heads and its loss (Sec. III-B, III-C, III-D; Eq. 4-7).
+
+- ADD: a stem, then D^2 blocks of N normal cells with a reduction cell between consecutive blocks,
+  all built from a genotype (ops.Cell); with genotype=None every edge is a MixedOp: the search
+  network of Algorithm 1 (search.py) is this same class plus alpha.
+- Heads: the classifier (1x1 conv, two FC -> 2 logits, Eq. 4) fed with f * m (Eq. 6), and the
+  potential-manipulation-region head (1x1 conv -> 1 channel -> bilinear up-sampling -> m, Eq. 5).
+- add_loss: Eq. 7, CE' + alpha * MSE. One implementation, used by search.py and train.py.
+- The run helpers both scripts share: device and bf16 autocast, atomic checkpoints, milestones.
+
+    python add.py --genotype g.json      # prints the network's size and the shape of its outputs
+"""
+import argparse
+import contextlib
+import resource
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ops import STEPS, Cell, InputError, atomic_write, genotype_edges, load_genotype, search_edges
+
+
+def d2_layout(blocks, cells_per_block):
+    """Fig. 2(a): `blocks` D^2 blocks of N normal cells, a reduction cell between consecutive blocks.
+    d2_layout(3, 4) -> 4 normal, reduce, 4 normal, reduce, 4 normal (True marks a reduction cell)."""
+    layout = []
+    for b in range(blocks):
+        layout += [True] * (b > 0) + [False] * cells_per_block
+    return layout
+
+
+def stem(C_out, reductions):
+    """3x3 stride-2 conv-BN(-ReLU) layers: 256 px faces -> 32x32 features with 3 reductions.
+    The paper does not describe its stem; this is DARTS's ImageNet stem, one layer per halving."""
+    layers, C_in = [], 3
+    for i in range(reductions):
+        C = C_out if i == reductions - 1 else C_out // 2
+        layers += [nn.Conv2d(C_in, C, 3, 2, 1, bias=False), nn.BatchNorm2d(C), nn.ReLU()]
+        C_in = C
+    return nn.Sequential(*layers[:-1])  # the cells' ReLU-Conv-BN start with their own ReLU
+
+
+class Heads(nn.Module):
+    """The two heads on the last features f (B, c, h', w') (Sec. III-B, III-C).
+
+    Mask: m' = sigmoid(1x1 conv(f)) at f's resolution (B, 1, h', w'); bilinear up-sampling of m' to
+    the input size gives m (B, 1, H, W), compared with the hull mask M by Eq. 5. The classifier sees
+    f * m' (Eq. 6: the product needs one resolution, and f's is the only one f has), then a 1x1 conv,
+    global average pooling and two FC layers -> 2 logits. mask=False: Eq. 4 alone, no mask branch.
+    """
+    def __init__(self, C_in, hidden, mask):
+        super().__init__()
+        self.mask = nn.Conv2d(C_in, 1, 1) if mask else None
+        self.conv = nn.Sequential(nn.Conv2d(C_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+    def forward(self, f, size):
+        m = None if self.mask is None else torch.sigmoid(self.mask(f))  # (B, 1, h', w') in [0, 1]
+        logits = self.fc(self.conv(f if m is None else f * m).mean((2, 3)))  # Eq. 4 / Eq. 6: (B, 2)
+        if m is not None:
+            m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
+        return logits, m
+
+
+class ADD(nn.Module):
+    """Fig. 2: stem -> cells (layout from d2_layout) -> heads. Returns (logits (B, 2), m (B, 1, H, W)
+    or None). Channels double at each reduction cell; each cell outputs STEPS * C channels."""
+    def __init__(self, genotype, C, layout, stem_reductions=3, mask=True, hidden=256):
+        super().__init__()
+        C_stem = 3 * C  # DARTS's stem multiplier
+        self.stem = stem(C_stem, stem_reductions)
+        C_pp, C_p, C_cur, reduction_prev = C_stem, C_stem, C, False
+        self.cells = nn.ModuleList()
+        for reduction in layout:
+            C_cur *= 2 if reduction else 1
+            cell = None if genotype is None else genotype.reduce if reduction else genotype.normal
+            edges = search_edges() if cell is None else genotype_edges(cell)
+            self.cells.append(Cell(edges, C_pp, C_p, C_cur, reduction, reduction_prev, affine=genotype is not None))
+            C_pp, C_p, reduction_prev = C_p, STEPS * C_cur, reduction
+        self.heads = Heads(C_p, hidden, mask)
+
+    def forward(self, x, weights=None):  # x (B, 3, H, W); weights: (normal, reduce) softmax of alpha
+        s0 = s1 = self.stem(x)  # (B, 3C, H/2^r, W/2^r)
+        for cell in self.cells:
+            w = None if weights is None else weights[1] if cell.reduction else weights[0]
+            s0, s1 = s1, cell(s0, s1, w)
+        return self.heads(s1, x.shape[-2:])
+
+
+def add_loss(logits, m, labels, M, mask_weight):
+    """Eq. 7: L = CE' + alpha * MSE. CE' (Eq. 6) is the cross-entropy of logits computed from f * m;
+    MSE (Eq. 5) is the mean over pixels of (M - m)^2, averaged over the batch. m is None: Eq. 4."""
+    ce = F.cross_entropy(logits.float(), labels)
+    return ce if m is None else ce + mask_weight * F.mse_loss(m.float(), M)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Run helpers shared by search.py and train.py
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; fp32 on the CPU (bf16 there is slower and gains nothing)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def prepare_model(model, device):
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def to_device(x, device):
+    """A batch tensor to the device; images and masks channels_last on CUDA, copies overlap compute."""
+    if device.type == "cuda" and x.dim() == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
+
+
+def peak_memory_mib(device):
+    """Peak GPU memory allocated on CUDA, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def scale_milestones(milestones, epochs, paper_epochs=300):
+    """The paper's learning-rate milestones (in epochs of 300) scaled to a shorter or longer run."""
+    return sorted({max(1, round(m * epochs / paper_epochs)) for m in milestones})
+
+
+def save_checkpoint(state, path):
+    """A plain dict of tensors and plain values (loads with weights_only=True), written atomically."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such checkpoint")
+    except Exception as e:  # torch.load raises many types on a corrupt file; all mean the same here
+        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def load_state(module, state, path, what="model"):
+    """load_state_dict with a one-line error when the checkpoint was made for another network."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise InputError(f"{path}: the checkpoint's {what} does not match this configuration "
+                         f"({str(e).splitlines()[0][:160]})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Build ADD from a genotype and print its size.")
+    p.add_argument("--genotype", required=True, help="g.json written by search.py")
+    p.add_argument("--channels", type=int, default=32, help="C of the first block (default 32: ~5.6 M parameters)")
+    p.add_argument("--cells-per-block", type=int, default=4, help="N normal cells per D^2 block (paper: 4)")
+    p.add_argument("--blocks", type=int, default=3, help="number of D^2 blocks")
+    p.add_argument("--image-size", type=int, default=256, help="input size (paper: 256)")
+    args = p.parse_args(argv)
+    model = ADD(load_genotype(args.genotype), args.channels, d2_layout(args.blocks, args.cells_per_block))
+    logits, m = model.eval()(torch.zeros(1, 3, args.image_size, args.image_size))
+    print(f"ADD: {count_parameters(model) / 1e6:.2f} M parameters; logits {tuple(logits.shape)}, mask {tuple(m.shape)}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,749 @@
+"""Face data for ADD: potential-manipulation-region masks, dataset preparation and the datasets.
+
+Sec. III-C: the ground truth M_i is the convex hull of the facial landmarks found by a light face
+detector (here dlib's HOG detector and its 68-point shape predictor), 1 inside and 0 outside, at the
+size of the face crop. Sec. IV-A/B: faces are cropped from FaceForensics++ and Celeb-DF videos and
+resized to 256x256. The built-in synthetic faces (the default --data of search.py and train.py,
+no download) are at the end of this file.
+
+    python masks.py --show photo.jpg --out overlay.png          # box, landmarks and hull on one photo
+    python masks.py --data ff++ --src ~/FaceForensics++         # -> data/ff++/{faces,masks,manifest.csv}
+    python masks.py --data celeb-df --src ~/Celeb-DF-v2         # -> data/celeb-df/...
+    python masks.py --benchmark [--src video.mp4]               # frames/s of the preparation
+"""
+import argparse
+import csv
+import functools
+import glob
+import importlib.util
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+import av
+import dlib
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from scipy.spatial import ConvexHull
+from torch.utils.data import Dataset
+
+from ops import InputError, atomic_write
+
+FFPP_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures")
+CELEBDF_REAL, CELEBDF_FAKE = ("Celeb-real", "YouTube-real"), "Celeb-synthesis"
+SYNTHETIC_METHODS = ("swap", "mouth", "gan")
+METHODS = {"ff++": FFPP_METHODS, "celeb-df": (CELEBDF_FAKE,), "synthetic": SYNTHETIC_METHODS}
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1) Landmarks and the hull mask (Sec. III-C)
+
+def landmark_model_path():
+    """face-recognition-models ships dlib's 68-point model; its package cannot be imported (it needs
+    pkg_resources), so the file is found through the import system instead."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None:
+        raise InputError("the 68-point landmark model is missing: pip install face-recognition-models")
+    return os.path.join(spec.submodule_search_locations[0], "models", "shape_predictor_68_face_landmarks.dat")
+
+
+class Face(NamedTuple):
+    box: tuple  # (x0, y0, x1, y1) of the detection, in image pixels
+    landmarks: np.ndarray  # (68, 2) x, y in dlib's index layout
+
+
+class FaceFinder:
+    """dlib's HOG face detector at upsample 0 (faces of ~80 px and up) on a copy of at most
+    `detect_size` px, boxes mapped back; the 68 landmarks are then found at full resolution."""
+    def __init__(self, detect_size=640):
+        self.detector = dlib.get_frontal_face_detector()
+        self.predictor = dlib.shape_predictor(landmark_model_path())
+        self.detect_size = detect_size
+
+    def small(self, image):
+        """A gray copy of at most detect_size px and its scale (video frames bring their own, faster)."""
+        scale = min(1.0, self.detect_size / max(image.shape[:2]))
+        gray = Image.fromarray(image).convert("L")
+        size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
+        return np.asarray(gray.resize(size, Image.BILINEAR) if scale < 1 else gray), scale
+
+    def faces(self, image, small=None, scale=1.0):
+        """image (H, W, 3) uint8 RGB -> [Face], largest first. Falls back to full resolution when the
+        small copy shows no face (a small face in a large frame)."""
+        if small is None:
+            small, scale = self.small(image)
+        rects = self.detector(small, 0)
+        if not rects and scale < 1:
+            rects, scale = self.detector(image, 0), 1.0
+        faces = [self._landmarks(image, [r.left() / scale, r.top() / scale, r.right() / scale,
+                                         r.bottom() / scale]) for r in rects]
+        return sorted(faces, key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+
+    def _landmarks(self, image, box):
+        shape = self.predictor(image, dlib.rectangle(*(int(round(v)) for v in box)))
+        return Face(tuple(box), np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32))
+
+
+@functools.cache
+def face_finder(detect_size):
+    """One FaceFinder per process (the models take ~0.1 s to load; pool workers reuse theirs)."""
+    return FaceFinder(detect_size)
+
+
+def hull_mask(points, height, width=None):
+    """M of Sec. III-C: 1 inside the convex hull of the points (N, 2) (x, y in pixels, a pixel's
+    centre at integer coordinates, as dlib reports them), 0 outside. -> (height, width) uint8.
+    A pixel is inside when its centre meets every facet's a*x + b*y + c <= 0 (PIL's polygon fill
+    would also paint every pixel the outline touches: half a pixel too large all round)."""
+    width = width or height
+    facets = ConvexHull(points).equations  # (K, 3)
+    x0, y0 = np.clip(np.floor(points.min(0)).astype(int), 0, [width, height])
+    x1, y1 = np.clip(np.ceil(points.max(0)).astype(int) + 1, 0, [width, height])
+    ys, xs = np.mgrid[y0:y1, x0:x1]
+    inside = (xs[..., None] * facets[:, 0] + ys[..., None] * facets[:, 1] + facets[:, 2] <= 1e-6).all(-1)
+    mask = np.zeros((height, width), np.uint8)
+    mask[y0:y1, x0:x1] = inside
+    return mask
+
+
+def crop_face(image, face, size=256, scale=1.3):
+    """FaceForensics++'s crop: a square of `scale` x the detection's larger side around its centre,
+    padded with black where it leaves the frame, resized to size x size. Returns the crop (size,
+    size, 3) uint8 and the landmarks in crop pixels."""
+    x0, y0, x1, y1 = face.box
+    side = scale * max(x1 - x0, y1 - y0)
+    left, top = (x0 + x1 - side) / 2, (y0 + y1 - side) / 2
+    box = tuple(int(round(v)) for v in (left, top, left + side, top + side))
+    crop = Image.fromarray(image).crop(box).resize((size, size), Image.BILINEAR)
+    k = size / (box[2] - box[0])
+    return np.asarray(crop), (face.landmarks - np.array(box[:2], dtype=np.float32)) * k
+
+
+def show(photo, out, detect_size):
+    """--show: the photo with each face's box, 68 landmarks and hull mask drawn over it."""
+    try:
+        image = np.asarray(Image.open(photo).convert("RGB"))
+    except (FileNotFoundError, IsADirectoryError):
+        raise InputError(f"{photo}: no such image file")
+    except OSError as e:
+        raise InputError(f"{photo}: not a readable image ({e})")
+    faces = face_finder(detect_size).faces(image)
+    if not faces:
+        raise InputError(f"{photo}: no face found (dlib HOG at upsample 0 misses faces under ~80 px)")
+    canvas = Image.fromarray(image).convert("RGBA")
+    for face in faces:
+        tint = Image.new("RGBA", canvas.size, (255, 40, 40, 90))
+        canvas.paste(tint, (0, 0), Image.fromarray(hull_mask(face.landmarks, *image.shape[:2]) * 255))
+        draw, r = ImageDraw.Draw(canvas), max(1, image.shape[1] // 300)
+        draw.rectangle(face.box, outline=(40, 255, 40), width=max(1, r))
+        for x, y in face.landmarks:
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=(255, 255, 0))
+    atomic_write(out, lambda f: canvas.convert("RGB").save(f, format="PNG"))
+    print(f"{photo}: {len(faces)} face(s); wrote {out}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 2) Reading K evenly spaced frames of a video (an mp4, or a folder of extracted frames)
+
+def even_indices(n, k):
+    """k evenly spaced frame indices out of n (the centres of k equal parts; all n if n <= k)."""
+    return list(range(n)) if n <= k else [int((i + 0.5) * n / k) for i in range(k)]
+
+
+def read_frames(path, k, detect_size):
+    """-> [(frame index, RGB (H, W, 3) uint8, gray copy of at most detect_size px, its scale)].
+    An mp4 is decoded once, front to back, and only the wanted frames are converted (PyAV)."""
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        finder = face_finder(detect_size)
+        frames = [(i, np.asarray(Image.open(os.path.join(path, files[i])).convert("RGB")))
+                  for i in even_indices(len(files), k)]
+        return [(i, rgb, *finder.small(rgb)) for i, rgb in frames]
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        wanted = set(even_indices(stream.frames or _count_frames(path), k))
+        frames = []
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                scale = min(1.0, detect_size / max(frame.width, frame.height))
+                small = frame.reformat(width=round(frame.width * scale), height=round(frame.height * scale),
+                                       format="gray").to_ndarray()
+                frames.append((i, frame.to_ndarray(format="rgb24"), small, scale))
+            if i >= max(wanted, default=-1):
+                break
+    return frames
+
+
+def _count_frames(path):
+    """Frames of a container that does not state its length (counted from the packets, no decoding)."""
+    with av.open(path) as container:
+        return sum(1 for packet in container.demux(video=0) if packet.size)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3) The datasets as their owners lay them out -> a list of videos to prepare
+
+class Video(NamedTuple):
+    split: str
+    label: int  # 0 real, 1 fake
+    method: str  # "original" or a manipulation for FF++; the folder for Celeb-DF
+    name: str  # the video's file name without extension
+    path: str
+
+
+def _need(path, what):
+    if not os.path.exists(path):
+        raise InputError(f"{path}: not found; expected {what}")
+    return path
+
+
+def _video_path(folder, name):
+    """FF++ and Celeb-DF ship mp4s; a folder of extracted frames with the same name works too."""
+    mp4 = os.path.join(folder, name + ".mp4")
+    return mp4 if os.path.exists(mp4) or not os.path.isdir(mp4[:-4]) else mp4[:-4]
+
+
+def ffpp_videos(src, compression, methods, splits_dir):
+    """FaceForensics++ as its download script lays it out, with the official split files (each a JSON
+    list of ["A", "B"] pairs: the split holds real videos A and B and the fakes A_B and B_A)."""
+    _need(src, "the FaceForensics++ download root (holding original_sequences/, manipulated_sequences/)")
+    real_dir = _need(os.path.join(src, "original_sequences", "youtube", compression, "videos"),
+                     f"the real videos (download with -c {compression})")
+    fake_dirs = {m: _need(os.path.join(src, "manipulated_sequences", m, compression, "videos"),
+                          f"the {m} videos (download with -d {m} -c {compression})") for m in methods}
+    videos = []
+    for split in SPLITS:
+        pairs = _read_pairs(_need(os.path.join(splits_dir, f"{split}.json"),
+                                  "FaceForensics++'s official split file (dataset/splits/ of its repository)"))
+        for name in sorted({a for pair in pairs for a in pair}):
+            videos.append(Video(split, 0, "original", name, _video_path(real_dir, name)))
+        for m in methods:
+            for a, b in pairs:
+                videos += [Video(split, 1, m, n, _video_path(fake_dirs[m], n)) for n in (f"{a}_{b}", f"{b}_{a}")]
+    return videos
+
+
+def _read_pairs(path):
+    try:
+        with open(path) as f:
+            pairs = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e}); expected a list of [\"A\", \"B\"] pairs")
+    if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and
+                                            all(isinstance(v, str) for v in p) for p in pairs)):
+        raise InputError(f"{path}: expected a JSON list of [\"A\", \"B\"] pairs of video ids, like [[\"071\", \"054\"], ...]")
+    return pairs
+
+
+def celebdf_videos(src, val_fraction=0.1):
+    """Celeb-DF (v1 or v2): test = List_of_testing_videos.txt ("<label> <folder>/<file>.mp4", 1 = real,
+    0 = fake), train = the rest (the paper's protocol); validation = the train videos of a held-out
+    tenth of the identities, so train and validation share nobody. A video of identities from both
+    sides (a swap between a held-out and a training identity) is left out of both."""
+    _need(src, "the Celeb-DF root (holding Celeb-real/, YouTube-real/, Celeb-synthesis/)")
+    listing = _need(os.path.join(src, "List_of_testing_videos.txt"), "Celeb-DF's list of test videos")
+    with open(listing) as f:
+        test = {line.split()[1] for line in f if line.strip()}
+    all_videos = [(folder, os.path.splitext(file)[0]) for folder in (*CELEBDF_REAL, CELEBDF_FAKE)
+                  for file in sorted(os.listdir(_need(os.path.join(src, folder), f"Celeb-DF's {folder}/ folder")))
+                  if file.endswith(".mp4") or os.path.isdir(os.path.join(src, folder, file))]
+    ids = {v: _identities(*v) for v in all_videos}
+    people = sorted(set().union(*ids.values()))
+    held_out = set(people[::max(1, round(1 / val_fraction))])
+    videos = []
+    for folder, name in all_videos:
+        split = ("test" if f"{folder}/{name}.mp4" in test else "val" if ids[folder, name] <= held_out
+                 else "train" if not ids[folder, name] & held_out else None)
+        if split:
+            videos.append(Video(split, int(folder == CELEBDF_FAKE), folder, name,
+                                _video_path(os.path.join(src, folder), name)))
+    return videos
+
+
+def _identities(folder, name):
+    """id0_0001 -> {id0}; id0_id16_0001 -> {id0, id16}; a YouTube-real video is its own identity."""
+    found = set(re.findall(r"id\d+", name))
+    return found if found and folder != "YouTube-real" else {f"{folder}/{name}"}
+
+
+# ----------------------------------------------------------------------------------------------
+# 4) Preparation: per video, K frames -> largest face -> 1.3x square crop, hull mask, manifest
+
+def _files(root, video, frame):
+    stem = os.path.join(video.method, video.name, f"{frame:04d}.png")
+    return os.path.join("faces", stem), os.path.join("masks", stem)
+
+
+def _record_path(root, video):
+    return os.path.join(root, "records", video.method, video.name + ".json")
+
+
+def prepare_video(video, root, frames, size, detect_size):
+    """One video -> crops and masks under root, then its record (written last: a video with a record
+    is finished, a restart skips it). Unreadable video, no face: skipped, with the reason."""
+    record = dict(video._asdict(), frames=[], skipped_frames=[], reason="")
+    try:
+        decoded = read_frames(video.path, frames, detect_size)
+    except (av.FFmpegError, OSError, ValueError, StopIteration) as e:
+        decoded, record["reason"] = [], f"unreadable video ({type(e).__name__}: {e})"
+    finder = face_finder(detect_size)
+    for i, rgb, small, scale in decoded:
+        faces = finder.faces(rgb, small, scale)
+        if not faces:
+            record["skipped_frames"].append([i, "no face"])
+            continue
+        crop, points = crop_face(rgb, faces[0], size)
+        image_file, mask_file = _files(root, video, i)
+        atomic_write(os.path.join(root, image_file), lambda f: Image.fromarray(crop).save(f, "PNG", compress_level=1))
+        mask = Image.fromarray(hull_mask(points, size) * 255)
+        atomic_write(os.path.join(root, mask_file), lambda f: mask.save(f, "PNG"))
+        record["frames"].append(i)
+    if not record["reason"] and not record["frames"]:
+        record["reason"] = "no frames decoded" if not decoded else f"no face in any of its {len(decoded)} frames"
+    atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
+    return record
+
+
+def _prepare_one(job):
+    return prepare_video(*job)
+
+
+def prepare(videos, root, frames, size, workers, detect_size):
+    """Prepare every video not finished yet, in parallel; then rebuild the manifest and the report
+    from all records under root (so both cover earlier runs too)."""
+    todo = [v for v in videos if not os.path.exists(_record_path(root, v))]
+    print(f"{len(videos)} videos, {len(videos) - len(todo)} already prepared, {len(todo)} to do, {workers} workers")
+    start, done = time.time(), 0
+    jobs = [(v, root, frames, size, detect_size) for v in todo]
+    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _Serial() as pool:
+        for record in pool.imap_unordered(_prepare_one, jobs):
+            done += len(record["frames"])
+            if record["reason"]:
+                print(f"  skipped {record['method']}/{record['name']}: {record['reason']}")
+    elapsed = time.time() - start
+    print(f"prepared {done} frames in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.1f} frames/s)")
+    return write_manifest(root)
+
+
+class _Serial:
+    """Pool's interface in this process (workers=1): simpler to debug, no spawn cost."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap_unordered(self, fn, jobs):
+        return map(fn, jobs)
+
+
+def write_manifest(root):
+    """manifest.csv (one row per frame: split, label, method, video, frame, image, mask) and
+    report.txt (every skipped video and frame, with the reason), both from the records."""
+    rows, skipped = [], []
+    for path in sorted(glob.glob(os.path.join(root, "records", "*", "*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        video = Video(r["split"], r["label"], r["method"], r["name"], r["path"])
+        rows += [[video.split, video.label, video.method, video.name, i, *_files(root, video, i)] for i in r["frames"]]
+        skipped += [f"{r['method']}/{r['name']}\tvideo\t{r['reason']}"] * bool(r["reason"])
+        skipped += [f"{r['method']}/{r['name']}\tframe {i}\t{why}" for i, why in r["skipped_frames"]]
+    lines = [",".join(("split", "label", "method", "video", "frame", "image", "mask"))]
+    lines += [",".join(str(v) for v in row) for row in rows]
+    atomic_write(os.path.join(root, "manifest.csv"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    header = f"# {len(rows)} frames prepared; {len(skipped)} videos or frames skipped (name, what, reason)\n"
+    atomic_write(os.path.join(root, "report.txt"), lambda f: f.write((header + "\n".join(skipped) + "\n").encode()))
+    print(f"wrote {root}/manifest.csv ({len(rows)} frames) and {root}/report.txt ({len(skipped)} skipped)")
+    return rows, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# 5) Reading prepared data: (image (3, S, S) float in [0, 1], mask (1, S, S) in {0, 1}, label, video)
+
+def flip_pair(image, mask):
+    """Training augmentation: the same horizontal flip for the face and its mask, with p = 0.5."""
+    if torch.rand(()) < 0.5:
+        return image.flip(-1), mask.flip(-1)
+    return image, mask
+
+
+class FaceCrops(Dataset):
+    """Frames prepared by masks.py, read through manifest.csv (PNG crops and masks: a person can open
+    any sample; decoding a 256 px PNG takes ~2 ms, so DataLoader workers keep a GPU fed).
+
+    Balance: FF++ has one real video per fake of each method (four fakes per real with all four);
+    in training each real frame is repeated round(#fake / #real) times, so an epoch sees both
+    classes about equally often (different flips on the repeats)."""
+    def __init__(self, root, split, methods, train, image_size):
+        manifest = os.path.join(root, "manifest.csv")
+        if not os.path.exists(manifest):
+            raise InputError(f"{root}: no prepared data ({manifest} is missing); run masks.py first, "
+                             f"e.g. python masks.py --data ff++ --src DOWNLOAD_ROOT --root {root}")
+        with open(manifest) as f:
+            rows = [r for r in csv.DictReader(f) if r["split"] == split and (r["label"] == "0" or r["method"] in methods)]
+        fakes = sum(r["label"] == "1" for r in rows)
+        if not fakes or fakes == len(rows):
+            raise InputError(f"{manifest}: the {split} split has {len(rows) - fakes} real and {fakes} fake frames "
+                             f"of methods {','.join(methods)}; both classes are needed")
+        repeat = max(1, round(fakes / (len(rows) - fakes))) if train else 1
+        self.rows = [r for r in rows for _ in range(repeat if r["label"] == "0" else 1)]
+        self.root, self.train, self.size = root, train, image_size
+        self.labels = [int(r["label"]) for r in self.rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        image, mask = Image.open(os.path.join(self.root, r["image"])), Image.open(os.path.join(self.root, r["mask"]))
+        if image.size != (self.size, self.size):
+            image, mask = image.resize((self.size,) * 2, Image.BILINEAR), mask.resize((self.size,) * 2, Image.NEAREST)
+        image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float().div(255)
+        mask = torch.from_numpy(np.asarray(mask) > 127).float()[None]
+        if self.train:
+            image, mask = flip_pair(image, mask)
+        return image, mask, self.labels[i], f"{r['method']}/{r['video']}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 6) Built-in synthetic faces: drawn, lit and photographed procedurally, then manipulated
+
+def random_identity(rng):
+    """Face shape in face units (the face is ~1 wide, y down, 0 at the face centre) and colours."""
+    u = rng.uniform
+    skin = np.array([u(0.35, 0.95), 0, 0])
+    skin[1:] = skin[0] * np.array([u(0.68, 0.82), u(0.52, 0.70)])
+    return dict(jaw_w=u(0.40, 0.50), jaw_h=u(0.52, 0.66), eye_y=u(-0.20, -0.12), eye_dx=u(0.17, 0.23),
+                eye_w=u(0.065, 0.09), eye_h=u(0.022, 0.036), brow_gap=u(0.07, 0.11), brow_arch=u(0.01, 0.04),
+                nose_len=u(0.17, 0.25), nose_w=u(0.07, 0.11), mouth_y=u(0.24, 0.32), mouth_w=u(0.12, 0.18),
+                lip_up=u(0.018, 0.035), lip_low=u(0.025, 0.045), skin=skin,
+                lips=skin * np.array([u(0.75, 0.95), u(0.45, 0.6), u(0.5, 0.65)]),
+                iris=rng.uniform(0.05, 0.6, 3), hair=rng.uniform(0.02, 0.5) * np.array([1, u(0.6, 0.9), u(0.3, 0.7)]))
+
+
+def random_expression(rng):
+    return dict(mouth_open=rng.uniform(0, 0.02) if rng.random() < 0.6 else rng.uniform(0.02, 0.07),
+                smile=rng.uniform(-0.01, 0.03), brow_raise=rng.uniform(0, 0.02))
+
+
+def face_points(idt, ex):
+    """The 68 landmarks in dlib's index layout, in face units: jaw 0-16 (image left to right), brows
+    17-26, nose bridge 27-30, nostrils 31-35, eyes 36-47 (corner, two upper, corner, two lower),
+    mouth 48-59 outside and 60-67 inside, both clockwise from the left corner."""
+    t = np.linspace(0, np.pi, 17)
+    jaw = np.stack([-idt["jaw_w"] * np.cos(t), idt["eye_y"] + 0.04 + idt["jaw_h"] * np.sin(t)], 1)
+    u = np.linspace(0, 1, 5)
+    brow_x = -idt["eye_dx"] - 1.4 * idt["eye_w"] + 2.3 * idt["eye_w"] * u
+    brow_y = idt["eye_y"] - idt["brow_gap"] - ex["brow_raise"] - idt["brow_arch"] * np.sin(np.pi * u)
+    nose_y = idt["eye_y"] + idt["nose_len"]
+    v = np.linspace(-1, 1, 5)
+    a = np.array([np.pi, 2 * np.pi / 3, np.pi / 3, 0, -np.pi / 3, -2 * np.pi / 3])
+    eye = np.stack([idt["eye_w"] * np.cos(a), idt["eye_y"] - idt["eye_h"] * np.sin(a)], 1)
+    return np.concatenate([
+        jaw, np.stack([brow_x, brow_y], 1), np.stack([-brow_x[::-1], brow_y[::-1]], 1),
+        np.stack([np.zeros(4), np.linspace(idt["eye_y"] + 0.02, nose_y, 4)], 1),
+        np.stack([v * idt["nose_w"], nose_y + 0.03 + 0.015 * (1 - v ** 2)], 1),
+        eye - [idt["eye_dx"], 0], eye + [idt["eye_dx"], 0],
+        _lips(idt, ex, np.pi - np.arange(12) * np.pi / 6, 1.0, (idt["lip_up"], idt["lip_low"])),
+        _lips(idt, ex, np.pi - np.arange(8) * np.pi / 4, 0.75, (0.0, 0.0))]).astype(np.float32)
+
+
+def _lips(idt, ex, angles, width, thickness):
+    s, c = np.sin(angles), np.cos(angles)
+    reach = ex["mouth_open"] / 2 + np.where(s > 0, thickness[0], thickness[1])
+    y = idt["mouth_y"] - reach * s - ex["smile"] * c ** 2  # corners rise with a smile
+    return np.stack([width * idt["mouth_w"] * c, y], 1)
+
+
+def random_pose(rng, size):
+    return dict(x=size * rng.uniform(0.46, 0.54), y=size * rng.uniform(0.46, 0.54), scale=size * rng.uniform(0.52, 0.62),
+                roll=rng.uniform(-0.2, 0.2), yaw=rng.uniform(-0.35, 0.35))
+
+
+def project(points, pose, turn):
+    """Face units -> pixels: yaw moves the inner face sideways (turn=1) and shortens the far jaw."""
+    p = points.copy()
+    p[:, 0] = p[:, 0] * (1 - pose["yaw"] * np.sign(p[:, 0]) * 0.25 * (1 - turn)) + pose["yaw"] * 0.15 * turn
+    c, s = math.cos(pose["roll"]), math.sin(pose["roll"])
+    return np.stack([c * p[:, 0] - s * p[:, 1], s * p[:, 0] + c * p[:, 1]], 1) * pose["scale"] + [pose["x"], pose["y"]]
+
+
+def random_scene(rng, size):
+    """Per video: a background (two-colour gradient and blurred blobs), lighting and the camera."""
+    ss = 2 * size
+    top, bottom = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    ramp = np.linspace(0, 1, ss)[:, None, None]
+    background = Image.fromarray(np.uint8(255 * (top + (bottom - top) * ramp) * np.ones((1, ss, 1))))
+    draw = ImageDraw.Draw(background)
+    for _ in range(4):
+        x, y, r = rng.uniform(0, ss, 2).tolist() + [rng.uniform(0.05, 0.3) * ss]
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return dict(background=background.filter(ImageFilter.GaussianBlur(ss / 40)), light=rng.uniform(-0.5, 0.5),
+                light_angle=rng.uniform(0, 2 * np.pi), blur=rng.uniform(0.3, 0.6) * size / 64,
+                noise=rng.uniform(3, 7) / 255)
+
+
+def render_face(idt, ex, pose, scene, size, noise_rng=None, blur=0.0):
+    """Draw one face at 2x size (PIL), downsample (anti-aliasing), light it, blur it by the optics
+    (+ `blur` px) and, with noise_rng, add sensor noise. -> ((size, size, 3) float32, landmarks (68, 2))."""
+    ss = 2 * size
+    pose2 = dict(pose, x=2 * pose["x"], y=2 * pose["y"], scale=2 * pose["scale"])
+    pts = project(face_points(idt, ex), pose2, np.r_[np.zeros(17), np.ones(51)])
+    image = scene["background"].copy()
+    draw = ImageDraw.Draw(image)
+    _draw_head(draw, idt, pose2, pts)
+    _draw_features(draw, idt, pts, ss)
+    lit = np.asarray(image.resize((size, size), Image.BOX).filter(ImageFilter.GaussianBlur(scene["blur"] + blur)),
+                     dtype=np.float32) / 255
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    ca, sa = math.cos(scene["light_angle"]), math.sin(scene["light_angle"])
+    lit = lit * (1 + scene["light"] * ((xx - 0.5) * ca + (yy - 0.5) * sa))[..., None]
+    if noise_rng is not None:
+        lit = lit + noise_rng.normal(0, scene["noise"], lit.shape)
+    return np.clip(lit, 0, 1).astype(np.float32), pts / 2
+
+
+def _rgb(colour, k=1.0):
+    return tuple(int(255 * min(1.0, max(0.0, v * k))) for v in colour)
+
+
+def _draw_head(draw, idt, pose2, pts):
+    """Hair, neck and the skin of the face (jaw line closed by the forehead)."""
+    a = np.linspace(np.pi, 2 * np.pi, 15)
+    top = idt["eye_y"] + 0.04
+    forehead = np.stack([idt["jaw_w"] * np.cos(a), top + 0.55 * np.sin(a)], 1)
+    hair = np.stack([1.18 * idt["jaw_w"] * np.cos(2 * a), top - 0.12 + 0.62 * np.sin(2 * a) * (np.sin(2 * a) < 0)
+                     + 0.25 * np.sin(2 * a) * (np.sin(2 * a) >= 0)], 1)
+    neck = np.array([[-0.6 * idt["jaw_w"], 0.2], [0.6 * idt["jaw_w"], 0.2], [0.7 * idt["jaw_w"], 2.0], [-0.7 * idt["jaw_w"], 2.0]])
+    zero = np.zeros(len(a))
+    draw.polygon([tuple(p) for p in project(hair, pose2, np.zeros(len(hair))).tolist()], fill=_rgb(idt["hair"]))
+    draw.polygon([tuple(p) for p in project(neck, pose2, np.zeros(4)).tolist()], fill=_rgb(idt["skin"], 0.8))
+    face = np.concatenate([pts[:17], project(forehead, pose2, zero)[::-1][1:-1]])
+    draw.polygon([tuple(p) for p in face.tolist()], fill=_rgb(idt["skin"]))
+
+
+def _draw_features(draw, idt, pts, ss):
+    line = max(1, int(ss * 0.012))
+    for brow in (pts[17:22], pts[22:27]):
+        draw.line([tuple(p) for p in brow.tolist()], fill=_rgb(idt["hair"], 0.8), width=2 * line)
+    draw.line([tuple(p) for p in pts[27:31].tolist()], fill=_rgb(idt["skin"], 0.78), width=line)
+    draw.line([tuple(p) for p in pts[31:36].tolist()], fill=_rgb(idt["skin"], 0.6), width=line)
+    for eye in (pts[36:42], pts[42:48]):
+        draw.polygon([tuple(p) for p in eye.tolist()], fill=(235, 235, 230))
+        (cx, cy), r = eye.mean(0), 0.32 * (eye[3, 0] - eye[0, 0])
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=_rgb(idt["iris"]))
+        draw.ellipse((cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2), fill=(15, 10, 10))
+    draw.polygon([tuple(p) for p in pts[48:60].tolist()], fill=_rgb(idt["lips"]))
+    draw.polygon([tuple(p) for p in pts[60:68].tolist()], fill=(60, 20, 25))
+
+
+INNER_FACE = ("eye_y", "eye_dx", "eye_w", "eye_h", "brow_gap", "brow_arch", "nose_len", "nose_w", "mouth_y",
+              "mouth_w", "lip_up", "lip_low", "skin", "lips", "iris")
+
+
+def manipulate(family, real, pts, idt, ex, pose, scene, size, rng):
+    """A fake made from a real frame, as the FF++ families are made from real videos:
+    swap  (FaceSwap/Deepfakes-like): another person's inner face, rendered without the camera's
+          noise, its skin colour only partly matched, blended into the face hull;
+    mouth (NeuralTextures-like): the mouth re-rendered with another expression, blended in;
+    gan   (re-synthesis): the face hull passed through a 4x down/up-sampling (GAN-like up-sampling
+          loses the sensor noise and fine texture), slightly recoloured.
+    -> fake (size, size, 3), its landmarks (68, 2) and the blending weight (size, size) in [0, 1]."""
+    if family == "swap":
+        donor = random_identity(rng)
+        mixed = dict(idt, **{k: donor[k] for k in INNER_FACE})
+        mixed["skin"], mixed["lips"] = 0.7 * idt["skin"] + 0.3 * donor["skin"], donor["lips"]  # colour half-corrected
+        content, fake_pts = render_face(mixed, ex, pose, scene, size, blur=0.5)
+        region = _scaled(fake_pts, 0.92, fake_pts[30])
+    elif family == "mouth":
+        ex2 = dict(ex, mouth_open=ex["mouth_open"] + rng.uniform(0.02, 0.05), smile=rng.uniform(-0.01, 0.04))
+        content, fake_pts = render_face(idt, ex2, pose, scene, size, blur=0.5)
+        both = np.concatenate([pts[48:68], fake_pts[48:68]])
+        region = _scaled(both, 1.6, both.mean(0))
+    elif family == "gan":
+        small = Image.fromarray(np.uint8(real * 255)).resize((size // 4,) * 2, Image.BOX)
+        content = np.asarray(small.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
+        content, fake_pts = np.clip(content * rng.uniform(0.92, 1.08, 3), 0, 1), pts
+        region = _scaled(pts, 0.95, pts[30])
+    else:
+        raise ValueError(f"unknown synthetic manipulation {family!r}")
+    inside = hull_mask(region, size) * hull_mask(fake_pts, size)  # a manipulation stays on the face
+    soft = Image.fromarray(inside * 255).filter(ImageFilter.GaussianBlur(size / 64))
+    weight = np.asarray(soft, dtype=np.float32)[..., None] / 255
+    return real * (1 - weight) + content * weight, fake_pts, weight[..., 0]
+
+
+def _scaled(points, k, centre):
+    return (points - centre) * k + centre
+
+
+def synthetic_frame(seed, video, frame, size, family=None):
+    """One frame of synthetic video `video`: the real frame, and with `family` its fake.
+    -> dict(real, real_points, fake, fake_points, weight); images (size, size, 3) float32 in [0, 1]."""
+    rng = np.random.default_rng([seed, video])  # the video: person, background, light, camera
+    idt, scene = random_identity(rng), random_scene(rng, size)
+    rng = np.random.default_rng([seed, video, frame])  # the frame: pose, expression, noise
+    pose, ex = random_pose(rng, size), random_expression(rng)
+    real, pts = render_face(idt, ex, pose, scene, size, noise_rng=rng)
+    out = dict(real=real, real_points=pts)
+    if family:
+        fake_rng = np.random.default_rng([seed, video, frame, 1 + SYNTHETIC_METHODS.index(family)])
+        out["fake"], out["fake_points"], out["weight"] = manipulate(family, real, pts, idt, ex, pose, scene, size, fake_rng)
+    return out
+
+
+class SyntheticFaces(Dataset):
+    """The built-in data. A split holds `videos` real videos of `frames` frames; fake video j is real
+    video j with its face manipulated frame by frame (as FF++ makes its fakes), by family
+    methods[j % len(methods)]: the classes are balanced. Deterministic by (seed, split).
+
+    One sample (size 64): image (3, 64, 64) float in [0, 1], a face of random identity, pose, skin
+    tone, lighting and background with sensor noise; mask (1, 64, 64) in {0, 1}, the convex hull of
+    its 68 landmarks (the same hull_mask as real faces); label 0 real / 1 fake; video "swap/0007".
+    The whole split is drawn once, into memory (~1.5 ms a frame at 64 px)."""
+    def __init__(self, split, methods, videos, frames, size, seed, train):
+        first = {"train": 0, "val": 1_000_000, "test": 2_000_000}[split]  # disjoint people per split
+        items = []
+        for v in range(first, first + videos):
+            family = methods[v % len(methods)]
+            for t in range(frames):
+                s = synthetic_frame(seed, v, t, size, family)
+                items += [(s["real"], s["real_points"], 0, f"real/{v:07d}"), (s["fake"], s["fake_points"], 1, f"{family}/{v:07d}")]
+        self.images = torch.from_numpy(np.stack([np.uint8(np.round(255 * i[0])) for i in items])).permute(0, 3, 1, 2)
+        self.masks = torch.from_numpy(np.stack([hull_mask(i[1], size) for i in items]))[:, None]
+        self.labels = [i[2] for i in items]
+        self.videos = [i[3] for i in items]
+        self.train = train
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image, mask = self.images[i].float().div(255), self.masks[i].float()
+        if self.train:
+            image, mask = flip_pair(image, mask)
+        return image, mask, self.labels[i], self.videos[i]
+
+
+# ----------------------------------------------------------------------------------------------
+# 7) The data options search.py and train.py share
+
+def add_data_arguments(p):
+    p.add_argument("--data", default="synthetic", choices=tuple(METHODS),
+                   help="synthetic (built in, the default), ff++ or celeb-df (prepared by masks.py)")
+    p.add_argument("--root", help="prepared data folder (default: data/<name>)")
+    p.add_argument("--methods", help="manipulations to use, comma-separated (default: all; ff++: "
+                   + ",".join(FFPP_METHODS) + "; synthetic: " + ",".join(SYNTHETIC_METHODS) + ")")
+    p.add_argument("--image-size", type=int, help="input size (paper: 256, Sec. IV-B; synthetic demo: 64)")
+    p.add_argument("--videos", type=int, help="synthetic only: real videos in the train split (val, test: half)")
+    p.add_argument("--frames", type=int, default=4, help="synthetic only: frames per video")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: 0 on synthetic data, else up to 8)")
+
+
+def parse_methods(data, text):
+    if not text:
+        return list(METHODS[data])
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS[data]:
+            raise InputError(f"--methods: unknown {data} method {m!r}; expected some of {','.join(METHODS[data])}")
+    return methods
+
+
+def open_split(data, root, split, methods, image_size, train, videos=None, frames=4):
+    """The dataset of one split: (image, mask, label, video) samples from any of the three sources."""
+    if data == "synthetic":
+        n = videos if split == "train" else max(2, videos // 2)
+        return SyntheticFaces(split, methods, n, frames, image_size, seed=0, train=train)
+    return FaceCrops(root or os.path.join("data", data), split, methods, train, image_size)
+
+
+def resolve_defaults(args, paper, demo):
+    """Fill every option left unset: the small demo configuration on --data synthetic, the paper's
+    settings on real data. Explicit flags always win."""
+    for key, value in (demo if args.data == "synthetic" else paper).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.workers is None:
+        args.workers = 0 if args.data == "synthetic" else min(8, os.cpu_count() or 1)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# 8) Command line
+
+def benchmark(src, frames, detect_size):
+    """Frames/s of prepare_video on one video (--src), or on a generated 720p clip of the
+    astronaut photo shipped with scikit-image (a face panning across a 1280x720 frame)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if not src:
+            src = os.path.join(tmp, "astronaut_720p.mp4")
+            _write_pan_video(src, 300)
+        face_finder(detect_size)  # load the models before timing
+        video = Video("test", 0, "bench", "video", src)
+        start = time.time()
+        record = prepare_video(video, tmp, frames, 256, detect_size)
+        elapsed = time.time() - start
+    n = len(record["frames"])
+    print(f"{src if 'astronaut' not in src else '720p astronaut clip (300 frames)'}: {n} of {frames} frames "
+          f"prepared in {elapsed:.2f} s: {n / elapsed:.1f} frames/s on one core (decode, detect, landmarks, crop, PNGs)")
+
+
+def _write_pan_video(path, n):
+    from skimage.data import astronaut  # a real face photo that ships with scikit-image
+    face = Image.fromarray(astronaut()).resize((720, 720))
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"crf": "23"})
+        stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
+        for t in range(n):
+            canvas = Image.new("RGB", (1280, 720), (40, 40, 40))
+            canvas.paste(face, (int(100 + 1.5 * t), 0))
+            container.mux(stream.encode(av.VideoFrame.from_image(canvas)))
+        container.mux(stream.encode())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--show", metavar="PHOTO", help="draw the detected faces, landmarks and hull masks of one photo")
+    p.add_argument("--out", default="overlay.png", help="with --show: the picture to write")
+    p.add_argument("--data", choices=("ff++", "celeb-df"), help="prepare this dataset from --src")
+    p.add_argument("--src", help="the dataset as downloaded (with --benchmark: a video file)")
+    p.add_argument("--root", help="where to write the prepared data (default: data/<name>)")
+    p.add_argument("--compression", default="c23", choices=("raw", "c23", "c40"), help="ff++: quality (paper: c23, HQ)")
+    p.add_argument("--methods", help="ff++: manipulations, comma-separated (default: all four)")
+    p.add_argument("--splits", help="ff++: folder of train.json, val.json, test.json (default: SRC/splits)")
+    p.add_argument("--frames", type=int, default=32, help="evenly spaced frames per video (default 32)")
+    p.add_argument("--size", type=int, default=256, help="face crop size (paper: 256, Sec. IV-B)")
+    p.add_argument("--detect-size", type=int, default=640, help="detect on a copy of at most this many px")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel videos (default: all cores)")
+    p.add_argument("--benchmark", action="store_true", help="time the preparation of one video")
+    args = p.parse_args(argv)
+    if args.show:
+        return show(args.show, args.out, args.detect_size)
+    if args.benchmark:
+        return benchmark(args.src, args.frames, args.detect_size)
+    if not args.data or not args.src:
+        p.error("give --show PHOTO, --benchmark, or --data {ff++,celeb-df} --src DOWNLOAD_ROOT")
+    root = args.root or os.path.join("data", args.data)
+    if args.data == "ff++":
+        methods = parse_methods("ff++", args.methods)
+        videos = ffpp_videos(args.src, args.compression, methods, args.splits or os.path.join(args.src, "splits"))
+    else:
+        videos = celebdf_videos(args.src)
+    prepare(videos, root, args.frames, args.size, max(1, args.workers), args.detect_size)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,234 @@
+"""The ADD search space: operations, the mixed operation and the cell (Sec. III-A, III-B).
+
+- OPS / PRIMITIVES: the deepfake search space OP_df of Sec. III-B, as data (name -> constructor).
+- MixedOp: Eq. 2, the softmax-weighted sum of every operation on one edge.
+- Cell: Eq. 1, four nodes, each the sum of its incoming edges; one wiring serves the search cell
+  (every edge a MixedOp, search.py) and the derived cell (two chosen edges per node, add.py).
+- Genotype: the architecture found, saved as readable JSON (g.json) and loaded with validation.
+
+Conventions follow DARTS (Liu et al., ICLR 2019), which the paper builds on [32]: ReLU-Conv-BN,
+a separable convolution is depthwise+pointwise applied twice, dilated separable convolutions use
+dilation 2, batch norm is non-affine during the search.
+
+    python -c "import ops; print(ops.PRIMITIVES)"
+"""
+import json
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+STEPS = 4  # intermediate nodes per cell (Sec. III-A: "blocks")
+
+
+class InputError(Exception):
+    """A user mistake (a bad file, flag or dataset): the scripts print it as one line, no traceback."""
+
+
+def atomic_write(path, write):
+    """Write a file through write(f) into a temporary name, then rename: a killed run never leaves a
+    half-written file, and the previous version stays intact until the new one is complete."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Operations
+
+class ReLUConvBN(nn.Sequential):
+    def __init__(self, C_in, C_out, kernel, stride, padding, affine):
+        super().__init__(nn.ReLU(), nn.Conv2d(C_in, C_out, kernel, stride, padding, bias=False),
+                         nn.BatchNorm2d(C_out, affine=affine))
+
+
+class DilConv(nn.Sequential):
+    """ReLU, depthwise conv (optionally dilated), pointwise conv, BN."""
+    def __init__(self, C, kernel, stride, dilation, affine):
+        padding = dilation * (kernel - 1) // 2
+        super().__init__(nn.ReLU(), nn.Conv2d(C, C, kernel, stride, padding, dilation, groups=C, bias=False),
+                         nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine))
+
+
+class SepConv(nn.Sequential):
+    """Depthwise separable convolution applied twice; only the first one strides."""
+    def __init__(self, C, kernel, stride, affine):
+        super().__init__(DilConv(C, kernel, stride, 1, affine), DilConv(C, kernel, 1, 1, affine))
+
+
+class FactorizedReduce(nn.Module):
+    """Halves H, W with two 1x1 stride-2 convs on pixel grids offset by one (no pixel is dropped)."""
+    def __init__(self, C_in, C_out, affine):
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.conv1 = nn.Conv2d(C_in, C_out // 2, 1, 2, bias=False)
+        self.conv2 = nn.Conv2d(C_in, C_out - C_out // 2, 1, 2, bias=False)
+        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, ceil(H/2), ceil(W/2))
+        x = self.relu(x)
+        shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))  # padded back so odd H, W still match
+        return self.bn(torch.cat([self.conv1(x), self.conv2(shifted)], dim=1))
+
+
+class Zero(nn.Module):
+    """The zero operation: an edge that contributes nothing (still the right shape)."""
+    def __init__(self, stride):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        return x[:, :, ::self.stride, ::self.stride].mul(0.0)
+
+
+# OP_df, the deepfake search space of Sec. III-B, in the paper's order: name -> constructor(C, stride, affine)
+OPS = {
+    "none": lambda C, stride, affine: Zero(stride),
+    "skip_connect": lambda C, stride, affine: nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine),
+    "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(3, stride, 1, count_include_pad=False),
+    "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride, 1),
+    "conv_3x3": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 1, affine),
+    "conv_5x5": lambda C, stride, affine: ReLUConvBN(C, C, 5, stride, 2, affine),
+    "conv_7x7": lambda C, stride, affine: ReLUConvBN(C, C, 7, stride, 3, affine),
+    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, 3, stride, affine),
+    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, 5, stride, affine),
+    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, 3, stride, 2, affine),
+    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, 5, stride, 2, affine),
+}
+PRIMITIVES = list(OPS)  # the 11 operations; a column of alpha per name, in this order
+
+
+class MixedOp(nn.Module):
+    """One search edge: every operation of OP_df, mixed by the softmax of its row of alpha (Eq. 2).
+
+    The zero operation contributes w * 0 = 0, so it is neither built nor run: same maths, no cost.
+    Pooling gets a non-affine BN during the search (as in DARTS) so its scale matches the convs'.
+    """
+    def __init__(self, C, stride):
+        super().__init__()
+        self.index = [i for i, name in enumerate(PRIMITIVES) if name != "none"]
+        self.ops = nn.ModuleList(self._op(PRIMITIVES[i], C, stride) for i in self.index)
+
+    @staticmethod
+    def _op(name, C, stride):
+        op = OPS[name](C, stride, False)
+        return nn.Sequential(op, nn.BatchNorm2d(C, affine=False)) if "pool" in name else op
+
+    def forward(self, x, weights):  # x (B, C, H, W); weights (len(PRIMITIVES),), the softmax of alpha
+        return sum(weights[i] * op(x) for i, op in zip(self.index, self.ops))  # Eq. 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The cell (Eq. 1): one wiring for the search cell and the derived cell
+
+def search_edges(steps=STEPS):
+    """Every edge of a search cell: node i (0-based) takes inputs 0..i+1 (0, 1: the two previous
+    cells; k >= 2: node k-2). Returns [(node, input, None)], None meaning "a MixedOp"; the k-th edge
+    uses row k of alpha (14 rows for 4 nodes)."""
+    return [(node, inp, None) for node in range(steps) for inp in range(node + 2)]
+
+
+def genotype_edges(cell):
+    """The chosen edges of a derived cell: [(op, input), ...] two per node -> [(node, input, op)]."""
+    return [(k // 2, inp, op) for k, (op, inp) in enumerate(cell)]
+
+
+class Cell(nn.Module):
+    """A cell (Eq. 1): O_i = sum over the incoming edges of node i of op(input); output = the concat
+    of the nodes, so 4*C channels. Inputs are the outputs of the two previous cells (s0 = c_{k-2},
+    s1 = c_{k-1}); in a reduction cell the edges from them have stride 2.
+
+    edges: [(node, input, op name or None)]; None builds a MixedOp (search), a name builds that op.
+    """
+    def __init__(self, edges, C_pp, C_p, C, reduction, reduction_prev, affine):
+        super().__init__()
+        self.reduction = reduction
+        # s0 is twice the size of s1 after a reduction cell: bring both to (B, C, H, W)
+        self.pre0 = FactorizedReduce(C_pp, C, affine) if reduction_prev else ReLUConvBN(C_pp, C, 1, 1, 0, affine)
+        self.pre1 = ReLUConvBN(C_p, C, 1, 1, 0, affine)
+        self.edges = [(node, inp) for node, inp, _ in edges]
+        self.steps = 1 + max(node for node, _ in self.edges)
+        self.ops = nn.ModuleList(
+            self._op(name, C, 2 if reduction and inp < 2 else 1, affine) for _, inp, name in edges)
+
+    @staticmethod
+    def _op(name, C, stride, affine):
+        return MixedOp(C, stride) if name is None else OPS[name](C, stride, affine)
+
+    def forward(self, s0, s1, weights=None):  # weights: (n_edges, n_ops) softmax of alpha, or None
+        states = [self.pre0(s0), self.pre1(s1)]  # each (B, C, H, W)
+        for node in range(self.steps):
+            states.append(sum(self._edge(k, states[inp], weights)
+                              for k, (n, inp) in enumerate(self.edges) if n == node))  # Eq. 1
+        return torch.cat(states[2:], dim=1)  # (B, steps*C, H', W')
+
+    def _edge(self, k, h, weights):
+        return self.ops[k](h) if weights is None else self.ops[k](h, weights[k])
+
+
+# ----------------------------------------------------------------------------------------------
+# The genotype: the architecture found, a readable JSON record
+
+class Genotype(NamedTuple):
+    """Two cells, each 2*STEPS (op, input) pairs: pair k feeds node k // 2 from input `input`
+    (0, 1 = the two previous cells, j >= 2 = node j - 2). Example (g.json):
+        {"normal": [["sep_conv_3x3", 0], ["dil_conv_3x3", 1], ...8 pairs],
+         "reduce": [["max_pool_3x3", 0], ["sep_conv_5x5", 1], ...8 pairs]}"""
+    normal: tuple
+    reduce: tuple
+
+
+def genotype_to_json(genotype):
+    """One node (two pairs) per line, so a person can read the cell off the file."""
+    def cell(pairs):
+        rows = [f"    {json.dumps(list(a))}, {json.dumps(list(b))}" for a, b in zip(pairs[::2], pairs[1::2])]
+        return "[\n" + ",\n".join(rows) + "\n  ]"
+    return '{\n  "normal": ' + cell(genotype.normal) + ',\n  "reduce": ' + cell(genotype.reduce) + "\n}\n"
+
+
+def save_genotype(genotype, path):
+    atomic_write(path, lambda f: f.write(genotype_to_json(genotype).encode()))
+
+
+def load_genotype(path):
+    """Read and validate g.json; every mistake is an InputError naming the file and the field."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such genotype file (write one with: python search.py --out {path})")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e}); expected {{\"normal\": [...], \"reduce\": [...]}}")
+    return genotype_from_dict(obj, path)
+
+
+def genotype_from_dict(obj, source):
+    """A genotype from its JSON form (g.json, or the copy a training checkpoint carries)."""
+    if not isinstance(obj, dict):
+        raise InputError(f"{source}: expected a JSON object with keys \"normal\" and \"reduce\"")
+    return Genotype(*(_parse_cell(obj.get(key), source, key) for key in ("normal", "reduce")))
+
+
+def _parse_cell(cell, path, key):
+    if not isinstance(cell, list) or len(cell) != 2 * STEPS:
+        got = f"{len(cell)} entries" if isinstance(cell, list) else "missing" if cell is None else type(cell).__name__
+        raise InputError(f"{path}: \"{key}\": expected a list of {2 * STEPS} [op, input] pairs "
+                         f"(2 per node, {STEPS} nodes), got {got}")
+    pairs = []
+    for k, pair in enumerate(cell):
+        node, field = k // 2, f'"{key}"[{k}]'
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+                and isinstance(pair[1], int) and not isinstance(pair[1], bool)):
+            raise InputError(f"{path}: {field}: expected [op name, input index], got {json.dumps(pair)}")
+        op, inp = pair
+        if op not in OPS:
+            raise InputError(f"{path}: {field}: unknown op {op!r}; expected one of {', '.join(PRIMITIVES)}")
+        if not 0 <= inp < node + 2:
+            raise InputError(f"{path}: {field}: input {inp} does not precede node {node} "
+                             f"(expected 0..{node + 1}: the two cell inputs, then earlier nodes)")
+        pairs.append((op, inp))
+    return tuple(pairs)
