@@ -103,6 +103,10 @@ def count_parameters(model):
 # ----------------------------------------------------------------------------------------------
 # Run helpers shared by search.py and train.py
 
+class Diverged(Exception):
+    """A non-finite loss: the run stops, its last checkpoint stays as it was."""
+
+
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,6 +116,12 @@ def pick_device(name):
 def autocast(device):
     """bf16 autocast on CUDA; fp32 on the CPU (bf16 there is slower and gains nothing)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def sync(device):
+    """Wait for queued GPU work (for timing); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def prepare_model(model, device):
@@ -164,7 +174,7 @@ def load_state(module, state, path, what="model"):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build ADD from a genotype and print its size.")
     p.add_argument("--genotype", required=True, help="g.json written by search.py")
-    p.add_argument("--channels", type=int, default=32, help="C of the first block (default 32: ~5.6 M parameters)")
+    p.add_argument("--channels", type=int, default=48, help="C of the first block (48: ~5 M parameters; paper: 5.6 M)")
     p.add_argument("--cells-per-block", type=int, default=4, help="N normal cells per D^2 block (paper: 4)")
     p.add_argument("--blocks", type=int, default=3, help="number of D^2 blocks")
     p.add_argument("--image-size", type=int, default=256, help="input size (paper: 256)")

@@ -22,8 +22,8 @@ import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 
-from add import (ADD, add_loss, autocast, count_parameters, load_checkpoint, load_state, peak_memory_mib,
-                 pick_device, prepare_model, save_checkpoint, scale_milestones, to_device)
+from add import (ADD, Diverged, add_loss, autocast, count_parameters, load_checkpoint, load_state, peak_memory_mib,
+                 pick_device, prepare_model, save_checkpoint, scale_milestones, sync, to_device)
 from masks import add_data_arguments, open_split, parse_methods, resolve_defaults
 from ops import PRIMITIVES, STEPS, Genotype, InputError, atomic_write, save_genotype, search_edges
 
@@ -131,7 +131,7 @@ def gradient_step(model, optimizer, params, batch, device, mask_weight, grad_cli
         logits, m = model(x)
     loss = add_loss(logits, m, y, M, mask_weight)
     if not torch.isfinite(loss):
-        raise InputError(f"non-finite search loss ({loss.item()}); lower --w-lr or --alpha-lr")
+        raise Diverged(f"non-finite search loss ({loss.item()}); the last checkpoint is intact: lower --w-lr or --alpha-lr")
     for p, g in zip(params, torch.autograd.grad(loss, params)):
         p.grad = g
     if grad_clip:
@@ -234,12 +234,12 @@ def benchmark(args, device, steps=10):
     s, b = args.image_size, args.batch_size
     batch = (torch.rand(b, 3, s, s), (torch.rand(b, 1, s, s) > 0.5).float(), torch.randint(0, 2, (b,)), None)
     for i in range(steps + 2):
-        if i == 2:  # two warm-up steps
-            torch.cuda.synchronize() if device.type == "cuda" else None
+        if i == 2:  # after two warm-up steps
+            sync(device)
             tic = time.time()
         gradient_step(model, w_opt, w_params, batch, device, args.mask_weight, args.grad_clip)
         gradient_step(model, a_opt, a_params, batch, device, args.mask_weight, None)
-    torch.cuda.synchronize() if device.type == "cuda" else None
+    sync(device)
     seconds = (time.time() - tic) / steps
     print(f"search step (w + alpha, batch {b}, {s} px, C={args.channels}, {args.cells} cells) on {device}: "
           f"{seconds * 1000:.0f} ms, {b / seconds:.1f} training images/s, peak memory {peak_memory_mib(device):.0f} MiB")
@@ -286,5 +286,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except InputError as e:
+    except (InputError, Diverged) as e:
         sys.exit(f"error: {e}")

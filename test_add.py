@@ -508,7 +508,7 @@ def test_training_resumes_at_the_right_epoch_and_stops_on_nan(tmp_path, genotype
         return real_epoch(model, data, optimizer, device, args, epoch, progress)
 
     monkeypatch.setattr(train, "train_epoch", nan_in_epoch_2)
-    with pytest.raises(train.Diverged, match="non-finite loss .* at epoch 2, step 1"):
+    with pytest.raises(add.Diverged, match="non-finite loss .* at epoch 2, step 1"):
         train.main(argv)
     assert train.load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 1  # the last good one, intact
     monkeypatch.undo()

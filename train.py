@@ -28,8 +28,8 @@ from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import accuracy_score, roc_auc_score
 from torch.utils.data import DataLoader, DistributedSampler
 
-from add import (ADD, add_loss, autocast, count_parameters, d2_layout, load_checkpoint, load_state, peak_memory_mib,
-                 pick_device, prepare_model, save_checkpoint, scale_milestones, to_device)
+from add import (ADD, Diverged, add_loss, autocast, count_parameters, d2_layout, load_checkpoint, load_state,
+                 peak_memory_mib, pick_device, prepare_model, save_checkpoint, scale_milestones, sync, to_device)
 from masks import METHODS, add_data_arguments, open_split, parse_methods, resolve_defaults
 from ops import InputError, atomic_write, genotype_from_dict, load_genotype
 
@@ -41,10 +41,6 @@ DEMO = dict(image_size=64, stem_reductions=2, channels=16, cells_per_block=1, ba
             milestones=[200, 280], videos=160)
 BASELINES = ("resnet18", "resnet152", "vgg16")
 RUN_KEYS = ("resume", "workers", "device", "log_every", "out")  # what a resumed run may change
-
-
-class Diverged(Exception):
-    """A non-finite loss: the run stops, its last checkpoint stays as it was."""
 
 
 class Baseline(nn.Module):
@@ -258,7 +254,8 @@ def fit(args, rank, world, device):
     # 3) epochs: train, validate, checkpoint (rank 0 only logs, evaluates and saves)
     for epoch in range(start, args.epochs):
         order.manual_seed(args.seed + epoch)  # the shuffle depends on the epoch only: resumable
-        sampler.set_epoch(epoch) if sampler else None
+        if sampler:
+            sampler.set_epoch(epoch)  # a different shard order each epoch
         tic = time.time()
         loss = train_epoch(net, train_data, optimizer, device, args, epoch, progress)
         scheduler.step()
@@ -343,9 +340,9 @@ def benchmark(args, device, steps=10):
     batch = [(torch.rand(b, 3, s, s), (torch.rand(b, 1, s, s) > 0.5).float(), torch.randint(0, 2, (b,)), None)]
     progress = Progress(steps, 0)
     train_epoch(model, batch * 2, optimizer, device, args, 0, progress)  # warm-up
-    torch.cuda.synchronize() if device.type == "cuda" else None
+    sync(device)
     tic = time.time()
-    train_epoch(model, batch * steps, optimizer, device, args, 0, progress)
+    train_epoch(model, batch * steps, optimizer, device, args, 0, progress)  # ends with .item(): synchronised
     seconds = (time.time() - tic) / steps
     print(f"{args.arch} ({count_parameters(model) / 1e6:.2f} M parameters), batch {b}, {s} px, on {device}: "
           f"{seconds * 1000:.0f} ms/step, {b / seconds:.1f} images/s, peak memory {peak_memory_mib(device):.0f} MiB")
