@@ -29,8 +29,9 @@ from ops import PRIMITIVES, STEPS, Genotype, InputError, atomic_write, save_geno
 
 # Settings that differ between a real dataset (the paper's, Sec. IV-B; DARTS's where it is silent)
 # and the built-in synthetic data (a demo sized for 2 CPU cores). Flags override both.
-PAPER = dict(image_size=256, stem_reductions=3, channels=16, cells=8, batch_size=8, epochs=300)
-DEMO = dict(image_size=64, stem_reductions=2, channels=8, cells=5, batch_size=16, epochs=6, videos=48)
+PAPER = dict(image_size=256, stem_reductions=3, channels=16, cells=8, batch_size=8, epochs=300, alpha_milestones=[60, 150])
+DEMO = dict(image_size=64, stem_reductions=2, channels=8, cells=5, batch_size=16, epochs=6, alpha_milestones=[200, 280],
+            videos=48)
 
 
 class SearchNetwork(nn.Module):
@@ -257,8 +258,8 @@ def parse_args(argv=None):
     p.add_argument("--w-lr-min", type=float, default=0.001, help="end of the cosine schedule (DARTS: 0.001)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     p.add_argument("--alpha-lr", type=float, default=0.02, help="Adam lr of alpha (paper: 0.02)")
-    p.add_argument("--alpha-milestones", type=int, nargs=2, default=[60, 150],
-                   help="alpha lr / 10 at these epochs of 300, scaled to --epochs (paper: 60 150)")
+    p.add_argument("--alpha-milestones", type=int, nargs="+",
+                   help="alpha lr / 10 at these epochs of 300, scaled to --epochs (paper: 60 150; demo: 200 280)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="both optimizers (paper: 5e-4)")
     p.add_argument("--grad-clip", type=float, default=5.0, help="clip w's gradient norm (DARTS: 5; 0: off)")
     p.add_argument("--mask-weight", type=float, default=1.0, help="alpha of Eq. 7 (paper: 1; 0: cross-entropy alone)")
