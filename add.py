@@ -136,6 +136,12 @@ def to_device(x, device):
     return x.to(device, non_blocking=True)
 
 
+def random_batch(batch_size, size):
+    """A batch shaped like the datasets' (image, mask, label, video), for --benchmark."""
+    b, s = batch_size, size
+    return torch.rand(b, 3, s, s), (torch.rand(b, 1, s, s) > 0.5).float(), torch.randint(0, 2, (b,)), None
+
+
 def peak_memory_mib(device):
     """Peak GPU memory allocated on CUDA, else the process's peak resident memory."""
     if device.type == "cuda":

@@ -293,7 +293,7 @@ def prepare_video(video, root, frames, size, detect_size):
     record = dict(video._asdict(), frames=[], skipped_frames=[], reason="")
     try:
         decoded = read_frames(video.path, frames, detect_size)
-    except (av.FFmpegError, OSError, ValueError, StopIteration) as e:
+    except (av.FFmpegError, OSError, ValueError, IndexError) as e:  # IndexError: no video stream
         decoded, record["reason"] = [], f"unreadable video ({type(e).__name__}: {e})"
     finder = face_finder(detect_size)
     for i, rgb, small, scale in decoded:

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 
 from add import (ADD, Diverged, add_loss, autocast, count_parameters, load_checkpoint, load_state, peak_memory_mib,
-                 pick_device, prepare_model, save_checkpoint, scale_milestones, sync, to_device)
+                 pick_device, prepare_model, random_batch, save_checkpoint, scale_milestones, sync, to_device)
 from masks import add_data_arguments, open_split, parse_methods, resolve_defaults
 from ops import PRIMITIVES, STEPS, Genotype, InputError, atomic_write, save_genotype, search_edges
 
@@ -233,7 +233,7 @@ def benchmark(args, device, steps=10):
     model, w_opt, a_opt, _, _ = build(args, device)
     w_params, a_params = list(model.net.parameters()), model.arch_parameters()
     s, b = args.image_size, args.batch_size
-    batch = (torch.rand(b, 3, s, s), (torch.rand(b, 1, s, s) > 0.5).float(), torch.randint(0, 2, (b,)), None)
+    batch = random_batch(b, s)
     for i in range(steps + 2):
         if i == 2:  # after two warm-up steps
             sync(device)
@@ -280,7 +280,7 @@ def main(argv=None):
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     if args.benchmark:
         return benchmark(args, device)
-    os.makedirs(args.run_dir, exist_ok=True)
+    atomic_write(os.path.join(args.run_dir, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
     return search(args, device)
 
 

@@ -1,6 +1,6 @@
 """Smoke and property tests for ADD on tiny synthetic data, tiny video trees and a real face photo.
 
-    python -m pytest -q            # the whole suite (about 2 minutes on 2 CPU cores)
+    python -m pytest -q            # the whole suite (about a minute on 2 CPU cores)
 """
 import json
 import math
@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import wave
 
 import av
 import numpy as np
@@ -291,6 +292,11 @@ def ffpp(tmp_path_factory, face_video):
         for name in ("000_001", "001_000", "002_003", "003_002", "004_005", "005_004"):
             shutil.copy(face_video, fakes / f"{name}.mp4")
     (src / "manipulated_sequences/Deepfakes/c23/videos/001_000.mp4").write_bytes(os.urandom(4000))
+    with wave.open(str(src / "manipulated_sequences/FaceSwap/c23/videos/005_004.mp4"), "wb") as audio_only:
+        audio_only.setnchannels(1)  # a media file without a video stream
+        audio_only.setsampwidth(2)
+        audio_only.setframerate(8000)
+        audio_only.writeframes(bytes(1600))
     write_video(str(src / "manipulated_sequences/FaceSwap/c23/videos/003_002.mp4"), [np.full((256, 256, 3), 90, np.uint8)] * 4)
     os.remove(real / "003.mp4")  # 003 as a folder of extracted frames instead of an mp4
     os.makedirs(real / "003")
@@ -318,13 +324,14 @@ def test_ffpp_prepares_to_the_right_counts_and_reports_bad_videos(ffpp):
     _, root = ffpp
     # train: reals 000, 001; fakes Deepfakes 000_001 (001_000 corrupt), FaceSwap 000_001, 001_000; 2 frames each
     # val: reals 002, 003 (003 a folder); fakes Deepfakes 002_003, 003_002, FaceSwap 002_003 (003_002 faceless)
-    # test: reals 004, 005; fakes 004_005, 005_004 of both methods
+    # test: reals 004, 005; fakes 004_005, 005_004 of both methods (FaceSwap 005_004 has no video stream)
     assert manifest_counts(root) == {("train", 0): 4, ("train", 1): 6, ("val", 0): 4, ("val", 1): 6,
-                                     ("test", 0): 4, ("test", 1): 8}
+                                     ("test", 0): 4, ("test", 1): 6}
     report = open(os.path.join(root, "report.txt")).read()
     assert "Deepfakes/001_000\tvideo\tunreadable video" in report
     assert "FaceSwap/003_002\tvideo\tno face in any of its 2 frames" in report
     assert "FaceSwap/003_002\tframe 1\tno face" in report
+    assert "FaceSwap/005_004\tvideo\tunreadable video (IndexError" in report
     mask = np.asarray(Image.open(os.path.join(root, "masks/original/000/0001.png")))
     assert mask.shape == (256, 256) and set(np.unique(mask)) == {0, 255} and 0.2 < (mask > 0).mean() < 0.8
 
@@ -578,3 +585,4 @@ def test_readme_demo_search_then_train(tmp_path):
     assert code == 0, err
     assert "frame_auc" in out and json.load(open(tmp_path / "runs/train/metrics.json"))["test"]["frame_auc"] is not None
     assert os.path.exists(tmp_path / "runs/train/masks.png")
+    assert json.load(open(tmp_path / "runs/search/config.json"))["image_size"] == 32  # the effective config, saved

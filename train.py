@@ -29,7 +29,8 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 from torch.utils.data import DataLoader, DistributedSampler
 
 from add import (ADD, Diverged, add_loss, autocast, count_parameters, d2_layout, load_checkpoint, load_state,
-                 peak_memory_mib, pick_device, prepare_model, save_checkpoint, scale_milestones, sync, to_device)
+                 peak_memory_mib, pick_device, prepare_model, random_batch, save_checkpoint, scale_milestones, sync,
+                 to_device)
 from masks import METHODS, add_data_arguments, open_split, parse_methods, resolve_defaults
 from ops import InputError, atomic_write, genotype_from_dict, load_genotype
 
@@ -337,7 +338,7 @@ def benchmark(args, device, steps=10):
     model = prepare_model(build_model(vars(args), genotype), device)
     optimizer, _ = make_optimizer(model, args)
     s, b = args.image_size, args.batch_size
-    batch = [(torch.rand(b, 3, s, s), (torch.rand(b, 1, s, s) > 0.5).float(), torch.randint(0, 2, (b,)), None)]
+    batch = [random_batch(b, s)]
     progress = Progress(steps, 0)
     train_epoch(model, batch * 2, optimizer, device, args, 0, progress)  # warm-up
     sync(device)
