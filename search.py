@@ -88,14 +88,15 @@ def _draw_cell(cell, title, width=620, height=380):
     each chosen edge drawn with its operation's name."""
     image, font = Image.new("RGB", (width, height), "white"), ImageFont.load_default(size=13)
     draw = ImageDraw.Draw(image)
-    pos = [(60, 120), (60, 280)] + [(220 + 95 * k, 90 + 200 * (k % 2)) for k in range(STEPS)] + [(width - 45, 190)]
+    # inputs left, nodes zig-zag (no edge passes through a node), the concat right
+    pos = [(60, 110), (60, 290), (210, 60), (290, 345), (420, 150), (530, 290), (width - 45, 190)]
     for k in range(STEPS):
         draw.line(pos[k + 2] + pos[-1], fill=(190, 190, 190), width=2)
-    edges = [(op, pos[inp], pos[k // 2 + 2]) for k, (op, inp) in enumerate(cell)]
-    for op, a, b in edges:
+    edges = [(op, pos[inp], pos[k // 2 + 2], 0.42 + 0.2 * (k % 2)) for k, (op, inp) in enumerate(cell)]
+    for op, a, b, _ in edges:
         draw.line(a + b, fill=_colour(op), width=3)
-    for op, (x0, y0), (x1, y1) in edges:  # labels after all lines, so no line crosses a label
-        tx, ty = x0 + 0.55 * (x1 - x0), y0 + 0.55 * (y1 - y0) - 8
+    for op, (x0, y0), (x1, y1), t in edges:  # labels after all lines; a node's two labels staggered
+        tx, ty = x0 + t * (x1 - x0), y0 + t * (y1 - y0) - 8
         draw.rectangle(draw.textbbox((tx, ty), op, font=font, anchor="mm"), fill="white")
         draw.text((tx, ty), op, fill=_colour(op), font=font, anchor="mm")
     for i, name in enumerate(["c_{k-2}", "c_{k-1}"] + [str(k) for k in range(STEPS)] + ["c_{k}"]):
