@@ -346,6 +346,7 @@ def test_restart_skips_finished_videos_and_redoes_a_half_written_one(ffpp, capsy
     out = capsys.readouterr().out
     assert "17 already prepared, 1 to do" in out and "prepared 2 frames" in out
     assert manifest_counts(root) == before
+    assert not os.path.exists(os.path.join(root, "faces/original/000/0001.png.tmp999"))  # cleaned up
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -353,11 +354,15 @@ def test_restart_skips_finished_videos_and_redoes_a_half_written_one(ffpp, capsy
     (["--methods", "Deepfake"], "--methods: unknown ff++ method 'Deepfake'"),
     (["--splits", "/tmp/no-splits"], "/tmp/no-splits/train.json: not found; expected FaceForensics++'s official split file"),
     (["--compression", "c40"], "original_sequences/youtube/c40/videos: not found"),
+    (["--benchmark", "--src", "/no/such/video.mp4"], "/no/such/video.mp4: no such video file"),
 ])
 def test_bad_preparation_input_is_a_one_line_error(ffpp, argv, expected):
     src, root = ffpp
-    flags = {"--src": src, "--methods": "Deepfakes", "--root": root, **dict(zip(argv[::2], argv[1::2]))}
-    code, _, err = run_cli("masks.py", "--data", "ff++", *[v for kv in flags.items() for v in kv])
+    if argv[0] == "--benchmark":
+        code, _, err = run_cli("masks.py", *argv)
+    else:
+        flags = {"--src": src, "--methods": "Deepfakes", "--root": root, **dict(zip(argv[::2], argv[1::2]))}
+        code, _, err = run_cli("masks.py", "--data", "ff++", *[v for kv in flags.items() for v in kv])
     assert code != 0
     one_line_error(err, expected)
 
