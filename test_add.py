@@ -551,6 +551,14 @@ def test_cross_dataset_from_prepared_ffpp_to_celebdf(tmp_path, genotype_file, ff
     assert metrics["test"]["data"] == "celeb-df:Celeb-synthesis" and metrics["test"]["frames"] == 2
 
 
+def test_search_reads_prepared_ffpp(tmp_path, ffpp):
+    g = str(tmp_path / "g.json")
+    model = search.main(["--data", "ff++", "--root", ffpp[1], "--methods", "Deepfakes,FaceSwap", "--image-size", "32",
+                         "--channels", "4", "--cells", "3", "--stem-reductions", "2", "--batch-size", "4", "--epochs",
+                         "1", "--workers", "0", "--out", g, "--run-dir", str(tmp_path / "run")])
+    assert ops.load_genotype(g) == model.genotype()
+
+
 def test_benchmarks_run(genotype_file, capsys):
     train.main(["--genotype", genotype_file, "--benchmark", "--image-size", "32", "--channels", "4", "--batch-size", "4"])
     search.main(TINY_SEARCH + ["--benchmark"])
