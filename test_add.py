@@ -566,6 +566,11 @@ def test_benchmarks_run(genotype_file, capsys):
     assert "images/s" in out and "search step" in out and "peak memory" in out
 
 
+def test_a_batch_larger_than_the_training_split_is_an_error(tmp_path, genotype_file):
+    with pytest.raises(ops.InputError, match="--batch-size 64: the train split has only 12 samples"):
+        train.main(TINY_TRAIN + ["--genotype", genotype_file, "--batch-size", "64", "--out", str(tmp_path)])
+
+
 def test_bad_genotype_and_checkpoint_paths_are_one_line_errors(tmp_path):
     code, _, err = run_cli("train.py", "--genotype", str(tmp_path / "missing.json"))
     assert code == 1

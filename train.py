@@ -196,12 +196,12 @@ class Progress:
     def __init__(self, total_steps, every):
         self.total, self.every, self.done, self.start = total_steps, every, 0, time.time()
 
-    def step(self, epoch, step, steps, loss, images):
+    def step(self, epoch, step, steps, loss, images):  # loss: a 0-dim tensor
         self.done += 1
         if self.every and self.done % self.every == 0:
             elapsed = time.time() - self.start
             left = elapsed / self.done * (self.total - self.done)
-            print(f"  epoch {epoch + 1} step {step + 1}/{steps}  loss {loss:.4f}  "
+            print(f"  epoch {epoch + 1} step {step + 1}/{steps}  loss {loss.item():.4f}  "
                   f"{images * self.done / elapsed:.1f} images/s  {left / 60:.1f} min left", flush=True)
 
 
@@ -223,7 +223,7 @@ def train_epoch(model, data, optimizer, device, args, epoch, progress):
             nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         total += loss.detach()
-        progress.step(epoch, step, len(data), loss.item() if progress.every else 0.0, len(x))
+        progress.step(epoch, step, len(data), loss.detach(), len(x))  # .item() only when it prints
     return (total / max(1, len(data))).item()
 
 
@@ -247,6 +247,9 @@ def fit(args, rank, world, device):
     order = torch.Generator()
     train_data = loader(train_set, args.batch_size // world, args, device, True, sampler, order)
     val_data = loader(val_set, args.batch_size, args, device)
+    if not len(train_data):
+        raise InputError(f"--batch-size {args.batch_size}: the train split has only {len(train_set)} samples "
+                         f"({len(train_set) // world} per process)")
     if rank == 0:
         print(f"{args.arch}: {count_parameters(model) / 1e6:.2f} M parameters; train {len(train_set)}, "
               f"val {len(val_set)}, test {len(test_set)} ({test_name}) samples; {world} process(es) on {device}")
