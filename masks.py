@@ -16,11 +16,13 @@ import csv
 import functools
 import glob
 import importlib.util
+import io
 import json
 import math
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -30,7 +32,7 @@ import av
 import dlib
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 from scipy.spatial import ConvexHull
 from torch.utils.data import Dataset
 
@@ -41,7 +43,7 @@ CELEBDF_REAL, CELEBDF_FAKE = ("Celeb-real", "YouTube-real"), "Celeb-synthesis"
 SYNTHETIC_METHODS = ("swap", "mouth", "gan")
 METHODS = {"ff++": FFPP_METHODS, "celeb-df": (CELEBDF_FAKE,), "synthetic": SYNTHETIC_METHODS}
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,20 +131,21 @@ def crop_face(image, face, size=256, scale=1.3):
 
 
 def show(photo, out, detect_size):
-    """--show: the photo with each face's box, 68 landmarks and hull mask drawn over it."""
+    """--show: the photo with each face's box, 68 landmarks and a translucent hull mask over it."""
     try:
-        image = np.asarray(Image.open(photo).convert("RGB"))
+        image = load_rgb(photo)
     except (FileNotFoundError, IsADirectoryError):
         raise InputError(f"{photo}: no such image file")
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:
         raise InputError(f"{photo}: not a readable image ({e})")
     faces = face_finder(detect_size).faces(image)
     if not faces:
         raise InputError(f"{photo}: no face found (dlib HOG at upsample 0 misses faces under ~80 px)")
     canvas = Image.fromarray(image).convert("RGBA")
     for face in faces:
-        tint = Image.new("RGBA", canvas.size, (255, 40, 40, 90))
-        canvas.paste(tint, (0, 0), Image.fromarray(hull_mask(face.landmarks, *image.shape[:2]) * 255))
+        tint = Image.new("RGBA", canvas.size, (255, 40, 40, 0))
+        tint.putalpha(Image.fromarray(hull_mask(face.landmarks, *image.shape[:2]) * 90))  # 35% red inside the hull
+        canvas = Image.alpha_composite(canvas, tint)
         draw, r = ImageDraw.Draw(canvas), max(1, image.shape[1] // 300)
         draw.rectangle(face.box, outline=(40, 255, 40), width=max(1, r))
         for x, y in face.landmarks:
@@ -152,41 +155,89 @@ def show(photo, out, detect_size):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2) Reading K evenly spaced frames of a video (an mp4, or a folder of extracted frames)
+# 2) Reading K evenly spaced frames, one at a time: a video, a folder of frames, or a photo
 
 def even_indices(n, k):
     """k evenly spaced frame indices out of n (the centres of k equal parts; all n if n <= k)."""
     return list(range(n)) if n <= k else [int((i + 0.5) * n / k) for i in range(k)]
 
 
-def read_frames(path, k, detect_size):
-    """-> [(frame index, RGB (H, W, 3) uint8, gray copy of at most detect_size px, its scale)].
-    An mp4 is decoded once, front to back, and only the wanted frames are converted (PyAV)."""
+def natural_key(name):
+    """Frame files in natural order: 2.png before 10.png (text order puts 10 first)."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def load_rgb(path):
+    """An image file -> (H, W, 3) uint8 RGB, upright (EXIF orientation applied). 16-bit and float
+    images are scaled to 8 bits: PIL's convert("RGB") clips a 16-bit PNG to white."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I") or image.mode == "F":
+            a = np.asarray(image, dtype=np.float64)
+            a = a / 257 if image.mode.startswith("I;16") or a.max() > 255 else a * 255 if a.max() <= 1 else a
+            image = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
+        return np.asarray(image.convert("RGB"))
+
+
+def iter_frames(path, k, detect_size):
+    """Yields (frame index, RGB (H, W, 3) uint8, gray copy of at most detect_size px, its scale) for
+    k evenly spaced frames of a video file or a folder of frames (natural order), or the one frame
+    of a photo: one full-resolution frame in memory at a time."""
     if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
-        finder = face_finder(detect_size)
-        frames = [(i, np.asarray(Image.open(os.path.join(path, files[i])).convert("RGB")))
-                  for i in even_indices(len(files), k)]
-        return [(i, rgb, *finder.small(rgb)) for i, rgb in frames]
+        files = sorted((f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)), key=natural_key)
+        for i in even_indices(len(files), k):
+            yield (i, *_with_small(load_rgb(os.path.join(path, files[i])), detect_size))
+    elif path.lower().endswith(IMAGE_EXTENSIONS):
+        yield (0, *_with_small(load_rgb(path), detect_size))
+    else:
+        yield from _video_frames(path, k, detect_size)
+
+
+def _with_small(rgb, detect_size):
+    return (rgb, *face_finder(detect_size).small(rgb))
+
+
+def _video_frames(path, k, detect_size, seek_gap=250):
+    """Decodes front to back and converts only the wanted frames; when the next wanted frame is more
+    than seek_gap frames ahead (a long video), seeks to the keyframe before it instead. Frames are
+    turned upright by the stream's display rotation (phone footage)."""
     with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
         stream = container.streams.video[0]
-        wanted = set(even_indices(stream.frames or _count_frames(path), k))
-        frames = []
-        for i, frame in enumerate(container.decode(stream)):
-            if i in wanted:
-                scale = min(1.0, detect_size / max(frame.width, frame.height))
-                small = frame.reformat(width=round(frame.width * scale), height=round(frame.height * scale),
-                                       format="gray").to_ndarray()
-                frames.append((i, frame.to_ndarray(format="rgb24"), small, scale))
-            if i >= max(wanted, default=-1):
-                break
-    return frames
+        fps, start = float(stream.average_rate or 25), stream.start_time or 0
+        frames, position = container.decode(stream), -1  # position: index of the last decoded frame
+        for target in even_indices(stream.frames or _count_frames(path), k):
+            if target - position > seek_gap:
+                container.seek(start + int(target / fps / stream.time_base), stream=stream)  # to the keyframe before
+                frames, position = container.decode(stream), None
+            for frame in frames:
+                position = position + 1 if position is not None else round((frame.pts - start) * stream.time_base * fps)
+                if position >= target:
+                    break
+            else:
+                return  # the video ended early (fewer frames than its header says)
+            scale, turns = min(1.0, detect_size / max(frame.width, frame.height)), round(frame.rotation / 90) % 4
+            small = frame.reformat(width=round(frame.width * scale), height=round(frame.height * scale), format="gray")
+            yield (position, np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), turns)),
+                   np.ascontiguousarray(np.rot90(small.to_ndarray(), turns)), scale)
 
 
 def _count_frames(path):
     """Frames of a container that does not state its length (counted from the packets, no decoding)."""
     with av.open(path) as container:
         return sum(1 for packet in container.demux(video=0) if packet.size)
+
+
+def read_faces(path, k, size, detect_size):
+    """The preparation of one input (Sec. IV-B): k evenly spaced frames, the largest face, the 1.3x
+    square crop at size x size. Yields (frame index, crop (size, size, 3) uint8, landmarks in crop
+    pixels (68, 2), box in frame pixels), or (frame index, None, None, None) for a frame without a face.
+    Raises what the decoder raises for an input that cannot be read."""
+    finder = face_finder(detect_size)
+    for i, rgb, small, scale in iter_frames(path, k, detect_size):
+        faces = finder.faces(rgb, small, scale)
+        yield (i, *crop_face(rgb, faces[0], size), faces[0].box) if faces else (i, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,19 +297,16 @@ def _read_pairs(path):
 
 def celebdf_videos(src, val_fraction=0.1):
     """Celeb-DF (v1 or v2): test = List_of_testing_videos.txt ("<label> <folder>/<file>.mp4", 1 = real,
-    0 = fake), train = the rest (the paper's protocol); validation = the train videos of a held-out
-    tenth of the identities, so train and validation share nobody. A video of identities from both
-    sides (a swap between a held-out and a training identity) is left out of both."""
+    0 = fake), train = the rest (the paper's protocol); validation = about val_fraction of the rest
+    of each class, chosen by identity (_validation_people) so that train and validation share
+    nobody. A swap between a validation and a training identity is left out of both."""
     _need(src, "the Celeb-DF root (holding Celeb-real/, YouTube-real/, Celeb-synthesis/)")
-    listing = _need(os.path.join(src, "List_of_testing_videos.txt"), "Celeb-DF's list of test videos")
-    with open(listing) as f:
-        test = {line.split()[1] for line in f if line.strip()}
+    test = _read_test_list(_need(os.path.join(src, "List_of_testing_videos.txt"), "Celeb-DF's list of test videos"))
     all_videos = [(folder, os.path.splitext(file)[0]) for folder in (*CELEBDF_REAL, CELEBDF_FAKE)
                   for file in sorted(os.listdir(_need(os.path.join(src, folder), f"Celeb-DF's {folder}/ folder")))
                   if file.endswith(".mp4") or os.path.isdir(os.path.join(src, folder, file))]
     ids = {v: _identities(*v) for v in all_videos}
-    people = sorted(set().union(*ids.values()))
-    held_out = set(people[::max(1, round(1 / val_fraction))])
+    held_out = _validation_people([v for v in all_videos if f"{v[0]}/{v[1]}.mp4" not in test], ids, val_fraction)
     videos = []
     for folder, name in all_videos:
         split = ("test" if f"{folder}/{name}.mp4" in test else "val" if ids[folder, name] <= held_out
@@ -267,6 +315,37 @@ def celebdf_videos(src, val_fraction=0.1):
             videos.append(Video(split, int(folder == CELEBDF_FAKE), folder, name,
                                 _video_path(os.path.join(src, folder), name)))
     return videos
+
+
+def _read_test_list(path):
+    test = set()
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            fields = line.split()
+            if fields and (len(fields) != 2 or fields[0] not in ("0", "1") or "/" not in fields[1]):
+                raise InputError(f"{path}, line {n}: expected '<1 real | 0 fake> <folder>/<file>.mp4', "
+                                 f"got {line.strip()[:80]!r}")
+            test.update(fields[1:])
+    return test
+
+
+def _validation_people(videos, ids, fraction):
+    """The identities held out for validation. Fakes first: grow a group of swapped identities, each
+    time adding the one that completes the most swaps inside the group (ties: fewest swaps cut
+    between group and rest, then name), until the group's swaps are `fraction` of the fakes; then
+    identities without swaps (YouTube-real videos, one each) until the reals reach theirs too."""
+    fakes = [ids[v] for v in videos if v[0] == CELEBDF_FAKE]
+    reals = [ids[v] for v in videos if v[0] != CELEBDF_FAKE]
+    inside = lambda group, members: sum(m <= group for m in members)
+    cut = lambda group: sum(bool(m & group) and not m <= group for m in fakes)
+    swapped, held = sorted(set().union(*fakes)), set()
+    while inside(held, fakes) < fraction * len(fakes) and len(held) < len(swapped):
+        held.add(max((p for p in swapped if p not in held), key=lambda p: (inside(held | {p}, fakes), -cut(held | {p}))))
+    for person in sorted(set().union(*reals) - set(swapped)):
+        if inside(held, reals) >= fraction * len(reals):
+            break
+        held.add(person)
+    return held
 
 
 def _identities(folder, name):
@@ -287,53 +366,83 @@ def _record_path(root, video):
     return os.path.join(root, "records", video.method, video.name + ".json")
 
 
-def prepare_video(video, root, frames, size, detect_size):
+def prepare_video(video, root, settings):
     """One video -> crops and masks under root, then its record (written last: a video with a record
-    is finished, a restart skips it). Unreadable video, no face: skipped, with the reason."""
-    record = dict(video._asdict(), frames=[], skipped_frames=[], reason="")
-    for stale in glob.glob(os.path.join(root, "*", video.method, video.name, "*.tmp*")):
-        os.remove(stale)  # a killed run's unfinished writes
+    is finished, a restart skips it). Nothing raised inside stops the pool: a video that cannot be
+    read (missing, a partial download, a network mount) is recorded with retry=True and tried again
+    by the next run; any other failure (degenerate landmarks, a decompression bomb, dlib) and a
+    video without faces are recorded with their reason."""
+    record = dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], reason="", retry=False)
+    for kind in ("faces", "masks"):
+        shutil.rmtree(os.path.join(root, kind, video.method, video.name), ignore_errors=True)  # an earlier attempt's
+    seen, size = 0, settings["size"]
     try:
-        decoded = read_frames(video.path, frames, detect_size)
-    except (av.FFmpegError, OSError, ValueError, IndexError) as e:  # IndexError: no video stream
-        decoded, record["reason"] = [], f"unreadable video ({type(e).__name__}: {e})"
-    finder = face_finder(detect_size)
-    for i, rgb, small, scale in decoded:
-        faces = finder.faces(rgb, small, scale)
-        if not faces:
-            record["skipped_frames"].append([i, "no face"])
-            continue
-        crop, points = crop_face(rgb, faces[0], size)
-        image_file, mask_file = _files(video, i)
-        atomic_write(os.path.join(root, image_file), lambda f: Image.fromarray(crop).save(f, "PNG", compress_level=1))
-        mask = Image.fromarray(hull_mask(points, size) * 255)
-        atomic_write(os.path.join(root, mask_file), lambda f: mask.save(f, "PNG"))
-        record["frames"].append(i)
+        for i, crop, points, _ in read_faces(video.path, settings["frames"], size, settings["detect_size"]):
+            seen += 1
+            if crop is None:
+                record["skipped_frames"].append([i, "no face"])
+                continue
+            image_file, mask_file = (os.path.join(root, f) for f in _files(video, i))
+            atomic_write(image_file, lambda f: Image.fromarray(crop).save(f, "PNG", compress_level=1))
+            atomic_write(mask_file, lambda f: Image.fromarray(hull_mask(points, size) * 255).save(f, "PNG"))
+            record["frames"].append(i)
+    except (av.FFmpegError, OSError, UnidentifiedImageError) as e:
+        record.update(reason=f"unreadable video ({type(e).__name__}: {e})", retry=True)
+    except Exception as e:  # one video's failure, whatever it is, is that video's recorded reason
+        record["reason"] = f"failed ({type(e).__name__}: {e})"
     if not record["reason"] and not record["frames"]:
-        record["reason"] = "no frames decoded" if not decoded else f"no face in any of its {len(decoded)} frames"
+        record["reason"] = f"no face in any of its {seen} frames" if seen else "no frames decoded"
     atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
     return record
 
 
 def _prepare_one(job):
-    return prepare_video(*job)
+    """A worker's task; never raises. If even the record cannot be written (a full disk), the video
+    has no record and the next run prepares it again."""
+    try:
+        return prepare_video(*job)
+    except Exception as e:
+        return dict(job[0]._asdict(), frames=[], reason=f"not recorded ({type(e).__name__}: {e})", retry=True)
 
 
-def prepare(videos, root, frames, size, workers, detect_size):
+def prepare(videos, root, settings, workers, retry_failed=False, redo=False):
     """Prepare every video not finished yet, in parallel; then rebuild the manifest and the report
-    from all records under root (so both cover earlier runs too)."""
-    todo = [v for v in videos if not os.path.exists(_record_path(root, v))]
-    print(f"{len(videos)} videos, {len(videos) - len(todo)} already prepared, {len(todo)} to do, {workers} workers")
+    from all records under root (so both cover earlier runs too). Tried again: videos recorded with
+    retry (unreadable last time); with retry_failed every video with a reason; with redo, all.
+    Records carry the settings: preparing into a root made with other settings is an error."""
+    records = _records(root)
+    other = next((r["settings"] for r in records.values() if r.get("settings") != settings), None)
+    if other and not redo:
+        raise InputError(f"{root}: prepared with {_flags(other)}, not {_flags(settings)}; prepare into another --root, "
+                         f"or add --redo to prepare every video again")
+    old = [records.get(_record_path(root, v)) for v in videos]
+    todo = [v for v, r in zip(videos, old) if redo or not r or r.get("retry") or (retry_failed and r["reason"])]
+    print(f"{len(videos)} videos, {len(videos) - len(todo)} already prepared, {len(todo)} to do "
+          f"({sum(bool(r) for r in old if r) - len(videos) + len(todo)} of them again), {workers} workers")
     start, done = time.time(), 0
-    jobs = [(v, root, frames, size, detect_size) for v in todo]
+    jobs = [(v, root, settings) for v in todo]
     with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _Serial() as pool:
         for record in pool.imap_unordered(_prepare_one, jobs):
             done += len(record["frames"])
             if record["reason"]:
-                print(f"  skipped {record['method']}/{record['name']}: {record['reason']}")
+                print(f"  skipped {record['method']}/{record['name']}: {record['reason']}"
+                      + ("  (tried again on the next run)" if record["retry"] else ""))
     elapsed = time.time() - start
     print(f"prepared {done} frames in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.1f} frames/s)")
     return write_manifest(root)
+
+
+def _records(root):
+    """Every finished video's record under root, by path."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(root, "records", "*", "*.json"))):
+        with open(path) as f:
+            found[path] = json.load(f)
+    return found
+
+
+def _flags(settings):
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (settings or {}).items() if v is not None) or "older settings"
 
 
 class _Serial:
@@ -350,38 +459,36 @@ class _Serial:
 
 def write_manifest(root):
     """manifest.csv (one row per frame: split, label, method, video, frame, image, mask) and
-    report.txt (every skipped video and frame, with the reason), both from the records."""
-    rows, skipped = [], []
-    for path in sorted(glob.glob(os.path.join(root, "records", "*", "*.json"))):
-        with open(path) as f:
-            r = json.load(f)
+    report.txt (every skipped video and frame, with the reason), both from the records; prints the
+    videos and frames per split and class."""
+    rows, skipped, table = [], [], {}
+    for r in _records(root).values():
         video = Video(r["split"], r["label"], r["method"], r["name"], r["path"])
         rows += [[video.split, video.label, video.method, video.name, i, *_files(video, i)] for i in r["frames"]]
         skipped += [f"{r['method']}/{r['name']}\tvideo\t{r['reason']}"] * bool(r["reason"])
         skipped += [f"{r['method']}/{r['name']}\tframe {i}\t{why}" for i, why in r["skipped_frames"]]
-    lines = [",".join(("split", "label", "method", "video", "frame", "image", "mask"))]
-    lines += [",".join(str(v) for v in row) for row in rows]
-    atomic_write(os.path.join(root, "manifest.csv"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
+        counts = table.setdefault((video.split, video.label), [0, 0])
+        counts[0], counts[1] = counts[0] + bool(r["frames"]), counts[1] + len(r["frames"])
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([["split", "label", "method", "video", "frame", "image", "mask"]] + rows)
+    atomic_write(os.path.join(root, "manifest.csv"), lambda f: f.write(text.getvalue().encode()))
     header = f"# {len(rows)} frames prepared; {len(skipped)} videos or frames skipped (name, what, reason)\n"
     atomic_write(os.path.join(root, "report.txt"), lambda f: f.write((header + "\n".join(skipped) + "\n").encode()))
     print(f"wrote {root}/manifest.csv ({len(rows)} frames) and {root}/report.txt ({len(skipped)} skipped)")
+    for (split, label), (n_videos, n_frames) in sorted(table.items(), key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1])):
+        print(f"  {split:5s} {'fake' if label else 'real'}: {n_videos} videos, {n_frames} frames")
     return rows, skipped
 
 
 # ----------------------------------------------------------------------------------------------
 # 5) Reading prepared data: (image (3, S, S) float in [0, 1], mask (1, S, S) in {0, 1}, label, video)
 
-def flip_pair(image, mask):
-    """Training augmentation: the same horizontal flip for the face and its mask, with p = 0.5."""
-    if torch.rand(()) < 0.5:
-        return image.flip(-1), mask.flip(-1)
-    return image, mask
-
-
 class FaceCrops(Dataset):
     """Frames prepared by masks.py, read through manifest.csv (PNG crops and masks: a person can open
     any sample; a 256 px crop decodes in ~1.7 ms, a whole sample takes ~2.6 ms, so a few DataLoader
-    workers keep a GPU fed).
+    workers keep a GPU fed). A sample is uint8 (image (3, S, S), mask (1, S, S) in {0, 1}), label,
+    "method/video"; the training loop normalises and flips on the device (add.to_device).
+    `samples[i]` = (method, video, frame) of sample i, for the per-frame predictions.
 
     Balance: FF++ has one real video per fake of each method (four fakes per real with all four);
     in training each real frame is repeated round(#fake / #real) times, so an epoch sees both
@@ -399,8 +506,9 @@ class FaceCrops(Dataset):
                              f"of methods {','.join(methods)}; both classes are needed")
         repeat = max(1, round(fakes / (len(rows) - fakes))) if train else 1
         self.rows = [r for r in rows for _ in range(repeat if r["label"] == "0" else 1)]
-        self.root, self.train, self.size = root, train, image_size
+        self.root, self.size = root, image_size
         self.labels = [int(r["label"]) for r in self.rows]
+        self.samples = [(r["method"], r["video"], int(r["frame"])) for r in self.rows]
 
     def __len__(self):
         return len(self.rows)
@@ -410,10 +518,8 @@ class FaceCrops(Dataset):
         image, mask = Image.open(os.path.join(self.root, r["image"])), Image.open(os.path.join(self.root, r["mask"]))
         if image.size != (self.size, self.size):
             image, mask = image.resize((self.size,) * 2, Image.BILINEAR), mask.resize((self.size,) * 2, Image.NEAREST)
-        image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float().div(255)
-        mask = torch.from_numpy(np.asarray(mask) > 127).float()[None]
-        if self.train:
-            image, mask = flip_pair(image, mask)
+        image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, S, S) uint8
+        mask = torch.from_numpy(np.asarray(mask) > 127).to(torch.uint8)[None]  # (1, S, S) in {0, 1}
         return image, mask, self.labels[i], f"{r['method']}/{r['video']}"
 
 
@@ -609,48 +715,46 @@ class SyntheticFaces(Dataset):
     video j with its face manipulated frame by frame (as FF++ makes its fakes), by family
     methods[j % len(methods)]: the classes are balanced. Deterministic by (seed, split).
 
-    One sample (size 64): image (3, 64, 64) float in [0, 1], a face of random identity, pose, skin
-    tone, lighting and background with sensor noise; mask (1, 64, 64) in {0, 1}, the convex hull of
+    One sample (size 64): image (3, 64, 64) uint8, a face of random identity, pose, skin tone,
+    lighting and background with sensor noise; mask (1, 64, 64) uint8 in {0, 1}, the convex hull of
     its 68 landmarks (the same hull_mask as real faces); label 0 real / 1 fake; video "swap/0000007".
-    The whole split is drawn once, into memory: ~3 ms per real/fake pair at 64 px (the demo's
-    training split, 640 pairs, takes 2 s)."""
-    def __init__(self, split, methods, videos, frames, size, seed, train):
+    `samples[i]` = (method, video, frame). The whole split is drawn once, into memory: ~3 ms per
+    real/fake pair at 64 px (the demo's training split, 640 pairs, takes 2 s)."""
+    def __init__(self, split, methods, videos, frames, size, seed):
         first = {"train": 0, "val": 1_000_000, "test": 2_000_000}[split]  # disjoint people per split
         items = []
         for v in range(first, first + videos):
             family = methods[v % len(methods)]
             for t in range(frames):
                 s = synthetic_frame(seed, v, t, size, family)
-                items += [(s["real"], s["real_points"], 0, f"real/{v:07d}"), (s["fake"], s["fake_points"], 1, f"{family}/{v:07d}")]
+                items += [(s["real"], s["real_points"], 0, "real", v, t), (s["fake"], s["fake_points"], 1, family, v, t)]
         self.images = torch.from_numpy(np.stack([np.uint8(np.round(255 * i[0])) for i in items])).permute(0, 3, 1, 2)
         self.masks = torch.from_numpy(np.stack([hull_mask(i[1], size) for i in items]))[:, None]
         self.labels = [i[2] for i in items]
-        self.videos = [i[3] for i in items]
-        self.train = train
+        self.samples = [(i[3], f"{i[4]:07d}", i[5]) for i in items]
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        image, mask = self.images[i].float().div(255), self.masks[i].float()
-        if self.train:
-            image, mask = flip_pair(image, mask)
-        return image, mask, self.labels[i], self.videos[i]
+        method, video, _ = self.samples[i]
+        return self.images[i], self.masks[i], self.labels[i], f"{method}/{video}"
 
 
 # ----------------------------------------------------------------------------------------------
 # 7) The data options search.py and train.py share
 
 def add_data_arguments(p):
-    p.add_argument("--data", default="synthetic", choices=tuple(METHODS),
+    p.add_argument("--data", choices=tuple(METHODS),
                    help="synthetic (built in, the default), ff++ or celeb-df (prepared by masks.py)")
     p.add_argument("--root", help="prepared data folder (default: data/<name>)")
     p.add_argument("--methods", help="manipulations to use, comma-separated (default: all; ff++: "
                    + ",".join(FFPP_METHODS) + "; synthetic: " + ",".join(SYNTHETIC_METHODS) + ")")
     p.add_argument("--image-size", type=int, help="input size (paper: 256, Sec. IV-B; synthetic demo: 64)")
     p.add_argument("--videos", type=int, help="synthetic only: real videos in the train split (val, test: half)")
-    p.add_argument("--frames", type=int, default=4, help="synthetic only: frames per video")
-    p.add_argument("--workers", type=int, help="DataLoader workers (default: 0 on synthetic data, else up to 8)")
+    p.add_argument("--frames", type=int, help="frames per video: synthetic data (default 4), --predict (default 32)")
+    p.add_argument("--workers", type=int, help="DataLoader workers per process (default: 0 on synthetic data, "
+                   "else the CPUs this process may use / processes per node, at most 8)")
 
 
 def parse_methods(data, text):
@@ -667,19 +771,38 @@ def open_split(data, root, split, methods, image_size, train, videos=None, frame
     """The dataset of one split: (image, mask, label, video) samples from any of the three sources."""
     if data == "synthetic":
         n = videos if split == "train" else max(2, videos // 2)
-        return SyntheticFaces(split, methods, n, frames, image_size, seed=0, train=train)
+        return SyntheticFaces(split, methods, n, frames, image_size, seed=0)
     return FaceCrops(root or os.path.join("data", data), split, methods, train, image_size)
 
 
-def resolve_defaults(args, paper, demo):
-    """Fill every option left unset: the small demo configuration on --data synthetic, the paper's
-    settings on real data. Explicit flags always win."""
+def resolve_defaults(args, paper, demo, keep=()):
+    """Fill every option left unset: the small demo configuration on --data synthetic (the default),
+    the paper's settings on real data. Explicit flags always win; `keep` stays unset (to be taken
+    from a checkpoint)."""
+    if args.data is None and "data" not in keep:
+        args.data = "synthetic"
     for key, value in (demo if args.data == "synthetic" else paper).items():
-        if getattr(args, key, None) is None:
+        if key not in keep and getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.workers is None:
-        args.workers = 0 if args.data == "synthetic" else min(8, os.cpu_count() or 1)
     return args
+
+
+def usable_cpus():
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (containers);
+    os.cpu_count() sees neither."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        return n if quota == "max" else max(1, min(n, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        return n
+
+
+def loader_workers(data, processes_per_node=1):
+    """DataLoader workers per process: none for the in-memory synthetic data; else the usable CPUs
+    shared by the node's processes, at most 8."""
+    return 0 if data == "synthetic" else min(8, max(1, usable_cpus() // processes_per_node))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -697,7 +820,7 @@ def benchmark(src, frames, detect_size):
         face_finder(detect_size)  # load the models before timing
         video = Video("test", 0, "bench", "video", src)
         start = time.time()
-        record = prepare_video(video, tmp, frames, 256, detect_size)
+        record = prepare_video(video, tmp, dict(frames=frames, size=256, detect_size=detect_size, compression=None))
         elapsed = time.time() - start
     n = len(record["frames"])
     print(f"{src if 'astronaut' not in src else '720p astronaut clip (300 frames)'}: {n} of {frames} frames "
@@ -730,7 +853,9 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=32, help="evenly spaced frames per video (default 32)")
     p.add_argument("--size", type=int, default=256, help="face crop size (paper: 256, Sec. IV-B)")
     p.add_argument("--detect-size", type=int, default=640, help="detect on a copy of at most this many px")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel videos (default: all cores)")
+    p.add_argument("--workers", type=int, help="parallel videos (default: the CPUs this process may use)")
+    p.add_argument("--retry-failed", action="store_true", help="prepare again every video recorded with a reason")
+    p.add_argument("--redo", action="store_true", help="prepare every video again (e.g. with other --frames/--size)")
     p.add_argument("--benchmark", action="store_true", help="time the preparation of one video")
     args = p.parse_args(argv)
     if args.show:
@@ -740,12 +865,14 @@ def main(argv=None):
     if not args.data or not args.src:
         p.error("give --show PHOTO, --benchmark, or --data {ff++,celeb-df} --src DOWNLOAD_ROOT")
     root = args.root or os.path.join("data", args.data)
+    settings = dict(frames=args.frames, size=args.size, detect_size=args.detect_size,
+                    compression=args.compression if args.data == "ff++" else None)
     if args.data == "ff++":
         methods = parse_methods("ff++", args.methods)
         videos = ffpp_videos(args.src, args.compression, methods, args.splits or os.path.join(args.src, "splits"))
     else:
         videos = celebdf_videos(args.src)
-    prepare(videos, root, args.frames, args.size, max(1, args.workers), args.detect_size)
+    prepare(videos, root, settings, max(1, args.workers or usable_cpus()), args.retry_failed, args.redo)
 
 
 if __name__ == "__main__":

@@ -1,37 +1,50 @@
 """Architecture search for ADD: Algorithm 1 (Sec. III-A, III-B), first-order DARTS.
 
-Batch by batch, a training batch updates the operation weights w (momentum SGD, cosine schedule),
-then a validation batch updates the architecture alpha (Adam, lr / 10 at epochs 60 and 150 of 300);
-both minimise the loss of Eq. 7 with the heads of add.py (Sec. IV-B has the settings). Each epoch
-the genotype is derived (Sec. III-A: for each node the two strongest incoming edges, each with its
-strongest non-zero operation) and written to g.json, with a picture of both cells as in Fig. 8.
+Batch by batch, a training batch updates the operation weights w, then a validation batch updates
+the architecture alpha (Adam; lr / 10 at epochs 60 and 150 of 300); both minimise the loss of Eq. 7
+with the heads of add.py (Sec. IV-B has the settings). Each epoch the genotype is derived (Sec.
+III-A: for each node the two strongest incoming edges, each with its strongest non-zero operation)
+and written to g.json, with a picture of both cells as in Fig. 8 and of alpha over the epochs.
 
-    python search.py                      # built-in synthetic data, demo configuration (~3 min, 2 CPU cores)
-    python search.py --data ff++          # the paper's settings: 256 px, batch 8, 300 epochs
+The paper's w setting (momentum SGD at lr 0.1, batch 8, alpha moving from the first step) leaves
+the one-shot network at chance on the demo data, so alpha is then chosen by the mask term alone.
+The defaults add what the DARTS family does to make a search learn: w-only warm-up epochs, Adam for
+w, alpha's Adam with betas (0.5, 0.999). README (Search) has the measurements; each paper value is one
+flag away: --warmup-epochs 0 --w-optimizer sgd --w-lr 0.1 --alpha-betas 0.9 0.999.
+
+    python search.py                      # built-in synthetic data, demo configuration (~5 min, 2 CPU cores)
+    python search.py --data ff++          # real data: 256 px, batch 8, 300 epochs
     python search.py --resume             # continue a killed search from runs/search/search.pt
+    python search.py --random-genotype 3 --out r.json    # a random architecture (the NAS baseline)
     python search.py --benchmark          # images/s and peak memory of search steps
 """
 import argparse
 import json
+import math
 import os
+import random
 import sys
 import time
 
 import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from add import (ADD, Diverged, add_loss, autocast, count_parameters, load_checkpoint, load_state, peak_memory_mib,
-                 pick_device, prepare_model, random_batch, save_checkpoint, scale_milestones, sync, to_device)
-from masks import add_data_arguments, open_split, parse_methods, resolve_defaults
+from add import (ADD, Diverged, FiniteCheck, add_loss, autocast, count_parameters, d2_layout, epoch_generator,
+                 load_checkpoint, load_state, loss_terms, new_run_dir, peak_memory_mib, pick_device, prepare_model,
+                 random_batch, save_checkpoint, scale_milestones, time_steps, to_device)
+from masks import add_data_arguments, loader_workers, open_split, parse_methods, resolve_defaults
 from ops import PRIMITIVES, STEPS, Genotype, InputError, atomic_write, save_genotype, search_edges
+from train import DEMO as TRAIN_DEMO, PAPER as TRAIN_PAPER, figure, save_figure
 
 # Settings that differ between a real dataset (the paper's, Sec. IV-B; DARTS's where it is silent)
 # and the built-in synthetic data (a demo sized for 2 CPU cores). Flags override both.
-PAPER = dict(image_size=256, stem_reductions=3, channels=16, cells=8, batch_size=8, epochs=300, alpha_milestones=[60, 150])
+PAPER = dict(image_size=256, stem_reductions=3, channels=16, cells=8, batch_size=8, epochs=300, alpha_milestones=[60, 150],
+             warmup_epochs=0)
 DEMO = dict(image_size=64, stem_reductions=2, channels=8, cells=5, batch_size=16, epochs=6, alpha_milestones=[200, 280],
-            videos=48)
+            videos=48, frames=4, warmup_epochs=0)
+RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "run_dir")  # what a resumed search may change
 
 
 class SearchNetwork(nn.Module):
@@ -91,10 +104,10 @@ def _draw_cell(cell, title, width=620, height=380):
     # inputs left, nodes zig-zag (no edge passes through a node), the concat right
     pos = [(60, 110), (60, 290), (210, 60), (290, 345), (420, 150), (530, 290), (width - 45, 190)]
     for k in range(STEPS):
-        draw.line(pos[k + 2] + pos[-1], fill=(190, 190, 190), width=2)
+        _arrow(draw, pos[k + 2], pos[-1], (190, 190, 190), 2)
     edges = [(op, pos[inp], pos[k // 2 + 2], 0.42 + 0.2 * (k % 2)) for k, (op, inp) in enumerate(cell)]
     for op, a, b, _ in edges:
-        draw.line(a + b, fill=_colour(op), width=3)
+        _arrow(draw, a, b, _colour(op), 3)
     for op, (x0, y0), (x1, y1), t in edges:  # labels after all lines; a node's two labels staggered
         tx, ty = x0 + t * (x1 - x0), y0 + t * (y1 - y0) - 8
         draw.rectangle(draw.textbbox((tx, ty), op, font=font, anchor="mm"), fill="white")
@@ -108,6 +121,18 @@ def _draw_cell(cell, title, width=620, height=380):
     return image
 
 
+def _arrow(draw, a, b, fill, width, r=24, head=11):
+    """A line from node a to node b with an arrowhead where it meets b's circle (radius r)."""
+    (x0, y0), (x1, y1) = a, b
+    length = math.hypot(x1 - x0, y1 - y0)
+    ux, uy = (x1 - x0) / length, (y1 - y0) / length
+    tip = (x1 - r * ux, y1 - r * uy)
+    draw.line(a + tip, fill=fill, width=width)
+    back = (tip[0] - head * ux, tip[1] - head * uy)
+    draw.polygon([tip, (back[0] - 0.5 * head * uy, back[1] + 0.5 * head * ux),
+                  (back[0] + 0.5 * head * uy, back[1] - 0.5 * head * ux)], fill=fill)
+
+
 def _colour(op):
     palette = [(0, 0, 0), (90, 90, 90), (0, 140, 140), (0, 100, 200), (200, 60, 0), (220, 120, 0),
                (160, 90, 0), (30, 150, 30), (0, 110, 60), (150, 40, 170), (200, 0, 110)]
@@ -115,115 +140,170 @@ def _colour(op):
 
 
 # ----------------------------------------------------------------------------------------------
+# The random baseline (Li & Talwalkar 2019; Yang et al. 2020): a genotype drawn without search
+
+def random_genotype(seed):
+    """Uniform over the search space: per node two distinct inputs among its predecessors, each edge
+    one of the ten non-zero operations; the normal and the reduction cell drawn independently."""
+    rng, ops = random.Random(seed), [p for p in PRIMITIVES if p != "none"]
+    cell = lambda: tuple((rng.choice(ops), inp) for node in range(STEPS) for inp in sorted(rng.sample(range(node + 2), 2)))
+    return Genotype(cell(), cell())
+
+
+def network_sizes(genotype):
+    """Parameters of the ADD network this genotype makes at the paper's size and at the demo's."""
+    return [count_parameters(ADD(genotype, c["channels"], d2_layout(3, c["cells_per_block"]), c["stem_reductions"]))
+            for c in (TRAIN_PAPER, TRAIN_DEMO)]
+
+
+def write_genotype(genotype, path):
+    """g.json and its picture (g.png); -> a line naming both and the network's sizes."""
+    picture = os.path.splitext(path)[0] + ".png"
+    save_genotype(genotype, path)
+    draw_genotype(genotype, picture)
+    paper, demo = network_sizes(genotype)
+    return (f"wrote {path} and {picture}: an ADD network of {paper / 1e6:.2f} M parameters at the paper's size "
+            f"(C {TRAIN_PAPER['channels']}, N {TRAIN_PAPER['cells_per_block']}), {demo / 1e6:.2f} M at the demo's "
+            f"(C {TRAIN_DEMO['channels']}, N {TRAIN_DEMO['cells_per_block']})")
+
+
+def draw_alpha(log_path, path):
+    """alpha.png from log.jsonl: each operation's softmax weight (mean over a cell's 14 edges) per
+    epoch, for the normal and the reduction cell."""
+    with open(log_path) as f:
+        log = [json.loads(line) for line in f]
+    fig, ax = figure(1, 2, (12, 4))
+    for a, kind in zip(ax[0], ("normal", "reduce")):
+        weights = torch.tensor([e["softmax_alpha"][kind] for e in log]).mean(1)  # (epochs, ops)
+        for j, op in enumerate(PRIMITIVES):
+            a.plot([e["epoch"] for e in log], weights[:, j], marker="o", color=[c / 255 for c in _colour(op)], label=op,
+                   linestyle="--" if j % 2 else "-")
+        a.set(xlabel="epoch", ylabel="softmax(alpha), mean over edges", title=f"{kind} cell")
+    ax[0, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
 # Algorithm 1
 
-def endless(loader):
-    """Batches forever from one loader: the iterator persists across steps (a fresh shuffle at
-    each pass), instead of being rebuilt for every batch."""
-    while True:
-        yield from loader
-
-
-def gradient_step(model, optimizer, params, batch, device, mask_weight, grad_clip):
-    """One update of `params` on one batch (Algorithm 1, lines 2-4 for w, 5-7 for alpha). Only the
-    gradients of `params` are computed, so the alpha step does not pay for w's."""
-    x, M, y, _ = batch
-    x, M, y = to_device(x, device), to_device(M, device), to_device(y, device)
+def gradient_step(model, optimizer, params, batch, device, mask_weight, grad_clip, flips=None):
+    """One update of `params` on one batch (Algorithm 1, lines 2-4 for w, 5-7 for alpha) -> the
+    detached (CE, MSE, loss) on the device. Only the gradients of `params` are computed, so the
+    alpha step does not pay for w's."""
+    x, M, y = to_device(batch, device, flips)
     with autocast(device):
         logits, m = model(x)
-    loss = add_loss(logits, m, y, M, mask_weight)
-    if not torch.isfinite(loss):
-        raise Diverged(f"non-finite search loss ({loss.item()}); the last checkpoint is intact: lower --w-lr or --alpha-lr")
+    ce, mse = loss_terms(logits, m, y, M)
+    loss = add_loss(ce, mse, mask_weight)
     for p, g in zip(params, torch.autograd.grad(loss, params)):
         p.grad = g
     if grad_clip:
         nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
-    return loss.detach()
+    return torch.stack([ce, ce * 0 if mse is None else mse, loss]).detach()
 
 
 def build(args, device):
-    """The search network, the two optimizers and their schedulers (Sec. IV-B)."""
-    model = prepare_model(SearchNetwork(args.channels, args.cells, args.stem_reductions, args.mask_weight > 0), device)
-    w_opt = torch.optim.SGD(model.net.parameters(), args.w_lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    a_opt = torch.optim.Adam(model.arch_parameters(), args.alpha_lr, weight_decay=args.weight_decay)
-    w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, args.epochs, eta_min=args.w_lr_min)
+    """The search network, the two optimizers and their schedulers (Sec. IV-B and the options)."""
+    model = prepare_model(SearchNetwork(args.channels, args.cells, args.stem_reductions, not args.no_mask_branch),
+                          device, args.compile)
+    w_lr = args.w_lr * (args.batch_size / args.w_lr_batch if args.w_lr_batch else 1)
+    if args.w_optimizer == "sgd":
+        w_opt = torch.optim.SGD(model.net.parameters(), w_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        w_opt = torch.optim.Adam(model.net.parameters(), w_lr, betas=(args.momentum, 0.999), weight_decay=args.weight_decay)
+    a_opt = torch.optim.Adam(model.arch_parameters(), args.alpha_lr, betas=tuple(args.alpha_betas),
+                             weight_decay=args.weight_decay)
+    w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, args.epochs, eta_min=w_lr * args.w_lr_min)
     a_sched = torch.optim.lr_scheduler.MultiStepLR(a_opt, scale_milestones(args.alpha_milestones, args.epochs), 0.1)
     return model, w_opt, a_opt, w_sched, a_sched
 
 
-def loaders(args, device):
-    """Training split for w, validation split for alpha (Algorithm 1: D_train, D_val)."""
+def loaders(args):
+    """Training split for w, validation split for alpha (Algorithm 1: D_train, D_val). Each epoch's
+    order of both depends on (seed, epoch) only: a resumed search sees the batches an uninterrupted
+    one would."""
     methods = parse_methods(args.data, args.methods)
-    kw = dict(batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
-              pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     sets = [open_split(args.data, args.root, s, methods, args.image_size, True, args.videos, args.frames)
             for s in ("train", "val")]
     for s, name in zip(sets, ("train", "val")):
         if len(s) < args.batch_size:
             raise InputError(f"--batch-size {args.batch_size}: the {name} split has only {len(s)} samples")
-    generator = torch.Generator()
-    return DataLoader(sets[0], generator=generator, **kw), generator, DataLoader(sets[1], **kw)
+    kw = dict(batch_size=args.batch_size, drop_last=True, num_workers=args.workers,
+              pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0)
+    train_sampler = DistributedSampler(sets[0], 1, 0, shuffle=True, seed=args.seed, drop_last=True)
+    steps = len(train_sampler) // args.batch_size
+    val_order = torch.Generator()  # as many validation batches per epoch as training batches
+    val_sampler = RandomSampler(sets[1], num_samples=steps * args.batch_size, generator=val_order)
+    return DataLoader(sets[0], sampler=train_sampler, **kw), DataLoader(sets[1], sampler=val_sampler, **kw), val_order
 
 
-def search(args, device):
-    """Algorithm 1, then the derived genotype: g.json (--out) and its picture, every epoch."""
+def search(args, device, state=None):
+    """Algorithm 1, then the derived genotype: g.json (--out) and its pictures, every epoch."""
     # 1) data, network, optimizers; resume from the last checkpoint if asked
-    train_loader, order, val_loader = loaders(args, device)
+    train_loader, val_loader, val_order = loaders(args)
     model, w_opt, a_opt, w_sched, a_sched = build(args, device)
-    checkpoint, start = os.path.join(args.run_dir, "search.pt"), 0
-    if args.resume:
-        start = restore(checkpoint, model, w_opt, a_opt, w_sched, a_sched)
-        print(f"resumed {checkpoint} at epoch {start}")
+    start = restore(state, args.run_dir, model, w_opt, a_opt, w_sched, a_sched) if state else 0
     print(f"search network: {count_parameters(model.net) / 1e6:.2f} M weights, alpha 2 x {tuple(model.alpha_normal.shape)}")
-    val_batches, w_params, a_params = endless(val_loader), list(model.net.parameters()), model.arch_parameters()
-    picture = os.path.splitext(args.out)[0] + ".png"
+    w_params, a_params = list(model.net.parameters()), model.arch_parameters()
+    alpha_mask_weight = args.mask_weight if args.alpha_loss == "eq7" else 0.0
     for epoch in range(start, args.epochs):
-        # 2) alternate: a w step on a training batch, an alpha step on a validation batch
+        # 2) alternate: a w step on a training batch, an alpha step on a validation batch (after the warm-up)
         model.train()
-        order.manual_seed(args.seed + epoch)  # the shuffle depends on the epoch only: resumable
-        tic, losses = time.time(), []
+        train_loader.sampler.set_epoch(epoch)
+        val_order.manual_seed(args.seed * 1_000_003 + epoch)
+        flips, moving = epoch_generator(args.seed, epoch), epoch >= args.warmup_epochs
+        check = FiniteCheck(device, args.check_every, "the last checkpoint is intact: lower --w-lr or --alpha-lr")
+        tic, sums = time.time(), torch.zeros(2, 3, device=device)  # (w, alpha) x (CE, MSE, loss)
+        val_batches = iter(val_loader) if moving else None
         for step, batch in enumerate(train_loader):
-            w_loss = gradient_step(model, w_opt, w_params, batch, device, args.mask_weight, args.grad_clip)
-            a_loss = gradient_step(model, a_opt, a_params, next(val_batches), device, args.mask_weight, None)
-            losses.append(torch.stack([w_loss, a_loss]))
+            w = gradient_step(model, w_opt, w_params, batch, device, args.mask_weight, args.grad_clip, flips)
+            a = gradient_step(model, a_opt, a_params, next(val_batches), device, alpha_mask_weight, None, flips) \
+                if moving else torch.zeros_like(w)
+            sums += torch.stack([w, a])
+            check.add(w[2] + a[2], step, step + 1 == len(train_loader), f"epoch {epoch + 1}")
             if args.log_every and (step + 1) % args.log_every == 0:
                 print(f"  epoch {epoch + 1} step {step + 1}/{len(train_loader)}: "
-                      f"{(step + 1) * args.batch_size / (time.time() - tic):.1f} images/s")
+                      f"{(step + 1) * args.batch_size / (time.time() - tic):.1f} training images/s")
         w_sched.step()
         a_sched.step()
-        # 3) derive, log, write g.json + picture, checkpoint
-        train_loss, val_loss = torch.stack(losses).mean(0).tolist()
+        # 3) derive, log, write g.json + pictures, checkpoint
+        (train_ce, train_mse, _), (val_ce, val_mse, _) = (sums / len(train_loader)).tolist()
         genotype = model.genotype()
-        save_genotype(genotype, args.out)
-        draw_genotype(genotype, picture)
-        log_epoch(args, model, genotype, epoch, train_loss, val_loss, time.time() - tic)
+        line = write_genotype(genotype, args.out)
+        log_epoch(args, model, genotype, epoch, dict(train_ce=train_ce, train_mse=train_mse, val_ce=val_ce if moving else None,
+                                                    val_mse=val_mse if moving else None), time.time() - tic)
         save_checkpoint(dict(model=model.state_dict(), w_opt=w_opt.state_dict(), a_opt=a_opt.state_dict(),
                              w_sched=w_sched.state_dict(), a_sched=a_sched.state_dict(), epoch=epoch + 1,
-                             rng=torch.get_rng_state(), config=vars(args)), checkpoint)
-    print(f"wrote {args.out} and {picture}")
+                             rng=torch.get_rng_state(), config=vars(args)), os.path.join(args.run_dir, "search.pt"))
+    print(line)
     return model
 
 
-def restore(path, model, w_opt, a_opt, w_sched, a_sched):
-    state = load_checkpoint(path)
+def restore(state, run_dir, model, w_opt, a_opt, w_sched, a_sched):
+    path = os.path.join(run_dir, "search.pt")
     load_state(model, state["model"], path)
     for module, key in ((w_opt, "w_opt"), (a_opt, "a_opt"), (w_sched, "w_sched"), (a_sched, "a_sched")):
         load_state(module, state[key], path, key)
     torch.set_rng_state(state["rng"])
+    print(f"resumed {path} at epoch {state['epoch']}")
     return state["epoch"]
 
 
-def log_epoch(args, model, genotype, epoch, train_loss, val_loss, seconds):
-    """Prints the genotype; appends it and the softmax of alpha to run_dir/log.jsonl."""
+def log_epoch(args, model, genotype, epoch, losses, seconds):
+    """Prints the losses and the genotype; appends them and the softmax of alpha to log.jsonl and
+    redraws alpha.png."""
     alpha = {k: getattr(model, f"alpha_{k}").softmax(-1).tolist() for k in ("normal", "reduce")}
-    line = dict(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss, seconds=seconds, primitives=PRIMITIVES,
-                genotype=genotype._asdict(), softmax_alpha=alpha)
-    with open(os.path.join(args.run_dir, "log.jsonl"), "a") as f:
+    line = dict(epoch=epoch + 1, **losses, seconds=seconds, primitives=PRIMITIVES, genotype=genotype._asdict(),
+                softmax_alpha=alpha)
+    log = os.path.join(args.run_dir, "log.jsonl")
+    with open(log, "a") as f:
         f.write(json.dumps(line) + "\n")
+    draw_alpha(log, os.path.join(args.run_dir, "alpha.png"))
     strongest = model.alpha_normal.softmax(-1).max().item()
-    print(f"epoch {epoch + 1}/{args.epochs}  w-loss {train_loss:.4f}  alpha-loss {val_loss:.4f}  {seconds:.1f} s  "
-          f"(strongest normal-cell op weight {strongest:.3f})")
+    val = "alpha still (warm-up)" if losses["val_ce"] is None else f"val CE {losses['val_ce']:.4f} MSE {losses['val_mse']:.4f}"
+    print(f"epoch {epoch + 1}/{args.epochs}  train CE {losses['train_ce']:.4f} MSE {losses['train_mse']:.4f}  {val}  "
+          f"{seconds:.1f} s  (strongest normal-cell op weight {strongest:.3f})", flush=True)
     for name in ("normal", "reduce"):
         cell = getattr(genotype, name)
         print(f"  {name:6s} " + "  ".join(f"{k // 2}<-{inp}:{op}" for k, (op, inp) in enumerate(cell)))
@@ -233,18 +313,17 @@ def benchmark(args, device, steps=10):
     """Times full search steps (a w step and an alpha step) on random batches of the configuration."""
     model, w_opt, a_opt, _, _ = build(args, device)
     w_params, a_params = list(model.net.parameters()), model.arch_parameters()
-    s, b = args.image_size, args.batch_size
-    batch = random_batch(b, s)
-    for i in range(steps + 2):
-        if i == 2:  # after two warm-up steps
-            sync(device)
-            tic = time.time()
+    batch = random_batch(args.batch_size, args.image_size)
+
+    def step():
         gradient_step(model, w_opt, w_params, batch, device, args.mask_weight, args.grad_clip)
         gradient_step(model, a_opt, a_params, batch, device, args.mask_weight, None)
-    sync(device)
-    seconds = (time.time() - tic) / steps
+    seconds, warm = time_steps(step, device, steps)
+    b, s = args.batch_size, args.image_size
     print(f"search step (w + alpha, batch {b}, {s} px, C={args.channels}, {args.cells} cells) on {device}: "
-          f"{seconds * 1000:.0f} ms, {b / seconds:.1f} training images/s, peak memory {peak_memory_mib(device):.0f} MiB")
+          f"{seconds * 1000:.0f} ms, {b / seconds:.1f} training images/s, peak memory {peak_memory_mib(device):.0f} MiB"
+          + (f"; compilation (warm-up) {warm:.1f} s" if args.compile else ""))
+    return seconds
 
 
 def parse_args(argv=None):
@@ -255,34 +334,59 @@ def parse_args(argv=None):
     p.add_argument("--stem-reductions", type=int, help="stride-2 stem layers (3: 256 -> 32 px; demo: 2, 64 -> 16 px)")
     p.add_argument("--batch-size", type=int, help="paper: 8 (Sec. IV-B); demo: 16")
     p.add_argument("--epochs", type=int, help="paper: 300; demo: 6")
-    p.add_argument("--w-lr", type=float, default=0.1, help="SGD lr of w (paper: 0.1), cosine schedule")
-    p.add_argument("--w-lr-min", type=float, default=0.001, help="end of the cosine schedule (DARTS: 0.001)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
+    p.add_argument("--warmup-epochs", type=int, help="first epochs train w only, alpha still (paper: 0)")
+    p.add_argument("--w-optimizer", default="sgd", choices=("sgd", "adam"), help="paper: momentum SGD")
+    p.add_argument("--w-lr", type=float, default=0.1, help="lr of w (paper: 0.1), cosine schedule")
+    p.add_argument("--w-lr-batch", type=int, help="--w-lr is for this batch, scaled linearly to --batch-size "
+                   "(DARTS: 0.025 at 64); default: not scaled (paper)")
+    p.add_argument("--w-lr-min", type=float, default=0.01, help="end of the cosine schedule, a fraction of the lr "
+                   "(DARTS: 0.001 / 0.025 = 0.04)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, or Adam's beta1 for w (paper: 0.9)")
     p.add_argument("--alpha-lr", type=float, default=0.02, help="Adam lr of alpha (paper: 0.02)")
+    p.add_argument("--alpha-betas", type=float, nargs=2, default=[0.9, 0.999], help="Adam betas of alpha (paper: "
+                   "Adam's default 0.9 0.999; DARTS: 0.5 0.999)")
+    p.add_argument("--alpha-loss", default="eq7", choices=("eq7", "ce"), help="the loss that moves alpha: Eq. 7 "
+                   "(paper: Eq. 3 with the network's loss) or its cross-entropy alone")
     p.add_argument("--alpha-milestones", type=int, nargs="+",
                    help="alpha lr / 10 at these epochs of 300, scaled to --epochs (paper: 60 150; demo: 200 280)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="both optimizers (paper: 5e-4)")
     p.add_argument("--grad-clip", type=float, default=5.0, help="clip w's gradient norm (DARTS: 5; 0: off)")
-    p.add_argument("--mask-weight", type=float, default=1.0, help="alpha of Eq. 7 (paper: 1; 0: cross-entropy alone)")
+    p.add_argument("--mask-weight", type=float, default=1.0, help="alpha of Eq. 7 (paper: 1; 0: m unsupervised)")
+    p.add_argument("--no-mask-branch", action="store_true", help="search without the mask branch (Eq. 4 alone)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the search network (long on the CPU)")
+    p.add_argument("--random-genotype", type=int, metavar="SEED", help="write a random genotype (no search) and exit")
     p.add_argument("--out", default="g.json", help="the genotype to write (and its picture, .png)")
-    p.add_argument("--run-dir", default="runs/search", help="checkpoint and log.jsonl")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/search.pt")
+    p.add_argument("--run-dir", default="runs/search", help="checkpoint, log.jsonl, alpha.png (a new one beside it "
+                   "if it exists, unless --resume)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/search.pt with its saved configuration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--log-every", type=int, default=0, help="print throughput every N steps (0: per epoch only)")
+    p.add_argument("--check-every", type=int, default=50, help="read the device's non-finite-loss count every N steps")
     p.add_argument("--benchmark", action="store_true", help="time search steps and exit")
-    return resolve_defaults(p.parse_args(argv), PAPER, DEMO)
+    args = resolve_defaults(p.parse_args(argv), PAPER, DEMO)
+    if args.no_mask_branch:
+        args.mask_weight = 0.0
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.random_genotype is not None:
+        return print(write_genotype(random_genotype(args.random_genotype), args.out))
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     if args.benchmark:
         return benchmark(args, device)
+    state = load_checkpoint(os.path.join(args.run_dir, "search.pt")) if args.resume else None
+    if state:  # the saved configuration, but for what a resumed run may change
+        args = argparse.Namespace(**{**state["config"], **{k: getattr(args, k) for k in RUN_KEYS}})
+    else:
+        args.run_dir = new_run_dir(args.run_dir)
+    args.workers = loader_workers(args.data) if args.workers is None else args.workers
+    print(f"run folder: {args.run_dir}\nconfig: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     atomic_write(os.path.join(args.run_dir, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
-    return search(args, device)
+    return search(args, device, state)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Train and evaluate ADD (Sec. III-B to III-D, IV-B, IV-C): the network built from a searched
-genotype, trained with Eq. 7 (CE' + alpha * MSE), evaluated by ACC and ROC AUC at frame and video
-level, with the protocols of Tables I-V and torchvision baselines in the same harness (Table IV).
+"""Train, evaluate and use ADD (Sec. III-B to III-D, IV-B, IV-C): the network built from a searched
+genotype, trained with Eq. 7 (CE' + alpha * MSE), evaluated by ACC, balanced ACC, ROC AUC, AP and
+EER at frame and video level, with the protocols of Tables I-V and torchvision baselines in the same
+harness (Table IV); and a trained detector pointed at a user's videos and photos (--predict).
 
     python train.py --genotype g.json                                       # built-in synthetic data (demo)
     python train.py --genotype g.json --data ff++ --methods Face2Face       # inner-dataset (Table I)
@@ -8,12 +9,16 @@ level, with the protocols of Tables I-V and torchvision baselines in the same ha
     python train.py --genotype g.json --data ff++ --test-data celeb-df      # cross-dataset (Table III)
     python train.py --genotype g.json --mask-weight 0                       # without L_MSE (Table V)
     python train.py --arch resnet18 --data celeb-df                         # baseline (Table IV)
-    python train.py --eval-only --checkpoint runs/train/best.pt --data celeb-df
+    python train.py --eval-only --checkpoint runs/train/best.pt --test-data celeb-df
+    python train.py --predict clip.mp4 photo.jpg frames/ --checkpoint runs/train/best.pt
     torchrun --nproc_per_node 4 train.py --genotype g.json --data ff++      # several GPUs (DDP)
     python train.py --genotype g.json --benchmark                           # images/s, peak memory
-A run folder (--out) holds config.json, log.jsonl, last.pt, best.pt, metrics.json and masks.png.
+A run folder (--out; a new one beside it when it exists, unless --resume) holds config.json,
+log.jsonl, last.pt, best.pt, metrics.json, predictions.csv, roc.png, curves.png and masks.png.
 """
 import argparse
+import csv
+import io
 import json
 import os
 import sys
@@ -23,15 +28,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw, ImageFont
-from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader, DistributedSampler
 
-from add import (ADD, Diverged, add_loss, autocast, count_parameters, d2_layout, load_checkpoint, load_state,
-                 peak_memory_mib, pick_device, prepare_model, random_batch, save_checkpoint, scale_milestones, sync,
-                 to_device)
-from masks import METHODS, add_data_arguments, open_split, parse_methods, resolve_defaults
+from add import (ADD, Diverged, FiniteCheck, add_loss, autocast, count_parameters, d2_layout, epoch_generator,
+                 load_checkpoint, load_state, loss_terms, new_run_dir, peak_memory_mib, pick_device, prepare_model,
+                 random_batch, save_checkpoint, scale_milestones, time_steps, to_device)
+from masks import METHODS, add_data_arguments, loader_workers, open_split, parse_methods, read_faces, resolve_defaults
 from ops import InputError, atomic_write, genotype_from_dict, load_genotype
 
 # Settings that differ between a real dataset (the paper's, Sec. IV-B) and the built-in synthetic
@@ -39,9 +45,10 @@ from ops import InputError, atomic_write, genotype_from_dict, load_genotype
 PAPER = dict(image_size=256, stem_reductions=3, channels=48, cells_per_block=4, batch_size=96, lr=5e-4, epochs=300,
              milestones=[80, 140])
 DEMO = dict(image_size=64, stem_reductions=2, channels=16, cells_per_block=1, batch_size=32, lr=1e-3, epochs=12,
-            milestones=[200, 280], videos=160)
+            milestones=[200, 280], videos=160, frames=4)
 BASELINES = ("resnet18", "resnet152", "vgg16")
-RUN_KEYS = ("resume", "workers", "device", "log_every", "out")  # what a resumed run may change
+RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "out")  # what a resumed run may change
+DATA_KEYS = ("data", "root", "methods", "image_size", "videos", "frames")  # --eval-only: the checkpoint's unless given
 
 
 class Baseline(nn.Module):
@@ -56,31 +63,49 @@ class Baseline(nn.Module):
 
 
 def build_model(cfg, genotype):
+    """ADD from the genotype (mask branch unless no_mask_branch: Eq. 4 alone), or a baseline."""
     if cfg["arch"] != "add":
         return Baseline(cfg["arch"])
     layout = d2_layout(cfg["blocks"], cfg["cells_per_block"])
-    return ADD(genotype, cfg["channels"], layout, cfg["stem_reductions"], mask=cfg["mask_weight"] > 0)
+    return ADD(genotype, cfg["channels"], layout, cfg["stem_reductions"], mask=not cfg.get("no_mask_branch"))
 
 
 def genotype_dict(genotype):
     return None if genotype is None else {k: [list(p) for p in v] for k, v in genotype._asdict().items()}
 
 
+def model_from_checkpoint(path, device, compile=False):
+    """A train.py checkpoint -> (its network in eval mode on the device, its configuration, its state)."""
+    state = load_checkpoint(path)
+    cfg = state.get("config") if isinstance(state, dict) else None
+    if not cfg or "model" not in state:
+        raise InputError(f"{path}: not a train.py checkpoint (no model or config inside)")
+    genotype = genotype_from_dict(state["genotype"], path) if state.get("genotype") else None
+    model = build_model(cfg, genotype)
+    load_state(model, state["model"], path)
+    return prepare_model(model, device, compile).eval(), cfg, state
+
+
 # ----------------------------------------------------------------------------------------------
-# Evaluation: ACC and ROC AUC (Sec. IV-B), per frame and per video
+# Evaluation (Sec. IV-B's ACC and AUC, and the field's AP and EER), per frame and per video
 
 @torch.no_grad()
 def predict(model, loader, device):
-    """-> fake probabilities (N,), labels (N,), video ids [N] for every sample of the loader."""
+    """Every sample of the loader, in order, in fp32 (no autocast: scores must not tie) -> dict of
+    arrays p (fake probability), label, ce, mse (None without a mask branch), and the video ids.
+    Results stay on the device and are copied to the host once, at the end."""
     model.eval()
-    probs, labels, videos = [], [], []
-    for x, _, y, v in loader:
-        with autocast(device):
-            logits, _ = model(to_device(x, device))
-        probs.append(logits.float().softmax(-1)[:, 1].cpu())
-        labels.append(y)
-        videos += list(v)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), videos
+    out, videos = dict(p=[], label=[], ce=[], mse=[]), []
+    for batch in loader:
+        x, M, y = to_device(batch, device)
+        logits, m = model(x)
+        out["p"].append(logits.float().softmax(-1)[:, 1])
+        out["ce"].append(F.cross_entropy(logits.float(), y, reduction="none"))
+        if m is not None:
+            out["mse"].append((m.float() - M).square().mean((1, 2, 3)))  # Eq. 5, per sample
+        out["label"].append(y)
+        videos += list(batch[3])
+    return {k: torch.cat(v).cpu().numpy() if v else None for k, v in out.items()}, videos
 
 
 def video_level(probs, labels, videos):
@@ -90,24 +115,42 @@ def video_level(probs, labels, videos):
     return np.bincount(index, probs) / counts, np.bincount(index, labels) / counts
 
 
-def acc_auc(labels, probs):
-    """ACC at threshold 0.5 and ROC AUC (None when the labels hold one class only)."""
-    auc = roc_auc_score(labels, probs) if len(np.unique(labels)) == 2 else None
-    return float(accuracy_score(labels, probs > 0.5)), None if auc is None else float(auc)
+def equal_error_rate(labels, probs):
+    """EER: the error rate where the ROC's false-positive rate equals its false-negative rate,
+    linearly interpolated between the two ROC points around the crossing."""
+    fpr, tpr, _ = roc_curve(labels, probs)
+    gap = (1 - tpr) - fpr  # FNR - FPR, decreasing along the curve from 1 to -1
+    i = int(np.argmax(gap <= 0))
+    t = gap[i - 1] / (gap[i - 1] - gap[i]) if i > 0 else 0.0
+    return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1])) if i > 0 else float(fpr[0])
 
 
-def evaluate(model, loader, device):
-    probs, labels, videos = predict(model, loader, device)
-    video_probs, video_labels = video_level(probs, labels, videos)
-    frame_acc, frame_auc = acc_auc(labels, probs)
-    video_acc, video_auc = acc_auc(video_labels.round(), video_probs)
-    return dict(frames=len(labels), videos=len(video_labels), frame_acc=frame_acc, frame_auc=frame_auc,
-                video_acc=video_acc, video_auc=video_auc)
+def scores(labels, probs, threshold=0.5):
+    """ACC and balanced ACC (the mean of the per-class accuracies: FF++'s test split is 1 real to 4
+    fakes) at the threshold; ROC AUC, AP (fake = positive) and EER, None when one class is missing."""
+    labels, correct = np.asarray(labels).round(), (np.asarray(probs) > threshold) == np.asarray(labels).round()
+    out = dict(acc=float(correct.mean()), bacc=float(np.mean([correct[labels == c].mean() for c in np.unique(labels)])))
+    two = len(np.unique(labels)) == 2
+    out.update(auc=float(roc_auc_score(labels, probs)) if two else None,
+               ap=float(average_precision_score(labels, probs)) if two else None,
+               eer=equal_error_rate(labels, probs) if two else None)
+    return out
+
+
+def evaluate(model, loader, device, threshold=0.5):
+    """-> (metrics: frames, videos, frame_* and video_* scores, ce, mse; per-frame outputs)."""
+    out, videos = predict(model, loader, device)
+    video_probs, video_labels = video_level(out["p"], out["label"], videos)
+    metrics = dict(frames=len(out["p"]), videos=len(video_labels),
+                   **{f"frame_{k}": v for k, v in scores(out["label"], out["p"], threshold).items()},
+                   **{f"video_{k}": v for k, v in scores(video_labels, video_probs, threshold).items()},
+                   ce=float(out["ce"].mean()), mse=None if out["mse"] is None else float(out["mse"].mean()))
+    return metrics, dict(out, videos=videos)
 
 
 def print_table(rows):
     """rows: {name: metrics} -> one line each."""
-    cols = ("frames", "videos", "frame_acc", "frame_auc", "video_acc", "video_auc")
+    cols = ["frames", "videos"] + [f"{u}_{k}" for u in ("frame", "video") for k in ("acc", "bacc", "auc", "ap", "eer")]
     width = max(len(name) for name in rows) + 2
     print(" " * width + "".join(f"{c:>11s}" for c in cols))
     for name, m in rows.items():
@@ -116,22 +159,86 @@ def print_table(rows):
         print(f"{name:<{width}s}" + "".join(cells))
 
 
+def write_predictions(path, dataset, out):
+    """predictions.csv: video, method, frame, label, p(fake), one row per test frame (reproduces the
+    reported metrics)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["video", "method", "frame", "label", "p_fake"])
+    for (method, video, frame), label, p in zip(dataset.samples, out["label"], out["p"]):
+        writer.writerow([video, method, frame, int(label), f"{p:.6f}"])
+    atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
+
+
+def figure(rows, cols, size):
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+    return plt.subplots(rows, cols, figsize=size, squeeze=False)
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    fig.clf()
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def plot_roc(path, out, name):
+    """roc.png: the frame- and video-level ROC of the test split, AUC in the legend."""
+    fig, ax = figure(1, 1, (5, 5))
+    video_probs, video_labels = video_level(out["p"], out["label"], out["videos"])
+    for level, labels, probs in (("frame", out["label"], out["p"]), ("video", video_labels, video_probs)):
+        if len(np.unique(labels)) == 2:
+            fpr, tpr, _ = roc_curve(labels, probs)
+            ax[0, 0].plot(fpr, tpr, label=f"{level} level, AUC {roc_auc_score(labels, probs):.4f}")
+    ax[0, 0].plot([0, 1], [0, 1], ":", color="gray")
+    ax[0, 0].set(xlabel="false-positive rate (reals called fake)", ylabel="true-positive rate (fakes caught)",
+                 title=f"ROC, {name}")
+    ax[0, 0].legend(loc="lower right")
+    save_figure(fig, path)
+
+
+def plot_curves(log_path, path):
+    """curves.png from log.jsonl: train and val CE and MSE, and val AUC, per epoch."""
+    with open(log_path) as f:
+        log = [json.loads(line) for line in f]
+    epochs = [e["epoch"] for e in log]
+    fig, ax = figure(1, 3, (13, 3.6))
+    for k, (key, title) in enumerate((("ce", "cross-entropy (Eq. 6)"), ("mse", "mask MSE (Eq. 5)"))):
+        for split in ("train", "val"):
+            values = [e.get(f"{split}_{key}") for e in log]
+            if any(v is not None for v in values):
+                ax[0, k].plot(epochs, [np.nan if v is None else v for v in values], "o-", label=split)
+        ax[0, k].set(xlabel="epoch", title=title)
+        if ax[0, k].lines:
+            ax[0, k].legend()
+    ax[0, 2].plot(epochs, [np.nan if e["val"]["frame_auc"] is None else e["val"]["frame_auc"] for e in log], "o-",
+                  label="frame")
+    ax[0, 2].plot(epochs, [np.nan if e["val"]["video_auc"] is None else e["val"]["video_auc"] for e in log], "o-",
+                  label="video")
+    ax[0, 2].set(xlabel="epoch", title="validation AUC")
+    ax[0, 2].legend()
+    save_figure(fig, path)
+
+
 def visualize(model, dataset, k, path, device):
     """Fig. 9: K faces with their predicted mask m, the hull mask M and p(fake), in a grid."""
-    model.eval()
     idx = np.linspace(0, len(dataset) - 1, k).round().astype(int)
     x, M, y, _ = (list(t) for t in zip(*(dataset[i] for i in idx)))
     with torch.no_grad():
-        logits, m = model(torch.stack(x).to(device))
+        logits, m = model.eval()(to_device((torch.stack(x), torch.stack(M), torch.tensor(y)), device)[0])
     p, tile, font = logits.float().softmax(-1)[:, 1].cpu(), 128, ImageFont.load_default(size=12)
     columns = 3 if m is not None else 2
     per_row = max(1, min(4, k))
     canvas = Image.new("RGB", (per_row * columns * tile, ((k + per_row - 1) // per_row) * (tile + 18)), "white")
     for i in range(k):
-        tiles = [x[i], *([m[i].float().cpu().expand(3, -1, -1)] if m is not None else []), M[i].expand(3, -1, -1)]
+        tiles = [x[i], *([m[i].float().cpu().mul(255).byte().expand(3, -1, -1)] if m is not None else []),
+                 M[i].mul(255).expand(3, -1, -1)]
         left, top = (i % per_row) * columns * tile, (i // per_row) * (tile + 18)
         for j, t in enumerate(tiles):
-            picture = Image.fromarray(np.uint8(t.permute(1, 2, 0).numpy() * 255)).resize((tile, tile), Image.NEAREST)
+            picture = Image.fromarray(t.permute(1, 2, 0).numpy()).resize((tile, tile), Image.NEAREST)
             canvas.paste(picture, (left + j * tile, top))
         caption = f"p(fake) {p[i]:.2f}, {'fake' if y[i] else 'real'}" + ("  | m | M" if m is not None else "  | M")
         ImageDraw.Draw(canvas).text((left + 4, top + tile + 2), caption, fill="black", font=font)
@@ -139,19 +246,86 @@ def visualize(model, dataset, k, path, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# --predict: is this video fake? (the preparation of training, then the checkpoint's network)
+
+def score_input(model, path, cfg, args, device):
+    """One video, folder of frames or photo -> dict(p_fake, verdict, frames_scored, frames=[...],
+    crops, m) or dict(reason=...) when it has no face or cannot be read."""
+    try:
+        found = list(read_faces(path, args.frames, 256, args.detect_size))
+    except Exception as e:  # any decoder or image library error means the same here: unreadable
+        return dict(reason=f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+    faces = [f for f in found if f[1] is not None]
+    if not faces:
+        return dict(reason=f"no face found in {len(found)} frame(s)" if found else "no frames decoded")
+    s = cfg["image_size"]
+    crops = np.stack([np.asarray(Image.fromarray(c).resize((s, s), Image.BILINEAR)) if s != 256 else c
+                      for _, c, _, _ in faces])
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2)  # (K, 3, S, S) uint8, as the loaders hand it over
+    with torch.no_grad():
+        logits, m = model(to_device((x, torch.zeros(len(x), 1, s, s), torch.zeros(len(x))), device)[0])
+    p = logits.float().softmax(-1)[:, 1].cpu().numpy()
+    frames = [dict(frame=i, p_fake=float(q), box=[round(float(v), 1) for v in box])
+              for (i, _, _, box), q in zip(faces, p)]
+    return dict(p_fake=float(p.mean()), verdict="fake" if p.mean() > args.threshold else "real",
+                frames_scored=len(faces), frames_read=len(found), frames=frames, crops=crops,
+                m=None if m is None else m[:, 0].float().cpu().numpy())
+
+
+def draw_prediction(result, name, path, k=8):
+    """Up to K of the scored face crops, each with the predicted m as a heat map over it (none for a
+    baseline) and its p(fake)."""
+    pick = np.linspace(0, len(result["crops"]) - 1, min(k, len(result["crops"]))).round().astype(int)
+    fig, ax = figure(1, len(pick), (2.2 * len(pick), 2.6))
+    for a, j in zip(ax[0], pick):
+        a.imshow(result["crops"][j])
+        if result["m"] is not None:
+            a.imshow(result["m"][j], cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        a.set_title(f"frame {result['frames'][j]['frame']}\np(fake) {result['frames'][j]['p_fake']:.2f}", fontsize=9)
+        a.axis("off")
+    fig.suptitle(f"{name}: p(fake) {result['p_fake']:.3f} ({result['verdict']})", fontsize=10)
+    save_figure(fig, path)
+
+
+def predict_files(args, device):
+    """--predict: one printed line per input, DIR/predictions.json and a picture per input."""
+    missing = [p for p in args.predict if not os.path.exists(p)]
+    if missing:
+        raise InputError(f"{missing[0]}: no such file or folder (expected a video, a folder of frames or a photo)")
+    model, cfg, _ = model_from_checkpoint(args.checkpoint, device)
+    out, report = new_run_dir(args.out), {}
+    print(f"scoring {len(args.predict)} input(s) with {args.checkpoint} ({cfg['arch']}, {cfg['image_size']} px); "
+          f"writing {out}")
+    for k, path in enumerate(args.predict):
+        result = score_input(model, path, cfg, args, device)
+        if "reason" in result:
+            print(f"{path}: {result['reason']}")
+        else:
+            picture = os.path.join(out, f"{k:03d}_{os.path.basename(os.path.normpath(path))}.png")
+            draw_prediction(result, path, picture)
+            print(f"{path}: p(fake) {result['p_fake']:.4f}  {result['verdict'].upper()} at threshold {args.threshold}  "
+                  f"({result['frames_scored']} of {result['frames_read']} frames scored)  {picture}")
+        report[path] = {k: v for k, v in result.items() if k not in ("crops", "m")}
+    atomic_write(os.path.join(out, "predictions.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
+    print(f"wrote {out}/predictions.json")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
 # Data and distribution
 
 def init_distributed(device_name):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per GPU (nccl), or per CPU slot (gloo)."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per GPU (nccl), or per CPU slot (gloo).
+    -> rank, world size, local world size, device."""
     if "RANK" not in os.environ:
-        return 0, 1, pick_device(device_name)
+        return 0, 1, 1, pick_device(device_name)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     device = pick_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    return rank, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), device
 
 
 def datasets(args):
@@ -171,10 +345,9 @@ def test_split(args):
             f"{test_data}:{','.join(methods)}")
 
 
-def loader(dataset, batch_size, args, device, shuffle=False, sampler=None, generator=None):
-    return DataLoader(dataset, batch_size, shuffle=shuffle and sampler is None, sampler=sampler, drop_last=shuffle,
-                      generator=generator, num_workers=args.workers, pin_memory=device.type == "cuda",
-                      persistent_workers=args.workers > 0)
+def loader(dataset, batch_size, args, sampler=None):
+    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=sampler is not None, num_workers=args.workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,9 +365,9 @@ def make_optimizer(model, args):
 
 
 class Progress:
-    """Prints loss, images/s and the time left every `every` steps."""
-    def __init__(self, total_steps, every):
-        self.total, self.every, self.done, self.start = total_steps, every, 0, time.time()
+    """Prints loss, images/s (all processes together) and the time left every `every` steps."""
+    def __init__(self, total_steps, every, world=1):
+        self.total, self.every, self.world, self.done, self.start = total_steps, every, world, 0, time.time()
 
     def step(self, epoch, step, steps, loss, images):  # loss: a 0-dim tensor
         self.done += 1
@@ -202,51 +375,55 @@ class Progress:
             elapsed = time.time() - self.start
             left = elapsed / self.done * (self.total - self.done)
             print(f"  epoch {epoch + 1} step {step + 1}/{steps}  loss {loss.item():.4f}  "
-                  f"{images * self.done / elapsed:.1f} images/s  {left / 60:.1f} min left", flush=True)
+                  f"{images * self.world * self.done / elapsed:.1f} images/s  {left / 60:.1f} min left", flush=True)
 
 
-def train_epoch(model, data, optimizer, device, args, epoch, progress):
-    """One pass over the training split with Eq. 7; -> mean loss. Stops on a non-finite loss."""
+def train_epoch(model, data, optimizer, device, args, epoch, progress, flips=None):
+    """One pass over the training split with Eq. 7 -> (mean CE, mean MSE or None). The losses stay
+    on the device; a non-finite one stops the run within --check-every steps."""
     model.train()
-    total = torch.zeros((), device=device)
-    for step, (x, M, y, _) in enumerate(data):
-        x, M, y = to_device(x, device), to_device(M, device), to_device(y, device)
+    sums, has_mask = torch.zeros(2, device=device), False
+    check = FiniteCheck(device, args.check_every, "the last good checkpoint is intact: lower --lr, or --resume from it")
+    for step, batch in enumerate(data):
+        x, M, y = to_device(batch, device, flips)
         with autocast(device):
             logits, m = model(x)
-        loss = add_loss(logits, m, y, M, args.mask_weight)
-        if not torch.isfinite(loss):
-            raise Diverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; the last good "
-                           f"checkpoint is intact: lower --lr, or --resume from it")
+        ce, mse = loss_terms(logits, m, y, M)
+        loss = add_loss(ce, mse, args.mask_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
-        total += loss.detach()
+        has_mask = mse is not None
+        sums += torch.stack([ce.detach(), mse.detach() if has_mask else torch.zeros_like(ce)])
+        check.add(loss, step, step + 1 == len(data), f"epoch {epoch + 1}")
         progress.step(epoch, step, len(data), loss.detach(), len(x))  # .item() only when it prints
-    return (total / max(1, len(data))).item()
+    ce, mse = (sums / max(1, len(data))).tolist()
+    return ce, mse if has_mask else None
 
 
-def fit(args, rank, world, device):
+def fit(args, rank, world, local_world, device):
     """The whole run: resume or start, epochs with validation and checkpoints, then the test split."""
     # 1) configuration, genotype, data
     state = load_checkpoint(os.path.join(args.out, "last.pt")) if args.resume else None
     if state:
         args = argparse.Namespace(**{**state["config"], **{k: getattr(args, k) for k in RUN_KEYS}})
+    args.workers = loader_workers(args.data, local_world) if args.workers is None else args.workers
     genotype = (genotype_from_dict(state["genotype"], "checkpoint") if state and state["genotype"]
                 else load_genotype(args.genotype) if args.arch == "add" else None)
     (train_set, val_set), (test_set, test_name) = datasets(args), test_split(args)
     # 2) model, optimizer, scheduler (Sec. IV-B), the distributed wrapper
-    model = prepare_model(build_model(vars(args), genotype), device)
+    model = build_model(vars(args), genotype)
+    if args.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all processes
+    model = prepare_model(model, device, args.compile)
     optimizer, scheduler = make_optimizer(model, args)
-    start, best = 0, -1.0
-    if state:
-        start, best = restore(state, model, optimizer, scheduler, args.out)
+    start, best = restore(state, model, optimizer, scheduler, args.out) if state else (0, -1.0)
     net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) if world > 1 else model
-    sampler = DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
-    order = torch.Generator()
-    train_data = loader(train_set, args.batch_size // world, args, device, True, sampler, order)
-    val_data = loader(val_set, args.batch_size, args, device)
+    # the epoch's order depends on (seed, epoch) only, and the flips on (seed, epoch, rank): resumable
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    train_data, val_data = loader(train_set, args.batch_size // world, args, sampler), loader(val_set, args.batch_size, args)
     if not len(train_data):
         raise InputError(f"--batch-size {args.batch_size}: the train split has only {len(train_set)} samples "
                          f"({len(train_set) // world} per process)")
@@ -254,17 +431,15 @@ def fit(args, rank, world, device):
         print(f"{args.arch}: {count_parameters(model) / 1e6:.2f} M parameters; train {len(train_set)}, "
               f"val {len(val_set)}, test {len(test_set)} ({test_name}) samples; {world} process(es) on {device}")
         atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
-    progress = Progress((args.epochs - start) * len(train_data), args.log_every if rank == 0 else 0)
+    progress = Progress((args.epochs - start) * len(train_data), args.log_every if rank == 0 else 0, world)
     # 3) epochs: train, validate, checkpoint (rank 0 only logs, evaluates and saves)
     for epoch in range(start, args.epochs):
-        order.manual_seed(args.seed + epoch)  # the shuffle depends on the epoch only: resumable
-        if sampler:
-            sampler.set_epoch(epoch)  # a different shard order each epoch
+        sampler.set_epoch(epoch)
         tic = time.time()
-        loss = train_epoch(net, train_data, optimizer, device, args, epoch, progress)
+        train = train_epoch(net, train_data, optimizer, device, args, epoch, progress, epoch_generator(args.seed, epoch, rank))
         scheduler.step()
         if rank == 0:
-            best = end_of_epoch(args, model, optimizer, scheduler, genotype, val_data, device, epoch, loss, best, tic)
+            best = end_of_epoch(args, model, optimizer, scheduler, genotype, val_data, device, epoch, train, best, tic)
         if world > 1:
             dist.barrier()
     # 4) the test split, with the best checkpoint
@@ -272,8 +447,9 @@ def fit(args, rank, world, device):
         return test(args, model, val_data, test_set, test_name, device)
 
 
-def end_of_epoch(args, model, optimizer, scheduler, genotype, val_data, device, epoch, loss, best, tic):
-    val = evaluate(model, val_data, device)
+def end_of_epoch(args, model, optimizer, scheduler, genotype, val_data, device, epoch, train, best, tic):
+    """Validation, checkpoints (best.pt by validation frame AUC), log.jsonl, curves.png, the line."""
+    val, _ = evaluate(model, val_data, device)
     auc = val["frame_auc"] if val["frame_auc"] is not None else val["frame_acc"]
     best_now = max(best, auc)
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -282,11 +458,16 @@ def end_of_epoch(args, model, optimizer, scheduler, genotype, val_data, device, 
     if auc > best:
         save_checkpoint(state, os.path.join(args.out, "best.pt"))
     save_checkpoint(state, os.path.join(args.out, "last.pt"))
-    seconds = time.time() - tic
+    seconds, (train_ce, train_mse) = time.time() - tic, train
+    line = dict(epoch=epoch + 1, train_ce=train_ce, train_mse=train_mse, val_ce=val["ce"], val_mse=val["mse"],
+                lr=scheduler.get_last_lr()[0], seconds=seconds, val=val)
     with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-        f.write(json.dumps(dict(epoch=epoch + 1, train_loss=loss, lr=scheduler.get_last_lr()[0], seconds=seconds, val=val)) + "\n")
-    print(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  val ACC {val['frame_acc']:.4f} AUC "
-          f"{val['frame_auc'] or float('nan'):.4f}  {seconds:.1f} s" + ("  (best)" if auc > best else ""), flush=True)
+        f.write(json.dumps(line) + "\n")
+    plot_curves(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png"))
+    mse = lambda v: "" if v is None else f" MSE {v:.4f}"
+    print(f"epoch {epoch + 1}/{args.epochs}  train CE {train_ce:.4f}{mse(train_mse)}  val CE {val['ce']:.4f}"
+          f"{mse(val['mse'])}  ACC {val['frame_acc']:.4f} AUC {val['frame_auc'] or float('nan'):.4f}  {seconds:.1f} s"
+          + ("  (best)" if auc > best else ""), flush=True)
     return best_now
 
 
@@ -301,55 +482,62 @@ def restore(state, model, optimizer, scheduler, where):
 
 
 def test(args, model, val_data, test_set, test_name, device):
-    """Best checkpoint -> metrics.json (val and test), the table, and the --visualize picture."""
+    """Best checkpoint -> metrics.json (val and test), predictions.csv, roc.png, the table, masks.png."""
     best = load_checkpoint(os.path.join(args.out, "best.pt"))
     load_state(model, best["model"], os.path.join(args.out, "best.pt"))
-    rows = {f"val  {args.data}:{','.join(parse_methods(args.data, args.methods))}": evaluate(model, val_data, device),
-            f"test {test_name}": evaluate(model, loader(test_set, args.batch_size, args, device), device)}
-    return report(args, model, rows, test_set, device, "metrics.json", best["epoch"])
+    val, _ = evaluate(model, val_data, device)
+    rows = {f"val  {args.data}:{','.join(parse_methods(args.data, args.methods))}": val}
+    return report(args, model, rows, test_set, test_name, device, "metrics.json", best["epoch"])
 
 
-def report(args, model, rows, test_set, device, name, epoch):
+def report(args, model, rows, test_set, test_name, device, name, epoch):
+    """Evaluates the test split; writes NAME (metrics), predictions.csv, roc.png and masks.png."""
+    rows[f"test {test_name}"], out = evaluate(model, loader(test_set, args.batch_size, args), device)
     metrics = dict(arch=args.arch, parameters=count_parameters(model), epoch=epoch, mask_weight=args.mask_weight,
                    **{k.split()[0]: dict(data=k.split()[1], **v) for k, v in rows.items()})
     atomic_write(os.path.join(args.out, name), lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+    write_predictions(os.path.join(args.out, "predictions.csv"), test_set, out)
+    plot_roc(os.path.join(args.out, "roc.png"), out, test_name)
     print_table(rows)
     if args.visualize:
         visualize(model, test_set, args.visualize, os.path.join(args.out, "masks.png"), device)
-    print(f"wrote {os.path.join(args.out, name)}" + (f" and {args.out}/masks.png" if args.visualize else ""))
+    print(f"wrote {args.out}: {name}, predictions.csv, roc.png" + (", masks.png" if args.visualize else ""))
     return metrics
 
 
 def eval_only(args, device):
-    """--eval-only --checkpoint PATH: the checkpoint's network on the test split of the data flags."""
-    state = load_checkpoint(args.checkpoint)
-    cfg = state.get("config") if isinstance(state, dict) else None
-    if not cfg or "model" not in state:
-        raise InputError(f"{args.checkpoint}: not a train.py checkpoint (no model or config inside)")
-    genotype = genotype_from_dict(state["genotype"], args.checkpoint) if state.get("genotype") else None
-    model = prepare_model(build_model(cfg, genotype), device)
-    load_state(model, state["model"], args.checkpoint)
-    args.image_size, args.arch, args.mask_weight = cfg["image_size"], cfg["arch"], cfg["mask_weight"]
+    """--eval-only --checkpoint PATH: the checkpoint's network on a test split: by default the one of
+    its own run (data, methods, root, image size); --test-data/--test-methods/--test-root for others.
+    Writes into a new run folder, never into the training run's."""
+    model, cfg, state = model_from_checkpoint(args.checkpoint, device, args.compile)
+    for key in DATA_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, cfg.get(key))
+    args.workers = loader_workers(args.data) if args.workers is None else args.workers
+    if args.image_size != cfg["image_size"]:
+        raise InputError(f"--image-size {args.image_size}: {args.checkpoint} was trained at {cfg['image_size']} px")
+    args.arch, args.mask_weight = cfg["arch"], cfg["mask_weight"]
     test_set, test_name = test_split(args)
-    rows = {f"test {test_name}": evaluate(model, loader(test_set, args.batch_size, args, device), device)}
-    return report(args, model, rows, test_set, device, "eval.json", state["epoch"])
+    return report(args, model, {}, test_set, test_name, device, "eval.json", state["epoch"])
 
 
 def benchmark(args, device, steps=10):
-    """Times training steps (forward, Eq. 7, backward, update) of --arch on random batches."""
+    """Times training steps (forward, Eq. 7, backward, update) and inference of --arch on random
+    batches; with --compile, the compilation (in the warm-up steps) is reported apart."""
     genotype = load_genotype(args.genotype) if args.arch == "add" else None
-    model = prepare_model(build_model(vars(args), genotype), device)
+    model = prepare_model(build_model(vars(args), genotype), device, args.compile)
     optimizer, _ = make_optimizer(model, args)
-    s, b = args.image_size, args.batch_size
-    batch = [random_batch(b, s)]
-    progress = Progress(steps, 0)
-    train_epoch(model, batch * 2, optimizer, device, args, 0, progress)  # warm-up
-    sync(device)
-    tic = time.time()
-    train_epoch(model, batch * steps, optimizer, device, args, 0, progress)  # ends with .item(): synchronised
-    seconds = (time.time() - tic) / steps
-    print(f"{args.arch} ({count_parameters(model) / 1e6:.2f} M parameters), batch {b}, {s} px, on {device}: "
-          f"{seconds * 1000:.0f} ms/step, {b / seconds:.1f} images/s, peak memory {peak_memory_mib(device):.0f} MiB")
+    batch, progress = random_batch(args.batch_size, args.image_size), Progress(steps, 0)
+    train, warm = time_steps(lambda: train_epoch(model, [batch], optimizer, device, args, 0, progress), device, steps)
+    x = to_device(batch, device)[0]
+    with torch.no_grad():
+        infer, warm_infer = time_steps(lambda: model.eval()(x), device, steps)
+    b = args.batch_size
+    print(f"{args.arch} ({count_parameters(model) / 1e6:.2f} M parameters), batch {b}, {args.image_size} px, on {device}: "
+          f"training {train * 1000:.0f} ms/step, {b / train:.1f} images/s; inference {b / infer:.1f} images/s; "
+          f"peak memory {peak_memory_mib(device):.0f} MiB"
+          + (f"; compilation (warm-up) {warm:.1f} s + {warm_infer:.1f} s" if args.compile else ""))
+    return dict(train=b / train, inference=b / infer)
 
 
 def parse_args(argv=None):
@@ -361,7 +549,9 @@ def parse_args(argv=None):
     p.add_argument("--cells-per-block", type=int, help="N normal cells per D^2 block (paper: 4, Sec. IV-D); demo: 1")
     p.add_argument("--blocks", type=int, default=3, help="D^2 blocks, a reduction cell between consecutive ones")
     p.add_argument("--stem-reductions", type=int, help="stride-2 stem layers (3: 256 -> 32 px; demo: 2, 64 -> 16 px)")
-    p.add_argument("--mask-weight", type=float, default=1.0, help="alpha of Eq. 7 (paper: 1; 0: no mask branch, Table V)")
+    p.add_argument("--mask-weight", type=float, default=1.0,
+                   help="alpha of Eq. 7 (paper: 1; 0: Table V's 'alpha = 0', the mask branch kept, m unsupervised)")
+    p.add_argument("--no-mask-branch", action="store_true", help="build ADD without the mask branch (Eq. 4 alone)")
     p.add_argument("--batch-size", type=int, help="global batch (paper: 96, Sec. IV-B; demo: 32)")
     p.add_argument("--lr", type=float, help="paper: 0.5 read as 0.5e-3 for Adam (Sec. IV-B, see Interpretations); demo: 1e-3")
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="paper: Adam with momentum 0.9 (Sec. IV-B)")
@@ -371,40 +561,59 @@ def parse_args(argv=None):
     p.add_argument("--milestones", type=int, nargs="+",
                    help="lr / 10 at these epochs of 300, scaled to --epochs (paper: 80 140; demo: 200 280)")
     p.add_argument("--grad-clip", type=float, default=5.0, help="clip the gradient norm (DARTS: 5; 0: off)")
+    p.add_argument("--sync-bn", action="store_true", help="DDP: batch norm statistics over all processes")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (inductor; minutes of compilation)")
     p.add_argument("--test-data", choices=tuple(METHODS), help="test on another dataset (Table III: celeb-df)")
     p.add_argument("--test-root", help="prepared folder of --test-data (default: data/<name>)")
     p.add_argument("--test-methods", help="test on other manipulations (Table II: FaceSwap)")
-    p.add_argument("--out", default="runs/train", help="run folder")
+    p.add_argument("--out", help="run folder (default runs/train, runs/eval, runs/predict; a new one beside it if it exists)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with its saved configuration")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test split only")
-    p.add_argument("--checkpoint", help="with --eval-only: a checkpoint written by train.py")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on a test split (its run's by default)")
+    p.add_argument("--predict", nargs="+", metavar="PATH", help="score videos, folders of frames or photos with --checkpoint")
+    p.add_argument("--threshold", type=float, default=0.5, help="--predict: p(fake) above which the verdict is fake")
+    p.add_argument("--detect-size", type=int, default=640, help="--predict: detect faces on a copy of at most this many px")
+    p.add_argument("--checkpoint", help="with --eval-only or --predict: a best.pt or last.pt written by train.py")
     p.add_argument("--visualize", type=int, default=8, metavar="K", help="picture of K test faces and masks (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     p.add_argument("--log-every", type=int, default=50, help="progress line every N steps (0: per epoch only)")
-    p.add_argument("--benchmark", action="store_true", help="time training steps and exit")
-    args = resolve_defaults(p.parse_args(argv), PAPER, DEMO)
-    if args.arch == "add" and not args.genotype and not (args.resume or args.eval_only):
+    p.add_argument("--check-every", type=int, default=50, help="read the device's non-finite-loss count every N steps")
+    p.add_argument("--benchmark", action="store_true", help="time training and inference steps and exit")
+    args = p.parse_args(argv)
+    return check_args(resolve_defaults(args, PAPER, DEMO, keep=DATA_KEYS if args.eval_only or args.predict else ()))
+
+
+def check_args(args):
+    if args.arch == "add" and not args.genotype and not (args.resume or args.eval_only or args.predict):
         raise InputError("--genotype: needed for --arch add; write one with: python search.py --out g.json")
-    if args.eval_only and not args.checkpoint:
-        raise InputError("--eval-only needs --checkpoint PATH (a best.pt or last.pt written by train.py)")
-    if args.arch != "add":
-        args.mask_weight = 0.0  # the baselines have no mask branch
+    if (args.eval_only or args.predict) and not args.checkpoint:
+        raise InputError(f"--{'eval-only' if args.eval_only else 'predict'} needs --checkpoint PATH "
+                         f"(a best.pt or last.pt written by train.py)")
+    if args.arch != "add" or args.no_mask_branch:
+        args.mask_weight = 0.0  # no mask branch: nothing for Eq. 5 to supervise
+    if args.predict:
+        args.frames = args.frames or 32  # evenly spaced frames per video
+    mode = "predict" if args.predict else "eval" if args.eval_only else "train"
+    args.out = args.out or os.path.join("runs", mode)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = init_distributed(args.device)
+    rank, world, local_world, device = init_distributed(args.device)
+    if args.batch_size % world:
+        raise InputError(f"--batch-size {args.batch_size}: the global batch must divide by the {world} processes")
     torch.manual_seed(args.seed)
-    if rank == 0:
-        print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
     try:
         if args.benchmark:
             return benchmark(args, device)
-        if args.eval_only:
-            return eval_only(args, device)
-        return fit(args, rank, world, device)
+        if args.predict:
+            return predict_files(args, device)
+        if not args.resume and rank == 0:
+            args.out = new_run_dir(args.out)
+        if rank == 0:
+            print(f"run folder: {args.out}\nconfig: " + " ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
+        return eval_only(args, device) if args.eval_only else fit(args, rank, world, local_world, device)
     finally:
         if world > 1:
             dist.destroy_process_group()
