@@ -12,6 +12,7 @@ no download) are at the end of this file.
     python masks.py --benchmark [--src video.mp4]               # frames/s of the preparation
 """
 import argparse
+import contextlib
 import csv
 import functools
 import glob
@@ -421,8 +422,8 @@ def prepare(videos, root, settings, workers, retry_failed=False, redo=False):
           f"({sum(bool(r) for r in old if r) - len(videos) + len(todo)} of them again), {workers} workers")
     start, done = time.time(), 0
     jobs = [(v, root, settings) for v in todo]
-    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _Serial() as pool:
-        for record in pool.imap_unordered(_prepare_one, jobs):
+    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for record in pool.imap_unordered(_prepare_one, jobs) if pool else map(_prepare_one, jobs):
             done += len(record["frames"])
             if record["reason"]:
                 print(f"  skipped {record['method']}/{record['name']}: {record['reason']}"
@@ -443,18 +444,6 @@ def _records(root):
 
 def _flags(settings):
     return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (settings or {}).items() if v is not None) or "older settings"
-
-
-class _Serial:
-    """Pool's interface in this process (workers=1): simpler to debug, no spawn cost."""
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap_unordered(self, fn, jobs):
-        return map(fn, jobs)
 
 
 def write_manifest(root):

@@ -28,13 +28,21 @@ class InputError(Exception):
 
 
 def atomic_write(path, write):
-    """Write a file through write(f) into a temporary name, then rename: a killed run never leaves a
-    half-written file, and the previous version stays intact until the new one is complete."""
+    """Write a file through write(f) into a temporary name, flush it to disk, then rename: a killed
+    run or a crashed machine never leaves a half-written file, and the previous version stays intact
+    until the new one is complete. A failed write (a full disk) removes its temporary file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,11 +6,12 @@ with the heads of add.py (Sec. IV-B has the settings). Each epoch the genotype i
 III-A: for each node the two strongest incoming edges, each with its strongest non-zero operation)
 and written to g.json, with a picture of both cells as in Fig. 8 and of alpha over the epochs.
 
-The paper's w setting (momentum SGD at lr 0.1, batch 8, alpha moving from the first step) leaves
-the one-shot network at chance on the demo data, so alpha is then chosen by the mask term alone.
-The defaults add what the DARTS family does to make a search learn: w-only warm-up epochs, Adam for
-w, alpha's Adam with betas (0.5, 0.999). README (Search) has the measurements; each paper value is one
-flag away: --warmup-epochs 0 --w-optimizer sgd --w-lr 0.1 --alpha-betas 0.9 0.999.
+The paper's w setting (momentum SGD at lr 0.1 for batches of 8, alpha moving from the first step)
+leaves the one-shot network at chance on the demo data, so alpha is then chosen by the mask term
+alone. The defaults do what the DARTS family does to make a search learn: w's lr at DARTS's rate
+per sample (0.025 per 64, scaled to the batch), w-only warm-up epochs, alpha's Adam with betas
+(0.5, 0.999). README (Search) has the measurements; the paper's values are one flag away:
+--w-lr 0.1 --w-lr-batch 0 --warmup-epochs 0 --alpha-betas 0.9 0.999.
 
     python search.py                      # built-in synthetic data, demo configuration (~5 min, 2 CPU cores)
     python search.py --data ff++          # real data: 256 px, batch 8, 300 epochs
@@ -41,9 +42,9 @@ from train import DEMO as TRAIN_DEMO, PAPER as TRAIN_PAPER, figure, save_figure
 # Settings that differ between a real dataset (the paper's, Sec. IV-B; DARTS's where it is silent)
 # and the built-in synthetic data (a demo sized for 2 CPU cores). Flags override both.
 PAPER = dict(image_size=256, stem_reductions=3, channels=16, cells=8, batch_size=8, epochs=300, alpha_milestones=[60, 150],
-             warmup_epochs=0)
-DEMO = dict(image_size=64, stem_reductions=2, channels=8, cells=5, batch_size=16, epochs=6, alpha_milestones=[200, 280],
-            videos=48, frames=4, warmup_epochs=0)
+             warmup_epochs=90)
+DEMO = dict(image_size=64, stem_reductions=2, channels=8, cells=5, batch_size=32, epochs=5, alpha_milestones=[200, 280],
+            videos=160, frames=4, warmup_epochs=2)
 RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "run_dir")  # what a resumed search may change
 
 
@@ -157,14 +158,17 @@ def network_sizes(genotype):
 
 
 def write_genotype(genotype, path):
-    """g.json and its picture (g.png); -> a line naming both and the network's sizes."""
-    picture = os.path.splitext(path)[0] + ".png"
+    """g.json and its picture, g.png."""
     save_genotype(genotype, path)
-    draw_genotype(genotype, picture)
+    draw_genotype(genotype, os.path.splitext(path)[0] + ".png")
+
+
+def describe(genotype, path):
+    """The line that names the files and the sizes of the network the genotype makes."""
     paper, demo = network_sizes(genotype)
-    return (f"wrote {path} and {picture}: an ADD network of {paper / 1e6:.2f} M parameters at the paper's size "
-            f"(C {TRAIN_PAPER['channels']}, N {TRAIN_PAPER['cells_per_block']}), {demo / 1e6:.2f} M at the demo's "
-            f"(C {TRAIN_DEMO['channels']}, N {TRAIN_DEMO['cells_per_block']})")
+    return (f"wrote {path} and {os.path.splitext(path)[0]}.png: an ADD network of {paper / 1e6:.2f} M parameters at "
+            f"the paper's size (C {TRAIN_PAPER['channels']}, N {TRAIN_PAPER['cells_per_block']}), {demo / 1e6:.2f} M "
+            f"at the demo's (C {TRAIN_DEMO['channels']}, N {TRAIN_DEMO['cells_per_block']})")
 
 
 def draw_alpha(log_path, path):
@@ -215,7 +219,8 @@ def build(args, device):
     a_opt = torch.optim.Adam(model.arch_parameters(), args.alpha_lr, betas=tuple(args.alpha_betas),
                              weight_decay=args.weight_decay)
     w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, args.epochs, eta_min=w_lr * args.w_lr_min)
-    a_sched = torch.optim.lr_scheduler.MultiStepLR(a_opt, scale_milestones(args.alpha_milestones, args.epochs), 0.1)
+    alpha_epochs = args.epochs - args.warmup_epochs  # alpha's schedule spans the epochs in which it moves
+    a_sched = torch.optim.lr_scheduler.MultiStepLR(a_opt, scale_milestones(args.alpha_milestones, alpha_epochs), 0.1)
     return model, w_opt, a_opt, w_sched, a_sched
 
 
@@ -233,15 +238,14 @@ def loaders(args):
               pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0)
     train_sampler = DistributedSampler(sets[0], 1, 0, shuffle=True, seed=args.seed, drop_last=True)
     steps = len(train_sampler) // args.batch_size
-    val_order = torch.Generator()  # as many validation batches per epoch as training batches
-    val_sampler = RandomSampler(sets[1], num_samples=steps * args.batch_size, generator=val_order)
-    return DataLoader(sets[0], sampler=train_sampler, **kw), DataLoader(sets[1], sampler=val_sampler, **kw), val_order
+    val_sampler = RandomSampler(sets[1], num_samples=steps * args.batch_size)  # a validation batch per training batch
+    return DataLoader(sets[0], sampler=train_sampler, **kw), DataLoader(sets[1], sampler=val_sampler, **kw)
 
 
 def search(args, device, state=None):
     """Algorithm 1, then the derived genotype: g.json (--out) and its pictures, every epoch."""
     # 1) data, network, optimizers; resume from the last checkpoint if asked
-    train_loader, val_loader, val_order = loaders(args)
+    train_loader, val_loader = loaders(args)
     model, w_opt, a_opt, w_sched, a_sched = build(args, device)
     start = restore(state, args.run_dir, model, w_opt, a_opt, w_sched, a_sched) if state else 0
     print(f"search network: {count_parameters(model.net) / 1e6:.2f} M weights, alpha 2 x {tuple(model.alpha_normal.shape)}")
@@ -251,7 +255,7 @@ def search(args, device, state=None):
         # 2) alternate: a w step on a training batch, an alpha step on a validation batch (after the warm-up)
         model.train()
         train_loader.sampler.set_epoch(epoch)
-        val_order.manual_seed(args.seed * 1_000_003 + epoch)
+        val_loader.sampler.generator = epoch_generator(args.seed, epoch, 1)
         flips, moving = epoch_generator(args.seed, epoch), epoch >= args.warmup_epochs
         check = FiniteCheck(device, args.check_every, "the last checkpoint is intact: lower --w-lr or --alpha-lr")
         tic, sums = time.time(), torch.zeros(2, 3, device=device)  # (w, alpha) x (CE, MSE, loss)
@@ -266,17 +270,18 @@ def search(args, device, state=None):
                 print(f"  epoch {epoch + 1} step {step + 1}/{len(train_loader)}: "
                       f"{(step + 1) * args.batch_size / (time.time() - tic):.1f} training images/s")
         w_sched.step()
-        a_sched.step()
+        if moving:
+            a_sched.step()
         # 3) derive, log, write g.json + pictures, checkpoint
         (train_ce, train_mse, _), (val_ce, val_mse, _) = (sums / len(train_loader)).tolist()
         genotype = model.genotype()
-        line = write_genotype(genotype, args.out)
+        write_genotype(genotype, args.out)
         log_epoch(args, model, genotype, epoch, dict(train_ce=train_ce, train_mse=train_mse, val_ce=val_ce if moving else None,
                                                     val_mse=val_mse if moving else None), time.time() - tic)
         save_checkpoint(dict(model=model.state_dict(), w_opt=w_opt.state_dict(), a_opt=a_opt.state_dict(),
                              w_sched=w_sched.state_dict(), a_sched=a_sched.state_dict(), epoch=epoch + 1,
                              rng=torch.get_rng_state(), config=vars(args)), os.path.join(args.run_dir, "search.pt"))
-    print(line)
+    print(describe(model.genotype(), args.out))
     return model
 
 
@@ -332,19 +337,21 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, help="C of the first cells (DARTS: 16; demo: 8)")
     p.add_argument("--cells", type=int, help="search cells, reductions at 1/3 and 2/3 (DARTS: 8; demo: 5)")
     p.add_argument("--stem-reductions", type=int, help="stride-2 stem layers (3: 256 -> 32 px; demo: 2, 64 -> 16 px)")
-    p.add_argument("--batch-size", type=int, help="paper: 8 (Sec. IV-B); demo: 16")
-    p.add_argument("--epochs", type=int, help="paper: 300; demo: 6")
-    p.add_argument("--warmup-epochs", type=int, help="first epochs train w only, alpha still (paper: 0)")
+    p.add_argument("--batch-size", type=int, help="paper: 8 (Sec. IV-B); demo: 32")
+    p.add_argument("--epochs", type=int, help="paper: 300; demo: 5")
+    p.add_argument("--warmup-epochs", type=int, help="first epochs train w only, alpha still (paper: 0; real data: 90, "
+                   "PC-DARTS's 15 of 50; demo: 2)")
     p.add_argument("--w-optimizer", default="sgd", choices=("sgd", "adam"), help="paper: momentum SGD")
-    p.add_argument("--w-lr", type=float, default=0.1, help="lr of w (paper: 0.1), cosine schedule")
-    p.add_argument("--w-lr-batch", type=int, help="--w-lr is for this batch, scaled linearly to --batch-size "
-                   "(DARTS: 0.025 at 64); default: not scaled (paper)")
+    p.add_argument("--w-lr", type=float, default=0.025, help="lr of w for --w-lr-batch samples, cosine schedule "
+                   "(DARTS: 0.025 at 64; paper: 0.1 at batch 8, i.e. --w-lr 0.1 --w-lr-batch 0)")
+    p.add_argument("--w-lr-batch", type=int, default=64, help="--w-lr is for this batch and scales linearly to "
+                   "--batch-size (0: --w-lr as given, the paper)")
     p.add_argument("--w-lr-min", type=float, default=0.01, help="end of the cosine schedule, a fraction of the lr "
                    "(DARTS: 0.001 / 0.025 = 0.04)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, or Adam's beta1 for w (paper: 0.9)")
     p.add_argument("--alpha-lr", type=float, default=0.02, help="Adam lr of alpha (paper: 0.02)")
-    p.add_argument("--alpha-betas", type=float, nargs=2, default=[0.9, 0.999], help="Adam betas of alpha (paper: "
-                   "Adam's default 0.9 0.999; DARTS: 0.5 0.999)")
+    p.add_argument("--alpha-betas", type=float, nargs=2, default=[0.5, 0.999], help="Adam betas of alpha (DARTS: "
+                   "0.5 0.999; paper: unstated, Adam's default 0.9 0.999)")
     p.add_argument("--alpha-loss", default="eq7", choices=("eq7", "ce"), help="the loss that moves alpha: Eq. 7 "
                    "(paper: Eq. 3 with the network's loss) or its cross-entropy alone")
     p.add_argument("--alpha-milestones", type=int, nargs="+",
@@ -367,13 +374,17 @@ def parse_args(argv=None):
     args = resolve_defaults(p.parse_args(argv), PAPER, DEMO)
     if args.no_mask_branch:
         args.mask_weight = 0.0
+    if args.warmup_epochs >= args.epochs and not (args.benchmark or args.resume or args.random_genotype is not None):
+        raise InputError(f"--warmup-epochs {args.warmup_epochs}: alpha would never move in {args.epochs} epochs")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.random_genotype is not None:
-        return print(write_genotype(random_genotype(args.random_genotype), args.out))
+        genotype = random_genotype(args.random_genotype)
+        write_genotype(genotype, args.out)
+        return print(describe(genotype, args.out))
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     if args.benchmark:

@@ -2,17 +2,25 @@
 
     python -m pytest -q            # the whole suite (about a minute on 2 CPU cores)
 """
+import csv
 import json
 import math
 import os
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import time
 import wave
+import zlib
 
 import av
 import numpy as np
 import pytest
+import scipy.interpolate
+import scipy.optimize
+import sklearn.metrics
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -33,7 +41,7 @@ GENOTYPE = ops.Genotype(
     reduce=(("sep_conv_5x5", 0), ("dil_conv_5x5", 1), ("sep_conv_3x3", 0), ("dil_conv_3x3", 2),
             ("max_pool_3x3", 0), ("sep_conv_5x5", 2), ("dil_conv_5x5", 1), ("skip_connect", 3)))
 TINY_SEARCH = ["--videos", "4", "--frames", "1", "--image-size", "32", "--channels", "4", "--cells", "3",
-               "--batch-size", "4"]
+               "--batch-size", "4", "--warmup-epochs", "0"]
 TINY_TRAIN = ["--videos", "6", "--frames", "1", "--image-size", "32", "--channels", "4", "--batch-size", "8",
               "--log-every", "0", "--visualize", "2"]
 
@@ -181,7 +189,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         ops.atomic_write(path, crash)
-    assert open(path).read() == "old"
+    assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.txt"]  # no temporary file left behind
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,11 +236,46 @@ def test_search_writes_genotype_picture_log_and_resumes_after_a_kill(tmp_path, m
     fresh, *optim = search.build(search.parse_args(argv), torch.device("cpu"))
     assert search.restore(saved, run, fresh, *optim) == 1
     assert torch.equal(fresh.alpha_normal, saved["model"]["alpha_normal"])
-    model = search.main(argv + ["--resume"])
-    assert "resumed" in capsys.readouterr().out
+    model = search.main(["--resume", "--run-dir", run])  # no other flag: the saved configuration (32 px, g.json)
+    assert "resumed" in capsys.readouterr().out and json.load(open(os.path.join(run, "config.json")))["image_size"] == 32
     assert [json.loads(line)["epoch"] for line in open(os.path.join(run, "log.jsonl"))] == [1, 2]
     assert ops.load_genotype(g) == model.genotype()
     assert Image.open(str(tmp_path / "g.png")).size == (1240, 380)
+
+
+def test_warmup_keeps_alpha_still_and_the_log_has_both_terms(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    model = search.main(TINY_SEARCH + ["--epochs", "2", "--warmup-epochs", "1", "--w-optimizer", "adam", "--w-lr", "1e-3",
+                                       "--w-lr-batch", "0", "--out", str(tmp_path / "g.json"), "--run-dir", run])
+    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    torch.manual_seed(0)  # alpha as initialised: the same draw as the run's
+    initial = search.SearchNetwork(4, 3, 2, True).alpha_normal.softmax(-1)
+    assert torch.allclose(torch.tensor(log[0]["softmax_alpha"]["normal"]), initial, atol=1e-6)  # still in the warm-up
+    assert not torch.allclose(model.alpha_normal.softmax(-1), initial, atol=1e-4)  # moved in epoch 2
+    assert log[0]["val_ce"] is None and log[1]["val_ce"] > 0 and all(e["train_ce"] > 0 and e["train_mse"] > 0 for e in log)
+    out = capsys.readouterr().out
+    assert "alpha still (warm-up)" in out and "val CE" in out and "M parameters at the paper's size (C 48, N 4)" in out
+    assert Image.open(os.path.join(run, "alpha.png")).size[0] > 500
+
+
+def test_random_genotypes_are_uniform_over_the_space(tmp_path, capsys):
+    g = search.random_genotype(3)
+    assert g == search.random_genotype(3) and g != search.random_genotype(4) and g.normal != g.reduce
+    ops_seen, first_inputs = {}, {}
+    for seed in range(500):
+        for cell in search.random_genotype(seed):
+            for k in range(0, 8, 2):
+                (op_a, a), (op_b, b) = cell[k], cell[k + 1]
+                assert 0 <= a < b < k // 2 + 2  # two distinct inputs among the node's predecessors
+                for op in (op_a, op_b):
+                    ops_seen[op] = ops_seen.get(op, 0) + 1
+            first_inputs[cell[6][1], cell[7][1]] = first_inputs.get((cell[6][1], cell[7][1]), 0) + 1
+    assert set(ops_seen) == set(ops.PRIMITIVES) - {"none"}
+    assert all(abs(n / 8000 - 0.1) < 0.015 for n in ops_seen.values())  # each of the ten ops: 10% of 8000 edges
+    assert len(first_inputs) == 10 and all(abs(n / 1000 - 0.1) < 0.03 for n in first_inputs.values())  # node 3: 10 pairs
+    search.main(["--random-genotype", "3", "--out", str(tmp_path / "r.json")])
+    assert ops.load_genotype(str(tmp_path / "r.json")) == g and os.path.exists(tmp_path / "r.png")
+    assert "M parameters at the paper's size" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +306,11 @@ def test_show_draws_an_overlay_and_rejects_faceless_photos(tmp_path):
     photo, out, blank = str(tmp_path / "a.png"), str(tmp_path / "o.png"), str(tmp_path / "blank.png")
     Image.fromarray(astronaut()).save(photo)
     masks.main(["--show", photo, "--out", out])
-    assert Image.open(out).size == (512, 512)
+    overlay = np.asarray(Image.open(out), dtype=float)
+    assert overlay.shape == (512, 512, 3)
+    inside = masks.hull_mask(masks.FaceFinder().faces(astronaut())[0].landmarks, 512)
+    blend = astronaut()[inside > 0] * (1 - 90 / 255) + np.array([255, 40, 40]) * 90 / 255  # translucent red
+    assert np.median(np.abs(overlay[inside > 0] - blend)) <= 1.0  # the face shows through the tint (dots aside)
     Image.new("RGB", (300, 300), (90, 90, 90)).save(blank)
     with pytest.raises(ops.InputError, match="no face found"):
         masks.main(["--show", blank, "--out", out])
@@ -375,6 +422,118 @@ def test_bad_preparation_input_is_a_one_line_error(ffpp, argv, expected):
     one_line_error(err, expected)
 
 
+def png_bomb(path):
+    """A PNG whose header claims 20000 x 20000 pixels: PIL refuses it (a decompression bomb)."""
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+    open(path, "wb").write(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_preparation_survives_any_error_retries_transient_ones_and_checks_settings(tmp_path, face_video, capsys):
+    src, root = tmp_path / "ffpp", str(tmp_path / "prepared")
+    real, fake = src / "original_sequences/youtube/c23/videos", src / "manipulated_sequences/Deepfakes/c23/videos"
+    for folder, names in ((real, ("000", "001", "002", "003")), (fake, ("000_001", "001_000", "002_003", "003_002"))):
+        os.makedirs(folder, exist_ok=True)
+        for name in names:
+            shutil.copy(face_video, folder / f"{name}.mp4")
+    os.remove(fake / "001_000.mp4")  # 001_000 is a folder of frames, one of which is a decompression bomb
+    os.makedirs(fake / "001_000")
+    Image.fromarray(astronaut()).save(fake / "001_000" / "0.png")
+    png_bomb(fake / "001_000" / "1.png")
+    os.rename(real / "002.mp4", tmp_path / "002.mp4")  # 002 missing for now (a download still running)
+    os.makedirs(src / "splits")
+    for split, pairs in (("train", [["000", "001"]]), ("val", [["002", "003"]]), ("test", [])):
+        (src / "splits" / f"{split}.json").write_text(json.dumps(pairs))
+    argv = ["--data", "ff++", "--src", str(src), "--root", root, "--methods", "Deepfakes", "--frames", "2"]
+    masks.main(argv + ["--workers", "2"])
+    out = capsys.readouterr().out
+    assert "skipped Deepfakes/001_000: failed (DecompressionBombError" in out  # recorded; the pool went on
+    assert "skipped original/002: unreadable video (FileNotFoundError" in out and "tried again on the next run" in out
+    # the bomb's video keeps the frame read before it: train fakes 000_001 (2) + 001_000 (1)
+    assert manifest_counts(root) == {("train", 0): 4, ("train", 1): 3, ("val", 0): 2, ("val", 1): 4}
+    os.rename(tmp_path / "002.mp4", real / "002.mp4")  # the download finished
+    masks.main(argv + ["--workers", "1"])
+    assert "7 already prepared, 1 to do (1 of them again)" in capsys.readouterr().out
+    assert manifest_counts(root)[("val", 0)] == 4
+    code, _, err = run_cli("masks.py", *argv[:-1], "3")  # other --frames into the same root
+    one_line_error(err, f"{root}: prepared with --frames 2 --size 256 --detect-size 640 --compression c23, not "
+                        f"--frames 3", "--redo")
+    masks.main(argv[:-1] + ["3", "--workers", "1", "--redo", "--retry-failed"])
+    assert manifest_counts(root)[("train", 0)] == 6 and "8 to do" in capsys.readouterr().out  # 3 of 6 frames each
+
+
+def test_odd_frames_give_faces_16_bit_exif_rotated_video_natural_order(tmp_path):
+    face = astronaut()[:, 56:456]  # (512, 400, 3): not square, so a turn shows in the shape
+    gray = np.asarray(Image.fromarray(face).convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(gray).save(tmp_path / "gray16.png")  # opens as mode I;16
+    assert np.abs(masks.load_rgb(str(tmp_path / "gray16.png"))[..., 0].astype(int) - gray // 257).max() <= 1
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(np.ascontiguousarray(np.rot90(face))).save(tmp_path / "turned.jpg", exif=exif)
+    path = str(tmp_path / "phone.mp4")
+    with av.open(path, "w") as container:  # frames stored sideways, with a display rotation of 90 degrees
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 512, 400, "yuv420p"
+        stream.set_display_rotation(90)
+        for _ in range(2):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(face, -1)), format="rgb24")))
+        container.mux(stream.encode())
+    for source in (str(tmp_path / "gray16.png"), str(tmp_path / "turned.jpg"), path):
+        found = list(masks.read_faces(source, 2, 128, 640))
+        assert found and all(crop is not None for _, crop, _, _ in found), source
+        assert next(masks.iter_frames(source, 1, 640))[1].shape[:2] == (512, 400), source
+    folder = tmp_path / "frames"
+    os.makedirs(folder)
+    for t in (1, 2, 10):
+        Image.new("RGB", (10 * t, 10)).save(folder / f"{t}.png")
+    assert [rgb.shape[1] for _, rgb, _, _ in masks.iter_frames(str(folder), 2, 640)] == [10, 100]  # 1, 10 (not 1, 2)
+
+
+def test_long_videos_seek_to_the_same_frames(tmp_path):
+    path = str(tmp_path / "long.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"g": "8"})  # a keyframe every 8 frames
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for t in range(40):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((64, 64, 3), 6 * t, np.uint8), format="rgb24")))
+        container.mux(stream.encode())
+    through = list(masks._video_frames(path, 4, 640, seek_gap=10**9))
+    seeking = list(masks._video_frames(path, 4, 640, seek_gap=2))
+    assert [f[0] for f in through] == [f[0] for f in seeking] == [5, 15, 25, 35]
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(through, seeking))
+    assert [round(f[1].mean() / 6) for f in seeking] == [5, 15, 25, 35]  # the frames' own content
+
+
+def test_celebdf_as_released_gives_validation_of_both_classes_without_shared_people(tmp_path):
+    rng = np.random.default_rng(0)
+    src, names = tmp_path / "celebdf", {"Celeb-real": [], "YouTube-real": [], "Celeb-synthesis": []}
+    for i in range(59):  # 59 celebrities, ~10 videos each, each swapped with a few partners
+        names["Celeb-real"] += [f"id{i}_{k:04d}" for k in range(10)]
+        for j in rng.choice([p for p in range(59) if p != i], 4, replace=False):
+            names["Celeb-synthesis"] += [f"id{i}_id{j}_{k:04d}" for k in range(rng.integers(1, 5))]
+    names["YouTube-real"] = [f"{k:05d}" for k in range(300)]
+    for folder, files in names.items():
+        os.makedirs(src / folder)
+        for name in files:
+            open(src / folder / f"{name}.mp4", "w").close()
+    test = [f"1 Celeb-real/{n}.mp4" for n in names["Celeb-real"][::9]] + [f"0 Celeb-synthesis/{n}.mp4" for n in names["Celeb-synthesis"][::8]]
+    (src / "List_of_testing_videos.txt").write_text("\n".join(test) + "\n")
+    videos = masks.celebdf_videos(str(src))
+    count = lambda split, label: sum(v.split == split and v.label == label for v in videos)
+    for label in (0, 1):
+        assert 0.08 < count("val", label) / (count("val", label) + count("train", label)) < 0.25
+    people = lambda split: set().union(*(masks._identities(v.method, v.name) for v in videos if v.split == split))
+    assert not people("val") & people("train") and count("test", 0) + count("test", 1) == len(test)
+    (src / "List_of_testing_videos.txt").write_text("1 YouTube-real/00001.mp4\nYouTube-real/00002.mp4 1\n")
+    with pytest.raises(ops.InputError, match="List_of_testing_videos.txt, line 2: expected '<1 real | 0 fake> <folder>/<file>.mp4'"):
+        masks.celebdf_videos(str(src))
+
+
+def test_workers_default_to_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})  # pinned to one core of many
+    assert masks.usable_cpus() == 1 and masks.loader_workers("ff++") == 1 and masks.loader_workers("synthetic") == 0
+
+
 @pytest.fixture(scope="module")
 def celebdf(tmp_path_factory, face_video):
     src = tmp_path_factory.mktemp("celebdf")
@@ -462,6 +621,43 @@ def test_add_outputs_logits_and_a_mask_in_unit_range():
     model = add.ADD(GENOTYPE, 4, add.d2_layout(2, 1), stem_reductions=2)
     logits, m = model(torch.rand(3, 3, 48, 48))
     assert logits.shape == (3, 2) and m.shape == (3, 1, 48, 48) and 0 <= m.min() and m.max() <= 1
+
+
+def test_channels_last_and_fp32_heads_match_the_plain_path():
+    torch.manual_seed(0)
+    model, x = add.ADD(GENOTYPE, 8, add.d2_layout(2, 1), 2).eval(), torch.rand(3, 3, 32, 32)
+    plain = model(x)
+    cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(plain[0], cl[0], atol=1e-5) and torch.allclose(plain[1], cl[1], atol=1e-6)
+    heads, f = add.Heads(16, 32, mask=True).eval(), torch.randn(3, 16, 4, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as on CUDA: the body in bf16, the heads not
+        logits, m = heads(f, (32, 32))
+        mixed = ops.MixedOp(4, 1)(torch.randn(2, 4, 8, 8), torch.full((11,), 1 / 11))
+    assert logits.dtype == m.dtype == mixed.dtype == torch.float32  # Eq. 2's sum and the heads in fp32
+    assert torch.equal(logits, heads(f.float(), (32, 32))[0])
+
+
+def test_a_non_finite_loss_is_caught_within_its_window():
+    check = add.FiniteCheck(torch.device("cpu"), 4, "lower --lr")
+    for step, value in enumerate([1.0, float("nan"), 1.0]):
+        check.add(torch.tensor(value), step, False, "epoch 3")  # read every 4 steps: no error yet
+    with pytest.raises(add.Diverged, match=r"non-finite loss at epoch 3, within steps 1-4; lower --lr"):
+        check.add(torch.tensor(1.0), 3, False, "epoch 3")
+    fine = add.FiniteCheck(torch.device("cpu"), 2, "")
+    for step in range(5):
+        fine.add(torch.tensor(0.5), step, step == 4, "epoch 1")
+    assert fine.start == 5
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="torch.compile needs a C compiler")
+def test_compile_runs_a_training_step(tmp_path, capsys):
+    # the smallest ADD (one block of one cell of cheap operations): inductor compiles it in ~40 s on 2 cores
+    cheap = ops.Genotype(*[(("skip_connect", 0), ("conv_3x3", 1), ("max_pool_3x3", 0), ("skip_connect", 2),
+                            ("skip_connect", 1), ("skip_connect", 3), ("skip_connect", 0), ("skip_connect", 4))] * 2)
+    ops.save_genotype(cheap, str(tmp_path / "cheap.json"))
+    metrics = train.main(["--genotype", str(tmp_path / "cheap.json"), "--benchmark", "--compile", "--image-size", "32",
+                          "--channels", "4", "--batch-size", "4", "--blocks", "1", "--cells-per-block", "1"])
+    assert "compilation (warm-up)" in capsys.readouterr().out and metrics["train"] > 0
 
 
 def test_default_model_size_is_in_the_papers_range():
@@ -555,16 +751,109 @@ def test_training_resumes_at_the_right_epoch_and_stops_on_nan(tmp_path, genotype
     assert metrics["test"]["frames"] == 6 and os.path.exists(os.path.join(out, "masks.png"))
 
 
-def test_protocols_cross_manipulation_eval_only_and_baseline(tmp_path, genotype_file):
-    out = str(tmp_path / "run")
-    metrics = train.main(TINY_TRAIN + ["--genotype", genotype_file, "--epochs", "1", "--out", out,
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two tiny trained runs: ADD on the swap family (tested on mouth and gan) and resnet18."""
+    tmp = tmp_path_factory.mktemp("trained")
+    ops.save_genotype(GENOTYPE, str(tmp / "g.json"))
+    add_run, r18_run = str(tmp / "add"), str(tmp / "r18")
+    metrics = train.main(TINY_TRAIN + ["--genotype", str(tmp / "g.json"), "--epochs", "2", "--out", add_run,
                                        "--methods", "swap", "--test-methods", "mouth,gan"])
+    base = train.main(TINY_TRAIN + ["--arch", "resnet18", "--epochs", "1", "--out", r18_run])
+    return dict(add=add_run, add_metrics=metrics, r18=r18_run, r18_metrics=base, tmp=tmp)
+
+
+def test_protocols_cross_manipulation_and_baseline(trained):
+    metrics, base = trained["add_metrics"], trained["r18_metrics"]
     assert metrics["test"]["data"] == "synthetic:mouth,gan" and metrics["val"]["data"] == "synthetic:swap"
-    again = train.main(TINY_TRAIN + ["--eval-only", "--checkpoint", os.path.join(out, "best.pt"), "--out", out,
-                                     "--test-methods", "mouth,gan"])
-    assert again["test"] == metrics["test"]
-    base = train.main(TINY_TRAIN + ["--arch", "resnet18", "--epochs", "1", "--out", str(tmp_path / "r18")])
     assert base["parameters"] > 11e6 and base["mask_weight"] == 0.0
+    for run in (trained["add"], trained["r18"]):  # every run folder: metrics, per-frame predictions, pictures
+        for picture in ("roc.png", "curves.png", "masks.png"):
+            assert Image.open(os.path.join(run, picture)).size[0] > 100
+    log = [json.loads(line) for line in open(os.path.join(trained["add"], "log.jsonl"))]
+    assert all(e["train_ce"] > 0 and e["train_mse"] > 0 and e["val_ce"] > 0 and e["val_mse"] > 0 for e in log)
+    assert all(e["train_mse"] is None and e["val_mse"] is None for e in map(json.loads, open(os.path.join(trained["r18"], "log.jsonl"))))
+
+
+def test_predictions_csv_reproduces_the_reported_metrics(trained):
+    rows = list(csv.DictReader(open(os.path.join(trained["add"], "predictions.csv"))))
+    assert list(rows[0]) == ["video", "method", "frame", "label", "p_fake"] and len(rows) == 6
+    assert {r["method"] for r in rows} <= {"real", "mouth", "gan"}
+    labels, probs = np.array([int(r["label"]) for r in rows]), np.array([float(r["p_fake"]) for r in rows])
+    test = trained["add_metrics"]["test"]
+    assert sklearn.metrics.roc_auc_score(labels, probs) == test["frame_auc"]
+    assert sklearn.metrics.average_precision_score(labels, probs) == test["frame_ap"]
+    assert np.mean((probs > 0.5) == labels) == test["frame_acc"]
+
+
+def test_eval_only_takes_the_checkpoints_data_and_writes_a_new_folder(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    best = os.path.join(trained["add"], "best.pt")
+    before = os.path.getmtime(best), sorted(os.listdir(trained["add"]))
+    again = train.main(["--eval-only", "--checkpoint", best, "--test-methods", "mouth,gan"])  # no data flags
+    assert again["test"] == trained["add_metrics"]["test"]  # image size 32, synthetic, 6 videos: the run's own
+    own = train.main(["--eval-only", "--checkpoint", best])
+    assert own["test"]["data"] == "synthetic:swap" and os.path.exists("runs/eval-2/eval.json")
+    assert os.path.exists("runs/eval/predictions.csv") and Image.open("runs/eval/roc.png")
+    assert (os.path.getmtime(best), sorted(os.listdir(trained["add"]))) == before  # the training run untouched
+
+
+def test_ap_and_eer_match_independent_computations():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    probs = np.clip(0.25 * labels + rng.normal(0.4, 0.2, 200), 0, 1).round(2)  # ties included
+    got = train.scores(labels, probs)
+    # AP by its definition: sum over thresholds of (recall step) x precision, from the sorted scores
+    order = np.argsort(-probs, kind="stable")
+    ap, tp, fp, last_recall = 0.0, 0, 0, 0.0
+    for t in np.unique(probs)[::-1]:
+        tp, fp = (labels[probs >= t] == 1).sum(), (labels[probs >= t] == 0).sum()
+        ap += (tp / labels.sum() - last_recall) * tp / (tp + fp)
+        last_recall = tp / labels.sum()
+    assert got["ap"] == pytest.approx(ap) == pytest.approx(sklearn.metrics.average_precision_score(labels, probs))
+    # EER: where FPR = FNR on the ROC, by root finding on its linear interpolation
+    fpr, tpr, _ = sklearn.metrics.roc_curve(labels, probs)
+    eer = scipy.optimize.brentq(lambda x: 1.0 - x - scipy.interpolate.interp1d(fpr, tpr)(x), 0.0, 1.0)
+    assert got["eer"] == pytest.approx(eer, abs=1e-9) and 0.1 < eer < 0.5
+    assert train.scores([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])["eer"] == 0.0  # perfectly separated
+    assert train.scores([0, 1, 1, 1, 1], [0.6, 0.7, 0.8, 0.9, 0.1])["bacc"] == pytest.approx((0 + 3 / 4) / 2)
+
+
+def test_predict_scores_videos_photos_and_folders_and_reports_the_rest(trained, face_video, tmp_path, capsys):
+    photo, folder, faceless, corrupt = (str(tmp_path / n) for n in ("astronaut.jpg", "frames", "grey.mp4", "bad.mp4"))
+    Image.fromarray(astronaut()).save(photo)
+    os.makedirs(folder)
+    for t in (1, 2, 10):  # natural order: 1, 2, 10
+        Image.fromarray(np.roll(astronaut(), 3 * t, axis=1)).save(os.path.join(folder, f"{t}.png"))
+    write_video(faceless, [np.full((128, 128, 3), 90, np.uint8)] * 3)
+    open(corrupt, "wb").write(os.urandom(3000))
+    out = str(tmp_path / "predicted")
+    report = train.main(["--predict", face_video, photo, folder, faceless, corrupt, "--checkpoint",
+                         os.path.join(trained["add"], "best.pt"), "--frames", "4", "--out", out])
+    lines = capsys.readouterr().out.splitlines()
+    video = report[face_video]
+    assert video["frames_scored"] == 4 and [f["frame"] for f in video["frames"]] == [0, 2, 3, 5]  # 4 of 6 frames
+    assert video["p_fake"] == pytest.approx(np.mean([f["p_fake"] for f in video["frames"]]))
+    assert video["verdict"] == ("fake" if video["p_fake"] > 0.5 else "real") and len(video["frames"][0]["box"]) == 4
+    assert report[photo]["frames_scored"] == 1 and report[folder]["frames_scored"] == 3
+    assert report[faceless]["reason"].startswith("no face found in 3 frame(s)")
+    assert report[corrupt]["reason"].startswith("unreadable")
+    assert any(line.startswith(f"{face_video}: p(fake) ") and "(4 of 4 frames scored)" in line for line in lines)
+    assert f"{faceless}: no face found in 3 frame(s)" in lines
+    assert json.load(open(os.path.join(out, "predictions.json")))[photo]["frames"][0]["frame"] == 0
+    pictures = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+    assert len(pictures) == 3 and all(Image.open(os.path.join(out, p)).size[0] > 200 for p in pictures)
+    baseline = train.main(["--predict", photo, "--checkpoint", os.path.join(trained["r18"], "best.pt"), "--out", out])
+    assert 0 <= baseline[photo]["p_fake"] <= 1 and os.path.exists(out + "-2/predictions.json")  # no m: crops and scores
+
+
+def test_predict_user_mistakes_are_one_line_errors(trained, tmp_path):
+    code, _, err = run_cli("train.py", "--predict", str(tmp_path / "missing.mp4"), "--checkpoint",
+                           os.path.join(trained["add"], "best.pt"))
+    assert code == 1
+    one_line_error(err, "missing.mp4: no such file or folder (expected a video, a folder of frames or a photo)")
+    code, _, err = run_cli("train.py", "--predict", str(tmp_path))
+    one_line_error(err, "--predict needs --checkpoint PATH")
 
 
 def test_cross_dataset_from_prepared_ffpp_to_celebdf(tmp_path, genotype_file, ffpp, celebdf):
@@ -580,7 +869,7 @@ def test_search_reads_prepared_ffpp(tmp_path, ffpp):
     g = str(tmp_path / "g.json")
     model = search.main(["--data", "ff++", "--root", ffpp[1], "--methods", "Deepfakes,FaceSwap", "--image-size", "32",
                          "--channels", "4", "--cells", "3", "--stem-reductions", "2", "--batch-size", "4", "--epochs",
-                         "1", "--workers", "0", "--out", g, "--run-dir", str(tmp_path / "run")])
+                         "1", "--warmup-epochs", "0", "--workers", "0", "--out", g, "--run-dir", str(tmp_path / "run")])
     assert ops.load_genotype(g) == model.genotype()
 
 
@@ -605,6 +894,44 @@ def test_bad_genotype_and_checkpoint_paths_are_one_line_errors(tmp_path):
     code, _, err = run_cli("train.py", "--eval-only", "--checkpoint", str(corrupt))
     assert code == 1
     one_line_error(err, "corrupt.pt: not a readable checkpoint")
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, genotype_file, capsys):
+    out = str(tmp_path / "run")
+    first = train.main(TINY_TRAIN + ["--genotype", genotype_file, "--epochs", "1", "--out", out, "--visualize", "0"])
+    best = open(os.path.join(out, "best.pt"), "rb").read()
+    capsys.readouterr()
+    train.main(TINY_TRAIN + ["--genotype", genotype_file, "--epochs", "1", "--out", out, "--visualize", "0", "--seed", "1"])
+    assert capsys.readouterr().out.splitlines()[0] == f"run folder: {out}-2"
+    assert open(os.path.join(out, "best.pt"), "rb").read() == best and len(open(os.path.join(out, "log.jsonl")).readlines()) == 1
+    assert json.load(open(os.path.join(out, "metrics.json"))) == first
+
+
+def test_sigkill_then_resume_with_loader_workers_matches_an_uninterrupted_run(tmp_path, genotype_file):
+    argv = ["train.py", "--genotype", genotype_file, "--videos", "16", "--frames", "1", "--image-size", "32",
+            "--channels", "4", "--batch-size", "4", "--epochs", "3", "--workers", "2", "--log-every", "0", "--visualize", "0"]
+    code, _, err = run_cli(*argv, "--out", str(tmp_path / "whole"))
+    assert code == 0, err[-2000:]
+    killed = str(tmp_path / "killed")
+    p = subprocess.Popen([sys.executable, *argv, "--out", killed], cwd=HERE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    while not os.path.exists(os.path.join(killed, "last.pt")) and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)  # during epoch 2
+    p.wait()
+    assert not os.path.exists(os.path.join(killed, "metrics.json"))
+    code, out, err = run_cli("train.py", "--resume", "--out", killed)
+    assert code == 0 and "resumed" in out, err[-2000:]
+    whole, resumed = (json.load(open(os.path.join(str(tmp_path / r), "metrics.json"))) for r in ("whole", "killed"))
+    assert resumed["test"] == whole["test"] and resumed["val"] == whole["val"]
+
+
+def test_torchrun_with_a_batch_that_does_not_divide_is_a_one_line_error(tmp_path, genotype_file):
+    code, _, err = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *TINY_TRAIN,
+                           "--genotype", genotype_file, "--batch-size", "7", "--device", "cpu", "--out", str(tmp_path))
+    ours = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code != 0 and ours == ["error: --batch-size 7: the global batch must divide by the 2 processes (e.g. --batch-size 6)"]
+    assert "train.py\", line" not in err  # no traceback from train.py (torchrun adds its own failure summary)
 
 
 def test_two_process_torchrun_on_cpu_completes(tmp_path, genotype_file):

@@ -48,7 +48,8 @@ DEMO = dict(image_size=64, stem_reductions=2, channels=16, cells_per_block=1, ba
             milestones=[200, 280], videos=160, frames=4)
 BASELINES = ("resnet18", "resnet152", "vgg16")
 RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "out")  # what a resumed run may change
-DATA_KEYS = ("data", "root", "methods", "image_size", "videos", "frames")  # --eval-only: the checkpoint's unless given
+CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", "batch_size")  # --eval-only: the
+# checkpoint's run's unless given (the same batches give bit-identical metrics)
 
 
 class Baseline(nn.Module):
@@ -314,12 +315,15 @@ def predict_files(args, device):
 # ----------------------------------------------------------------------------------------------
 # Data and distribution
 
-def init_distributed(device_name):
+def init_distributed(device_name, batch_size):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per GPU (nccl), or per CPU slot (gloo).
-    -> rank, world size, local world size, device."""
+    -> rank, world size, local world size, device. The global batch must divide by the world size."""
     if "RANK" not in os.environ:
         return 0, 1, 1, pick_device(device_name)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if batch_size % world:
+        raise InputError(f"--batch-size {batch_size}: the global batch must divide by the {world} processes "
+                         f"(e.g. --batch-size {batch_size // world * world or world})")
     device = pick_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local)
@@ -510,7 +514,7 @@ def eval_only(args, device):
     its own run (data, methods, root, image size); --test-data/--test-methods/--test-root for others.
     Writes into a new run folder, never into the training run's."""
     model, cfg, state = model_from_checkpoint(args.checkpoint, device, args.compile)
-    for key in DATA_KEYS:
+    for key in CHECKPOINT_KEYS:
         if getattr(args, key) is None:
             setattr(args, key, cfg.get(key))
     args.workers = loader_workers(args.data) if args.workers is None else args.workers
@@ -580,7 +584,7 @@ def parse_args(argv=None):
     p.add_argument("--check-every", type=int, default=50, help="read the device's non-finite-loss count every N steps")
     p.add_argument("--benchmark", action="store_true", help="time training and inference steps and exit")
     args = p.parse_args(argv)
-    return check_args(resolve_defaults(args, PAPER, DEMO, keep=DATA_KEYS if args.eval_only or args.predict else ()))
+    return check_args(resolve_defaults(args, PAPER, DEMO, keep=CHECKPOINT_KEYS if args.eval_only or args.predict else ()))
 
 
 def check_args(args):
@@ -600,9 +604,7 @@ def check_args(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, local_world, device = init_distributed(args.device)
-    if args.batch_size % world:
-        raise InputError(f"--batch-size {args.batch_size}: the global batch must divide by the {world} processes")
+    rank, world, local_world, device = init_distributed(args.device, args.batch_size)
     torch.manual_seed(args.seed)
     try:
         if args.benchmark:
@@ -622,5 +624,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (InputError, Diverged) as e:
-        sys.exit(f"error: {e}")
+    except (InputError, Diverged) as e:  # one line, from one process (under torchrun every rank stops)
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
