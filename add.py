@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ops import STEPS, Cell, InputError, atomic_write, genotype_edges, load_genotype, search_edges
 
@@ -182,6 +183,18 @@ def prepare_model(model, device, compile=False):
     if compile:
         model.compile()  # in place: its calls run the compiled forward, its state_dict keys stay as they are
     return model
+
+
+def fold_batchnorm(model):
+    """Inference only: each BatchNorm that directly follows a convolution is folded into it
+    (BN(conv(x)) = conv'(x) with running statistics), saving a pass over every such activation.
+    In place; returns the model in eval mode, channels_last."""
+    model.eval()
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
+                seq[i], seq[i + 1] = fuse_conv_bn_eval(seq[i], seq[i + 1]), nn.Identity()
+    return model.to(memory_format=torch.channels_last)
 
 
 def to_device(batch, device, flips=None):

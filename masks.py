@@ -44,6 +44,7 @@ CELEBDF_REAL, CELEBDF_FAKE = ("Celeb-real", "YouTube-real"), "Celeb-synthesis"
 SYNTHETIC_METHODS = ("swap", "mouth", "gan")
 METHODS = {"ff++": FFPP_METHODS, "celeb-df": (CELEBDF_FAKE,), "synthetic": SYNTHETIC_METHODS}
 SPLITS = ("train", "val", "test")
+READ_ERRORS = (av.FFmpegError, OSError, UnidentifiedImageError)  # an input that cannot be read (now)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -387,7 +388,7 @@ def prepare_video(video, root, settings):
             atomic_write(image_file, lambda f: Image.fromarray(crop).save(f, "PNG", compress_level=1))
             atomic_write(mask_file, lambda f: Image.fromarray(hull_mask(points, size) * 255).save(f, "PNG"))
             record["frames"].append(i)
-    except (av.FFmpegError, OSError, UnidentifiedImageError) as e:
+    except READ_ERRORS as e:
         record.update(reason=f"unreadable video ({type(e).__name__}: {e})", retry=True)
     except Exception as e:  # one video's failure, whatever it is, is that video's recorded reason
         record["reason"] = f"failed ({type(e).__name__}: {e})"

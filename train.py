@@ -34,10 +34,11 @@ from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader, DistributedSampler
 
-from add import (ADD, Diverged, FiniteCheck, add_loss, autocast, count_parameters, d2_layout, epoch_generator,
+from add import (ADD, Diverged, FiniteCheck, add_loss, autocast, count_parameters, d2_layout, epoch_generator, fold_batchnorm,
                  load_checkpoint, load_state, loss_terms, new_run_dir, peak_memory_mib, pick_device, prepare_model,
                  random_batch, save_checkpoint, scale_milestones, time_steps, to_device)
-from masks import METHODS, add_data_arguments, loader_workers, open_split, parse_methods, read_faces, resolve_defaults
+from masks import (METHODS, READ_ERRORS, add_data_arguments, loader_workers, open_split, parse_methods, read_faces,
+                   resolve_defaults)
 from ops import InputError, atomic_write, genotype_from_dict, load_genotype
 
 # Settings that differ between a real dataset (the paper's, Sec. IV-B) and the built-in synthetic
@@ -76,7 +77,8 @@ def genotype_dict(genotype):
 
 
 def model_from_checkpoint(path, device, compile=False):
-    """A train.py checkpoint -> (its network in eval mode on the device, its configuration, its state)."""
+    """A train.py checkpoint -> (its network for inference on the device: eval mode, BatchNorm folded
+    into the convolutions; its configuration; its state)."""
     state = load_checkpoint(path)
     cfg = state.get("config") if isinstance(state, dict) else None
     if not cfg or "model" not in state:
@@ -84,7 +86,7 @@ def model_from_checkpoint(path, device, compile=False):
     genotype = genotype_from_dict(state["genotype"], path) if state.get("genotype") else None
     model = build_model(cfg, genotype)
     load_state(model, state["model"], path)
-    return prepare_model(model, device, compile).eval(), cfg, state
+    return prepare_model(fold_batchnorm(model), device, compile).eval(), cfg, state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,8 +256,9 @@ def score_input(model, path, cfg, args, device):
     crops, m) or dict(reason=...) when it has no face or cannot be read."""
     try:
         found = list(read_faces(path, args.frames, 256, args.detect_size))
-    except Exception as e:  # any decoder or image library error means the same here: unreadable
-        return dict(reason=f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+    except Exception as e:  # one input's failure is reported on its line; the others still run
+        what = "unreadable" if isinstance(e, READ_ERRORS) else "failed"
+        return dict(reason=f"{what} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
     faces = [f for f in found if f[1] is not None]
     if not faces:
         return dict(reason=f"no face found in {len(found)} frame(s)" if found else "no frames decoded")
@@ -419,6 +422,8 @@ def fit(args, rank, world, local_world, device):
     (train_set, val_set), (test_set, test_name) = datasets(args), test_split(args)
     # 2) model, optimizer, scheduler (Sec. IV-B), the distributed wrapper
     model = build_model(vars(args), genotype)
+    if args.sync_bn and device.type != "cuda":
+        raise InputError("--sync-bn: torch's SyncBatchNorm runs on CUDA devices only")
     if args.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all processes
     model = prepare_model(model, device, args.compile)
