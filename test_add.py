@@ -669,7 +669,7 @@ def test_compile_runs_a_training_step(tmp_path, capsys):
     ops.save_genotype(cheap, str(tmp_path / "cheap.json"))
     metrics = train.main(["--genotype", str(tmp_path / "cheap.json"), "--benchmark", "--compile", "--image-size", "32",
                           "--channels", "4", "--batch-size", "4", "--blocks", "1", "--cells-per-block", "1"])
-    assert "compilation (warm-up)" in capsys.readouterr().out and metrics["train"] > 0
+    assert "; compilation " in capsys.readouterr().out and metrics["add"]["train"] > 0
 
 
 def test_default_model_size_is_in_the_papers_range():
@@ -886,10 +886,12 @@ def test_search_reads_prepared_ffpp(tmp_path, ffpp):
 
 
 def test_benchmarks_run(genotype_file, capsys):
-    train.main(["--genotype", genotype_file, "--benchmark", "--image-size", "32", "--channels", "4", "--batch-size", "4"])
+    result = train.main(["--genotype", genotype_file, "--benchmark", "--benchmark-against", "resnet18", "--image-size",
+                         "32", "--channels", "4", "--batch-size", "4"])
     search.main(TINY_SEARCH + ["--benchmark"])
     out = capsys.readouterr().out
-    assert "images/s" in out and "search step" in out and "peak memory" in out
+    assert set(result) == {"add", "resnet18"} and all(v["train"] > 0 and v["inference"] > 0 for v in result.values())
+    assert "add / resnet18: training " in out and "search step" in out and "peak memory" in out
 
 
 def test_a_batch_larger_than_the_training_split_is_an_error(tmp_path, genotype_file):

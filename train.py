@@ -20,6 +20,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -180,8 +181,11 @@ def figure(rows, cols, size):
     return plt.subplots(rows, cols, figsize=size, squeeze=False)
 
 
-def save_figure(fig, path):
-    fig.tight_layout()
+def save_figure(fig, path, top=1.0):
+    for a in fig.axes:
+        if a.get_xlabel() == "epoch":
+            a.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout(rect=(0, 0, 1, top))
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     fig.clf()
     import matplotlib.pyplot as plt
@@ -288,7 +292,7 @@ def draw_prediction(result, name, path, k=8):
         a.set_title(f"frame {result['frames'][j]['frame']}\np(fake) {result['frames'][j]['p_fake']:.2f}", fontsize=9)
         a.axis("off")
     fig.suptitle(f"{name}: p(fake) {result['p_fake']:.3f} ({result['verdict']})", fontsize=10)
-    save_figure(fig, path)
+    save_figure(fig, path, top=0.85)
 
 
 def predict_files(args, device):
@@ -530,23 +534,48 @@ def eval_only(args, device):
     return report(args, model, {}, test_set, test_name, device, "eval.json", state["epoch"])
 
 
-def benchmark(args, device, steps=10):
-    """Times training steps (forward, Eq. 7, backward, update) and inference of --arch on random
-    batches; with --compile, the compilation (in the warm-up steps) is reported apart."""
-    genotype = load_genotype(args.genotype) if args.arch == "add" else None
-    model = prepare_model(build_model(vars(args), genotype), device, args.compile)
+def benchmark_timers(args, arch, device, steps):
+    """For one architecture on a random batch: callables timing a training step (forward, Eq. 7,
+    backward, update) and an inference step (BatchNorm folded, as --eval-only and --predict run),
+    each -> (seconds per step, seconds of its 2 warm-up steps: compilation with --compile)."""
+    cfg = dict(vars(args), arch=arch, mask_weight=args.mask_weight if arch == "add" else 0.0)
+    genotype = load_genotype(args.genotype) if arch == "add" else None
+    model = prepare_model(build_model(cfg, genotype), device, args.compile)
+    folded = prepare_model(fold_batchnorm(build_model(cfg, genotype)), device, args.compile)
     optimizer, _ = make_optimizer(model, args)
-    batch, progress = random_batch(args.batch_size, args.image_size), Progress(steps, 0)
-    train, warm = time_steps(lambda: train_epoch(model, [batch], optimizer, device, args, 0, progress), device, steps)
+    batch, run = random_batch(args.batch_size, args.image_size), argparse.Namespace(**cfg)
     x = to_device(batch, device)[0]
-    with torch.no_grad():
-        infer, warm_infer = time_steps(lambda: model.eval()(x), device, steps)
-    b = args.batch_size
-    print(f"{args.arch} ({count_parameters(model) / 1e6:.2f} M parameters), batch {b}, {args.image_size} px, on {device}: "
-          f"training {train * 1000:.0f} ms/step, {b / train:.1f} images/s; inference {b / infer:.1f} images/s; "
-          f"peak memory {peak_memory_mib(device):.0f} MiB"
-          + (f"; compilation (warm-up) {warm:.1f} s + {warm_infer:.1f} s" if args.compile else ""))
-    return dict(train=b / train, inference=b / infer)
+
+    def infer():
+        with torch.no_grad():
+            folded(x)
+    train_step = lambda: train_epoch(model, [batch], optimizer, device, run, 0, Progress(1, 0))
+    return [lambda: time_steps(train_step, device, steps), lambda: time_steps(infer, device, steps)], count_parameters(model)
+
+
+def benchmark(args, device, steps=10, rounds=3):
+    """--benchmark: training and inference images/s of --arch on random batches; with
+    --benchmark-against, of that architecture too, timed alternately in this one process (A, B, A, B,
+    ...; best of each), so that their ratio is measured in one run on the same machine."""
+    archs = [args.arch] + [a for a in [args.benchmark_against] if a and a != args.arch]
+    timers = {a: benchmark_timers(args, a, device, steps) for a in archs}
+    best, warm = {a: [math.inf, math.inf] for a in archs}, {a: [0.0, 0.0] for a in archs}
+    for r in range(rounds):
+        for a in archs:
+            for j, timer in enumerate(timers[a][0]):
+                seconds, warm_up = timer()
+                best[a][j], warm[a][j] = min(best[a][j], seconds), warm_up if r == 0 else warm[a][j]
+    b, result = args.batch_size, {}
+    for a in archs:
+        result[a] = dict(train=b / best[a][0], inference=b / best[a][1])
+        print(f"{a} ({timers[a][1] / 1e6:.2f} M parameters), batch {b}, {args.image_size} px, on {device}: training "
+              f"{result[a]['train']:.1f} images/s, inference {result[a]['inference']:.1f} images/s (BatchNorm folded)"
+              + (f"; compilation {warm[a][0]:.0f} s + {warm[a][1]:.0f} s" if args.compile else ""))
+    if len(archs) == 2:
+        (a, ra), (o, ro) = result.items()
+        print(f"{a} / {o}: training {ra['train'] / ro['train']:.2f}x, inference {ra['inference'] / ro['inference']:.2f}x "
+              f"(best of {rounds} alternating rounds); peak memory {peak_memory_mib(device):.0f} MiB")
+    return result
 
 
 def parse_args(argv=None):
@@ -588,12 +617,14 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50, help="progress line every N steps (0: per epoch only)")
     p.add_argument("--check-every", type=int, default=50, help="read the device's non-finite-loss count every N steps")
     p.add_argument("--benchmark", action="store_true", help="time training and inference steps and exit")
+    p.add_argument("--benchmark-against", choices=("add",) + BASELINES, help="--benchmark: time this architecture "
+                   "too, alternately in the same process, and print the ratio (e.g. resnet18)")
     args = p.parse_args(argv)
     return check_args(resolve_defaults(args, PAPER, DEMO, keep=CHECKPOINT_KEYS if args.eval_only or args.predict else ()))
 
 
 def check_args(args):
-    if args.arch == "add" and not args.genotype and not (args.resume or args.eval_only or args.predict):
+    if "add" in (args.arch, args.benchmark_against) and not args.genotype and not (args.resume or args.eval_only or args.predict):
         raise InputError("--genotype: needed for --arch add; write one with: python search.py --out g.json")
     if (args.eval_only or args.predict) and not args.checkpoint:
         raise InputError(f"--{'eval-only' if args.eval_only else 'predict'} needs --checkpoint PATH "
