@@ -175,8 +175,8 @@ def new_run_dir(path):
 
 
 def prepare_model(model, device, compile=False):
-    """The model on the device, channels_last (measured faster on the CPU too: ADD trains 1.55x, the
-    search steps 1.4x faster; README, Speed), optionally torch.compile'd (inductor)."""
+    """The model on the device, channels_last (faster on the CPU too: ADD trains 1.55x faster in it,
+    issue 9's measurement; README, Speed), optionally torch.compile'd (inductor)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     model = model.to(device, memory_format=torch.channels_last)

@@ -418,9 +418,10 @@ def prepare(videos, root, settings, workers, retry_failed=False, redo=False):
         raise InputError(f"{root}: prepared with {_flags(other)}, not {_flags(settings)}; prepare into another --root, "
                          f"or add --redo to prepare every video again")
     old = [records.get(_record_path(root, v)) for v in videos]
-    todo = [v for v, r in zip(videos, old) if redo or not r or r.get("retry") or (retry_failed and r["reason"])]
+    redone = [v for v, r in zip(videos, old) if r and (redo or r.get("retry") or (retry_failed and r["reason"]))]
+    todo = [v for v, r in zip(videos, old) if not r] + redone
     print(f"{len(videos)} videos, {len(videos) - len(todo)} already prepared, {len(todo)} to do "
-          f"({sum(bool(r) for r in old if r) - len(videos) + len(todo)} of them again), {workers} workers")
+          f"({len(redone)} of them again), {workers} workers")
     start, done = time.time(), 0
     jobs = [(v, root, settings) for v in todo]
     with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:

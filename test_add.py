@@ -458,8 +458,21 @@ def test_preparation_survives_any_error_retries_transient_ones_and_checks_settin
     code, _, err = run_cli("masks.py", *argv[:-1], "3")  # other --frames into the same root
     one_line_error(err, f"{root}: prepared with --frames 2 --size 256 --detect-size 640 --compression c23, not "
                         f"--frames 3", "--redo")
-    masks.main(argv[:-1] + ["3", "--workers", "1", "--redo", "--retry-failed"])
+    masks.main(argv + ["--workers", "1", "--retry-failed"])  # the bomb's video, recorded as failed, is tried again
+    assert "7 already prepared, 1 to do (1 of them again)" in capsys.readouterr().out
+    masks.main(argv[:-1] + ["3", "--workers", "1", "--redo"])
     assert manifest_counts(root)[("train", 0)] == 6 and "8 to do" in capsys.readouterr().out  # 3 of 6 frames each
+
+
+def test_manifest_is_written_with_csv_quoting(tmp_path):
+    root = str(tmp_path)
+    record = dict(split="train", label=1, method="Deepfakes", name='001,"002"', path="x", settings={}, frames=[3],
+                  skipped_frames=[], reason="", retry=False)
+    os.makedirs(os.path.join(root, "records", "Deepfakes"))
+    open(os.path.join(root, "records", "Deepfakes", "a.json"), "w").write(json.dumps(record))
+    masks.write_manifest(root)
+    row = next(csv.DictReader(open(os.path.join(root, "manifest.csv"))))
+    assert row["video"] == '001,"002"' and row["frame"] == "3" and row["image"] == 'faces/Deepfakes/001,"002"/0003.png'
 
 
 def test_odd_frames_give_faces_16_bit_exif_rotated_video_natural_order(tmp_path):
