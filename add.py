@@ -12,6 +12,7 @@
 """
 import argparse
 import contextlib
+import json
 import os
 import resource
 import sys
@@ -73,8 +74,9 @@ class Heads(nn.Module):
 
 class ADD(nn.Module):
     """Fig. 2: stem -> cells (layout from d2_layout) -> heads. Returns (logits (B, 2), m (B, 1, H, W)
-    or None). Channels double at each reduction cell; each cell outputs STEPS * C channels."""
-    def __init__(self, genotype, C, layout, stem_reductions=3, mask=True, hidden=256):
+    or None). Channels double at each reduction cell; each cell outputs STEPS * C channels.
+    partial: the search network's partial channels (ops.MixedOp), unused with a genotype."""
+    def __init__(self, genotype, C, layout, stem_reductions=3, mask=True, hidden=256, partial=1):
         super().__init__()
         C_stem = 3 * C  # DARTS's stem multiplier
         self.stem = stem(C_stem, stem_reductions)
@@ -84,11 +86,11 @@ class ADD(nn.Module):
             C_cur *= 2 if reduction else 1
             cell = None if genotype is None else genotype.reduce if reduction else genotype.normal
             edges = search_edges() if cell is None else genotype_edges(cell)
-            self.cells.append(Cell(edges, C_pp, C_p, C_cur, reduction, reduction_prev, affine=genotype is not None))
+            self.cells.append(Cell(edges, C_pp, C_p, C_cur, reduction, reduction_prev, genotype is not None, partial))
             C_pp, C_p, reduction_prev = C_p, STEPS * C_cur, reduction
         self.heads = Heads(C_p, hidden, mask)
 
-    def forward(self, x, weights=None):  # x (B, 3, H, W); weights: (normal, reduce) softmax of alpha
+    def forward(self, x, weights=None):  # x (B, 3, H, W); weights: (normal, reduce), each as Cell.forward takes it
         s0 = s1 = self.stem(x)  # (B, 3C, H/2^r, W/2^r)
         for cell in self.cells:
             w = None if weights is None else weights[1] if cell.reduction else weights[0]
@@ -185,15 +187,41 @@ def prepare_model(model, device, compile=False):
     return model
 
 
-def fold_batchnorm(model):
-    """Inference only: each BatchNorm that directly follows a convolution is folded into it
-    (BN(conv(x)) = conv'(x) with running statistics), saving a pass over every such activation.
+def fold_batchnorm(model, image_size):
+    """Inference only: every BatchNorm whose input is the output of a convolution is folded into it
+    (BN(conv(x)) = conv'(x) with the running statistics), saving a pass over every such activation.
+    The pairs are found by running one random image through the model with hooks, so pairs held as
+    attributes (torchvision's ResNet: conv1 -> bn1, each block's bn1/bn2) fold as well as those in
+    an nn.Sequential; a module called more than once is left alone. The folded model must give the
+    logits of the unfolded one on that image (else RuntimeError: a conv output used elsewhere too).
     In place; returns the model in eval mode, channels_last."""
     model.eval()
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(seq) - 1):
-            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
-                seq[i], seq[i + 1] = fuse_conv_bn_eval(seq[i], seq[i + 1]), nn.Identity()
+    x = torch.rand(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(next(model.parameters()).device)
+    conv_outputs, calls, pairs = {}, {}, []
+
+    def after_conv(conv, inputs, out):
+        calls[conv] = calls.get(conv, 0) + 1
+        conv_outputs[id(out)] = (conv, out)  # holding `out` keeps its id unique during the pass
+
+    def before_bn(bn, inputs):
+        calls[bn] = calls.get(bn, 0) + 1
+        if id(inputs[0]) in conv_outputs:
+            pairs.append((conv_outputs[id(inputs[0])][0], bn))
+    hooks = [m.register_forward_hook(after_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_pre_hook(before_bn) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        expected = model(x)[0]
+    for hook in hooks:
+        hook.remove()
+    parents = {child: (parent, name) for parent in model.modules() for name, child in parent.named_children()}
+    for conv, bn in pairs:
+        if calls[conv] == calls[bn] == 1:
+            setattr(*parents[conv], fuse_conv_bn_eval(conv, bn))
+            setattr(*parents[bn], nn.Identity())
+    with torch.no_grad():
+        if not torch.allclose(model(x)[0], expected, rtol=1e-3, atol=1e-4):
+            raise RuntimeError("fold_batchnorm changed the logits: a convolution's output feeds more than its BatchNorm")
     return model.to(memory_format=torch.channels_last)
 
 
@@ -252,6 +280,37 @@ def load_checkpoint(path):
         raise InputError(f"{path}: no such checkpoint")
     except Exception as e:  # torch.load raises many types on a corrupt file; all mean the same here
         raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def resumed_config(state, args, run_keys, path, needed=()):
+    """The saved configuration of a run being resumed, but for the options a resumed run may change
+    (run_keys). A checkpoint of another script, or of an older version whose configuration lacks
+    options this version has (its network and schedules would differ), is an InputError."""
+    saved = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(saved, dict) or any(k not in state for k in ("model", *needed)):
+        raise InputError(f"{path}: not a checkpoint this script can resume (start a new run)")
+    missing = sorted(set(vars(args)) - set(saved))
+    if missing:
+        raise InputError(f"{path}: written by another version of this script (its configuration has no "
+                         f"{', '.join('--' + k.replace('_', '-') for k in missing[:3])}); start a new run")
+    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in run_keys}})
+
+
+def trim_log(path, epochs):
+    """log.jsonl of a resumed run: only the lines of the epochs its checkpoint holds. The line of an
+    epoch is written before its checkpoint, so a kill between the two leaves one line too many (or
+    half of one), which this drops: the epoch runs again and writes it again, never twice."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["epoch"] <= epochs:
+                    keep.append(line.rstrip("\n") + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line cut short by the kill
+    atomic_write(path, lambda f: f.write("".join(keep).encode()))
 
 
 def load_state(module, state, path, what="model"):

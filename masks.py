@@ -12,7 +12,6 @@ no download) are at the end of this file.
     python masks.py --benchmark [--src video.mp4]               # frames/s of the preparation
 """
 import argparse
-import contextlib
 import csv
 import functools
 import glob
@@ -27,6 +26,8 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
 import av
@@ -368,15 +369,23 @@ def _record_path(root, video):
     return os.path.join(root, "records", video.method, video.name + ".json")
 
 
-def prepare_video(video, root, settings):
+def _staging(root, video):
+    """Where an attempt writes its frames; it exists only while the attempt is unfinished."""
+    return os.path.join(root, "staging", video.method, video.name)
+
+
+def prepare_video(video, root, settings, previous=None):
     """One video -> crops and masks under root, then its record (written last: a video with a record
-    is finished, a restart skips it). Nothing raised inside stops the pool: a video that cannot be
-    read (missing, a partial download, a network mount) is recorded with retry=True and tried again
-    by the next run; any other failure (degenerate landmarks, a decompression bomb, dlib) and a
-    video without faces are recorded with their reason."""
+    and no staging folder is finished, a restart skips it). The frames are written into a staging
+    folder and replace the earlier ones only when the attempt is committed (_commit). Nothing raised
+    inside stops the pool: a video that cannot be read (missing, a partial download, a network mount)
+    is recorded with retry=True and tried again by the next run; any other failure (degenerate
+    landmarks, a decompression bomb, dlib) and a video without faces are recorded with their reason.
+    previous: the video's record from an earlier run, if any."""
     record = dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], reason="", retry=False)
-    for kind in ("faces", "masks"):
-        shutil.rmtree(os.path.join(root, kind, video.method, video.name), ignore_errors=True)  # an earlier attempt's
+    staging = _staging(root, video)
+    shutil.rmtree(staging, ignore_errors=True)  # an earlier, killed attempt's
+    os.makedirs(staging)  # also the mark of an attempt in flight (prepare: a worker that died)
     seen, size = 0, settings["size"]
     try:
         for i, crop, points, _ in read_faces(video.path, settings["frames"], size, settings["detect_size"]):
@@ -384,7 +393,7 @@ def prepare_video(video, root, settings):
             if crop is None:
                 record["skipped_frames"].append([i, "no face"])
                 continue
-            image_file, mask_file = (os.path.join(root, f) for f in _files(video, i))
+            image_file, mask_file = (os.path.join(staging, kind, f"{i:04d}.png") for kind in ("faces", "masks"))
             atomic_write(image_file, lambda f: Image.fromarray(crop).save(f, "PNG", compress_level=1))
             atomic_write(mask_file, lambda f: Image.fromarray(hull_mask(points, size) * 255).save(f, "PNG"))
             record["frames"].append(i)
@@ -394,7 +403,27 @@ def prepare_video(video, root, settings):
         record["reason"] = f"failed ({type(e).__name__}: {e})"
     if not record["reason"] and not record["frames"]:
         record["reason"] = f"no face in any of its {seen} frames" if seen else "no frames decoded"
+    return _commit(root, video, record, previous)
+
+
+def _commit(root, video, record, previous):
+    """Ends an attempt: its frames replace the earlier ones, unless it failed with fewer frames than
+    an earlier attempt with the same settings kept (a source that became unreadable: a network mount
+    down): those frames and their record stay, with the new reason. Then the record is written and
+    the staging folder removed (a kill before that makes the next run prepare the video again)."""
+    staging, n = _staging(root, video), len((previous or {}).get("frames", []))
+    if record["reason"] and n > len(record["frames"]) and previous.get("settings") == record["settings"]:
+        record = dict(previous, reason=f"{record['reason']}; the {n} frames prepared before are kept",
+                      retry=record["retry"])
+    else:
+        for kind in ("faces", "masks"):
+            final = os.path.join(root, kind, video.method, video.name)
+            shutil.rmtree(final, ignore_errors=True)
+            if os.path.isdir(os.path.join(staging, kind)):
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.replace(os.path.join(staging, kind), final)
     atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
+    shutil.rmtree(staging, ignore_errors=True)
     return record
 
 
@@ -407,40 +436,91 @@ def _prepare_one(job):
         return dict(job[0]._asdict(), frames=[], reason=f"not recorded ({type(e).__name__}: {e})", retry=True)
 
 
+def _run_jobs(jobs, workers):
+    """Yields each job's record, `workers` videos at a time. A worker that dies (killed by a signal,
+    the OOM killer, a crash in native code) breaks its pool: the videos then in flight (their staging
+    folder exists) are tried again one at a time, each in a pool of its own, so that the one that
+    kills its worker again is recorded as failed; the others go on in a new pool."""
+    if workers == 1:  # in this process (a crash here stops the run; the videos finished stay finished)
+        yield from map(_prepare_one, jobs)
+        return
+    pending = list(jobs)
+    while pending:
+        finished = set()
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_prepare_one, job): k for k, job in enumerate(pending)}
+            try:
+                for future in as_completed(futures):
+                    record = future.result()
+                    finished.add(futures[future])
+                    yield record
+            except BrokenProcessPool:
+                pass
+        left = [job for k, job in enumerate(pending) if k not in finished]
+        in_flight = [os.path.isdir(_staging(job[1], job[0])) for job in left]
+        yield from _alone([job for job, started in zip(left, in_flight) if started])
+        pending = [job for job, started in zip(left, in_flight) if not started]
+
+
+def _alone(jobs):
+    """Each job in a worker process of its own: a worker that dies is that video's failure."""
+    for job in jobs:
+        with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+            try:
+                yield pool.submit(_prepare_one, job).result()
+            except BrokenProcessPool:
+                video, root, settings, previous = job
+                record = dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], retry=False,
+                              reason="failed (the process preparing it died: killed by a signal, out of memory, "
+                                     "or a crash in native code)")
+                yield _commit(root, video, record, previous)
+
+
 def prepare(videos, root, settings, workers, retry_failed=False, redo=False):
     """Prepare every video not finished yet, in parallel; then rebuild the manifest and the report
     from all records under root (so both cover earlier runs too). Tried again: videos recorded with
-    retry (unreadable last time); with retry_failed every video with a reason; with redo, all.
-    Records carry the settings: preparing into a root made with other settings is an error."""
+    retry (unreadable last time), and videos whose attempt was cut short (a staging folder left);
+    with retry_failed every video with a reason; with redo, all. Records carry the settings:
+    preparing into a root made with other settings is an error."""
     records = _records(root)
-    other = next((r["settings"] for r in records.values() if r.get("settings") != settings), None)
+    other = next((r for r in records.values() if r.get("settings") != settings), None)
     if other and not redo:
-        raise InputError(f"{root}: prepared with {_flags(other)}, not {_flags(settings)}; prepare into another --root, "
+        was = _flags(other["settings"]) if other.get("settings") else "an older version of masks.py (records without settings)"
+        raise InputError(f"{root}: prepared with {was}, not {_flags(settings)}; prepare into another --root, "
                          f"or add --redo to prepare every video again")
     old = [records.get(_record_path(root, v)) for v in videos]
-    redone = [v for v, r in zip(videos, old) if r and (redo or r.get("retry") or (retry_failed and r["reason"]))]
-    todo = [v for v, r in zip(videos, old) if not r] + redone
-    print(f"{len(videos)} videos, {len(videos) - len(todo)} already prepared, {len(todo)} to do "
-          f"({len(redone)} of them again), {workers} workers")
+    again = lambda v, r: redo or r.get("retry") or (retry_failed and r["reason"]) or os.path.isdir(_staging(root, v))
+    jobs = [(v, root, settings, r) for v, r in zip(videos, old) if not r or again(v, r)]
+    print(f"{len(videos)} videos, {len(videos) - len(jobs)} already prepared, {len(jobs)} to do "
+          f"({sum(r is not None for *_, r in jobs)} of them again), {workers} workers")
     start, done = time.time(), 0
-    jobs = [(v, root, settings) for v in todo]
-    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        for record in pool.imap_unordered(_prepare_one, jobs) if pool else map(_prepare_one, jobs):
-            done += len(record["frames"])
-            if record["reason"]:
-                print(f"  skipped {record['method']}/{record['name']}: {record['reason']}"
-                      + ("  (tried again on the next run)" if record["retry"] else ""))
+    for record in _run_jobs(jobs, workers):
+        done += len(record["frames"])
+        if record["reason"]:
+            print(f"  skipped {record['method']}/{record['name']}: {record['reason']}"
+                  + ("  (tried again on the next run)" if record["retry"] else ""))
     elapsed = time.time() - start
     print(f"prepared {done} frames in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.1f} frames/s)")
     return write_manifest(root)
 
 
-def _records(root):
-    """Every finished video's record under root, by path."""
+RECORD_KEYS = ("split", "label", "method", "name", "path", "frames", "skipped_frames", "reason")
+
+
+def _records(root, quiet=False):
+    """Every finished video's record under root, by path. A record that cannot be read (cut short or
+    edited by hand) is reported and left out: its video is prepared again."""
     found = {}
     for path in sorted(glob.glob(os.path.join(root, "records", "*", "*.json"))):
-        with open(path) as f:
-            found[path] = json.load(f)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            if not isinstance(record, dict) or any(k not in record for k in RECORD_KEYS):
+                raise ValueError(f"expected a JSON object with {', '.join(RECORD_KEYS)}")
+            found[path] = record
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            if not quiet:
+                print(f"  {path}: not a readable record ({str(e).splitlines()[0][:100]}); its video is prepared again")
     return found
 
 
@@ -453,7 +533,7 @@ def write_manifest(root):
     report.txt (every skipped video and frame, with the reason), both from the records; prints the
     videos and frames per split and class."""
     rows, skipped, table = [], [], {}
-    for r in _records(root).values():
+    for r in _records(root, quiet=True).values():
         video = Video(r["split"], r["label"], r["method"], r["name"], r["path"])
         rows += [[video.split, video.label, video.method, video.name, i, *_files(video, i)] for i in r["frames"]]
         skipped += [f"{r['method']}/{r['name']}\tvideo\t{r['reason']}"] * bool(r["reason"])
@@ -516,6 +596,15 @@ class FaceCrops(Dataset):
 
 # ----------------------------------------------------------------------------------------------
 # 6) Built-in synthetic faces: drawn, lit and photographed procedurally, then manipulated
+
+# The benchmark's presets (--synthetic), the strength of each artifact (see manipulate). "easy", the
+# demo: every network, resnet18 included, reaches test AUC 0.995+ in the demo's 12 epochs, too easy
+# to tell architectures apart. "hard" (Table VI's low-quality idea): subtler blending (less blur,
+# less colour mismatch, a 2x GAN up-sampling), the fakes re-noised with the camera's noise, every
+# frame JPEG-compressed at quality 40; resnet18's test AUC over 3 training seeds is in the README.
+SYNTHETIC_PRESETS = {"easy": dict(blur=0.5, mismatch=0.3, gan_scale=4, fake_noise=0.0, jpeg=None),
+                     "hard": dict(blur=0.3, mismatch=0.15, gan_scale=2, fake_noise=1.0, jpeg=40)}
+
 
 def random_identity(rng):
     """Face shape in face units (the face is ~1 wide, y down, 0 at the face centre) and colours."""
@@ -650,32 +739,40 @@ INNER_FACE = ("eye_y", "eye_dx", "eye_w", "eye_h", "brow_gap", "brow_arch", "nos
               "mouth_w", "lip_up", "lip_low", "skin", "lips", "iris")
 
 
-def manipulate(family, real, pts, idt, ex, pose, scene, size, rng):
+def manipulate(family, real, pts, idt, ex, pose, scene, size, rng, preset=None):
     """A fake made from a real frame, as the FF++ families are made from real videos:
     swap  (FaceSwap/Deepfakes-like): another person's inner face, rendered without the camera's
           noise, its skin colour only partly matched, blended into the face hull;
     mouth (NeuralTextures-like): the mouth re-rendered with another expression, blended in;
     gan   (re-synthesis): the face hull passed through a 4x down/up-sampling (GAN-like up-sampling
           loses the sensor noise and fine texture), slightly recoloured.
+    preset (SYNTHETIC_PRESETS, default "easy") sets how strong the artifacts are: the extra blur of
+    the rendered content (blur), the share of the donor's skin colour left (mismatch), the GAN's
+    down-sampling factor (gan_scale), and the fraction of the camera's sensor noise the replaced
+    content gets (fake_noise: 0, the lost-noise cue at full strength).
     -> fake (size, size, 3), its landmarks (68, 2) and the blending weight (size, size) in [0, 1]."""
+    p = preset or SYNTHETIC_PRESETS["easy"]
     if family == "swap":
         donor = random_identity(rng)
         mixed = dict(idt, **{k: donor[k] for k in INNER_FACE})
-        mixed["skin"], mixed["lips"] = 0.7 * idt["skin"] + 0.3 * donor["skin"], donor["lips"]  # colour half-corrected
-        content, fake_pts = render_face(mixed, ex, pose, scene, size, blur=0.5)
+        k = p["mismatch"]  # the colour only partly corrected
+        mixed["skin"], mixed["lips"] = (1 - k) * idt["skin"] + k * donor["skin"], donor["lips"]
+        content, fake_pts = render_face(mixed, ex, pose, scene, size, blur=p["blur"])
         region = _scaled(fake_pts, 0.92, fake_pts[30])
     elif family == "mouth":
         ex2 = dict(ex, mouth_open=ex["mouth_open"] + rng.uniform(0.02, 0.05), smile=rng.uniform(-0.01, 0.04))
-        content, fake_pts = render_face(idt, ex2, pose, scene, size, blur=0.5)
+        content, fake_pts = render_face(idt, ex2, pose, scene, size, blur=p["blur"])
         both = np.concatenate([pts[48:68], fake_pts[48:68]])
         region = _scaled(both, 1.6, both.mean(0))
     elif family == "gan":
-        small = Image.fromarray(np.uint8(real * 255)).resize((size // 4,) * 2, Image.BOX)
+        small = Image.fromarray(np.uint8(real * 255)).resize((round(size / p["gan_scale"]),) * 2, Image.BOX)
         content = np.asarray(small.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
         content, fake_pts = np.clip(content * rng.uniform(0.92, 1.08, 3), 0, 1), pts
         region = _scaled(pts, 0.95, pts[30])
     else:
         raise ValueError(f"unknown synthetic manipulation {family!r}")
+    if p["fake_noise"]:
+        content = content + rng.normal(0, p["fake_noise"] * scene["noise"], content.shape)
     inside = hull_mask(region, size) * hull_mask(fake_pts, size)  # a manipulation stays on the face
     soft = Image.fromarray(inside * 255).filter(ImageFilter.GaussianBlur(size / 64))
     weight = np.asarray(soft, dtype=np.float32)[..., None] / 255
@@ -686,8 +783,9 @@ def _scaled(points, k, centre):
     return (points - centre) * k + centre
 
 
-def synthetic_frame(seed, video, frame, size, family=None):
-    """One frame of synthetic video `video`: the real frame, and with `family` its fake.
+def synthetic_frame(seed, video, frame, size, family=None, preset=None):
+    """One frame of synthetic video `video`: the real frame, and with `family` its fake (made with
+    the preset's artifacts, see manipulate).
     -> dict(real, real_points, fake, fake_points, weight); images (size, size, 3) float32 in [0, 1]."""
     rng = np.random.default_rng([seed, video])  # the video: person, background, light, camera
     idt, scene = random_identity(rng), random_scene(rng, size)
@@ -697,29 +795,40 @@ def synthetic_frame(seed, video, frame, size, family=None):
     out = dict(real=real, real_points=pts)
     if family:
         fake_rng = np.random.default_rng([seed, video, frame, 1 + SYNTHETIC_METHODS.index(family)])
-        out["fake"], out["fake_points"], out["weight"] = manipulate(family, real, pts, idt, ex, pose, scene, size, fake_rng)
+        out["fake"], out["fake_points"], out["weight"] = manipulate(family, real, pts, idt, ex, pose, scene, size, fake_rng,
+                                                                       preset)
     return out
+
+
+def jpeg(image, quality):
+    """(H, W, 3) uint8 -> the same image after a JPEG round trip at this quality (4:2:0, as video codecs)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buffer).convert("RGB"))
 
 
 class SyntheticFaces(Dataset):
     """The built-in data. A split holds `videos` real videos of `frames` frames; fake video j is real
     video j with its face manipulated frame by frame (as FF++ makes its fakes), by family
-    methods[j % len(methods)]: the classes are balanced. Deterministic by (seed, split).
+    methods[j % len(methods)]: the classes are balanced. Deterministic by (seed, split, preset).
 
     One sample (size 64): image (3, 64, 64) uint8, a face of random identity, pose, skin tone,
     lighting and background with sensor noise; mask (1, 64, 64) uint8 in {0, 1}, the convex hull of
     its 68 landmarks (the same hull_mask as real faces); label 0 real / 1 fake; video "swap/0000007".
     `samples[i]` = (method, video, frame). The whole split is drawn once, into memory: ~3 ms per
     real/fake pair at 64 px (the demo's training split, 640 pairs, takes 2 s)."""
-    def __init__(self, split, methods, videos, frames, size, seed):
+    def __init__(self, split, methods, videos, frames, size, seed, preset="easy"):
         first = {"train": 0, "val": 1_000_000, "test": 2_000_000}[split]  # disjoint people per split
+        quality = SYNTHETIC_PRESETS[preset]["jpeg"]
         items = []
         for v in range(first, first + videos):
             family = methods[v % len(methods)]
             for t in range(frames):
-                s = synthetic_frame(seed, v, t, size, family)
+                s = synthetic_frame(seed, v, t, size, family, SYNTHETIC_PRESETS[preset])
                 items += [(s["real"], s["real_points"], 0, "real", v, t), (s["fake"], s["fake_points"], 1, family, v, t)]
-        self.images = torch.from_numpy(np.stack([np.uint8(np.round(255 * i[0])) for i in items])).permute(0, 3, 1, 2)
+        images = [np.uint8(np.round(255 * i[0])) for i in items]
+        images = [jpeg(i, quality) for i in images] if quality else images
+        self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
         self.masks = torch.from_numpy(np.stack([hull_mask(i[1], size) for i in items]))[:, None]
         self.labels = [i[2] for i in items]
         self.samples = [(i[3], f"{i[4]:07d}", i[5]) for i in items]
@@ -742,6 +851,8 @@ def add_data_arguments(p):
     p.add_argument("--methods", help="manipulations to use, comma-separated (default: all; ff++: "
                    + ",".join(FFPP_METHODS) + "; synthetic: " + ",".join(SYNTHETIC_METHODS) + ")")
     p.add_argument("--image-size", type=int, help="input size (paper: 256, Sec. IV-B; synthetic demo: 64)")
+    p.add_argument("--synthetic", choices=tuple(SYNTHETIC_PRESETS), help="synthetic only: the "
+                   "benchmark's preset (easy, the default: the demo; hard: JPEG-compressed, re-noised fakes, to compare networks)")
     p.add_argument("--videos", type=int, help="synthetic only: real videos in the train split (val, test: half)")
     p.add_argument("--frames", type=int, help="frames per video: synthetic data (default 4), --predict (default 32)")
     p.add_argument("--workers", type=int, help="DataLoader workers per process (default: 0 on synthetic data, "
@@ -758,11 +869,11 @@ def parse_methods(data, text):
     return methods
 
 
-def open_split(data, root, split, methods, image_size, train, videos=None, frames=4):
+def open_split(data, root, split, methods, image_size, train, videos=None, frames=4, preset="easy"):
     """The dataset of one split: (image, mask, label, video) samples from any of the three sources."""
     if data == "synthetic":
         n = videos if split == "train" else max(2, videos // 2)
-        return SyntheticFaces(split, methods, n, frames, image_size, seed=0)
+        return SyntheticFaces(split, methods, n, frames, image_size, seed=0, preset=preset)
     return FaceCrops(root or os.path.join("data", data), split, methods, train, image_size)
 
 
@@ -772,7 +883,7 @@ def resolve_defaults(args, paper, demo, keep=()):
     from a checkpoint)."""
     if args.data is None and "data" not in keep:
         args.data = "synthetic"
-    for key, value in (demo if args.data == "synthetic" else paper).items():
+    for key, value in dict(demo if args.data == "synthetic" else paper, synthetic="easy").items():
         if key not in keep and getattr(args, key, None) is None:
             setattr(args, key, value)
     return args

@@ -119,13 +119,20 @@ class MixedOp(nn.Module):
     Seven of the ten operations (every convolution) start with ReLU(x): it is computed once per edge
     and their first module dropped (the same function; the search step 1.25x faster in one A/B run).
     The weighted sum is taken in fp32: under bf16 autocast, weights ~0.1 on bf16 outputs lose bits.
+
+    partial = K > 1: PC-DARTS's partial channels (Xu et al., ICLR 2020): only the first C/K channels
+    go through the operations, the other channels bypass the edge (max-pooled where it strides), and
+    the channels are shuffled so that the next edge mixes others. K = 1 is the paper's DARTS edge.
     """
-    def __init__(self, C, stride):
+    def __init__(self, C, stride, partial=1):
         super().__init__()
+        self.partial, C_op = partial, C // partial
         self.index = [i for i, name in enumerate(PRIMITIVES) if name != "none"]
-        built = [self._op(PRIMITIVES[i], C, stride) for i in self.index]
+        built = [self._op(PRIMITIVES[i], C_op, stride) for i in self.index]
         self.after_relu = [isinstance(op, nn.Sequential) and isinstance(op[0], nn.ReLU) for op in built]
         self.ops = nn.ModuleList(nn.Sequential(*list(op)[1:]) if r else op for op, r in zip(built, self.after_relu))
+        if partial > 1:
+            self.bypass = nn.MaxPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()
 
     @staticmethod
     def _op(name, C, stride):
@@ -133,8 +140,20 @@ class MixedOp(nn.Module):
         return nn.Sequential(op, nn.BatchNorm2d(C, affine=False)) if "pool" in name else op
 
     def forward(self, x, weights):  # x (B, C, H, W); weights (len(PRIMITIVES),), the softmax of alpha
+        if self.partial > 1:
+            x, rest = x[:, :x.shape[1] // self.partial], x[:, x.shape[1] // self.partial:]  # (B, C/K, ..), (B, C - C/K, ..)
         inputs = (x, F.relu(x))
-        return sum(weights[i] * op(inputs[r]).float() for i, op, r in zip(self.index, self.ops, self.after_relu))  # Eq. 2
+        out = sum(weights[i] * op(inputs[r]).float() for i, op, r in zip(self.index, self.ops, self.after_relu))  # Eq. 2
+        if self.partial == 1:
+            return out
+        return channel_shuffle(torch.cat([out, self.bypass(rest).to(out.dtype)], dim=1), self.partial)
+
+
+def channel_shuffle(x, groups):
+    """(B, C, H, W) -> the same channels interleaved: channel g * C/groups + i moves to i * groups + g,
+    so the operated quarter (K = 4) of one edge is spread over the next edge's quarters (PC-DARTS)."""
+    B, C, H, W = x.shape
+    return x.view(B, groups, C // groups, H, W).transpose(1, 2).reshape(B, C, H, W)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,6 +166,12 @@ def search_edges(steps=STEPS):
     return [(node, inp, None) for node in range(steps) for inp in range(node + 2)]
 
 
+def node_softmax(beta):
+    """PC-DARTS's edge normalisation: beta (n_edges,), one weight per search edge -> a softmax over
+    each node's incoming edges (node i has i + 2 of them, consecutive in search_edges' order)."""
+    return torch.cat([b.softmax(0) for b in beta.split([node + 2 for node in range(STEPS)])])
+
+
 def genotype_edges(cell):
     """The chosen edges of a derived cell: [(op, input), ...] two per node -> [(node, input, op)]."""
     return [(k // 2, inp, op) for k, (op, inp) in enumerate(cell)]
@@ -157,9 +182,10 @@ class Cell(nn.Module):
     of the nodes, so 4*C channels. Inputs are the outputs of the two previous cells (s0 = c_{k-2},
     s1 = c_{k-1}); in a reduction cell the edges from them have stride 2.
 
-    edges: [(node, input, op name or None)]; None builds a MixedOp (search), a name builds that op.
+    edges: [(node, input, op name or None)]; None builds a MixedOp (search; partial: its K), a name
+    builds that op.
     """
-    def __init__(self, edges, C_pp, C_p, C, reduction, reduction_prev, affine):
+    def __init__(self, edges, C_pp, C_p, C, reduction, reduction_prev, affine, partial=1):
         super().__init__()
         self.reduction = reduction
         # s0 is twice the size of s1 after a reduction cell: bring both to (B, C, H, W)
@@ -168,13 +194,15 @@ class Cell(nn.Module):
         self.edges = [(node, inp) for node, inp, _ in edges]
         self.steps = 1 + max(node for node, _ in self.edges)
         self.ops = nn.ModuleList(
-            self._op(name, C, 2 if reduction and inp < 2 else 1, affine) for _, inp, name in edges)
+            self._op(name, C, 2 if reduction and inp < 2 else 1, affine, partial) for _, inp, name in edges)
 
     @staticmethod
-    def _op(name, C, stride, affine):
-        return MixedOp(C, stride) if name is None else OPS[name](C, stride, affine)
+    def _op(name, C, stride, affine, partial):
+        return MixedOp(C, stride, partial) if name is None else OPS[name](C, stride, affine)
 
-    def forward(self, s0, s1, weights=None):  # weights: (n_edges, n_ops) softmax of alpha, or None
+    def forward(self, s0, s1, weights=None):
+        """weights: None (a derived cell), or (op weights (n_edges, n_ops): the softmax of alpha,
+        edge weights (n_edges,): PC-DARTS's normalised beta, or None)."""
         states = [self.pre0(s0), self.pre1(s1)]  # each (B, C, H, W)
         for node in range(self.steps):
             states.append(sum(self._edge(k, states[inp], weights)
@@ -182,7 +210,11 @@ class Cell(nn.Module):
         return torch.cat(states[2:], dim=1)  # (B, steps*C, H', W')
 
     def _edge(self, k, h, weights):
-        return self.ops[k](h) if weights is None else self.ops[k](h, weights[k])
+        if weights is None:
+            return self.ops[k](h)
+        op_weights, edge_weights = weights
+        out = self.ops[k](h, op_weights[k])
+        return out if edge_weights is None else edge_weights[k] * out
 
 
 # ----------------------------------------------------------------------------------------------

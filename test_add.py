@@ -3,9 +3,11 @@
     python -m pytest -q            # the whole suite (about a minute on 2 CPU cores)
 """
 import csv
+import glob
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import struct
@@ -78,8 +80,20 @@ def test_every_op_keeps_shape_or_halves_it(name, stride):
 
 
 def test_search_space_is_the_papers_eleven_operations():
-    assert len(ops.PRIMITIVES) == 11 and ops.PRIMITIVES[0] == "none"
-    assert {"conv_7x7", "sep_conv_5x5", "dil_conv_5x5", "skip_connect", "avg_pool_3x3"} <= set(ops.PRIMITIVES)
+    # Sec. III-B's list, in its order: zero, identity, 3x3 avg / max pooling, 3x3 / 5x5 / 7x7 convolution,
+    # 3x3 / 5x5 separable, 3x3 / 5x5 dilated separable
+    assert ops.PRIMITIVES == ["none", "skip_connect", "avg_pool_3x3", "max_pool_3x3", "conv_3x3", "conv_5x5", "conv_7x7",
+                              "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"]
+    convs = lambda name: [(m.kernel_size[0], m.dilation[0], m.groups > 1) for m in ops.OPS[name](6, 1, True).modules()
+                          if isinstance(m, torch.nn.Conv2d)]
+    assert isinstance(ops.OPS["none"](6, 1, True), ops.Zero) and isinstance(ops.OPS["skip_connect"](6, 1, True), torch.nn.Identity)
+    assert isinstance(ops.OPS["avg_pool_3x3"](6, 1, True), torch.nn.AvgPool2d)
+    assert isinstance(ops.OPS["max_pool_3x3"](6, 1, True), torch.nn.MaxPool2d)
+    for k in (3, 5, 7):
+        assert convs(f"conv_{k}x{k}") == [(k, 1, False)]  # one dense k x k convolution
+    for k in (3, 5):
+        assert convs(f"sep_conv_{k}x{k}") == [(k, 1, True), (1, 1, False)] * 2  # depthwise + pointwise, twice
+        assert convs(f"dil_conv_{k}x{k}") == [(k, 2, True), (1, 1, False)]  # dilated depthwise + pointwise
 
 
 def full_op(mixed, i, C, stride):
@@ -114,13 +128,46 @@ def test_mixed_op_is_the_softmax_weighted_sum_of_eq2():
     assert torch.allclose(mixed(x, alpha.softmax(0)), by_hand, atol=1e-6)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_partial_channels_route_a_kth_of_the_channels_through_eq2_and_shuffle_the_rest(stride):
+    torch.manual_seed(0)
+    K, C = 4, 8
+    mixed = ops.MixedOp(C, stride, partial=K).eval()
+    assert all(m.in_channels == C // K for m in mixed.modules() if isinstance(m, torch.nn.Conv2d))
+    x, w = torch.randn(2, C, 8, 8), torch.softmax(torch.randn(len(ops.PRIMITIVES)), 0)
+    out = mixed(x, w)
+    assert out.shape == (2, C, 8 // stride, 8 // stride)
+    eq2 = sum(w[i] * full_op(mixed, i, C // K, stride)(x[:, :C // K]) for i in mixed.index)  # by hand, on C/K channels
+    rest = x[:, C // K:] if stride == 1 else F.max_pool2d(x[:, C // K:], 2)
+    unshuffled = torch.empty_like(out)
+    for g in range(K):  # the shuffle puts channel g * C/K + i at i * K + g
+        for i in range(C // K):
+            unshuffled[:, g * (C // K) + i] = out[:, i * K + g]
+    assert torch.allclose(unshuffled[:, :C // K], eq2, atol=1e-6) and torch.equal(unshuffled[:, C // K:], rest)
+
+
+def test_one_partial_channel_group_is_the_papers_darts_edge_and_beta_sums_to_one_per_node():
+    torch.manual_seed(0)
+    plain = search.SearchNetwork(4, 3, 2, True, partial=1)
+    torch.manual_seed(0)
+    pc = search.SearchNetwork(4, 3, 2, True, partial=2)
+    assert not any(n.startswith("beta") for n, _ in plain.named_parameters()) and len(pc.arch_parameters()) == 4
+    assert all(not hasattr(m, "bypass") for m in plain.modules())  # K = 1: today's MixedOp, its state_dict keys
+    beta = ops.node_softmax(torch.randn(14))
+    assert [round(float(beta[list(search.node_edges(n))].sum()), 6) for n in range(4)] == [1.0] * 4
+    x = torch.rand(2, 3, 32, 32)
+    assert pc(x)[0].shape == plain(x)[0].shape == (2, 2)
+    weights, edges = pc.cell_weights()[0]
+    assert pc.genotype().normal == search.derive_cell(weights * edges[:, None])  # PC-DARTS: alpha x beta
+
+
 def test_search_and_derived_cells_share_one_wiring():
     search_cell = ops.Cell(ops.search_edges(), 8, 8, 4, reduction=True, reduction_prev=False, affine=False)
     derived = ops.Cell(ops.genotype_edges(GENOTYPE.reduce), 8, 8, 4, reduction=True, reduction_prev=False, affine=True)
     s = torch.randn(2, 8, 8, 8)
     weights = torch.softmax(torch.randn(14, len(ops.PRIMITIVES)), -1)
     assert len(search_cell.ops) == 14 and len(derived.ops) == 8
-    assert search_cell(s, s, weights).shape == derived(s, s).shape == (2, 16, 4, 4)
+    assert search_cell(s, s, (weights, None)).shape == derived(s, s).shape == (2, 16, 4, 4)
 
 
 def test_derivation_follows_the_darts_rule_on_a_hand_worked_alpha():
@@ -217,30 +264,159 @@ def test_search_steps_lower_the_loss_and_move_alpha():
     assert all((a - a0).abs().max() > 1e-3 for a, a0 in zip(a_params, alpha0))
 
 
-def test_search_writes_genotype_picture_log_and_resumes_after_a_kill(tmp_path, monkeypatch, capsys):
+def test_search_writes_genotype_picture_and_log(tmp_path, capsys):
     g, run = str(tmp_path / "g.json"), str(tmp_path / "run")
-    argv = TINY_SEARCH + ["--epochs", "2", "--out", g, "--run-dir", run]
-    real_log = search.log_epoch
-
-    def killed_in_epoch_2(args, model, genotype, epoch, *rest):
-        if epoch == 1:
-            raise KeyboardInterrupt  # killed before epoch 2's checkpoint
-        real_log(args, model, genotype, epoch, *rest)
-
-    monkeypatch.setattr(search, "log_epoch", killed_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        search.main(argv)
-    monkeypatch.setattr(search, "log_epoch", real_log)
-    saved = torch.load(os.path.join(run, "search.pt"), weights_only=True)
-    assert saved["epoch"] == 1 and "alpha_normal" in saved["model"]
-    fresh, *optim = search.build(search.parse_args(argv), torch.device("cpu"))
-    assert search.restore(saved, run, fresh, *optim) == 1
-    assert torch.equal(fresh.alpha_normal, saved["model"]["alpha_normal"])
-    model = search.main(["--resume", "--run-dir", run])  # no other flag: the saved configuration (32 px, g.json)
-    assert "resumed" in capsys.readouterr().out and json.load(open(os.path.join(run, "config.json")))["image_size"] == 32
+    model = search.main(TINY_SEARCH + ["--epochs", "2", "--out", g, "--run-dir", run])
+    assert ops.load_genotype(g) == model.genotype() and Image.open(str(tmp_path / "g.png")).size == (1240, 380)
     assert [json.loads(line)["epoch"] for line in open(os.path.join(run, "log.jsonl"))] == [1, 2]
-    assert ops.load_genotype(g) == model.genotype()
-    assert Image.open(str(tmp_path / "g.png")).size == (1240, 380)
+    saved = torch.load(os.path.join(run, "search.pt"), weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (2, 0) and torch.equal(saved["model"]["alpha_normal"], model.alpha_normal)
+    assert "4 steps of 4 training + 4 validation images" in capsys.readouterr().out
+
+
+def search_state(run):
+    """(epoch, step) of a search checkpoint being written by another process, or None."""
+    try:
+        state = torch.load(os.path.join(run, "search.pt"), weights_only=True)
+        return state["epoch"], state["step"]
+    except Exception:  # not there yet (it is replaced atomically, never half-written)
+        return None
+
+
+def test_search_sigterm_and_sigkill_mid_epoch_then_resume_match_an_uninterrupted_run(tmp_path):
+    # 3 epochs of 4 steps, a checkpoint every step, the warm-up (6 steps) ending inside epoch 2: stopped by SIGTERM
+    # in the warm-up, resumed, killed after the first alpha step (Adam's state mid-way), resumed again
+    argv = [os.path.join(HERE, "search.py"), "--videos", "8", "--frames", "1", "--image-size", "32", "--channels", "4",
+            "--cells", "3", "--batch-size", "4", "--epochs", "3", "--warmup", "0.5", "--checkpoint-every", "1"]
+    whole = tmp_path / "whole"
+    code, _, err = run_cli(*argv, "--out", str(whole / "g.json"), "--run-dir", str(whole / "run"))
+    assert code == 0, err[-2000:]
+    killed = tmp_path / "killed"
+    run = str(killed / "run")
+    for sig, before in ((signal.SIGTERM, (0, 2)), (signal.SIGKILL, (1, 3))):  # then --resume after each
+        extra = ["--resume", "--run-dir", run] if sig == signal.SIGKILL else ["--out", str(killed / "g.json"), "--run-dir", run]
+        p = subprocess.Popen([sys.executable, *argv, *extra] if sig == signal.SIGTERM else
+                             [sys.executable, argv[0], *extra], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while (search_state(run) or (0, 0)) < before and p.poll() is None:
+            time.sleep(0.005)
+        p.send_signal(sig)
+        _, err = p.communicate()
+        state = search_state(run)
+        assert state[0] * 4 + state[1] < (6 if sig == signal.SIGTERM else 12), state  # in the warm-up / mid-run
+        if sig == signal.SIGTERM:
+            assert p.returncode == 1 and err.decode().strip().startswith("stopped by SIGTERM at epoch"), err
+    code, out, err = run_cli(argv[0], "--resume", "--run-dir", run)
+    assert code == 0 and "resumed" in out, err[-2000:]
+    assert open(killed / "g.json").read() == open(whole / "g.json").read()  # the same genotype
+    ends = [torch.load(os.path.join(r, "search.pt"), weights_only=True) for r in (str(whole / "run"), run)]
+    for key in ("alpha_normal", "alpha_reduce"):
+        assert torch.equal(ends[0]["model"][key], ends[1]["model"][key])  # the same alpha, bit for bit
+    logs = [[json.loads(line) for line in open(os.path.join(r, "log.jsonl"))] for r in (str(whole / "run"), run)]
+    assert [e["epoch"] for e in logs[1]] == [1, 2, 3]  # no line lost or repeated
+    assert [(e["train_ce"], e["val_ce"], e["alpha_steps"]) for e in logs[0]] == \
+        [(e["train_ce"], e["val_ce"], e["alpha_steps"]) for e in logs[1]]
+    assert [e["alpha_steps"] for e in logs[0]] == [0, 2, 4]  # the warm-up (6 steps) ended inside epoch 2
+
+
+def test_a_log_line_without_its_checkpoint_is_dropped_on_resume(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 1, "x": 1}\n{"epoch": 2, "x": 2}\n{"epoch": 3, "x"')  # killed after line 2 and mid-line 3
+    add.trim_log(str(log), 1)  # the checkpoint holds epoch 1: epoch 2 runs again and writes its line again
+    assert log.read_text() == '{"epoch": 1, "x": 1}\n'
+
+
+def test_expected_parameters_are_the_networks_when_one_hot_and_the_spaces_mean_when_uniform():
+    costs, P = search.parameter_costs(), ops.PRIMITIVES.index
+    alpha = torch.full((14, 11), -30.0)
+    alpha[:, P("sep_conv_3x3")] = 30.0  # every edge sep_conv_3x3: then every genotype the cells can make has one size
+    cell = tuple(("sep_conv_3x3", i) for node in range(4) for i in (0, 1))
+    network = add.count_parameters(add.ADD(ops.Genotype(cell, cell), 48, add.d2_layout(3, 4), 3))
+    weights = ((alpha.softmax(-1), None),) * 2
+    assert search.expected_parameters(weights, costs).item() == pytest.approx(network, rel=1e-6)
+    # uniform alpha: the mean size over the space, counted by hand: per node two edges of a mean operation,
+    # plus, in a reduction cell, FactorizedReduce for skip_connect on the 2 x 2 / (i + 2) stride-2 edges a node expects
+    size = lambda name, C, stride: add.count_parameters(ops.OPS[name](C, stride, True))
+    nonzero = [p for p in ops.PRIMITIVES if p != "none"]
+    empty = ops.Genotype(*[(("none", 0), ("none", 1)) * 4] * 2)
+    by_hand, C = add.count_parameters(add.ADD(empty, 48, add.d2_layout(3, 4), 3)), 48
+    for reduction in add.d2_layout(3, 4):
+        C *= 2 if reduction else 1
+        by_hand += 4 * 2 * np.mean([size(p, C, 1) for p in nonzero])
+        if reduction:
+            by_hand += sum(2 * 2 / (i + 2) for i in range(4)) * (size("skip_connect", C, 2) - size("skip_connect", C, 1)) / 10
+    uniform = ((torch.full((14, 11), 1 / 11), None),) * 2
+    assert search.expected_parameters(uniform, costs).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_the_parameter_term_moves_alpha_toward_cheaper_operations(tmp_path):
+    costs = search.parameter_costs()
+    ends = {}
+    for weight in ("0", "20"):
+        model = search.main(TINY_SEARCH + ["--epochs", "2", "--param-weight", weight, "--out", str(tmp_path / f"{weight}.json"),
+                                           "--run-dir", str(tmp_path / weight)])
+        free = [ops.PRIMITIVES.index(p) for p in ("skip_connect", "avg_pool_3x3", "max_pool_3x3")]
+        ends[weight] = (search.expected_parameters(model.cell_weights(), costs).item(),
+                        model.alpha_normal.softmax(-1)[:, free].sum().item())
+    assert ends["20"][0] < ends["0"][0] - 1e5 and ends["20"][1] > ends["0"][1]  # smaller, more parameter-free ops
+
+
+class ToySupernet(torch.nn.Module):
+    """A supernet in which one operation matters: its logit is the weight of sep_conv_3x3 on normal
+    edge 3 (node 1, input 1) times a feature that gives the label away; every other (edge, operation)
+    adds a fixed offset."""
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(1, 1)  # the w that tuning steps train (unused by the logit)
+        self.alpha_normal, self.alpha_reduce = (torch.nn.Parameter(torch.zeros(14, 11)) for _ in range(2))
+        self.offsets = 0.5 * torch.randn(14, 11, generator=torch.Generator().manual_seed(0))
+
+    def cell_weights(self):
+        return tuple((a.softmax(-1), None) for a in (self.alpha_normal, self.alpha_reduce))
+
+    def forward(self, x, weights=None):
+        w = (weights or self.cell_weights())[0][0]  # the normal cell's (14, 11)
+        z = 40 * w[3, ops.PRIMITIVES.index("sep_conv_3x3")] * (2 * x[:, 0, 0, 0] - 1) + (w * self.offsets).sum()
+        return torch.stack([-z, z], 1) / 2 + 0 * self.net.weight.sum(), None
+
+
+def test_darts_pt_picks_the_operation_that_matters_and_keeps_its_edge():
+    y = torch.tensor([0, 1] * 8)
+    batches = [((y * 255).to(torch.uint8)[:, None, None, None].expand(16, 3, 4, 4), torch.zeros(16, 1, 4, 4), y, None)]
+    toy = ToySupernet()
+    assert search.derive_cell(toy.cell_weights()[0][0])[2:4] != (("sep_conv_3x3", 1),) * 2  # alpha alone cannot tell
+    genotype = search.select_by_perturbation(toy, batches, lambda weights: None, torch.device("cpu"), seed=0)
+    assert ("sep_conv_3x3", 1) in genotype.normal[2:4]  # node 1 keeps edge 3, with the operation that matters
+    assert ops.genotype_from_dict(json.loads(ops.genotype_to_json(genotype)), "pt") == genotype  # a valid genotype
+
+
+def test_darts_pt_after_a_tiny_search_writes_a_valid_genotype(tmp_path, capsys):
+    g = str(tmp_path / "g.json")
+    search.main(TINY_SEARCH + ["--epochs", "1", "--select", "pt", "--pt-tune-steps", "1", "--pt-batches", "1",
+                               "--out", g, "--run-dir", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert "DARTS-PT selection" in out and "chosen by DARTS-PT" in out and ops.load_genotype(g)
+
+
+def test_the_step_budget_draws_a_fresh_seeded_subset_each_epoch():
+    args = search.parse_args(TINY_SEARCH + ["--videos", "8", "--steps-per-epoch", "3", "--workers", "0"])  # 16 samples: 4 batches
+    (train_loader, val_loader), steps = search.loaders(args)
+    assert steps == 3 and len(train_loader) == len(val_loader) == 3
+    orders = []
+    for epoch in (0, 1, 0):
+        train_loader.sampler.set_epoch(epoch)
+        orders.append(list(train_loader.sampler))
+    assert len(orders[0]) == 12 == len(set(orders[0])) and orders[0] != orders[1] and orders[0] == orders[2]
+    train_loader.sampler.set_epoch(0, start=4)  # a resumed epoch: from its second batch on
+    assert list(train_loader.sampler) == orders[0][4:] and len(train_loader) == 2
+    assert search.parse_args(["--data", "ff++"]).steps_per_epoch * 300 * 8 == 1_200_000  # real data: DARTS's budget
+
+
+def test_one_epoch_runs_with_the_default_warmup(tmp_path):
+    model = search.main(TINY_SEARCH[:-2] + ["--epochs", "1", "--out", str(tmp_path / "g.json"), "--run-dir", str(tmp_path / "r")])
+    log = json.loads(open(tmp_path / "r" / "log.jsonl").readline())
+    assert log["alpha_steps"] == 1 and log["val_ce"] > 0  # 2 steps, the first 40% (1 step) w alone
+    code, _, err = run_cli("search.py", "--epochs", "2", "--warmup-epochs", "2")
+    one_line_error(err, "--warmup-epochs 2: alpha would never move in 2 epochs")
 
 
 def test_warmup_keeps_alpha_still_and_the_log_has_both_terms(tmp_path, capsys):
@@ -464,6 +640,63 @@ def test_preparation_survives_any_error_retries_transient_ones_and_checks_settin
     assert manifest_counts(root)[("train", 0)] == 6 and "8 to do" in capsys.readouterr().out  # 3 of 6 frames each
 
 
+def small_ffpp(tmp_path, face_video, fakes=("000_001", "001_000", "002_003", "003_002")):
+    """FF++ as downloaded, 4 real and 4 Deepfakes videos (copies of the face video), splits train/val."""
+    src = tmp_path / "ffpp"
+    real, fake = src / "original_sequences/youtube/c23/videos", src / "manipulated_sequences/Deepfakes/c23/videos"
+    for folder, names in ((real, ("000", "001", "002", "003")), (fake, fakes)):
+        os.makedirs(folder, exist_ok=True)
+        for name in names:
+            shutil.copy(face_video, folder / f"{name}.mp4")
+    os.makedirs(src / "splits")
+    for split, pairs in (("train", [["000", "001"]]), ("val", [["002", "003"]]), ("test", [])):
+        (src / "splits" / f"{split}.json").write_text(json.dumps(pairs))
+    return src, real, fake
+
+
+def test_frames_stay_until_a_redo_succeeds_and_bad_records_are_handled(tmp_path, face_video, capsys):
+    src, real, _ = small_ffpp(tmp_path, face_video)
+    root = str(tmp_path / "prepared")
+    argv = ["--data", "ff++", "--src", str(src), "--root", root, "--methods", "Deepfakes", "--frames", "2", "--workers", "1"]
+    masks.main(argv)
+    record_file = os.path.join(root, "records/original/002.json")
+    record = json.load(open(record_file))
+    json.dump(dict(record, retry=True), open(record_file, "w"))  # as a partial download leaves it: tried again
+    os.rename(real / "002.mp4", tmp_path / "002.mp4")  # and now its source is gone (a network mount down)
+    masks.main(argv)
+    assert "skipped original/002: unreadable video (FileNotFoundError" in capsys.readouterr().out
+    assert manifest_counts(root)[("val", 0)] == 4 and os.path.exists(os.path.join(root, "faces/original/002/0004.png"))
+    assert json.load(open(record_file))["reason"].endswith("the 2 frames prepared before are kept")
+    os.rename(tmp_path / "002.mp4", real / "002.mp4")
+    open(os.path.join(root, "records/original/003.json"), "w").write('{"split": "val", "lab')  # cut short
+    masks.main(argv)
+    out = capsys.readouterr().out
+    assert "003.json: not a readable record" in out and "6 already prepared, 2 to do (1 of them again)" in out
+    assert json.load(open(record_file))["reason"] == "" and manifest_counts(root)[("val", 0)] == 4
+    for r in glob.glob(os.path.join(root, "records/*/*.json")):  # as the first version wrote them
+        json.dump({k: v for k, v in json.load(open(r)).items() if k != "settings"}, open(r, "w"))
+    code, _, err = run_cli("masks.py", *argv)
+    one_line_error(err, f"{root}: prepared with an older version of masks.py (records without settings)", "--redo")
+
+
+def test_a_worker_killed_by_a_signal_is_that_videos_failure_and_the_rest_goes_on(tmp_path, face_video):
+    src, _, fake = small_ffpp(tmp_path, face_video)
+    os.remove(fake / "001_000.mp4")  # a folder of 5000 x 5000 frames: ~2.3 s of CPU each (no face: full-size HOG)
+    os.makedirs(fake / "001_000")
+    Image.new("RGB", (5000, 5000), (90, 90, 90)).save(fake / "001_000" / "0.png")
+    for k in (1, 2):
+        shutil.copy(fake / "001_000" / "0.png", fake / "001_000" / f"{k}.png")
+    root = str(tmp_path / "prepared")
+    cpu_limit = lambda: resource.setrlimit(resource.RLIMIT_CPU, (6, 120))  # SIGXCPU kills a process after 6 s of CPU
+    p = subprocess.run([sys.executable, "masks.py", "--data", "ff++", "--src", str(src), "--root", root, "--methods",
+                        "Deepfakes", "--frames", "3", "--workers", "2"], capture_output=True, text=True, cwd=HERE,
+                       timeout=240, preexec_fn=cpu_limit)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "skipped Deepfakes/001_000: failed (the process preparing it died" in p.stdout
+    assert manifest_counts(root) == {("train", 0): 6, ("train", 1): 3, ("val", 0): 6, ("val", 1): 6}  # 3 frames each
+    assert not os.path.exists(os.path.join(root, "staging/Deepfakes/001_000"))
+
+
 def test_manifest_is_written_with_csv_quoting(tmp_path):
     root = str(tmp_path)
     record = dict(split="train", label=1, method="Deepfakes", name='001,"002"', path="x", settings={}, frames=[3],
@@ -650,16 +883,36 @@ def test_channels_last_and_fp32_heads_match_the_plain_path():
     assert torch.equal(logits, heads(f.float(), (32, 32))[0])
 
 
-def test_folded_batchnorm_gives_the_same_logits():
+def random_batchnorm(model, seed=0):
+    """Running statistics and affine parameters far from their defaults: a fold that dropped gamma,
+    beta, the mean or the variance would change the logits."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(0.5 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+            if m.affine:
+                m.weight.data.copy_(1 + 0.5 * torch.randn(m.num_features, generator=g))
+                m.bias.data.copy_(0.5 * torch.randn(m.num_features, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("arch", ["add", "resnet18"])
+def test_folded_batchnorm_gives_the_same_logits_with_no_batchnorm_left_after_a_conv(arch):
     torch.manual_seed(0)
-    model = add.ADD(GENOTYPE, 8, add.d2_layout(2, 1), 2)
-    model(torch.rand(8, 3, 32, 32))  # one training step's worth of running statistics
+    model = add.ADD(GENOTYPE, 8, add.d2_layout(2, 1), 2) if arch == "add" else train.Baseline(arch)
     x = torch.rand(3, 3, 32, 32)
-    plain = model.eval()(x)
-    folded = add.fold_batchnorm(model)
+    plain = random_batchnorm(model).eval()(x)
+    before = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    folded = add.fold_batchnorm(model, 32)
     left = [name for name, m in folded.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert left and all(name.endswith(".bn") for name in left)  # only FactorizedReduce's, after a concatenation
-    assert torch.allclose(folded(x)[0], plain[0], atol=1e-4) and torch.allclose(folded(x)[1], plain[1], atol=1e-5)
+    if arch == "resnet18":  # conv1/bn1 and each block's bn1, bn2 are attributes, the downsample's in a Sequential
+        assert before == 20 and left == []
+    else:  # only FactorizedReduce's BatchNorm is left: it follows a concatenation, not a convolution
+        assert left and all(name.endswith(".bn") for name in left)
+    assert torch.allclose(folded(x)[0], plain[0], rtol=1e-4, atol=1e-4)
+    if arch == "add":
+        assert torch.allclose(folded(x)[1], plain[1], atol=1e-5)
 
 
 def test_a_non_finite_loss_is_caught_within_its_window():
@@ -784,7 +1037,7 @@ def trained(tmp_path_factory):
     add_run, r18_run = str(tmp / "add"), str(tmp / "r18")
     metrics = train.main(TINY_TRAIN + ["--genotype", str(tmp / "g.json"), "--epochs", "2", "--out", add_run,
                                        "--methods", "swap", "--test-methods", "mouth,gan"])
-    base = train.main(TINY_TRAIN + ["--arch", "resnet18", "--epochs", "1", "--out", r18_run])
+    base = train.main(TINY_TRAIN + ["--arch", "resnet18", "--epochs", "1", "--out", r18_run, "--synthetic", "hard"])
     return dict(add=add_run, add_metrics=metrics, r18=r18_run, r18_metrics=base, tmp=tmp)
 
 
@@ -811,16 +1064,49 @@ def test_predictions_csv_reproduces_the_reported_metrics(trained):
     assert np.mean((probs > 0.5) == labels) == test["frame_acc"]
 
 
-def test_eval_only_takes_the_checkpoints_data_and_writes_a_new_folder(trained, tmp_path, monkeypatch):
+def test_eval_only_takes_the_checkpoints_data_and_writes_a_new_folder(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    best = os.path.join(trained["add"], "best.pt")
-    before = os.path.getmtime(best), sorted(os.listdir(trained["add"]))
-    again = train.main(["--eval-only", "--checkpoint", best, "--test-methods", "mouth,gan"])  # no data flags
-    assert again["test"] == pytest.approx(trained["add_metrics"]["test"], abs=1e-5)  # 32 px, 6 videos: the run's own
-    own = train.main(["--eval-only", "--checkpoint", best])
-    assert own["test"]["data"] == "synthetic:swap" and os.path.exists("runs/eval-2/eval.json")
+    best = os.path.join(trained["r18"], "best.pt")
+    before = os.path.getmtime(best), sorted(os.listdir(trained["r18"]))
+    p_fake = lambda run: [float(r["p_fake"]) for r in csv.DictReader(open(os.path.join(run, "predictions.csv")))]
+    train.main(["--eval-only", "--checkpoint", best])  # no data flags
+    # the run's own data (the hard preset, 32 px, 6 videos of 1 frame; none of them the defaults) and network:
+    # every test frame's score as the training run wrote it (BatchNorm folded here: equal to 1e-5)
+    assert p_fake("runs/eval") == pytest.approx(p_fake(trained["r18"]), abs=1e-5) and len(set(p_fake("runs/eval"))) == 6
+    config = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("config: "))
+    assert all(f" {kv} " in config for kv in ("synthetic=hard", "image_size=32", "videos=6", "frames=1", "arch=resnet18",
+                                              "batch_size=8", "epochs=1"))  # what is used is what it prints
+    train.main(["--eval-only", "--checkpoint", best, "--synthetic", "easy"])
+    assert p_fake("runs/eval-2") != pytest.approx(p_fake(trained["r18"]), abs=1e-5)  # a flag overrides the checkpoint's
+    own = train.main(["--eval-only", "--checkpoint", os.path.join(trained["add"], "best.pt")])
+    assert own["test"]["data"] == "synthetic:swap" and os.path.exists("runs/eval-3/eval.json")  # its methods, not its test's
     assert os.path.exists("runs/eval/predictions.csv") and Image.open("runs/eval/roc.png")
-    assert (os.path.getmtime(best), sorted(os.listdir(trained["add"]))) == before  # the training run untouched
+    assert (os.path.getmtime(best), sorted(os.listdir(trained["r18"]))) == before  # the training run untouched
+
+
+def test_checkpoints_of_another_script_or_version_are_one_line_errors(trained, tmp_path):
+    run = str(tmp_path / "search")
+    search.main(TINY_SEARCH + ["--epochs", "1", "--out", str(tmp_path / "g.json"), "--run-dir", run])
+    searched = os.path.join(run, "search.pt")
+    for mode in (["--eval-only"], ["--predict", str(tmp_path / "g.png")]):
+        with pytest.raises(ops.InputError, match="search.pt: a search checkpoint .search.py's search.pt., not a trained"):
+            train.main(mode + ["--checkpoint", searched])
+    old = torch.load(searched, weights_only=True)
+    del old["config"]["partial_channels"]  # as a search of an earlier version saved it
+    torch.save(old, searched)
+    with pytest.raises(ops.InputError, match="search.pt: written by another version of this script .its configuration "
+                                             "has no --partial-channels.; start a new run"):
+        search.main(["--resume", "--run-dir", run])
+    copy = str(tmp_path / "train")
+    shutil.copytree(trained["add"], copy)
+    last = torch.load(os.path.join(copy, "last.pt"), weights_only=True)
+    del last["config"]["synthetic"], last["config"]["blocks"]
+    torch.save(last, os.path.join(copy, "last.pt"))
+    with pytest.raises(ops.InputError, match="last.pt: written by another version of this script"):
+        train.main(["--resume", "--out", copy])
+    with pytest.raises(ops.InputError, match="last.pt: written by another version of train.py .its configuration has no "
+                                             "--blocks.; train it again"):
+        train.main(["--eval-only", "--checkpoint", os.path.join(copy, "last.pt")])
 
 
 def test_ap_and_eer_match_independent_computations():
@@ -888,13 +1174,16 @@ def test_cross_dataset_from_prepared_ffpp_to_celebdf(tmp_path, genotype_file, ff
                           "1", "--batch-size", "4", "--workers", "0", "--log-every", "0", "--visualize", "0",
                           "--out", str(tmp_path / "run")])
     assert metrics["test"]["data"] == "celeb-df:Celeb-synthesis" and metrics["test"]["frames"] == 2
+    on_synthetic = train.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--test-data", "synthetic",
+                               "--out", str(tmp_path / "eval")])  # from real data to the built-in one: the demo's test split
+    assert on_synthetic["test"]["data"] == "synthetic:swap,mouth,gan" and on_synthetic["test"]["frames"] == 640
 
 
 def test_search_reads_prepared_ffpp(tmp_path, ffpp):
     g = str(tmp_path / "g.json")
     model = search.main(["--data", "ff++", "--root", ffpp[1], "--methods", "Deepfakes,FaceSwap", "--image-size", "32",
                          "--channels", "4", "--cells", "3", "--stem-reductions", "2", "--batch-size", "4", "--epochs",
-                         "1", "--warmup-epochs", "0", "--workers", "0", "--out", g, "--run-dir", str(tmp_path / "run")])
+                         "1", "--steps-per-epoch", "2", "--workers", "0", "--out", g, "--run-dir", str(tmp_path / "run")])
     assert ops.load_genotype(g) == model.genotype()
 
 

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from add import (ADD, Diverged, FiniteCheck, add_loss, autocast, count_parameters, d2_layout, epoch_generator, fold_batchnorm,
                  load_checkpoint, load_state, loss_terms, new_run_dir, peak_memory_mib, pick_device, prepare_model,
-                 random_batch, save_checkpoint, scale_milestones, time_steps, to_device)
+                 random_batch, resumed_config, save_checkpoint, scale_milestones, time_steps, to_device, trim_log)
 from masks import (METHODS, READ_ERRORS, add_data_arguments, loader_workers, open_split, parse_methods, read_faces,
                    resolve_defaults)
 from ops import InputError, atomic_write, genotype_from_dict, load_genotype
@@ -50,7 +50,8 @@ DEMO = dict(image_size=64, stem_reductions=2, channels=16, cells_per_block=1, ba
             milestones=[200, 280], videos=160, frames=4)
 BASELINES = ("resnet18", "resnet152", "vgg16")
 RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "out")  # what a resumed run may change
-CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", "batch_size")  # --eval-only: the
+MODEL_KEYS = ("arch", "channels", "blocks", "cells_per_block", "stem_reductions", "image_size", "mask_weight")  # to rebuild it
+CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", "batch_size", "synthetic")  # --eval-only: the
 # checkpoint's run's unless given (the same batches give bit-identical metrics)
 
 
@@ -82,12 +83,19 @@ def model_from_checkpoint(path, device, compile=False):
     into the convolutions; its configuration; its state)."""
     state = load_checkpoint(path)
     cfg = state.get("config") if isinstance(state, dict) else None
-    if not cfg or "model" not in state:
+    if not isinstance(cfg, dict) or "model" not in state:
         raise InputError(f"{path}: not a train.py checkpoint (no model or config inside)")
+    if "alpha_normal" in state["model"]:
+        raise InputError(f"{path}: a search checkpoint (search.py's search.pt), not a trained detector; train its "
+                         f"genotype first: python train.py --genotype g.json")
+    missing = [k for k in MODEL_KEYS if k not in cfg]
+    if missing or "epoch" not in state:
+        raise InputError(f"{path}: written by another version of train.py (its configuration has no "
+                         f"{', '.join('--' + k.replace('_', '-') for k in missing) or 'epoch'}); train it again")
     genotype = genotype_from_dict(state["genotype"], path) if state.get("genotype") else None
     model = build_model(cfg, genotype)
     load_state(model, state["model"], path)
-    return prepare_model(fold_batchnorm(model), device, compile).eval(), cfg, state
+    return prepare_model(fold_batchnorm(model, cfg["image_size"]), device, compile).eval(), cfg, state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,8 +350,8 @@ def init_distributed(device_name, batch_size):
 def datasets(args):
     """Train and validation splits of --data/--methods."""
     methods = parse_methods(args.data, args.methods)
-    return [open_split(args.data, args.root, split, methods, args.image_size, split == "train", args.videos, args.frames)
-            for split in ("train", "val")]
+    return [open_split(args.data, args.root, split, methods, args.image_size, split == "train", args.videos, args.frames,
+                       args.synthetic) for split in ("train", "val")]
 
 
 def test_split(args):
@@ -352,7 +360,8 @@ def test_split(args):
     same = test_data == args.data
     methods = parse_methods(test_data, args.test_methods or (args.methods if same else None))
     root = args.test_root or (args.root if same else None)
-    return (open_split(test_data, root, "test", methods, args.image_size, False, args.videos, args.frames),
+    videos, frames = (args.videos, args.frames) if same else (DEMO["videos"], DEMO["frames"])  # real -> synthetic: the demo's
+    return (open_split(test_data, root, "test", methods, args.image_size, False, videos, frames, args.synthetic or "easy"),
             f"{test_data}:{','.join(methods)}")
 
 
@@ -417,10 +426,15 @@ def train_epoch(model, data, optimizer, device, args, epoch, progress, flips=Non
 def fit(args, rank, world, local_world, device):
     """The whole run: resume or start, epochs with validation and checkpoints, then the test split."""
     # 1) configuration, genotype, data
-    state = load_checkpoint(os.path.join(args.out, "last.pt")) if args.resume else None
+    path = os.path.join(args.out, "last.pt")
+    state = load_checkpoint(path) if args.resume else None
     if state:
-        args = argparse.Namespace(**{**state["config"], **{k: getattr(args, k) for k in RUN_KEYS}})
+        args = resumed_config(state, args, RUN_KEYS, path, ("optimizer", "scheduler", "epoch", "best_auc"))
+        if rank == 0:
+            trim_log(os.path.join(args.out, "log.jsonl"), state["epoch"])
     args.workers = loader_workers(args.data, local_world) if args.workers is None else args.workers
+    if rank == 0:
+        print_config(args)
     genotype = (genotype_from_dict(state["genotype"], "checkpoint") if state and state["genotype"]
                 else load_genotype(args.genotype) if args.arch == "add" else None)
     (train_set, val_set), (test_set, test_name) = datasets(args), test_split(args)
@@ -465,17 +479,17 @@ def end_of_epoch(args, model, optimizer, scheduler, genotype, val_data, device, 
     val, _ = evaluate(model, val_data, device)
     auc = val["frame_auc"] if val["frame_auc"] is not None else val["frame_acc"]
     best_now = max(best, auc)
+    seconds, (train_ce, train_mse) = time.time() - tic, train
+    line = dict(epoch=epoch + 1, train_ce=train_ce, train_mse=train_mse, val_ce=val["ce"], val_mse=val["mse"],
+                lr=scheduler.get_last_lr()[0], seconds=seconds, val=val)
+    with open(os.path.join(args.out, "log.jsonl"), "a") as f:  # before the checkpoint: see add.trim_log
+        f.write(json.dumps(line) + "\n")
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                  epoch=epoch + 1, rng=torch.get_rng_state(), config=vars(args), genotype=genotype_dict(genotype),
                  best_auc=best_now)
     if auc > best:
         save_checkpoint(state, os.path.join(args.out, "best.pt"))
     save_checkpoint(state, os.path.join(args.out, "last.pt"))
-    seconds, (train_ce, train_mse) = time.time() - tic, train
-    line = dict(epoch=epoch + 1, train_ce=train_ce, train_mse=train_mse, val_ce=val["ce"], val_mse=val["mse"],
-                lr=scheduler.get_last_lr()[0], seconds=seconds, val=val)
-    with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-        f.write(json.dumps(line) + "\n")
     plot_curves(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png"))
     mse = lambda v: "" if v is None else f" MSE {v:.4f}"
     print(f"epoch {epoch + 1}/{args.epochs}  train CE {train_ce:.4f}{mse(train_mse)}  val CE {val['ce']:.4f}"
@@ -525,11 +539,13 @@ def eval_only(args, device):
     model, cfg, state = model_from_checkpoint(args.checkpoint, device, args.compile)
     for key in CHECKPOINT_KEYS:
         if getattr(args, key) is None:
-            setattr(args, key, cfg.get(key))
+            setattr(args, key, cfg.get(key, "easy" if key == "synthetic" else None))
     args.workers = loader_workers(args.data) if args.workers is None else args.workers
     if args.image_size != cfg["image_size"]:
         raise InputError(f"--image-size {args.image_size}: {args.checkpoint} was trained at {cfg['image_size']} px")
-    args.arch, args.mask_weight = cfg["arch"], cfg["mask_weight"]
+    for key in MODEL_KEYS + ("no_mask_branch", "genotype", "epochs", "seed"):  # what the printed config shows is used
+        setattr(args, key, cfg.get(key))
+    print_config(args)
     test_set, test_name = test_split(args)
     return report(args, model, {}, test_set, test_name, device, "eval.json", state["epoch"])
 
@@ -541,7 +557,7 @@ def benchmark_timers(args, arch, device, steps):
     cfg = dict(vars(args), arch=arch, mask_weight=args.mask_weight if arch == "add" else 0.0)
     genotype = load_genotype(args.genotype) if arch == "add" else None
     model = prepare_model(build_model(cfg, genotype), device, args.compile)
-    folded = prepare_model(fold_batchnorm(build_model(cfg, genotype)), device, args.compile)
+    folded = prepare_model(fold_batchnorm(build_model(cfg, genotype), args.image_size), device, args.compile)
     optimizer, _ = make_optimizer(model, args)
     batch, run = random_batch(args.batch_size, args.image_size), argparse.Namespace(**cfg)
     x = to_device(batch, device)[0]
@@ -638,6 +654,10 @@ def check_args(args):
     return args
 
 
+def print_config(args):
+    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, local_world, device = init_distributed(args.device, args.batch_size)
@@ -650,7 +670,7 @@ def main(argv=None):
         if not args.resume and rank == 0:
             args.out = new_run_dir(args.out)
         if rank == 0:
-            print(f"run folder: {args.out}\nconfig: " + " ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
+            print(f"run folder: {args.out}", flush=True)
         return eval_only(args, device) if args.eval_only else fit(args, rank, world, local_world, device)
     finally:
         if world > 1:
