@@ -151,9 +151,13 @@ class MixedOp(nn.Module):
 
 def channel_shuffle(x, groups):
     """(B, C, H, W) -> the same channels interleaved: channel g * C/groups + i moves to i * groups + g,
-    so the operated quarter (K = 4) of one edge is spread over the next edge's quarters (PC-DARTS)."""
+    so the operated quarter (K = 4) of one edge is spread over the next edge's quarters (PC-DARTS).
+    One strided copy into a tensor of x's memory format (a reshape would turn channels_last into
+    NCHW, and every operation after it would pay for the mixed formats)."""
     B, C, H, W = x.shape
-    return x.view(B, groups, C // groups, H, W).transpose(1, 2).reshape(B, C, H, W)
+    out = torch.empty_like(x)
+    out.view(B, C // groups, groups, H, W).copy_(x.view(B, groups, C // groups, H, W).transpose(1, 2))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ PAPER = dict(image_size=256, stem_reductions=3, channels=16, cells=8, batch_size
 DEMO = dict(image_size=64, stem_reductions=2, channels=8, cells=5, batch_size=32, epochs=5, alpha_milestones=[200, 280],
             videos=160, frames=4, warmup=0.4, partial_channels=1, steps_per_epoch=0)
 RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "checkpoint_every", "run_dir")  # a resume may change
+AFTER_SEARCH = dict(select="alpha", pt_batches=2, pt_tune_steps=5, out="g.json")  # defaults; a resume may change them
+# when given (e.g. --resume --select pt --out g-pt.json: DARTS-PT on a finished search)
 CELL_TYPES = ("normal", "reduce")
 
 
@@ -560,7 +562,11 @@ class Estimate:
         kind = "steps that move alpha (w + alpha)" if moving else "warm-up steps (w alone)"
         guess = "" if True in self.rate or not self.left[True] else ", alpha's steps guessed at 2x until measured"
         print(f"  time: {self.rate[moving]:.2f} s a step over the first {self.after} {kind} on {self.device}; "
-              f"the rest takes about {left / 3600:.1f} h{guess}", flush=True)
+              f"the rest takes about {duration(left)}{guess}", flush=True)
+
+
+def duration(seconds):
+    return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.1f} min"
 
 
 def parameter_penalty(args, model):
@@ -667,16 +673,17 @@ def parse_args(argv=None):
     p.add_argument("--param-weight", type=float, default=0.0, help="add weight * max(0, E[parameters] / target - 1) to "
                    "alpha's loss, E at the paper's size (paper: 0, no such term)")
     p.add_argument("--param-target", type=float, default=5.6e6, help="the target of --param-weight (paper's network: 5.6 M)")
-    p.add_argument("--select", default="alpha", choices=("alpha", "pt"), help="how the cell is chosen after the search: "
-                   "alpha, the strongest softmax(alpha) (paper, DARTS), or pt, by removal (DARTS-PT)")
-    p.add_argument("--pt-batches", type=int, default=2, help="--select pt: validation batches each removal is scored on")
-    p.add_argument("--pt-tune-steps", type=int, default=5, help="--select pt: w steps between its 18 rounds")
+    p.add_argument("--select", choices=("alpha", "pt"), help="how the cell is chosen after the search: alpha, the "
+                   "strongest softmax(alpha) (the default: paper, DARTS), or pt, by removal (DARTS-PT)")
+    p.add_argument("--pt-batches", type=int, help="--select pt: validation batches each removal is scored on (2)")
+    p.add_argument("--pt-tune-steps", type=int, help="--select pt: w steps between its 18 rounds (5)")
     p.add_argument("--compile", action="store_true", help="torch.compile the search network (long on the CPU)")
     p.add_argument("--random-genotype", type=int, metavar="SEED", help="write a random genotype (no search) and exit")
-    p.add_argument("--out", default="g.json", help="the genotype to write (and its picture, .png)")
+    p.add_argument("--out", help="the genotype to write (and its picture, .png; default g.json)")
     p.add_argument("--run-dir", default="runs/search", help="checkpoint, log.jsonl, alpha.png (a new one beside it "
                    "if it exists, unless --resume)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/search.pt with its saved configuration")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/search.pt with its saved configuration "
+                   "(--select, --pt-*, --out may change: a finished search then only chooses the cell again)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="also checkpoint every N steps inside an epoch "
                    "(a kill loses at most N steps)")
     p.add_argument("--seed", type=int, default=0)
@@ -684,7 +691,11 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=0, help="print throughput every N steps (0: per epoch only)")
     p.add_argument("--check-every", type=int, default=50, help="read the device's non-finite-loss count every N steps")
     p.add_argument("--benchmark", action="store_true", help="time search steps and exit")
-    return check_args(resolve_defaults(p.parse_args(argv), PAPER, DEMO))
+    args = resolve_defaults(p.parse_args(argv), PAPER, DEMO)
+    for key, value in AFTER_SEARCH.items():  # a resumed search takes its saved ones unless given
+        if getattr(args, key) is None and not args.resume:
+            setattr(args, key, value)
+    return check_args(args)
 
 
 def check_args(args):
@@ -692,8 +703,9 @@ def check_args(args):
     if args.no_mask_branch:
         args.mask_weight = 0.0
     for flag, value in (("--epochs", args.epochs), ("--partial-channels", args.partial_channels),
-                        ("--checkpoint-every", args.checkpoint_every), ("--pt-batches", args.pt_batches)):
-        if value < 1:
+                        ("--checkpoint-every", args.checkpoint_every), ("--pt-batches", args.pt_batches),
+                        ("--pt-tune-steps", args.pt_tune_steps)):
+        if value is not None and value < (0 if flag == "--pt-tune-steps" else 1):
             raise InputError(f"{flag} {value}: expected a positive number")
     if args.cells < 3:
         raise InputError(f"--cells {args.cells}: the search network needs at least 3 (a normal cell and two reduction cells)")
@@ -720,7 +732,9 @@ def main(argv=None):
     if args.resume:  # the saved configuration, but for what a resumed run may change
         path = os.path.join(args.run_dir, "search.pt")
         state = load_checkpoint(path)
+        given = {k: getattr(args, k) for k in AFTER_SEARCH if getattr(args, k) is not None}
         args = resumed_config(state, args, RUN_KEYS, path, ("epoch", "step", "sums", "w_opt", "a_opt"))
+        vars(args).update(given)
         trim_log(os.path.join(args.run_dir, "log.jsonl"), state["epoch"])
     else:
         args.run_dir = new_run_dir(args.run_dir)

@@ -144,6 +144,8 @@ def test_partial_channels_route_a_kth_of_the_channels_through_eq2_and_shuffle_th
         for i in range(C // K):
             unshuffled[:, g * (C // K) + i] = out[:, i * K + g]
     assert torch.allclose(unshuffled[:, :C // K], eq2, atol=1e-6) and torch.equal(unshuffled[:, C // K:], rest)
+    cl = x.contiguous(memory_format=torch.channels_last)  # the search network's format stays (no silent NCHW)
+    assert ops.channel_shuffle(cl, K).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_one_partial_channel_group_is_the_papers_darts_edge_and_beta_sums_to_one_per_node():
@@ -389,12 +391,14 @@ def test_darts_pt_picks_the_operation_that_matters_and_keeps_its_edge():
     assert ops.genotype_from_dict(json.loads(ops.genotype_to_json(genotype)), "pt") == genotype  # a valid genotype
 
 
-def test_darts_pt_after_a_tiny_search_writes_a_valid_genotype(tmp_path, capsys):
-    g = str(tmp_path / "g.json")
-    search.main(TINY_SEARCH + ["--epochs", "1", "--select", "pt", "--pt-tune-steps", "1", "--pt-batches", "1",
-                               "--out", g, "--run-dir", str(tmp_path / "r")])
+def test_darts_pt_on_a_finished_search_writes_a_valid_genotype(tmp_path, capsys):
+    g, pt, run = str(tmp_path / "g.json"), str(tmp_path / "pt.json"), str(tmp_path / "r")
+    model = search.main(TINY_SEARCH + ["--epochs", "1", "--out", g, "--run-dir", run])
+    capsys.readouterr()
+    search.main(["--resume", "--run-dir", run, "--select", "pt", "--pt-tune-steps", "1", "--pt-batches", "1", "--out", pt])
     out = capsys.readouterr().out
-    assert "DARTS-PT selection" in out and "chosen by DARTS-PT" in out and ops.load_genotype(g)
+    assert "DARTS-PT selection" in out and "chosen by DARTS-PT" in out and ops.load_genotype(pt)
+    assert ops.load_genotype(g) == model.genotype()  # the search's own choice stays where it was
 
 
 def test_the_step_budget_draws_a_fresh_seeded_subset_each_epoch():
