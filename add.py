@@ -289,7 +289,7 @@ def resumed_config(state, args, run_keys, path, needed=()):
     saved = state.get("config") if isinstance(state, dict) else None
     if not isinstance(saved, dict) or any(k not in state for k in ("model", *needed)):
         raise InputError(f"{path}: not a checkpoint this script can resume (start a new run)")
-    missing = sorted(set(vars(args)) - set(saved))
+    missing = sorted(set(vars(args)) - set(saved) - set(run_keys))  # run_keys come from this call anyway
     if missing:
         raise InputError(f"{path}: written by another version of this script (its configuration has no "
                          f"{', '.join('--' + k.replace('_', '-') for k in missing[:3])}); start a new run")

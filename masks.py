@@ -454,8 +454,11 @@ def _run_jobs(jobs, workers):
                     record = future.result()
                     finished.add(futures[future])
                     yield record
-            except BrokenProcessPool:
-                pass
+            except BrokenProcessPool:  # the videos finished before the break still count
+                for future, k in futures.items():
+                    if k not in finished and future.done() and not future.cancelled() and future.exception() is None:
+                        finished.add(k)
+                        yield future.result()
         left = [job for k, job in enumerate(pending) if k not in finished]
         in_flight = [os.path.isdir(_staging(job[1], job[0])) for job in left]
         yield from _alone([job for job, started in zip(left, in_flight) if started])

@@ -11,7 +11,7 @@ leaves the one-shot network at chance on the demo data, so alpha is then chosen 
 alone. The defaults do what the DARTS family does to make a search learn: w's lr at DARTS's rate
 per sample (0.025 per 64, scaled to the batch), a w-only warm-up (a fraction of the steps), alpha's
 Adam with betas (0.5, 0.999). On real data the search is PC-DARTS-sized (partial channels, K = 4)
-and draws a fixed budget of steps per epoch, so that 300 epochs fit in a day of one GPU. README
+and draws a fixed budget of steps per epoch (60,000 steps in 300 epochs). README
 (Search, Interpretations) has the measurements; the paper's values are one flag away:
 --w-lr 0.1 --w-lr-batch 0 --warmup 0 --alpha-betas 0.9 0.999 --partial-channels 1 --steps-per-epoch 0.
 
@@ -20,7 +20,7 @@ Options for choosing the cell (issue: alpha's magnitude favours big operations):
 (an expected-parameter term in alpha's loss, ProxylessNAS-style).
 
     python search.py                      # built-in synthetic data, demo configuration (~5 min, 2 CPU cores)
-    python search.py --data ff++          # real data: 256 px, batch 8, 300 epochs of 500 steps
+    python search.py --data ff++          # real data: 256 px, batch 8, 300 epochs of 200 steps
     python search.py --resume             # continue a killed search from runs/search/search.pt, at its step
     python search.py --random-genotype 3 --out r.json    # a random architecture (the NAS baseline)
     python search.py --benchmark          # ms per search step and peak memory
@@ -51,10 +51,11 @@ from train import DEMO as TRAIN_DEMO, PAPER as TRAIN_PAPER, figure, save_figure
 # it is silent or measurably fails) and the built-in synthetic data (a demo sized for 2 CPU cores).
 # Flags override both.
 PAPER = dict(image_size=256, stem_reductions=3, channels=16, cells=8, batch_size=8, epochs=300, alpha_milestones=[60, 150],
-             warmup=0.3, partial_channels=4, steps_per_epoch=500)
+             warmup=0.3, partial_channels=4, steps_per_epoch=200)
 DEMO = dict(image_size=64, stem_reductions=2, channels=8, cells=5, batch_size=32, epochs=5, alpha_milestones=[200, 280],
             videos=160, frames=4, warmup=0.4, partial_channels=1, steps_per_epoch=0)
-RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "checkpoint_every", "run_dir")  # a resume may change
+RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "checkpoint_every", "run_dir", "benchmark",
+            "profile")  # what a resumed search may change
 AFTER_SEARCH = dict(select="alpha", pt_batches=2, pt_tune_steps=5, out="g.json")  # defaults; a resume may change them
 # when given (e.g. --resume --select pt --out g-pt.json: DARTS-PT on a finished search)
 CELL_TYPES = ("normal", "reduce")
@@ -628,12 +629,30 @@ def benchmark(args, device, steps=10):
     def step():
         gradient_step(model, w_opt, w_params, batch, device, args.mask_weight, args.grad_clip)
         gradient_step(model, a_opt, a_params, batch, device, args.mask_weight, None)
+    before = peak_memory_mib(device)  # the model's, optimisers' and the batch's
     seconds, warm = time_steps(step, device, steps)
-    b, s = args.batch_size, args.image_size
+    b, s, peak = args.batch_size, args.image_size, peak_memory_mib(device)
     print(f"search step (w + alpha, batch {b}, {s} px, C={args.channels}, {args.cells} cells, partial channels "
           f"K={args.partial_channels}) on {device}: {seconds * 1000:.0f} ms, {b / seconds:.1f} training images/s, "
-          f"peak memory {peak_memory_mib(device):.0f} MiB" + (f"; compilation (warm-up) {warm:.1f} s" if args.compile else ""))
+          f"peak memory {peak:.0f} MiB ({peak - before:.0f} MiB for the steps)"
+          + (f"; compilation (warm-up) {warm:.1f} s" if args.compile else ""))
+    if args.profile:
+        profile_step(step, device)
     return seconds
+
+
+def profile_step(step, device, rows=12):
+    """--profile: torch.profiler over one more step: how many operator calls a step makes and where
+    its time goes (a step of many small operators is bound by their per-call cost, not arithmetic)."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync(device)
+    events = prof.key_averages()
+    total, calls = sum(e.self_cpu_time_total for e in events), sum(e.count for e in events)
+    print(f"profile of one step: {total / 1e3:.0f} ms of operator time (host) in {calls} operator calls, "
+          f"{total / calls:.1f} us each on average")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def parse_args(argv=None):
@@ -647,7 +666,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="paper: 8 (Sec. IV-B); demo: 32")
     p.add_argument("--epochs", type=int, help="paper: 300; demo: 5")
     p.add_argument("--steps-per-epoch", type=int, help="w + alpha steps an epoch, each epoch a fresh random subset of "
-                   "the training split (0: all of it, the paper; real data: 500, so the search sees DARTS's 1.2 M samples)")
+                   "the training split (0: all of it, the paper; real data: 200, 60,000 steps in all: README, Search cost)")
     p.add_argument("--warmup", type=float, help="the first fraction of the steps trains w only, alpha still (paper: 0; "
                    "real data: 0.3, PC-DARTS's 15 of 50 epochs; demo: 0.4)")
     p.add_argument("--warmup-epochs", type=int, help="the warm-up in epochs instead of --warmup")
@@ -691,6 +710,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=0, help="print throughput every N steps (0: per epoch only)")
     p.add_argument("--check-every", type=int, default=50, help="read the device's non-finite-loss count every N steps")
     p.add_argument("--benchmark", action="store_true", help="time search steps and exit")
+    p.add_argument("--profile", action="store_true", help="with --benchmark: torch.profiler's table of one step")
     args = resolve_defaults(p.parse_args(argv), PAPER, DEMO)
     for key, value in AFTER_SEARCH.items():  # a resumed search takes its saved ones unless given
         if getattr(args, key) is None and not args.resume:

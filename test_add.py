@@ -412,7 +412,7 @@ def test_the_step_budget_draws_a_fresh_seeded_subset_each_epoch():
     assert len(orders[0]) == 12 == len(set(orders[0])) and orders[0] != orders[1] and orders[0] == orders[2]
     train_loader.sampler.set_epoch(0, start=4)  # a resumed epoch: from its second batch on
     assert list(train_loader.sampler) == orders[0][4:] and len(train_loader) == 2
-    assert search.parse_args(["--data", "ff++"]).steps_per_epoch * 300 * 8 == 1_200_000  # real data: DARTS's budget
+    assert search.parse_args(["--data", "ff++"]).steps_per_epoch * 300 == 60_000  # real data: README, Search cost
 
 
 def test_one_epoch_runs_with_the_default_warmup(tmp_path):
@@ -1194,10 +1194,11 @@ def test_search_reads_prepared_ffpp(tmp_path, ffpp):
 def test_benchmarks_run(genotype_file, capsys):
     result = train.main(["--genotype", genotype_file, "--benchmark", "--benchmark-against", "resnet18", "--image-size",
                          "32", "--channels", "4", "--batch-size", "4"])
-    search.main(TINY_SEARCH + ["--benchmark"])
+    search.main(TINY_SEARCH + ["--benchmark", "--profile"])
     out = capsys.readouterr().out
     assert set(result) == {"add", "resnet18"} and all(v["train"] > 0 and v["inference"] > 0 for v in result.values())
     assert "add / resnet18: training " in out and "search step" in out and "peak memory" in out
+    assert "profile of one step: " in out and "operator calls" in out and "aten::" in out
 
 
 def test_a_batch_larger_than_the_training_split_is_an_error(tmp_path, genotype_file):
