@@ -449,16 +449,13 @@ def _run_jobs(jobs, workers):
         finished = set()
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(_prepare_one, job): k for k, job in enumerate(pending)}
-            try:
-                for future in as_completed(futures):
+            for future in as_completed(futures):
+                try:
                     record = future.result()
-                    finished.add(futures[future])
-                    yield record
-            except BrokenProcessPool:  # the videos finished before the break still count
-                for future, k in futures.items():
-                    if k not in finished and future.done() and not future.cancelled() and future.exception() is None:
-                        finished.add(k)
-                        yield future.result()
+                except BrokenProcessPool:  # the dead worker's video and those not finished: sorted out below
+                    continue
+                finished.add(futures[future])
+                yield record
         left = [job for k, job in enumerate(pending) if k not in finished]
         in_flight = [os.path.isdir(_staging(job[1], job[0])) for job in left]
         yield from _alone([job for job, started in zip(left, in_flight) if started])

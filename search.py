@@ -283,7 +283,6 @@ def projected(weights, chosen, kept):
 
 
 @torch.no_grad()
-@torch.no_grad()  # ~280 forwards per selection at the demo's size: no graph to keep
 def validation_ce(model, weights, batches, device):
     """Mean cross-entropy of the search network with these weights on fixed validation batches
     (BatchNorm on batch statistics, as in the search)."""
