@@ -15,11 +15,13 @@ import contextlib
 import json
 import os
 import resource
+import signal
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -123,17 +125,68 @@ class Diverged(Exception):
 
 
 class FiniteCheck:
-    """Counts non-finite losses on the device and reads the count every `every` steps: one host
-    synchronisation per window instead of one per step. The error names the window."""
+    """Counts non-finite losses on the device and reads the count every `every` steps, or when asked
+    (read: before a checkpoint): one host synchronisation per window instead of one per step. The
+    error names the window."""
     def __init__(self, device, every, advice):
         self.bad, self.every, self.start, self.advice = torch.zeros((), dtype=torch.int32, device=device), every, 0, advice
 
     def add(self, loss, step, last, where):  # loss: a 0-dim tensor on the device
         self.bad += (~torch.isfinite(loss.detach())).int()
         if (step + 1) % self.every == 0 or last:
-            if self.bad.item():
-                raise Diverged(f"non-finite loss at {where}, within steps {self.start + 1}-{step + 1}; {self.advice}")
-            self.start = step + 1
+            self.read(step, where)
+
+    def read(self, step, where):
+        if self.bad.item():
+            raise Diverged(f"non-finite loss at {where}, within steps {self.start + 1}-{step + 1}; {self.advice}")
+        self.start = step + 1
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(Exception):
+    """A stop from outside (StopSignals): the run ends with this one-line message, non-zero exit."""
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (a scheduler's pre-emption, `timeout`, `scancel`, Ctrl-C: each sent to the
+    whole process group) become a flag the training loop reads after each step, so that a run stops
+    at a step boundary with its checkpoint written, instead of dying mid-step with a traceback.
+    Loader workers ignore both (ignore_stop_signals, their worker_init_fn): they live until the main
+    process is done with them. A context manager; truthy once a signal came (its name: .name)."""
+    def __enter__(self):
+        self.name = None
+        self.previous = {s: signal.signal(s, self.receive) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def receive(self, signum, frame):
+        self.name = signal.Signals(signum).name
+
+    def __bool__(self):
+        return self.name is not None
+
+    def agreed(self, step, every, last, world, device):
+        """Whether to stop after this step. With several processes (DDP), all must stop after the same
+        step: the flags are combined every `every` steps (and at the last), else every step here."""
+        if world == 1:
+            return bool(self)
+        if (step + 1) % every and not last:
+            return False
+        flag = torch.tensor(float(bool(self)), device=device)
+        dist.all_reduce(flag, dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def ignore_stop_signals(worker_id=None):
+    """A DataLoader worker's worker_init_fn: the signals that stop a run are the main process's to
+    handle; a worker killed by them would end the run with a traceback instead."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def pick_device(name):
@@ -188,41 +241,62 @@ def prepare_model(model, device, compile=False):
 
 
 def fold_batchnorm(model, image_size):
-    """Inference only: every BatchNorm whose input is the output of a convolution is folded into it
-    (BN(conv(x)) = conv'(x) with the running statistics), saving a pass over every such activation.
-    The pairs are found by running one random image through the model with hooks, so pairs held as
-    attributes (torchvision's ResNet: conv1 -> bn1, each block's bn1/bn2) fold as well as those in
-    an nn.Sequential; a module called more than once is left alone. The folded model must give the
-    logits of the unfolded one on that image (else RuntimeError: a conv output used elsewhere too).
-    In place; returns the model in eval mode, channels_last."""
+    """Inference only: a BatchNorm whose input is exactly a convolution's output is folded into that
+    convolution (BN(conv(x)) = conv'(x) with the running statistics), saving a pass over the
+    activation. The pairs are found by running one random image through the model with hooks, so
+    pairs held as attributes (torchvision's ResNet: conv1 -> bn1) fold as well as those in an
+    nn.Sequential. A pair folds only when the BN receives the convolution's output tensor itself,
+    not changed in place since (its version counter: an in-place ReLU or `y += z` between them) and
+    used by nothing else (one consumer in the autograd graph), and both modules run once; any other
+    BN stays as it is. In place; returns the model in eval mode, channels_last."""
     model.eval()
     x = torch.rand(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    x = x.to(next(model.parameters()).device)
+    x = x.to(next(model.parameters()).device).requires_grad_()  # every activation gets a grad_fn
     conv_outputs, calls, pairs = {}, {}, []
 
     def after_conv(conv, inputs, out):
         calls[conv] = calls.get(conv, 0) + 1
-        conv_outputs[id(out)] = (conv, out)  # holding `out` keeps its id unique during the pass
+        conv_outputs[id(out)] = (conv, out, out._version)  # holding `out` keeps its id unique during the pass
 
     def before_bn(bn, inputs):
         calls[bn] = calls.get(bn, 0) + 1
-        if id(inputs[0]) in conv_outputs:
-            pairs.append((conv_outputs[id(inputs[0])][0], bn))
+        conv, out, version = conv_outputs.get(id(inputs[0]), (None, None, None))
+        if out is inputs[0] and out._version == version:  # that very tensor, untouched
+            pairs.append((conv, bn, out.grad_fn))
     hooks = [m.register_forward_hook(after_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
     hooks += [m.register_forward_pre_hook(before_bn) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    with torch.no_grad():
-        expected = model(x)[0]
-    for hook in hooks:
-        hook.remove()
+    try:
+        with torch.enable_grad():
+            outputs = model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    uses, expected = graph_uses([t for t in outputs if t is not None]), outputs[0].detach()
     parents = {child: (parent, name) for parent in model.modules() for name, child in parent.named_children()}
-    for conv, bn in pairs:
-        if calls[conv] == calls[bn] == 1:
+    for conv, bn, node in pairs:
+        if calls[conv] == calls[bn] == 1 and uses.get(node) == 1:
             setattr(*parents[conv], fuse_conv_bn_eval(conv, bn))
             setattr(*parents[bn], nn.Identity())
     with torch.no_grad():
         if not torch.allclose(model(x)[0], expected, rtol=1e-3, atol=1e-4):
-            raise RuntimeError("fold_batchnorm changed the logits: a convolution's output feeds more than its BatchNorm")
+            raise RuntimeError("fold_batchnorm changed the logits")  # a bug here, not the user's
     return model.to(memory_format=torch.channels_last)
+
+
+def graph_uses(outputs):
+    """How many autograd nodes take each node's result as an input, over the graph behind `outputs`:
+    a convolution's output used by its BN alone has one use."""
+    uses, seen, stack = {}, set(), [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None:
+                uses[child] = uses.get(child, 0) + 1
+                stack.append(child)
+    return uses
 
 
 def to_device(batch, device, flips=None):
@@ -269,8 +343,26 @@ def scale_milestones(milestones, epochs, paper_epochs=300):
 
 
 def save_checkpoint(state, path):
-    """A plain dict of tensors and plain values (loads with weights_only=True), written atomically."""
+    """A plain dict of tensors and plain values (loads with weights_only=True), written atomically.
+    Refused (Diverged, the file on disk left as it was) when any floating tensor in it holds a NaN or
+    an infinity: every checkpoint is one a run can continue from."""
+    named = [(name, t) for name, t in _tensors(state) if t.is_floating_point()]
+    if named and not torch.stack([torch.isfinite(t).all() for _, t in named]).all():  # one host sync
+        bad = next(name for name, t in named if not torch.isfinite(t).all())
+        raise Diverged(f"{bad} holds a non-finite value: {path} was not written (the one on disk is intact)")
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _tensors(obj, name=""):
+    """(dotted name, tensor) for every tensor in nested dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        yield name, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{name}.{k}" if name else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for k, v in enumerate(obj):
+            yield from _tensors(v, f"{name}.{k}")
 
 
 def load_checkpoint(path):

@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 from scipy.spatial import ConvexHull
 from torch.utils.data import Dataset
 
-from ops import InputError, atomic_write
+from ops import InputError, Parser, atomic_write, bounded
 
 FFPP_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures")
 CELEBDF_REAL, CELEBDF_FAKE = ("Celeb-real", "YouTube-real"), "Celeb-synthesis"
@@ -850,12 +850,12 @@ def add_data_arguments(p):
     p.add_argument("--root", help="prepared data folder (default: data/<name>)")
     p.add_argument("--methods", help="manipulations to use, comma-separated (default: all; ff++: "
                    + ",".join(FFPP_METHODS) + "; synthetic: " + ",".join(SYNTHETIC_METHODS) + ")")
-    p.add_argument("--image-size", type=int, help="input size (paper: 256, Sec. IV-B; synthetic demo: 64)")
+    p.add_argument("--image-size", type=bounded(int, 8), help="input size (paper: 256, Sec. IV-B; synthetic demo: 64)")
     p.add_argument("--synthetic", choices=tuple(SYNTHETIC_PRESETS), help="synthetic only: the "
                    "benchmark's preset (easy, the default: the demo; hard: JPEG-compressed, re-noised fakes, to compare networks)")
-    p.add_argument("--videos", type=int, help="synthetic only: real videos in the train split (val, test: half)")
-    p.add_argument("--frames", type=int, help="frames per video: synthetic data (default 4), --predict (default 32)")
-    p.add_argument("--workers", type=int, help="DataLoader workers per process (default: 0 on synthetic data, "
+    p.add_argument("--videos", type=bounded(int, 2), help="synthetic only: real videos in the train split (val, test: half)")
+    p.add_argument("--frames", type=bounded(int, 1), help="frames per video: synthetic data (default 4), --predict (default 32)")
+    p.add_argument("--workers", type=bounded(int, 0), help="DataLoader workers per process (default: 0 on synthetic data, "
                    "else the CPUs this process may use / processes per node, at most 8)")
 
 
@@ -943,7 +943,7 @@ def _write_pan_video(path, n):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--show", metavar="PHOTO", help="draw the detected faces, landmarks and hull masks of one photo")
     p.add_argument("--out", default="overlay.png", help="with --show: the picture to write")
     p.add_argument("--data", choices=("ff++", "celeb-df"), help="prepare this dataset from --src")
@@ -952,10 +952,10 @@ def main(argv=None):
     p.add_argument("--compression", default="c23", choices=("raw", "c23", "c40"), help="ff++: quality (paper: c23, HQ)")
     p.add_argument("--methods", help="ff++: manipulations, comma-separated (default: all four)")
     p.add_argument("--splits", help="ff++: folder of train.json, val.json, test.json (default: SRC/splits)")
-    p.add_argument("--frames", type=int, default=32, help="evenly spaced frames per video (default 32)")
-    p.add_argument("--size", type=int, default=256, help="face crop size (paper: 256, Sec. IV-B)")
-    p.add_argument("--detect-size", type=int, default=640, help="detect on a copy of at most this many px")
-    p.add_argument("--workers", type=int, help="parallel videos (default: the CPUs this process may use)")
+    p.add_argument("--frames", type=bounded(int, 1), default=32, help="evenly spaced frames per video (default 32)")
+    p.add_argument("--size", type=bounded(int, 8), default=256, help="face crop size (paper: 256, Sec. IV-B)")
+    p.add_argument("--detect-size", type=bounded(int, 64), default=640, help="detect on a copy of at most this many px")
+    p.add_argument("--workers", type=bounded(int, 1), help="parallel videos (default: the CPUs this process may use)")
     p.add_argument("--retry-failed", action="store_true", help="prepare again every video recorded with a reason")
     p.add_argument("--redo", action="store_true", help="prepare every video again (e.g. with other --frames/--size)")
     p.add_argument("--benchmark", action="store_true", help="time the preparation of one video")

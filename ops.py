@@ -12,7 +12,9 @@ dilation 2, batch norm is non-affine during the search.
 
     python -c "import ops; print(ops.PRIMITIVES)"
 """
+import argparse
 import json
+import math
 import os
 from typing import NamedTuple
 
@@ -25,6 +27,27 @@ STEPS = 4  # intermediate nodes per cell (Sec. III-A: "blocks")
 
 class InputError(Exception):
     """A user mistake (a bad file, flag or dataset): the scripts print it as one line, no traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are InputErrors: a bad flag is one line, like every user mistake."""
+    def error(self, message):
+        raise InputError(message)
+
+
+def bounded(kind, low, high=None):
+    """An argparse type: a finite `kind` (int or float) with low <= value (< high when given)."""
+    expected = f"{'a whole number' if kind is int else 'a number'} >= {low}" + (f" and < {high}" if high is not None else "")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not low <= value or (high is not None and not value < high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
 def atomic_write(path, write):

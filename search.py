@@ -1,7 +1,8 @@
 """Architecture search for ADD: Algorithm 1 (Sec. III-A, III-B), first-order DARTS.
 
 Batch by batch, a training batch updates the operation weights w, then a validation batch updates
-the architecture alpha (Adam; lr / 10 at epochs 60 and 150 of 300); both minimise the loss of Eq. 7
+the architecture alpha (Adam; lr / 10 at epochs 60 and 150 of 300, scaled to the epochs after the
+warm-up); both minimise the loss of Eq. 7
 with the heads of add.py (Sec. IV-B has the settings). Each epoch the genotype is derived (Sec.
 III-A: for each node the two strongest incoming edges, each with its strongest non-zero operation)
 and written to g.json, with a picture of both cells as in Fig. 8 and of alpha over the epochs.
@@ -34,7 +35,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 
@@ -44,11 +44,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Sampler
 
-from add import (ADD, Diverged, FiniteCheck, add_loss, autocast, count_parameters, d2_layout, epoch_generator,
-                 load_checkpoint, load_state, loss_terms, new_run_dir, peak_memory_mib, pick_device, prepare_model,
-                 random_batch, resumed_config, save_checkpoint, scale_milestones, sync, time_steps, to_device, trim_log)
+from add import (ADD, Diverged, FiniteCheck, StopSignals, Stopped, add_loss, autocast, count_parameters, d2_layout,
+                 epoch_generator, ignore_stop_signals, load_checkpoint, load_state, loss_terms, new_run_dir, peak_memory_mib,
+                 pick_device, prepare_model, random_batch, resumed_config, save_checkpoint, scale_milestones, sync,
+                 time_steps, to_device, trim_log)
 from masks import add_data_arguments, loader_workers, open_split, parse_methods, resolve_defaults
-from ops import OPS, PRIMITIVES, STEPS, Genotype, InputError, atomic_write, node_softmax, save_genotype, search_edges
+from ops import (OPS, PRIMITIVES, STEPS, Genotype, InputError, Parser, atomic_write, bounded, node_softmax, save_genotype,
+                 search_edges)
 from train import DEMO as TRAIN_DEMO, PAPER as TRAIN_PAPER, figure, save_figure
 
 # Settings that differ between a real dataset (the paper's, Sec. IV-B; DARTS's and PC-DARTS's where
@@ -202,17 +204,27 @@ def describe(genotype, path):
 
 def draw_alpha(log_path, path):
     """alpha.png from log.jsonl: each operation's softmax weight (mean over a cell's 14 edges) per
-    epoch, for the normal and the reduction cell."""
+    epoch, for the normal and the reduction cell; with partial channels (K > 1) a second row: each
+    edge's normalised beta (PC-DARTS's edge weight, a softmax over each node's inputs)."""
     with open(log_path) as f:
         log = [json.loads(line) for line in f]
-    fig, ax = figure(1, 2, (12, 4))
-    for a, kind in zip(ax[0], ("normal", "reduce")):
+    epochs, beta = [e["epoch"] for e in log], "edge_weights" in log[0]
+    fig, ax = figure(2 if beta else 1, 2, (12, 8 if beta else 4))
+    for a, kind in zip(ax[0], CELL_TYPES):
         weights = torch.tensor([e["softmax_alpha"][kind] for e in log]).mean(1)  # (epochs, ops)
         for j, op in enumerate(PRIMITIVES):
-            a.plot([e["epoch"] for e in log], weights[:, j], marker="o", color=[c / 255 for c in _colour(op)], label=op,
+            a.plot(epochs, weights[:, j], marker="o", color=[c / 255 for c in _colour(op)], label=op,
                    linestyle="--" if j % 2 else "-")
         a.set(xlabel="epoch", ylabel="softmax(alpha), mean over edges", title=f"{kind} cell")
     ax[0, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    if beta:
+        names = [f"{node}<-{inp}" for node, inp, _ in search_edges()]
+        for a, kind in zip(ax[1], CELL_TYPES):
+            weights = torch.tensor([e["edge_weights"][kind] for e in log])  # (epochs, edges)
+            for k, name in enumerate(names):
+                a.plot(epochs, weights[:, k], marker=".", label=name, linestyle="--" if k % 2 else "-")
+            a.set(xlabel="epoch", ylabel="edge weight (beta, softmax over a node's inputs)", title=f"{kind} cell: edges")
+        ax[1, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5), ncol=2)
     save_figure(fig, path)
 
 
@@ -267,19 +279,33 @@ def node_edges(node):
 
 def projected(weights, chosen, kept):
     """The architecture weights with the decisions taken so far: an edge whose operation is chosen
-    becomes that operation alone (one-hot, the row's total kept: beta's share with partial
-    channels); a node whose edges are chosen keeps only those. -> ((w, None), (w, None)), beta folded in."""
+    becomes that operation alone (one-hot, the row's total kept); a node whose edges are chosen keeps
+    only those. -> ((w, e), (w, e)) as cell_weights() gives them: with partial channels the edge
+    weights e (normalised beta) stay separate and scale each whole edge, bypass channels included,
+    as in the search."""
     out = []
     for (w, e), kind in zip(weights, CELL_TYPES):
-        w = (w if e is None else w * e[:, None]).detach().clone()  # (n_edges, n_ops)
+        w, e = w.detach().clone(), None if e is None else e.detach().clone()  # (n_edges, n_ops), (n_edges,)
         for k, o in chosen[kind].items():
             total, w[k] = w[k].sum(), 0
             w[k, o] = total
         for node, edges in kept[kind].items():
             for k in set(node_edges(node)) - set(edges):
-                w[k] = 0
-        out.append((w, None))
+                remove((w, e), k)
+        out.append((w, e))
     return tuple(out)
+
+
+def remove(cell_weights, k, o=None):
+    """In place: operation o of edge k gets weight 0; o None: the whole edge (its op weights and, with
+    partial channels, its edge weight, so that its bypass channels go too)."""
+    w, e = cell_weights
+    if o is not None:
+        w[k, o] = 0
+        return
+    w[k] = 0
+    if e is not None:
+        e[k] = 0
 
 
 @torch.no_grad()
@@ -303,12 +329,13 @@ def select_by_perturbation(model, batches, tune, device, seed):
     2) topology: node by node, the incoming edge whose removal raises it least is dropped until two
        are left;
     after each round, tune(weights) trains w with the decisions so far. -> the genotype."""
-    rng, chosen, kept = random.Random(seed), {k: {} for k in CELL_TYPES}, {k: {} for k in CELL_TYPES}
+    rng, chosen = random.Random(seed), {kind: {} for kind in CELL_TYPES}
+    kept = {kind: {0: list(node_edges(0))} for kind in CELL_TYPES}  # node 0 has two inputs: nothing to decide
     ops = [o for o, name in enumerate(PRIMITIVES) if name != "none"]
 
     def ce_without(c, k, o=None):  # cell type c, edge k without operation o (o None: without the edge)
         weights = projected(model.cell_weights(), chosen, kept)
-        weights[c][0][k, slice(None) if o is None else o] = 0
+        remove(weights[c], k, o)
         return validation_ce(model, weights, batches, device)
     # 1) operations
     for _ in range(len(search_edges())):
@@ -318,7 +345,7 @@ def select_by_perturbation(model, batches, tune, device, seed):
             chosen[kind][k] = max(costs, key=costs.get)
         tune(projected(model.cell_weights(), chosen, kept))
     # 2) topology
-    for _ in range(STEPS):
+    for _ in range(1, STEPS):
         for c, kind in enumerate(CELL_TYPES):
             node = rng.choice([n for n in range(STEPS) if n not in kept[kind]])
             edges = list(node_edges(node))
@@ -336,7 +363,7 @@ def perturbation_genotype(args, model, loaders, device):
     """--select pt after the search: fixed validation batches (--pt-batches) to compare the removals
     on, and --pt-tune-steps w steps between rounds at a tenth of w's lr (as DARTS-PT's tuning)."""
     train_loader, val_loader = loaders
-    val_loader.sampler.set_epoch(args.epochs)  # an epoch after the search's: batches it has not used for alpha
+    val_loader.sampler.set_epoch(args.epochs)  # the validation split in an order the search never drew
     batches = [b for _, b in zip(range(args.pt_batches), val_loader)]
     train_batches = endless(train_loader, args.epochs)
     w_params = list(model.net.parameters())
@@ -349,7 +376,7 @@ def perturbation_genotype(args, model, loaders, device):
     tic = time.time()
     genotype = select_by_perturbation(model, batches, tune, device, args.seed)
     print(f"DARTS-PT selection: {time.time() - tic:.1f} s (324 evaluations on {len(batches)} validation batches, "
-          f"18 rounds of {args.pt_tune_steps} tuning steps)")
+          f"17 rounds of {args.pt_tune_steps} tuning steps)")
     return genotype
 
 
@@ -434,31 +461,29 @@ class EpochOrder(Sampler):
 
 def loaders(args):
     """Training split for w, validation split for alpha (Algorithm 1: D_train, D_val), one batch of
-    each per step; --steps-per-epoch steps an epoch (0: one pass over the training split).
-    -> (train loader, val loader), steps per epoch."""
+    each per step; an epoch is one pass over the training split, or --steps-per-epoch steps of it if
+    fewer (a fresh random subset each epoch). -> (train loader, val loader), steps per epoch, steps
+    of one pass."""
     methods = parse_methods(args.data, args.methods)
     sets = [open_split(args.data, args.root, s, methods, args.image_size, True, args.videos, args.frames,
                        args.synthetic) for s in ("train", "val")]
     for s, name in zip(sets, ("train", "val")):
         if len(s) < args.batch_size:
             raise InputError(f"--batch-size {args.batch_size}: the {name} split has only {len(s)} samples")
-    steps = args.steps_per_epoch or len(sets[0]) // args.batch_size
-    kw = dict(batch_size=args.batch_size, drop_last=True, num_workers=args.workers,
+    one_pass = len(sets[0]) // args.batch_size
+    steps = min(args.steps_per_epoch, one_pass) if args.steps_per_epoch else one_pass
+    kw = dict(batch_size=args.batch_size, drop_last=True, num_workers=args.workers, worker_init_fn=ignore_stop_signals,
               pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0)
     return [DataLoader(s, sampler=EpochOrder(len(s), steps * args.batch_size, args.seed, k), **kw)
-            for k, s in enumerate(sets)], steps
-
-
-class Stopped(Exception):
-    """SIGTERM: the search saved its checkpoint at the current step and stops."""
+            for k, s in enumerate(sets)], steps, one_pass
 
 
 def search(args, device, state=None):
     """Algorithm 1, then the chosen genotype: g.json (--out) and its pictures, every epoch.
-    Checkpoints every --checkpoint-every steps, at each epoch's end and on SIGTERM; a resumed search
+    Checkpoints every --checkpoint-every steps, at each epoch's end and on SIGTERM or SIGINT; a resumed search
     continues at the saved step with the same batches, flips, optimiser states and schedules."""
     # 1) data, network, optimizers, the warm-up in steps; resume from the last checkpoint if asked
-    (train_loader, val_loader), steps = loaders(args)
+    (train_loader, val_loader), steps, one_pass = loaders(args)
     model, optimizers, warmup = build(args, device, steps)
     w_opt, a_opt, w_sched, a_sched = optimizers
     at = restore(state, args.run_dir, model, optimizers) if state else dict(epoch=0, step=0, sums=torch.zeros(2, 4))
@@ -466,12 +491,14 @@ def search(args, device, state=None):
     alpha_mask_weight = args.mask_weight if args.alpha_loss == "eq7" else 0.0
     penalty = parameter_penalty(args, model) if args.param_weight else None
     total, done = args.epochs * steps, at["epoch"] * steps + at["step"]
+    budget = (f" (--steps-per-epoch {args.steps_per_epoch}; one pass is {one_pass})" if steps < one_pass else
+              f" (one pass over the training split{', capping --steps-per-epoch ' + str(args.steps_per_epoch) if args.steps_per_epoch else ''})")
     print(f"search network: {count_parameters(model.net) / 1e6:.2f} M weights, alpha 2 x {tuple(model.alpha_normal.shape)}"
-          f"{', beta 2 x (14,)' if args.partial_channels > 1 else ''}; {args.epochs} epochs x {steps} steps = {total} steps "
-          f"of {args.batch_size} training + {args.batch_size} validation images, alpha still for the first {warmup}; "
-          f"{total - done} to do", flush=True)
-    clock, stop = Estimate(device, max(0, warmup - done), total - max(done, warmup)), stop_on_sigterm()
-    try:
+          f"{', beta 2 x (14,)' if args.partial_channels > 1 else ''}; {args.epochs} epochs x {steps} steps{budget} = "
+          f"{total} steps of {args.batch_size} training + {args.batch_size} validation images, alpha still for the first "
+          f"{warmup}; {total - done} to do", flush=True)
+    clock = Estimate(device, max(0, warmup - done), total - max(done, warmup))
+    with StopSignals() as stop:
         for epoch in range(at["epoch"], args.epochs):
             # 2) alternate: a w step on a training batch, an alpha step on a validation batch (after the warm-up)
             first = at["step"] if epoch == at["epoch"] else 0
@@ -480,6 +507,7 @@ def search(args, device, state=None):
                 loader.sampler.set_epoch(epoch, first * args.batch_size)
             model.train()
             check = FiniteCheck(device, args.check_every, "the last checkpoint is intact: lower --w-lr or --alpha-lr")
+            where = f"epoch {epoch + 1}"
             tic = time.time()
             for step, (batch, val_batch) in enumerate(zip(train_loader, val_loader), start=first):
                 moving = epoch * steps + step >= warmup
@@ -491,14 +519,15 @@ def search(args, device, state=None):
                     a = gradient_step(model, a_opt, a_params, val_batch, device, alpha_mask_weight, None,
                                       epoch_generator(args.seed, epoch, step, 3), penalty=penalty)
                     sums[1] += torch.cat([a, a.new_ones(1)])
-                check.add(w[2] + (a[2] if moving else 0), step - first, step + 1 == steps, f"epoch {epoch + 1}")
+                check.add(w[2] + (a[2] if moving else 0), step - first, step + 1 == steps, where)
                 if args.log_every and (step + 1) % args.log_every == 0:
                     print(f"  epoch {epoch + 1} step {step + 1}/{steps}: "
                           f"{(step + 1 - first) * args.batch_size / (time.time() - tic):.1f} training images/s", flush=True)
                 if step + 1 < steps and ((step + 1) % args.checkpoint_every == 0 or stop):
+                    check.read(step - first, where)  # no checkpoint after a non-finite loss
                     save_search(args, model, optimizers, epoch, step + 1, sums)
                     if stop:
-                        raise Stopped(stop.message(epoch, step + 1, args.run_dir))
+                        raise Stopped(stopped_message(stop, epoch, step + 1, args.run_dir))
             # 3) end of epoch: schedules, derive, write g.json + pictures, log line, then the checkpoint
             w_sched.step()
             if sums[1, 3] > 0:
@@ -511,9 +540,7 @@ def search(args, device, state=None):
                                                         val_mse=val_mse if moved else None, alpha_steps=moved), time.time() - tic)
             save_search(args, model, optimizers, epoch + 1, 0, torch.zeros(2, 4))
             if stop and epoch + 1 < args.epochs:
-                raise Stopped(stop.message(epoch + 1, 0, args.run_dir))
-    finally:
-        signal.signal(signal.SIGTERM, stop.previous)
+                raise Stopped(stopped_message(stop, epoch + 1, 0, args.run_dir))
     genotype = model.genotype()
     if args.select == "pt":
         genotype = perturbation_genotype(args, model, (train_loader, val_loader), device)
@@ -524,23 +551,9 @@ def search(args, device, state=None):
     return model
 
 
-class stop_on_sigterm:
-    """A SIGTERM (a scheduler's pre-emption, `kill`) becomes a flag the loop reads after each step:
-    the search then checkpoints and stops. Truthy once the signal came."""
-    def __init__(self):
-        self.flag = False
-        self.previous = signal.signal(signal.SIGTERM, self.receive)
-
-    def receive(self, signum, frame):
-        self.flag = True
-
-    def __bool__(self):
-        return self.flag
-
-    @staticmethod
-    def message(epoch, step, run_dir):
-        return (f"stopped by SIGTERM at epoch {epoch + 1}, step {step}; its checkpoint is written: continue with "
-                f"python search.py --resume --run-dir {run_dir}")
+def stopped_message(stop, epoch, step, run_dir):
+    return (f"stopped by {stop.name} at epoch {epoch + 1}, step {step}; its checkpoint is written: continue with "
+            f"python search.py --resume --run-dir {run_dir}")
 
 
 class Estimate:
@@ -604,9 +617,11 @@ def restore(state, run_dir, model, optimizers):
 def log_epoch(args, model, genotype, epoch, losses, seconds):
     """Prints the losses and the genotype; appends them and the softmax of alpha to log.jsonl and
     redraws alpha.png."""
-    alpha = {k: getattr(model, f"alpha_{k}").softmax(-1).tolist() for k in CELL_TYPES}
+    weights = dict(zip(CELL_TYPES, model.cell_weights()))
     line = dict(epoch=epoch + 1, **losses, seconds=seconds, primitives=PRIMITIVES, genotype=genotype._asdict(),
-                softmax_alpha=alpha)
+                softmax_alpha={k: w.tolist() for k, (w, _) in weights.items()})
+    if model.partial > 1:  # the cell is chosen by alpha x beta: both are logged
+        line["edge_weights"] = {k: e.tolist() for k, (_, e) in weights.items()}
     log = os.path.join(args.run_dir, "log.jsonl")
     with open(log, "a") as f:
         f.write(json.dumps(line) + "\n")
@@ -660,59 +675,61 @@ def profile_step(step, device, rows=12):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(p)
-    p.add_argument("--channels", type=int, help="C of the first cells (DARTS: 16; demo: 8)")
-    p.add_argument("--cells", type=int, help="search cells, reductions at 1/3 and 2/3 (DARTS: 8; demo: 5)")
-    p.add_argument("--stem-reductions", type=int, help="stride-2 stem layers (3: 256 -> 32 px; demo: 2, 64 -> 16 px)")
-    p.add_argument("--partial-channels", type=int, metavar="K", help="PC-DARTS: 1/K of each edge's channels go through "
+    p.add_argument("--channels", type=bounded(int, 1), help="C of the first cells (DARTS: 16; demo: 8)")
+    p.add_argument("--cells", type=bounded(int, 3), help="search cells, reductions at 1/3 and 2/3 (DARTS: 8; demo: 5)")
+    p.add_argument("--stem-reductions", type=bounded(int, 0), help="stride-2 stem layers (3: 256 -> 32 px; demo: 2, 64 -> 16 px)")
+    p.add_argument("--partial-channels", type=bounded(int, 1), metavar="K", help="PC-DARTS: 1/K of each edge's channels go through "
                    "its operations, with edge normalisation (paper: 1, DARTS; real data: 4, PC-DARTS's CIFAR value; demo: 1)")
-    p.add_argument("--batch-size", type=int, help="paper: 8 (Sec. IV-B); demo: 32")
-    p.add_argument("--epochs", type=int, help="paper: 300; demo: 5")
-    p.add_argument("--steps-per-epoch", type=int, help="w + alpha steps an epoch, each epoch a fresh random subset of "
+    p.add_argument("--batch-size", type=bounded(int, 1), help="paper: 8 (Sec. IV-B); demo: 32")
+    p.add_argument("--epochs", type=bounded(int, 1), help="paper: 300; demo: 5")
+    p.add_argument("--steps-per-epoch", type=bounded(int, 0), help="w + alpha steps an epoch, each epoch a fresh random subset of "
                    "the training split (0: all of it, the paper; real data: 200, 60,000 steps in all: README, Search cost)")
-    p.add_argument("--warmup", type=float, help="the first fraction of the steps trains w only, alpha still (paper: 0; "
+    p.add_argument("--warmup", type=bounded(float, 0, 1), help="the first fraction of the steps trains w only, alpha still (paper: 0; "
                    "real data: 0.3, PC-DARTS's 15 of 50 epochs; demo: 0.4)")
-    p.add_argument("--warmup-epochs", type=int, help="the warm-up in epochs instead of --warmup")
+    p.add_argument("--warmup-epochs", type=bounded(int, 0), help="the warm-up in epochs instead of --warmup")
     p.add_argument("--w-optimizer", default="sgd", choices=("sgd", "adam"), help="paper: momentum SGD")
-    p.add_argument("--w-lr", type=float, default=0.025, help="lr of w for --w-lr-batch samples, cosine schedule "
+    p.add_argument("--w-lr", type=bounded(float, 0), default=0.025, help="lr of w for --w-lr-batch samples, cosine schedule "
                    "(DARTS: 0.025 at 64; paper: 0.1 at batch 8, i.e. --w-lr 0.1 --w-lr-batch 0)")
-    p.add_argument("--w-lr-batch", type=int, default=64, help="--w-lr is for this batch and scales linearly to "
+    p.add_argument("--w-lr-batch", type=bounded(int, 0), default=64, help="--w-lr is for this batch and scales linearly to "
                    "--batch-size (0: --w-lr as given, the paper)")
-    p.add_argument("--w-lr-min", type=float, default=0.01, help="end of the cosine schedule, a fraction of the lr "
+    p.add_argument("--w-lr-min", type=bounded(float, 0), default=0.01, help="end of the cosine schedule, a fraction of the lr "
                    "(DARTS: 0.001 / 0.025 = 0.04)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, or Adam's beta1 for w (paper: 0.9)")
-    p.add_argument("--alpha-lr", type=float, default=0.02, help="Adam lr of alpha (paper: 0.02)")
-    p.add_argument("--alpha-betas", type=float, nargs=2, default=[0.5, 0.999], help="Adam betas of alpha (DARTS: "
+    p.add_argument("--momentum", type=bounded(float, 0, 1), default=0.9, help="SGD momentum, or Adam's beta1 for w (paper: 0.9)")
+    p.add_argument("--alpha-lr", type=bounded(float, 0), default=0.02, help="Adam lr of alpha (paper: 0.02)")
+    p.add_argument("--alpha-betas", type=bounded(float, 0, 1), nargs=2, default=[0.5, 0.999], help="Adam betas of alpha (DARTS: "
                    "0.5 0.999; paper: unstated, Adam's default 0.9 0.999)")
     p.add_argument("--alpha-loss", default="eq7", choices=("eq7", "ce"), help="the loss that moves alpha: Eq. 7 "
                    "(paper: Eq. 3 with the network's loss) or its cross-entropy alone")
-    p.add_argument("--alpha-milestones", type=int, nargs="+",
-                   help="alpha lr / 10 at these epochs of 300, scaled to --epochs (paper: 60 150; demo: 200 280)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="both optimizers (paper: 5e-4)")
-    p.add_argument("--grad-clip", type=float, default=5.0, help="clip w's gradient norm (DARTS: 5; 0: off)")
-    p.add_argument("--mask-weight", type=float, default=1.0, help="alpha of Eq. 7 (paper: 1; 0: m unsupervised)")
+    p.add_argument("--alpha-milestones", type=bounded(int, 1), nargs="+",
+                   help="alpha lr / 10 at these epochs of 300, scaled to the epochs after the warm-up, in which alpha moves "
+                   "(paper: 60 150; demo: 200 280)")
+    p.add_argument("--weight-decay", type=bounded(float, 0), default=5e-4, help="both optimizers (paper: 5e-4)")
+    p.add_argument("--grad-clip", type=bounded(float, 0), default=5.0, help="clip w's gradient norm (DARTS: 5; 0: off)")
+    p.add_argument("--mask-weight", type=bounded(float, 0), default=1.0, help="alpha of Eq. 7 (paper: 1; 0: m unsupervised)")
     p.add_argument("--no-mask-branch", action="store_true", help="search without the mask branch (Eq. 4 alone)")
-    p.add_argument("--param-weight", type=float, default=0.1, help="add weight * max(0, E[parameters] / target - 1) to "
+    p.add_argument("--param-weight", type=bounded(float, 0), default=0.1, help="add weight * max(0, E[parameters] / target - 1) to "
                    "alpha's loss, E at the paper's size (default 0.1: README, choosing the cell; paper: 0, no such term)")
-    p.add_argument("--param-target", type=float, default=5.6e6, help="the target of --param-weight (paper's network: 5.6 M)")
+    p.add_argument("--param-target", type=bounded(float, 1), default=5.6e6, help="the target of --param-weight (paper's network: 5.6 M)")
     p.add_argument("--select", choices=("alpha", "pt"), help="how the cell is chosen after the search: alpha, the "
-                   "strongest softmax(alpha) (the default: paper, DARTS), or pt, by removal (DARTS-PT)")
-    p.add_argument("--pt-batches", type=int, help="--select pt: validation batches each removal is scored on (2)")
-    p.add_argument("--pt-tune-steps", type=int, help="--select pt: w steps between its 18 rounds (5)")
+                   "strongest softmax(alpha), times beta with partial channels (the default: paper, DARTS, PC-DARTS), or pt, "
+                   "by removal (DARTS-PT)")
+    p.add_argument("--pt-batches", type=bounded(int, 1), help="--select pt: validation batches each removal is scored on (2)")
+    p.add_argument("--pt-tune-steps", type=bounded(int, 0), help="--select pt: w steps between its 17 rounds (5)")
     p.add_argument("--compile", action="store_true", help="torch.compile the search network (long on the CPU)")
-    p.add_argument("--random-genotype", type=int, metavar="SEED", help="write a random genotype (no search) and exit")
+    p.add_argument("--random-genotype", type=bounded(int, 0), metavar="SEED", help="write a random genotype (no search) and exit")
     p.add_argument("--out", help="the genotype to write (and its picture, .png; default g.json)")
     p.add_argument("--run-dir", default="runs/search", help="checkpoint, log.jsonl, alpha.png (a new one beside it "
                    "if it exists, unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/search.pt with its saved configuration "
                    "(--select, --pt-*, --out may change: a finished search then only chooses the cell again)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="also checkpoint every N steps inside an epoch "
+    p.add_argument("--checkpoint-every", type=bounded(int, 1), default=100, help="also checkpoint every N steps inside an epoch "
                    "(a kill loses at most N steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--log-every", type=int, default=0, help="print throughput every N steps (0: per epoch only)")
-    p.add_argument("--check-every", type=int, default=50, help="read the device's non-finite-loss count every N steps")
+    p.add_argument("--log-every", type=bounded(int, 0), default=0, help="print throughput every N steps (0: per epoch only)")
+    p.add_argument("--check-every", type=bounded(int, 1), default=50, help="read the device's non-finite-loss count every N steps")
     p.add_argument("--benchmark", action="store_true", help="time search steps and exit")
     p.add_argument("--profile", action="store_true", help="with --benchmark: torch.profiler's table of one step")
     args = resolve_defaults(p.parse_args(argv), PAPER, DEMO)
@@ -723,20 +740,14 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Mistakes in the flags, as one line each."""
+    """Mistakes across flags, as one line each (each flag's own range is checked by its type)."""
     if args.no_mask_branch:
         args.mask_weight = 0.0
-    for flag, value in (("--epochs", args.epochs), ("--partial-channels", args.partial_channels),
-                        ("--checkpoint-every", args.checkpoint_every), ("--pt-batches", args.pt_batches),
-                        ("--pt-tune-steps", args.pt_tune_steps)):
-        if value is not None and value < (0 if flag == "--pt-tune-steps" else 1):
-            raise InputError(f"{flag} {value}: expected a positive number")
-    if args.cells < 3:
-        raise InputError(f"--cells {args.cells}: the search network needs at least 3 (a normal cell and two reduction cells)")
     if args.channels % args.partial_channels:
         raise InputError(f"--partial-channels {args.partial_channels}: must divide --channels {args.channels}")
-    if not 0 <= args.warmup < 1:
-        raise InputError(f"--warmup {args.warmup}: expected a fraction of the steps, 0 <= f < 1")
+    if args.image_size < 2 ** (args.stem_reductions + 2):
+        raise InputError(f"--image-size {args.image_size}: the stem ({args.stem_reductions} halvings) and the two reduction "
+                         f"cells need at least {2 ** (args.stem_reductions + 2)} px")
     if args.warmup_epochs is not None and args.warmup_epochs >= args.epochs and not (args.benchmark or args.resume):
         raise InputError(f"--warmup-epochs {args.warmup_epochs}: alpha would never move in {args.epochs} epochs")
     return args

@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -148,19 +149,46 @@ def test_partial_channels_route_a_kth_of_the_channels_through_eq2_and_shuffle_th
     assert ops.channel_shuffle(cl, K).is_contiguous(memory_format=torch.channels_last)
 
 
-def test_one_partial_channel_group_is_the_papers_darts_edge_and_beta_sums_to_one_per_node():
+def darts_cell_by_hand(cell, s0, s1, weights):
+    """A search cell computed as DARTS writes it, from operations built anew by OPS (each holding the
+    weights of the cell's): node i = sum over its edges of sum(w * op(h) for w, op in OP_df)."""
+    states = [cell.pre0(s0), cell.pre1(s1)]
+    for node in range(4):
+        total = 0
+        for k, (n, inp) in enumerate(cell.edges):
+            if n == node:
+                stride = 2 if cell.reduction and inp < 2 else 1
+                total = total + sum(weights[k, i] * (full_op(cell.ops[k], i, states[inp].shape[1], stride)(states[inp])
+                                                     if name != "none" else 0) for i, name in enumerate(ops.PRIMITIVES))
+        states.append(total)
+    return torch.cat(states[2:], dim=1)
+
+
+@pytest.mark.parametrize("reduction", [False, True])
+def test_one_partial_channel_group_is_the_papers_darts_cell_in_values(reduction):
     torch.manual_seed(0)
-    plain = search.SearchNetwork(4, 3, 2, True, partial=1)
-    torch.manual_seed(0)
-    pc = search.SearchNetwork(4, 3, 2, True, partial=2)
-    assert not any(n.startswith("beta") for n, _ in plain.named_parameters()) and len(pc.arch_parameters()) == 4
-    assert all(not hasattr(m, "bypass") for m in plain.modules())  # K = 1: today's MixedOp, its state_dict keys
+    cell = ops.Cell(ops.search_edges(), 6, 6, 4, reduction=reduction, reduction_prev=False, affine=False).eval()
+    assert all(not hasattr(m, "bypass") for m in cell.modules())  # K = 1: no partial-channel machinery
+    s0, s1, weights = torch.randn(2, 6, 8, 8), torch.randn(2, 6, 8, 8), torch.softmax(torch.randn(14, 11), -1)
+    assert torch.allclose(cell(s0, s1, (weights, None)), darts_cell_by_hand(cell, s0, s1, weights), atol=1e-5)
+
+
+def test_beta_sums_to_one_per_node_and_the_cell_is_derived_from_alpha_times_beta():
     beta = ops.node_softmax(torch.randn(14))
     assert [round(float(beta[list(search.node_edges(n))].sum()), 6) for n in range(4)] == [1.0] * 4
-    x = torch.rand(2, 3, 32, 32)
-    assert pc(x)[0].shape == plain(x)[0].shape == (2, 2)
-    weights, edges = pc.cell_weights()[0]
-    assert pc.genotype().normal == search.derive_cell(weights * edges[:, None])  # PC-DARTS: alpha x beta
+    pc = search.SearchNetwork(4, 3, 2, True, partial=2)
+    P = ops.PRIMITIVES.index
+    with torch.no_grad():  # node 1 (edges 2, 3, 4 from inputs 0, 1, node 0): alpha prefers edges 2 and 3 ...
+        pc.alpha_normal.zero_()
+        pc.alpha_normal[2, P("sep_conv_3x3")], pc.alpha_normal[3, P("dil_conv_3x3")] = 3.0, 3.2
+        pc.alpha_normal[4, P("max_pool_3x3")] = 2.5
+        pc.beta_normal.zero_()
+        pc.beta_normal[4] = 2.0  # ... but beta makes edge 4 (node 0 -> node 1) the strongest with it
+    by_alpha = search.derive_cell(pc.alpha_normal.softmax(-1))
+    assert by_alpha[2:4] == (("sep_conv_3x3", 0), ("dil_conv_3x3", 1))
+    # alpha x beta by hand, the strongest op of each edge: edge 2: e^3 / (e^3 + 10) = 0.667, times beta's
+    # 1 / (2 + e^2) = 0.107: 0.071; edge 3: 0.710 x 0.107 = 0.076; edge 4: 0.549 x e^2 / (2 + e^2) = 0.432
+    assert pc.genotype().normal[2:4] == (("dil_conv_3x3", 1), ("max_pool_3x3", 2))
 
 
 def test_search_and_derived_cells_share_one_wiring():
@@ -268,12 +296,17 @@ def test_search_steps_lower_the_loss_and_move_alpha():
 
 def test_search_writes_genotype_picture_and_log(tmp_path, capsys):
     g, run = str(tmp_path / "g.json"), str(tmp_path / "run")
-    model = search.main(TINY_SEARCH + ["--epochs", "2", "--out", g, "--run-dir", run])
+    model = search.main(TINY_SEARCH + ["--epochs", "2", "--partial-channels", "2", "--steps-per-epoch", "500", "--out", g,
+                                       "--run-dir", run])
     assert ops.load_genotype(g) == model.genotype() and Image.open(str(tmp_path / "g.png")).size == (1240, 380)
-    assert [json.loads(line)["epoch"] for line in open(os.path.join(run, "log.jsonl"))] == [1, 2]
+    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    assert [e["epoch"] for e in log] == [1, 2]
+    beta = torch.tensor(log[-1]["edge_weights"]["reduce"])  # with K > 1 beta is logged, and drawn: alpha.png has 2 rows
+    assert torch.allclose(beta, ops.node_softmax(model.beta_reduce.detach())) and Image.open(os.path.join(run, "alpha.png")).size[1] == 800
     saved = torch.load(os.path.join(run, "search.pt"), weights_only=True)
     assert (saved["epoch"], saved["step"]) == (2, 0) and torch.equal(saved["model"]["alpha_normal"], model.alpha_normal)
-    assert "4 steps of 4 training + 4 validation images" in capsys.readouterr().out
+    assert "2 epochs x 2 steps (one pass over the training split, capping --steps-per-epoch 500) = 4 steps of 4 " \
+           "training + 4 validation images" in capsys.readouterr().out
 
 
 def search_state(run):
@@ -285,39 +318,52 @@ def search_state(run):
         return None
 
 
-def test_search_sigterm_and_sigkill_mid_epoch_then_resume_match_an_uninterrupted_run(tmp_path):
-    # 3 epochs of 4 steps, a checkpoint every step, the warm-up (6 steps) ending inside epoch 2: stopped by SIGTERM
-    # in the warm-up, resumed, killed after the first alpha step (Adam's state mid-way), resumed again
-    argv = [os.path.join(HERE, "search.py"), "--videos", "8", "--frames", "1", "--image-size", "32", "--channels", "4",
-            "--cells", "3", "--batch-size", "4", "--epochs", "3", "--warmup", "0.5", "--checkpoint-every", "1"]
-    whole = tmp_path / "whole"
-    code, _, err = run_cli(*argv, "--out", str(whole / "g.json"), "--run-dir", str(whole / "run"))
-    assert code == 0, err[-2000:]
-    killed = tmp_path / "killed"
-    run = str(killed / "run")
-    for sig, before in ((signal.SIGTERM, (0, 2)), (signal.SIGKILL, (1, 3))):  # then --resume after each
-        extra = ["--resume", "--run-dir", run] if sig == signal.SIGKILL else ["--out", str(killed / "g.json"), "--run-dir", run]
-        p = subprocess.Popen([sys.executable, *argv, *extra] if sig == signal.SIGTERM else
-                             [sys.executable, argv[0], *extra], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        while (search_state(run) or (0, 0)) < before and p.poll() is None:
-            time.sleep(0.02)  # a checkpoint every step (~0.1 s here); reading it costs CPU the child needs
-        p.send_signal(sig)
+def in_own_group(*argv):
+    """A script started as a scheduler or a terminal starts a job: in a process group of its own, which
+    `timeout`, `scancel` and Ctrl-C signal as a whole (loader workers included)."""
+    return subprocess.Popen([sys.executable, *argv], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def stop_message(err, pattern):
+    """The one line a stopped run ends with -> the numbers the pattern captures."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(pattern, lines[0]), err[-3000:]
+    return [int(v) for v in re.fullmatch(pattern, lines[0]).groups()]
+
+
+def test_search_stopped_by_signals_to_its_process_group_resumes_as_if_never_stopped(tmp_path):
+    # the real-data path: partial channels K = 4, a budget of 3 steps an epoch (one pass is 4), 2 loader workers;
+    # 6 epochs, the warm-up (9 steps) ending inside epoch 3, a checkpoint every 2 steps
+    argv = ["--videos", "8", "--frames", "1", "--image-size", "32", "--channels", "4", "--cells", "3", "--batch-size", "4",
+            "--epochs", "6", "--steps-per-epoch", "3", "--warmup", "0.5", "--partial-channels", "4", "--workers", "2",
+            "--checkpoint-every", "2"]
+    whole = search.main(argv + ["--out", str(tmp_path / "whole.json"), "--run-dir", str(tmp_path / "whole")])
+    run, script = str(tmp_path / "run"), os.path.join(HERE, "search.py")
+    pattern = r"stopped by SIG(?:TERM|INT) at epoch (\d), step (\d); its checkpoint is written: continue with " \
+              r"python search.py --resume --run-dir " + re.escape(run)
+    for sig, after in ((signal.SIGTERM, (0, 2)), (signal.SIGINT, (2, 0)), (signal.SIGKILL, (4, 0))):
+        p = in_own_group(script, *argv, "--out", str(tmp_path / "g.json"), "--run-dir", run) if sig == signal.SIGTERM \
+            else in_own_group(script, "--resume", "--run-dir", run)
+        while (search_state(run) or (0, 0)) < after and p.poll() is None:
+            time.sleep(0.02)
+        os.killpg(p.pid, sig)  # the whole group: the search and its loader workers
         _, err = p.communicate()
-        state = search_state(run)
-        assert state[0] * 4 + state[1] < (6 if sig == signal.SIGTERM else 12), state  # in the warm-up / mid-run
-        if sig == signal.SIGTERM:
-            assert p.returncode == 1 and err.decode().strip().startswith("stopped by SIGTERM at epoch"), err
-    code, out, err = run_cli(argv[0], "--resume", "--run-dir", run)
+        if sig != signal.SIGKILL:  # the checkpoint is at the step the stop came, none lost
+            epoch, step = stop_message(err, pattern)
+            assert p.returncode == 1 and search_state(run) == (epoch - 1, step) >= after, (err, search_state(run))
+    code, out, err = run_cli(script, "--resume", "--run-dir", run)
     assert code == 0 and "resumed" in out, err[-2000:]
-    assert open(killed / "g.json").read() == open(whole / "g.json").read()  # the same genotype
-    ends = [torch.load(os.path.join(r, "search.pt"), weights_only=True) for r in (str(whole / "run"), run)]
-    for key in ("alpha_normal", "alpha_reduce"):
-        assert torch.equal(ends[0]["model"][key], ends[1]["model"][key])  # the same alpha, bit for bit
-    logs = [[json.loads(line) for line in open(os.path.join(r, "log.jsonl"))] for r in (str(whole / "run"), run)]
-    assert [e["epoch"] for e in logs[1]] == [1, 2, 3]  # no line lost or repeated
+    assert open(tmp_path / "g.json").read() == open(tmp_path / "whole.json").read()  # the same genotype
+    end = torch.load(os.path.join(run, "search.pt"), weights_only=True)["model"]
+    for key in ("alpha_normal", "alpha_reduce", "beta_normal", "beta_reduce"):
+        assert torch.equal(end[key], whole.state_dict()[key])  # the same alpha and beta, bit for bit
+    logs = [[json.loads(line) for line in open(os.path.join(r, "log.jsonl"))] for r in (str(tmp_path / "whole"), run)]
+    assert [e["epoch"] for e in logs[1]] == [1, 2, 3, 4, 5, 6]  # no line lost or repeated
     assert [(e["train_ce"], e["val_ce"], e["alpha_steps"]) for e in logs[0]] == \
         [(e["train_ce"], e["val_ce"], e["alpha_steps"]) for e in logs[1]]
-    assert [e["alpha_steps"] for e in logs[0]] == [0, 2, 4]  # the warm-up (6 steps) ended inside epoch 2
+    assert [e["alpha_steps"] for e in logs[0]] == [0, 0, 0, 3, 3, 3]  # the warm-up: 9 of the 18 steps
+    assert all(len(e["edge_weights"]["normal"]) == 14 for e in logs[1])  # beta logged: the cell is chosen by alpha x beta
 
 
 def test_a_log_line_without_its_checkpoint_is_dropped_on_resume(tmp_path):
@@ -325,6 +371,37 @@ def test_a_log_line_without_its_checkpoint_is_dropped_on_resume(tmp_path):
     log.write_text('{"epoch": 1, "x": 1}\n{"epoch": 2, "x": 2}\n{"epoch": 3, "x"')  # killed after line 2 and mid-line 3
     add.trim_log(str(log), 1)  # the checkpoint holds epoch 1: epoch 2 runs again and writes its line again
     assert log.read_text() == '{"epoch": 1, "x": 1}\n'
+
+
+@pytest.mark.parametrize("poisoned_after, error, on_disk", [
+    (4, r"model.net.stem.0.weight holds a non-finite value: .*search.pt was not written .the one on disk is intact.", 1),
+    (5, r"non-finite loss at epoch 1, within steps 3-3; the last checkpoint is intact", 2)])
+def test_no_checkpoint_holds_a_non_finite_value(tmp_path, monkeypatch, poisoned_after, error, on_disk):
+    path = str(tmp_path / "c.pt")
+    add.save_checkpoint(dict(model={"w": torch.ones(2)}), path)
+    bad = dict(model={"w": torch.ones(2)}, opt=dict(state={0: dict(exp_avg=torch.tensor([1.0, float("inf")]))}))
+    with pytest.raises(add.Diverged, match=r"opt.state.0.exp_avg holds a non-finite value: .*c.pt was not written"):
+        add.save_checkpoint(bad, path)
+    assert torch.equal(add.load_checkpoint(path)["model"]["w"], torch.ones(2))  # the one on disk is intact
+    # a search (a w and an alpha step per step, a checkpoint every step, the loss read every 50 steps) whose w
+    # turns NaN after step 2's alpha step (a weight is NaN at step 2's checkpoint) or step 3's w step (step 3's
+    # alpha loss is NaN): neither checkpoint is written
+    real, calls = search.gradient_step, []
+
+    def poisoned(model, optimizer, params, *args, **kwargs):
+        out = real(model, optimizer, params, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == poisoned_after:
+            with torch.no_grad():
+                model.net.stem[0].weight.fill_(float("nan"))
+        return out
+    monkeypatch.setattr(search, "gradient_step", poisoned)
+    run = str(tmp_path / "run")
+    with pytest.raises(add.Diverged, match=error):
+        search.main(TINY_SEARCH + ["--videos", "8", "--epochs", "1", "--checkpoint-every", "1", "--out",
+                                   str(tmp_path / "g.json"), "--run-dir", run])
+    state = torch.load(os.path.join(run, "search.pt"), weights_only=True)
+    assert state["step"] == on_disk and all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
 def test_expected_parameters_are_the_networks_when_one_hot_and_the_spaces_mean_when_uniform():
@@ -385,15 +462,35 @@ def test_darts_pt_picks_the_operation_that_matters_and_keeps_its_edge():
     y = torch.tensor([0, 1] * 8)
     batches = [((y * 255).to(torch.uint8)[:, None, None, None].expand(16, 3, 4, 4), torch.zeros(16, 1, 4, 4), y, None)]
     toy = ToySupernet()
-    assert search.derive_cell(toy.cell_weights()[0][0])[2:4] != (("sep_conv_3x3", 1),) * 2  # alpha alone cannot tell
+    assert ("sep_conv_3x3", 1) not in search.derive_cell(toy.cell_weights()[0][0])[2:4]  # alpha alone cannot tell
     genotype = search.select_by_perturbation(toy, batches, lambda weights: None, torch.device("cpu"), seed=0)
     assert ("sep_conv_3x3", 1) in genotype.normal[2:4]  # node 1 keeps edge 3, with the operation that matters
     assert ops.genotype_from_dict(json.loads(ops.genotype_to_json(genotype)), "pt") == genotype  # a valid genotype
 
 
+def test_darts_pt_with_partial_channels_scales_and_removes_whole_edges():
+    torch.manual_seed(0)
+    model = search.SearchNetwork(8, 3, 2, True, partial=4).eval()  # K = 4: 2 of each edge's 8 channels operated
+    with torch.no_grad():
+        for p in model.arch_parameters():
+            p.normal_(0, 1)
+    nothing, x = {kind: {} for kind in search.CELL_TYPES}, torch.rand(2, 3, 32, 32)
+    assert torch.equal(model(x)[0], model(x, search.projected(model.cell_weights(), nothing, nothing))[0])  # the supernet
+    cell, s1 = model.net.cells[0], torch.randn(2, 24, 8, 8)  # a normal cell: node 0 is its first 8 output channels
+    weights = search.projected(model.cell_weights(), nothing, nothing)[0]
+    node0 = lambda s0, w: cell(s0, s1, w)[:, :8]
+    s0 = torch.randn(2, 24, 8, 8)
+    assert not torch.allclose(node0(s0, weights), node0(s0 + 1, weights))  # edge 0 brings c_{k-2} in ...
+    search.remove(weights, 0)  # ... until removed: its bypass channels go with it
+    assert torch.equal(node0(s0, weights), node0(s0 + 1, weights))
+    chosen = {"normal": {1: ops.PRIMITIVES.index("skip_connect")}, "reduce": {}}
+    (w, e), _ = search.projected(model.cell_weights(), chosen, nothing)
+    assert torch.equal(e, model.cell_weights()[0][1]) and w[1].sum() == pytest.approx(1.0) and (w[1] > 0).sum() == 1
+
+
 def test_darts_pt_on_a_finished_search_writes_a_valid_genotype(tmp_path, capsys):
     g, pt, run = str(tmp_path / "g.json"), str(tmp_path / "pt.json"), str(tmp_path / "r")
-    model = search.main(TINY_SEARCH + ["--epochs", "1", "--out", g, "--run-dir", run])
+    model = search.main(TINY_SEARCH + ["--epochs", "1", "--partial-channels", "4", "--out", g, "--run-dir", run])
     capsys.readouterr()
     search.main(["--resume", "--run-dir", run, "--select", "pt", "--pt-tune-steps", "1", "--pt-batches", "1", "--out", pt])
     out = capsys.readouterr().out
@@ -403,8 +500,8 @@ def test_darts_pt_on_a_finished_search_writes_a_valid_genotype(tmp_path, capsys)
 
 def test_the_step_budget_draws_a_fresh_seeded_subset_each_epoch():
     args = search.parse_args(TINY_SEARCH + ["--videos", "8", "--steps-per-epoch", "3", "--workers", "0"])  # 16 samples: 4 batches
-    (train_loader, val_loader), steps = search.loaders(args)
-    assert steps == 3 and len(train_loader) == len(val_loader) == 3
+    (train_loader, val_loader), steps, one_pass = search.loaders(args)
+    assert (steps, one_pass) == (3, 4) and len(train_loader) == len(val_loader) == 3
     orders = []
     for epoch in (0, 1, 0):
         train_loader.sampler.set_epoch(epoch)
@@ -413,6 +510,8 @@ def test_the_step_budget_draws_a_fresh_seeded_subset_each_epoch():
     train_loader.sampler.set_epoch(0, start=4)  # a resumed epoch: from its second batch on
     assert list(train_loader.sampler) == orders[0][4:] and len(train_loader) == 2
     assert search.parse_args(["--data", "ff++"]).steps_per_epoch * 300 == 60_000  # real data: README, Search cost
+    args.steps_per_epoch = 200  # the real-data budget on a small split: at most one pass an epoch
+    assert search.loaders(args)[1:] == (4, 4)
 
 
 def test_one_epoch_runs_with_the_default_warmup(tmp_path):
@@ -436,6 +535,26 @@ def test_warmup_keeps_alpha_still_and_the_log_has_both_terms(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "alpha still (warm-up)" in out and "val CE" in out and "M parameters at the paper's size (C 48, N 4)" in out
     assert Image.open(os.path.join(run, "alpha.png")).size[0] > 500
+
+
+@pytest.mark.parametrize("script, argv, expected", [
+    ("search", ["--steps-per-epoch", "-1"], "argument --steps-per-epoch: expected a whole number >= 0, got '-1'"),
+    ("search", ["--warmup-epochs", "-2"], "argument --warmup-epochs: expected a whole number >= 0, got '-2'"),
+    ("search", ["--param-weight", "-0.1"], "argument --param-weight: expected a number >= 0, got '-0.1'"),
+    ("search", ["--warmup", "1"], "argument --warmup: expected a number >= 0 and < 1, got '1'"),
+    ("search", ["--epochs", "two"], "argument --epochs: expected a whole number >= 1, got 'two'"),
+    ("search", ["--channels", "6", "--partial-channels", "4"], "--partial-channels 4: must divide --channels 6"),
+    ("search", ["--image-size", "8"], "--image-size 8: the stem (2 halvings) and the two reduction cells need at least 16 px"),
+    ("train", ["--lr", "nan"], "argument --lr: expected a number >= 0, got 'nan'"),
+    ("train", ["--threshold", "1.5"], "argument --threshold: expected a number >= 0 and < 1, got '1.5'"),
+    ("train", ["--milestones", "80", "0"], "argument --milestones: expected a whole number >= 1, got '0'"),
+    ("masks", ["--benchmark", "--frames", "0"], "argument --frames: expected a whole number >= 1, got '0'"),
+])
+def test_bad_flag_values_are_one_line_errors(script, argv, expected):
+    with pytest.raises(ops.InputError) as e:
+        {"search": search.parse_args, "train": lambda a: train.parse_args(["--genotype", "g.json"] + a),
+         "masks": masks.main}[script](argv)
+    assert str(e.value) == expected
 
 
 def test_random_genotypes_are_uniform_over_the_space(tmp_path, capsys):
@@ -919,6 +1038,36 @@ def test_folded_batchnorm_gives_the_same_logits_with_no_batchnorm_left_after_a_c
         assert torch.allclose(folded(x)[1], plain[1], atol=1e-5)
 
 
+class Tangled(torch.nn.Module):
+    """Convolution -> BatchNorm pairs that must not fold: an in-place ReLU between them, an in-place add
+    between them, an output with a second consumer, a convolution called twice; and one clean pair."""
+    def __init__(self):
+        super().__init__()
+        for k in range(1, 6):
+            setattr(self, f"c{k}", torch.nn.Conv2d(3, 3, 3, padding=1))
+            setattr(self, f"b{k}", torch.nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        a = self.b1(F.relu(self.c1(x), inplace=True))
+        y = self.c2(x)
+        y += x
+        b = self.b2(y)
+        z = self.c3(x)
+        c = self.b3(z) + z
+        d = self.b4(self.c4(self.c4(x)))
+        e = self.b5(self.c5(x))
+        return (a + b + c + d + e).mean((2, 3))[:, :2], None
+
+
+def test_folding_leaves_every_batchnorm_whose_input_is_not_a_convolutions_own_output():
+    torch.manual_seed(0)
+    model, x = random_batchnorm(Tangled()).eval(), torch.rand(2, 3, 16, 16)
+    expected = model(x)[0]
+    folded = add.fold_batchnorm(model, 16)  # no error: the tangled pairs stay as they were
+    assert [k for k in range(1, 6) if isinstance(getattr(folded, f"b{k}"), torch.nn.BatchNorm2d)] == [1, 2, 3, 4]
+    assert torch.allclose(folded(x)[0], expected, atol=1e-5)
+
+
 def test_a_non_finite_loss_is_caught_within_its_window():
     check = add.FiniteCheck(torch.device("cpu"), 4, "lower --lr")
     for step, value in enumerate([1.0, float("nan"), 1.0]):
@@ -1230,22 +1379,28 @@ def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, genotype_file, caps
     assert json.load(open(os.path.join(out, "metrics.json"))) == first
 
 
-def test_sigkill_then_resume_with_loader_workers_matches_an_uninterrupted_run(tmp_path, genotype_file):
-    argv = ["train.py", "--genotype", genotype_file, "--videos", "16", "--frames", "1", "--image-size", "32",
-            "--channels", "4", "--batch-size", "4", "--epochs", "3", "--workers", "2", "--log-every", "0", "--visualize", "0"]
-    code, _, err = run_cli(*argv, "--out", str(tmp_path / "whole"))
-    assert code == 0, err[-2000:]
-    killed = str(tmp_path / "killed")
-    p = subprocess.Popen([sys.executable, *argv, "--out", killed], cwd=HERE, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    while not os.path.exists(os.path.join(killed, "last.pt")) and p.poll() is None:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)  # during epoch 2
-    p.wait()
-    assert not os.path.exists(os.path.join(killed, "metrics.json"))
-    code, out, err = run_cli("train.py", "--resume", "--out", killed)
+def test_training_stopped_by_signals_to_its_process_group_resumes_to_the_same_metrics(tmp_path, genotype_file):
+    argv = ["--genotype", genotype_file, "--videos", "16", "--frames", "1", "--image-size", "32", "--channels", "4",
+            "--batch-size", "4", "--epochs", "4", "--workers", "2", "--log-every", "0", "--visualize", "0"]
+    whole = train.main(argv + ["--out", str(tmp_path / "whole")])
+    killed, script = str(tmp_path / "killed"), os.path.join(HERE, "train.py")
+    last = os.path.join(killed, "last.pt")
+    epoch_of = lambda: torch.load(last, weights_only=True)["epoch"] if os.path.exists(last) else 0
+    pattern = r"stopped by SIGINT in epoch (\d), after step (\d) of 8; the last checkpoint, " + re.escape(last) + \
+              r", holds epoch (\d): continue with python train.py --resume --out " + re.escape(killed)
+    for sig, after in ((signal.SIGINT, 1), (signal.SIGKILL, 2)):  # Ctrl-C in epoch 2 or later, then a kill
+        p = in_own_group(script, *argv, "--out", killed) if sig == signal.SIGINT else \
+            in_own_group(script, "--resume", "--out", killed)
+        while epoch_of() < after and p.poll() is None:
+            time.sleep(0.05)
+        os.killpg(p.pid, sig)  # the training process and its loader workers
+        _, err = p.communicate()
+        if sig == signal.SIGINT:
+            epoch, _, held = stop_message(err, pattern)
+            assert p.returncode == 1 and held == epoch - 1 == epoch_of() and not os.path.exists(os.path.join(killed, "metrics.json"))
+    code, out, err = run_cli(script, "--resume", "--out", killed)
     assert code == 0 and "resumed" in out, err[-2000:]
-    whole, resumed = (json.load(open(os.path.join(str(tmp_path / r), "metrics.json"))) for r in ("whole", "killed"))
+    resumed = json.load(open(os.path.join(killed, "metrics.json")))
     assert resumed["test"] == whole["test"] and resumed["val"] == whole["val"]
 
 

@@ -30,17 +30,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader, DistributedSampler
 
-from add import (ADD, Diverged, FiniteCheck, add_loss, autocast, count_parameters, d2_layout, epoch_generator, fold_batchnorm,
-                 load_checkpoint, load_state, loss_terms, new_run_dir, peak_memory_mib, pick_device, prepare_model,
-                 random_batch, resumed_config, save_checkpoint, scale_milestones, time_steps, to_device, trim_log)
+from add import (ADD, Diverged, FiniteCheck, StopSignals, Stopped, add_loss, autocast, count_parameters, d2_layout,
+                 epoch_generator, fold_batchnorm, ignore_stop_signals, load_checkpoint, load_state, loss_terms, new_run_dir,
+                 peak_memory_mib, pick_device, prepare_model, random_batch, resumed_config, save_checkpoint,
+                 scale_milestones, time_steps, to_device, trim_log)
 from masks import (METHODS, READ_ERRORS, add_data_arguments, loader_workers, open_split, parse_methods, read_faces,
                    resolve_defaults)
-from ops import InputError, atomic_write, genotype_from_dict, load_genotype
+from ops import InputError, Parser, atomic_write, bounded, genotype_from_dict, load_genotype
 
 # Settings that differ between a real dataset (the paper's, Sec. IV-B) and the built-in synthetic
 # data (a demo sized for 2 CPU cores). Flags override both.
@@ -60,6 +60,7 @@ class Baseline(nn.Module):
     returns (logits, None), so it trains with Eq. 4 alone."""
     def __init__(self, arch):
         super().__init__()
+        import torchvision  # here, not at the top: 1.2 s at every start that an ADD run does not need
         self.net = getattr(torchvision.models, arch)(weights=None, num_classes=2)
 
     def forward(self, x):
@@ -367,7 +368,8 @@ def test_split(args):
 
 def loader(dataset, batch_size, args, sampler=None):
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=sampler is not None, num_workers=args.workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0)
+                      worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=args.workers > 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,9 +400,10 @@ class Progress:
                   f"{images * self.world * self.done / elapsed:.1f} images/s  {left / 60:.1f} min left", flush=True)
 
 
-def train_epoch(model, data, optimizer, device, args, epoch, progress, flips=None):
+def train_epoch(model, data, optimizer, device, args, epoch, progress, flips=None, stop=None, world=1):
     """One pass over the training split with Eq. 7 -> (mean CE, mean MSE or None). The losses stay
-    on the device; a non-finite one stops the run within --check-every steps."""
+    on the device; a non-finite one stops the run within --check-every steps. stop (StopSignals): a
+    signal ends the epoch after the current step with Stopped."""
     model.train()
     sums, has_mask = torch.zeros(2, device=device), False
     check = FiniteCheck(device, args.check_every, "the last good checkpoint is intact: lower --lr, or --resume from it")
@@ -419,6 +422,9 @@ def train_epoch(model, data, optimizer, device, args, epoch, progress, flips=Non
         sums += torch.stack([ce.detach(), mse.detach() if has_mask else torch.zeros_like(ce)])
         check.add(loss, step, step + 1 == len(data), f"epoch {epoch + 1}")
         progress.step(epoch, step, len(data), loss.detach(), len(x))  # .item() only when it prints
+        if stop is not None and stop.agreed(step, args.check_every, step + 1 == len(data), world, device):
+            raise Stopped(f"stopped by {stop.name or 'a signal to another process'} in epoch {epoch + 1}, "
+                          f"after step {step + 1} of {len(data)}")
     ce, mse = (sums / max(1, len(data))).tolist()
     return ce, mse if has_mask else None
 
@@ -460,15 +466,22 @@ def fit(args, rank, world, local_world, device):
         atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
     progress = Progress((args.epochs - start) * len(train_data), args.log_every if rank == 0 else 0, world)
     # 3) epochs: train, validate, checkpoint (rank 0 only logs, evaluates and saves)
-    for epoch in range(start, args.epochs):
-        sampler.set_epoch(epoch)
-        tic = time.time()
-        train = train_epoch(net, train_data, optimizer, device, args, epoch, progress, epoch_generator(args.seed, epoch, rank))
-        scheduler.step()
-        if rank == 0:
-            best = end_of_epoch(args, model, optimizer, scheduler, genotype, val_data, device, epoch, train, best, tic)
-        if world > 1:
-            dist.barrier()
+    with StopSignals() as stop:
+        for epoch in range(start, args.epochs):
+            sampler.set_epoch(epoch)
+            tic = time.time()
+            try:
+                train = train_epoch(net, train_data, optimizer, device, args, epoch, progress,
+                                    epoch_generator(args.seed, epoch, rank), stop, world)
+            except Stopped as e:
+                raise Stopped(f"{e}; " + (f"the last checkpoint, {os.path.join(args.out, 'last.pt')}, holds epoch {epoch}: "
+                                          f"continue with python train.py --resume --out {args.out}" if epoch else
+                                          "no checkpoint yet (one is written at the end of each epoch)"))
+            scheduler.step()
+            if rank == 0:
+                best = end_of_epoch(args, model, optimizer, scheduler, genotype, val_data, device, epoch, train, best, tic)
+            if world > 1:
+                dist.barrier()
     # 4) the test split, with the best checkpoint
     if rank == 0:
         return test(args, model, val_data, test_set, test_name, device)
@@ -595,26 +608,26 @@ def benchmark(args, device, steps=10, rounds=3):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(p)
     p.add_argument("--genotype", help="g.json from search.py (needed for --arch add)")
     p.add_argument("--arch", default="add", choices=("add",) + BASELINES, help="ADD, or a torchvision baseline (Table IV)")
-    p.add_argument("--channels", type=int, help="C of the first block; 48 gives ~5 M parameters (paper: 5.6 M); demo: 16")
-    p.add_argument("--cells-per-block", type=int, help="N normal cells per D^2 block (paper: 4, Sec. IV-D); demo: 1")
-    p.add_argument("--blocks", type=int, default=3, help="D^2 blocks, a reduction cell between consecutive ones")
-    p.add_argument("--stem-reductions", type=int, help="stride-2 stem layers (3: 256 -> 32 px; demo: 2, 64 -> 16 px)")
-    p.add_argument("--mask-weight", type=float, default=1.0,
+    p.add_argument("--channels", type=bounded(int, 1), help="C of the first block; 48 gives ~5 M parameters (paper: 5.6 M); demo: 16")
+    p.add_argument("--cells-per-block", type=bounded(int, 1), help="N normal cells per D^2 block (paper: 4, Sec. IV-D); demo: 1")
+    p.add_argument("--blocks", type=bounded(int, 1), default=3, help="D^2 blocks, a reduction cell between consecutive ones")
+    p.add_argument("--stem-reductions", type=bounded(int, 0), help="stride-2 stem layers (3: 256 -> 32 px; demo: 2, 64 -> 16 px)")
+    p.add_argument("--mask-weight", type=bounded(float, 0), default=1.0,
                    help="alpha of Eq. 7 (paper: 1; 0: Table V's 'alpha = 0', the mask branch kept, m unsupervised)")
     p.add_argument("--no-mask-branch", action="store_true", help="build ADD without the mask branch (Eq. 4 alone)")
-    p.add_argument("--batch-size", type=int, help="global batch (paper: 96, Sec. IV-B; demo: 32)")
-    p.add_argument("--lr", type=float, help="paper: 0.5 read as 0.5e-3 for Adam (Sec. IV-B, see Interpretations); demo: 1e-3")
+    p.add_argument("--batch-size", type=bounded(int, 1), help="global batch (paper: 96, Sec. IV-B; demo: 32)")
+    p.add_argument("--lr", type=bounded(float, 0), help="paper: 0.5 read as 0.5e-3 for Adam (Sec. IV-B, see Interpretations); demo: 1e-3")
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="paper: Adam with momentum 0.9 (Sec. IV-B)")
-    p.add_argument("--momentum", type=float, default=0.9, help="paper: 0.9")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="paper: 5e-4")
-    p.add_argument("--epochs", type=int, help="paper: 300; demo: 12")
-    p.add_argument("--milestones", type=int, nargs="+",
+    p.add_argument("--momentum", type=bounded(float, 0, 1), default=0.9, help="paper: 0.9")
+    p.add_argument("--weight-decay", type=bounded(float, 0), default=5e-4, help="paper: 5e-4")
+    p.add_argument("--epochs", type=bounded(int, 1), help="paper: 300; demo: 12")
+    p.add_argument("--milestones", type=bounded(int, 1), nargs="+",
                    help="lr / 10 at these epochs of 300, scaled to --epochs (paper: 80 140; demo: 200 280)")
-    p.add_argument("--grad-clip", type=float, default=5.0, help="clip the gradient norm (DARTS: 5; 0: off)")
+    p.add_argument("--grad-clip", type=bounded(float, 0), default=5.0, help="clip the gradient norm (DARTS: 5; 0: off)")
     p.add_argument("--sync-bn", action="store_true", help="DDP: batch norm statistics over all processes")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (inductor; minutes of compilation)")
     p.add_argument("--test-data", choices=tuple(METHODS), help="test on another dataset (Table III: celeb-df)")
@@ -624,14 +637,14 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with its saved configuration")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on a test split (its run's by default)")
     p.add_argument("--predict", nargs="+", metavar="PATH", help="score videos, folders of frames or photos with --checkpoint")
-    p.add_argument("--threshold", type=float, default=0.5, help="--predict: p(fake) above which the verdict is fake")
-    p.add_argument("--detect-size", type=int, default=640, help="--predict: detect faces on a copy of at most this many px")
+    p.add_argument("--threshold", type=bounded(float, 0, 1), default=0.5, help="--predict: p(fake) above which the verdict is fake")
+    p.add_argument("--detect-size", type=bounded(int, 64), default=640, help="--predict: detect faces on a copy of at most this many px")
     p.add_argument("--checkpoint", help="with --eval-only or --predict: a best.pt or last.pt written by train.py")
-    p.add_argument("--visualize", type=int, default=8, metavar="K", help="picture of K test faces and masks (0: none)")
+    p.add_argument("--visualize", type=bounded(int, 0), default=8, metavar="K", help="picture of K test faces and masks (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
-    p.add_argument("--log-every", type=int, default=50, help="progress line every N steps (0: per epoch only)")
-    p.add_argument("--check-every", type=int, default=50, help="read the device's non-finite-loss count every N steps")
+    p.add_argument("--log-every", type=bounded(int, 0), default=50, help="progress line every N steps (0: per epoch only)")
+    p.add_argument("--check-every", type=bounded(int, 1), default=50, help="read the device's non-finite-loss count every N steps")
     p.add_argument("--benchmark", action="store_true", help="time training and inference steps and exit")
     p.add_argument("--benchmark-against", choices=("add",) + BASELINES, help="--benchmark: time this architecture "
                    "too, alternately in the same process, and print the ratio (e.g. resnet18)")
@@ -682,3 +695,5 @@ if __name__ == "__main__":
         main()
     except (InputError, Diverged) as e:  # one line, from one process (under torchrun every rank stops)
         sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
+    except Stopped as e:
+        sys.exit(str(e) if os.environ.get("RANK", "0") == "0" else 1)
