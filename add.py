@@ -1,12 +1,15 @@
-"""The ADD network (Fig. 2), its two heads and its loss (Sec. III-B, III-C, III-D; Eq. 4-7).
+"""The ADD network (Fig. 2), its two heads and its loss (Sec. III-B to III-D; Eq. 4-7).
 
-- ADD: a stem, then D^2 blocks of N normal cells with a reduction cell between consecutive blocks,
-  all built from a genotype (ops.Cell); with genotype=None every edge is a MixedOp: the search
-  network of Algorithm 1 (search.py) is this same class plus alpha.
-- Heads: the classifier (1x1 conv, two FC -> 2 logits, Eq. 4) fed with f * m (Eq. 6), and the
-  potential-manipulation-region head (1x1 conv -> 1 channel -> bilinear up-sampling -> m, Eq. 5).
-- add_loss: Eq. 7, CE' + alpha * MSE. One implementation, used by search.py and train.py.
-- The run helpers both scripts share: device and bf16 autocast, atomic checkpoints, milestones.
+Read top to bottom, this file is the paper's network:
+- d2_layout, ADD: a stem, then D^2 blocks of N normal cells with a reduction cell between
+  consecutive blocks, all built from a genotype (ops.Cell). With genotype=None every edge is a
+  MixedOp: the search network of Algorithm 1 (search.py) is this same class plus alpha.
+- Heads: on the last features f, the mask head (1x1 conv -> one channel -> m, bilinearly up-sampled
+  to the input: Sec. III-C) and the classifier (1x1 conv, two FC -> 2 logits) fed with f (Eq. 4) or,
+  with the mask branch, f * m (Eq. 6).
+- loss_terms, add_loss: Eq. 5, 6 and 7, CE' + alpha * MSE; one implementation for both scripts.
+Below the divider: the run helpers search.py and train.py share (device and bf16 autocast,
+checkpoints, stop signals, BatchNorm folding for inference, loaders' batches on the device).
 
     python add.py --genotype g.json      # prints the network's size and the shape of its outputs
 """
@@ -34,7 +37,7 @@ def d2_layout(blocks, cells_per_block):
     d2_layout(3, 4) -> 4 normal, reduce, 4 normal, reduce, 4 normal (True marks a reduction cell)."""
     layout = []
     for b in range(blocks):
-        layout += [True] * (b > 0) + [False] * cells_per_block
+        layout += [True] * (b > 0) + [False] * cells_per_block  # Fig. 2: a reduction cell, then a D^2 block
     return layout
 
 
@@ -63,15 +66,18 @@ class Heads(nn.Module):
         self.conv = nn.Sequential(nn.Conv2d(C_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
         self.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
 
-    def forward(self, f, size):
+    def forward(self, f, size):  # f (B, c, h', w'); size: the input's (H, W) -> logits (B, 2), m (B, 1, H, W) or None
         # in fp32 even under bf16 autocast: bf16 logits (8 bits of mantissa) tie in blocks and bias AUC
         with torch.autocast(f.device.type, enabled=False):
             f = f.float()
-            m = None if self.mask is None else torch.sigmoid(self.mask(f))  # (B, 1, h', w') in [0, 1]
-            logits = self.fc(self.conv(f if m is None else f * m).mean((2, 3)))  # Eq. 4 / Eq. 6: (B, 2)
-            if m is not None:
-                m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
-        return logits, m
+            if self.mask is None:
+                return self.classify(f), None  # Eq. 4: FC(f)
+            m = torch.sigmoid(self.mask(f))  # (B, 1, h', w') in [0, 1]
+            logits = self.classify(f * m)  # Eq. 6: FC(f * m)
+            return logits, F.interpolate(m, size=size, mode="bilinear", align_corners=False)  # m at the input's size
+
+    def classify(self, f):  # (B, c, h', w') -> (B, 2): 1x1 conv, global average pooling, two FC layers
+        return self.fc(self.conv(f).mean((2, 3)))
 
 
 class ADD(nn.Module):
@@ -104,21 +110,23 @@ def loss_terms(logits, m, labels, M):
     """The two terms of Eq. 7, in fp32: CE' (Eq. 6; Eq. 4 without a mask branch), the cross-entropy
     of logits computed from f * m, and MSE (Eq. 5), the mean over pixels of (M - m)^2 averaged over
     the batch (None without a mask branch: m is None)."""
-    ce = F.cross_entropy(logits.float(), labels)
-    return ce, None if m is None else F.mse_loss(m.float(), M)
+    ce = F.cross_entropy(logits.float(), labels)  # Eq. 6 (Eq. 4 without a mask branch)
+    mse = None if m is None else F.mse_loss(m.float(), M)  # Eq. 5: mean over pixels and batch of (M - m)^2
+    return ce, mse
 
 
 def add_loss(ce, mse, mask_weight):
-    """Eq. 7: L = CE' + alpha * MSE (CE' alone without a mask branch)."""
-    return ce if mse is None else ce + mask_weight * mse
+    """Eq. 7: L = CE' + alpha * MSE (CE' alone without a mask branch); alpha is mask_weight here, the
+    name alpha being the architecture's in search.py."""
+    return ce if mse is None else ce + mask_weight * mse  # Eq. 7
 
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------------------------
-# Run helpers shared by search.py and train.py
+# ==============================================================================================
+# Below: not the paper's method. The run helpers search.py and train.py share.
 
 class Diverged(Exception):
     """A non-finite loss: the run stops, its last checkpoint stays as it was."""

@@ -1,10 +1,13 @@
-"""Face data for ADD: potential-manipulation-region masks, dataset preparation and the datasets.
+"""Face data for ADD: the potential manipulation region's ground truth, faces, and the datasets.
 
-Sec. III-C: the ground truth M_i is the convex hull of the facial landmarks found by a light face
-detector (here dlib's HOG detector and its 68-point shape predictor), 1 inside and 0 outside, at the
-size of the face crop. Sec. IV-A/B: faces are cropped from FaceForensics++ and Celeb-DF videos and
-resized to 256x256. The built-in synthetic faces (the default --data of search.py and train.py,
-no download) are at the end of this file.
+Read top to bottom, this file starts with the paper's part of the data (Sec. III-C, IV-B):
+- FaceFinder: a light face detector and its facial keypoints (dlib's HOG detector, 68 landmarks).
+- hull_mask: M_i, 1 inside the convex hull of the keypoints and 0 outside (Sec. III-C).
+- crop_face, read_faces: the face region cropped and resized to 256x256 (Sec. IV-B).
+Below the divider: reading videos, frame folders and photos; FaceForensics++ and Celeb-DF as their
+owners lay them out (Sec. IV-A); the preparation into PNG crops, masks and a manifest, which
+survives any error or killed worker; the dataset of prepared faces; the built-in synthetic faces
+(the default --data of search.py and train.py, no download); the command line.
 
     python masks.py --show photo.jpg --out overlay.png          # box, landmarks and hull on one photo
     python masks.py --data ff++ --src ~/FaceForensics++         # -> data/ff++/{faces,masks,manifest.csv}
@@ -50,7 +53,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 # ----------------------------------------------------------------------------------------------
-# 1) Landmarks and the hull mask (Sec. III-C)
+# 1) Landmarks, the hull mask (Sec. III-C) and the face crop (Sec. IV-B)
 
 def landmark_model_path():
     """face-recognition-models ships dlib's 68-point model; its package cannot be imported (it needs
@@ -110,7 +113,7 @@ def hull_mask(points, height, width=None):
     A pixel is inside when its centre meets every facet's a*x + b*y + c <= 0 (PIL's polygon fill
     would also paint every pixel the outline touches: half a pixel too large all round)."""
     width = width or height
-    facets = ConvexHull(points).equations  # (K, 3)
+    facets = ConvexHull(points).equations  # Sec. III-C: the convex hull of the keypoints, (K, 3) facets
     x0, y0 = np.clip(np.floor(points.min(0)).astype(int), 0, [width, height])
     x1, y1 = np.clip(np.ceil(points.max(0)).astype(int) + 1, 0, [width, height])
     ys, xs = np.mgrid[y0:y1, x0:x1]
@@ -128,10 +131,26 @@ def crop_face(image, face, size=256, scale=1.3):
     side = scale * max(x1 - x0, y1 - y0)
     left, top = (x0 + x1 - side) / 2, (y0 + y1 - side) / 2
     box = tuple(int(round(v)) for v in (left, top, left + side, top + side))
-    crop = Image.fromarray(image).crop(box).resize((size, size), Image.BILINEAR)
+    crop = Image.fromarray(image).crop(box).resize((size, size), Image.BILINEAR)  # Sec. IV-B: 256x256
     k = size / (box[2] - box[0])
     return np.asarray(crop), (face.landmarks - np.array(box[:2], dtype=np.float32)) * k
 
+
+def read_faces(path, k, size, detect_size):
+    """The preparation of one input (Sec. IV-B): k evenly spaced frames (iter_frames, below), the
+    largest face, the 1.3x square crop at size x size. Yields (frame index, crop (size, size, 3) uint8, landmarks in crop
+    pixels (68, 2), box in frame pixels), or (frame index, None, None, None) for a frame without a face.
+    Raises what the decoder raises for an input that cannot be read."""
+    finder = face_finder(detect_size)
+    for i, rgb, small, scale in iter_frames(path, k, detect_size):
+        faces = finder.faces(rgb, small, scale)
+        yield (i, *crop_face(rgb, faces[0], size), faces[0].box) if faces else (i, None, None, None)
+
+
+# ==============================================================================================
+# Below: not the paper's method. Reading videos, frame folders and photos; the datasets as their
+# owners lay them out; the preparation (a pool of workers that survives faults); the datasets of
+# prepared and of built-in synthetic faces; the command line.
 
 def show(photo, out, detect_size):
     """--show: the photo with each face's box, 68 landmarks and a translucent hull mask over it."""
@@ -232,17 +251,6 @@ def _count_frames(path):
         return sum(1 for packet in container.demux(video=0) if packet.size)
 
 
-def read_faces(path, k, size, detect_size):
-    """The preparation of one input (Sec. IV-B): k evenly spaced frames, the largest face, the 1.3x
-    square crop at size x size. Yields (frame index, crop (size, size, 3) uint8, landmarks in crop
-    pixels (68, 2), box in frame pixels), or (frame index, None, None, None) for a frame without a face.
-    Raises what the decoder raises for an input that cannot be read."""
-    finder = face_finder(detect_size)
-    for i, rgb, small, scale in iter_frames(path, k, detect_size):
-        faces = finder.faces(rgb, small, scale)
-        yield (i, *crop_face(rgb, faces[0], size), faces[0].box) if faces else (i, None, None, None)
-
-
 # ----------------------------------------------------------------------------------------------
 # 3) The datasets as their owners lay them out -> a list of videos to prepare
 
@@ -270,7 +278,7 @@ def ffpp_videos(src, compression, methods, splits_dir):
     """FaceForensics++ as its download script lays it out, with the official split files (each a JSON
     list of ["A", "B"] pairs: the split holds real videos A and B and the fakes A_B and B_A)."""
     _need(src, "the FaceForensics++ download root (holding original_sequences/, manipulated_sequences/)")
-    real_dir = _need(os.path.join(src, "original_sequences", "youtube", compression, "videos"),
+    real_dir = _need(os.path.join(src, "original_sequences", "youtube", compression, "videos"),  # Table VI: c40
                      f"the real videos (download with -c {compression})")
     fake_dirs = {m: _need(os.path.join(src, "manipulated_sequences", m, compression, "videos"),
                           f"the {m} videos (download with -d {m} -c {compression})") for m in methods}

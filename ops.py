@@ -1,14 +1,18 @@
-"""The ADD search space: operations, the mixed operation and the cell (Sec. III-A, III-B).
+"""The ADD search space and its cell (Sec. III-A, III-B): OP_df, Eq. 2's mixed edge, Eq. 1's cell.
 
-- OPS / PRIMITIVES: the deepfake search space OP_df of Sec. III-B, as data (name -> constructor).
-- MixedOp: Eq. 2, the softmax-weighted sum of every operation on one edge.
-- Cell: Eq. 1, four nodes, each the sum of its incoming edges; one wiring serves the search cell
-  (every edge a MixedOp, search.py) and the derived cell (two chosen edges per node, add.py).
-- Genotype: the architecture found, saved as readable JSON (g.json) and loaded with validation.
+Read top to bottom, this file is the paper's search space:
+- OPS / PRIMITIVES: OP_df of Sec. III-B, its 11 operations, as data (name -> constructor).
+- MixedOp: Eq. 2, an edge of the search cell: the softmax(alpha)-weighted sum of every operation.
+- Cell: Eq. 1, four nodes, each the sum of its incoming edges. One wiring serves the search cell
+  (every possible edge a MixedOp: search.py) and the derived cell (two chosen edges a node: add.py).
+- Genotype: the architecture found, two cells of (operation, input) pairs.
+Below the divider: the genotype's JSON file (g.json) and what every script shares (one-line errors
+for user mistakes, atomic writes).
 
 Conventions follow DARTS (Liu et al., ICLR 2019), which the paper builds on [32]: ReLU-Conv-BN,
-a separable convolution is depthwise+pointwise applied twice, dilated separable convolutions use
-dilation 2, batch norm is non-affine during the search.
+a separable convolution is depthwise + pointwise applied twice, dilated ones use dilation 2, batch
+norm is non-affine during the search. Not in the paper: PC-DARTS's partial channels (MixedOp's
+`partial`, channel_shuffle, node_softmax), which the search uses on real data.
 
     python -c "import ops; print(ops.PRIMITIVES)"
 """
@@ -16,60 +20,19 @@ import argparse
 import json
 import math
 import os
+import random
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
-STEPS = 4  # intermediate nodes per cell (Sec. III-A: "blocks")
-
-
-class InputError(Exception):
-    """A user mistake (a bad file, flag or dataset): the scripts print it as one line, no traceback."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose mistakes are InputErrors: a bad flag is one line, like every user mistake."""
-    def error(self, message):
-        raise InputError(message)
-
-
-def bounded(kind, low, high=None):
-    """An argparse type: a finite `kind` (int or float) with low <= value (< high when given)."""
-    expected = f"{'a whole number' if kind is int else 'a number'} >= {low}" + (f" and < {high}" if high is not None else "")
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or not low <= value or (high is not None and not value < high):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-    return parse
-
-
-def atomic_write(path, write):
-    """Write a file through write(f) into a temporary name, flush it to disk, then rename: a killed
-    run or a crashed machine never leaves a half-written file, and the previous version stays intact
-    until the new one is complete. A failed write (a full disk) removes its temporary file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+STEPS = 4  # intermediate nodes per cell (Sec. III-A calls them blocks)
 
 
 # ----------------------------------------------------------------------------------------------
-# Operations
+# OP_df, the deepfake search space (Sec. III-B)
 
 class ReLUConvBN(nn.Sequential):
     def __init__(self, C_in, C_out, kernel, stride, padding, affine):
@@ -132,26 +95,27 @@ OPS = {
     "dil_conv_5x5": lambda C, stride, affine: DilConv(C, 5, stride, 2, affine),
 }
 PRIMITIVES = list(OPS)  # the 11 operations; a column of alpha per name, in this order
+assert PRIMITIVES[0] == "none"  # MixedOp skips it by position
 
 
 class MixedOp(nn.Module):
-    """One search edge: every operation of OP_df, mixed by the softmax of its row of alpha (Eq. 2).
+    """An edge of the search cell (Eq. 2): every operation of OP_df applied to the edge's input and
+    weighted by the softmax of the edge's row of alpha (computed once a step for all edges: search.py).
 
-    The zero operation contributes w * 0 = 0, so it is neither built nor run: same maths, no cost.
-    Pooling gets a non-affine BN during the search (as in DARTS) so its scale matches the convs'.
-    Seven of the ten operations (every convolution) start with ReLU(x): it is computed once per edge
-    and their first module dropped (the same function; the search step 1.25x faster in one A/B run).
-    The weighted sum is taken in fp32: under bf16 autocast, weights ~0.1 on bf16 outputs lose bits.
+    What Eq. 2's line does not show: the zero operation (PRIMITIVES[0]) adds w * 0 = 0, so it is
+    neither built nor run; pooling gets a non-affine BN (as in DARTS) so that its scale matches the
+    convolutions'; the seven convolutions all start with ReLU(x), computed once an edge (the search
+    step 1.25x faster); the sum is taken in fp32 (under bf16 autocast, ten outputs weighted ~0.1 in
+    bf16 lose bits).
 
-    partial = K > 1: PC-DARTS's partial channels (Xu et al., ICLR 2020): only the first C/K channels
-    go through the operations, the other channels bypass the edge (max-pooled where it strides), and
-    the channels are shuffled so that the next edge mixes others. K = 1 is the paper's DARTS edge.
-    """
+    partial = K > 1: PC-DARTS's partial channels (Xu et al., ICLR 2020; not in the paper): only the
+    first C/K channels go through the operations, the others bypass the edge (max-pooled where it
+    strides), and the channels are shuffled so that the next edge operates on others. K = 1 is the
+    paper's DARTS edge."""
     def __init__(self, C, stride, partial=1):
         super().__init__()
-        self.partial, C_op = partial, C // partial
-        self.index = [i for i, name in enumerate(PRIMITIVES) if name != "none"]
-        built = [self._op(PRIMITIVES[i], C_op, stride) for i in self.index]
+        self.partial = partial
+        built = [self._op(name, C // partial, stride) for name in PRIMITIVES[1:]]  # all but zero
         self.after_relu = [isinstance(op, nn.Sequential) and isinstance(op[0], nn.ReLU) for op in built]
         self.ops = nn.ModuleList(nn.Sequential(*list(op)[1:]) if r else op for op, r in zip(built, self.after_relu))
         if partial > 1:
@@ -162,25 +126,18 @@ class MixedOp(nn.Module):
         op = OPS[name](C, stride, False)
         return nn.Sequential(op, nn.BatchNorm2d(C, affine=False)) if "pool" in name else op
 
-    def forward(self, x, weights):  # x (B, C, H, W); weights (len(PRIMITIVES),), the softmax of alpha
+    def forward(self, x, weights):  # x (B, C, H, W); weights (n_ops,): the softmax of this edge's row of alpha
         if self.partial > 1:
             x, rest = x[:, :x.shape[1] // self.partial], x[:, x.shape[1] // self.partial:]  # (B, C/K, ..), (B, C - C/K, ..)
-        inputs = (x, F.relu(x))
-        out = sum(weights[i] * op(inputs[r]).float() for i, op, r in zip(self.index, self.ops, self.after_relu))  # Eq. 2
+        out = sum(w * y for w, y in zip(weights[1:], self.outputs(x)))  # Eq. 2 (weights[0], zero's, adds nothing)
         if self.partial == 1:
             return out
         return channel_shuffle(torch.cat([out, self.bypass(rest).to(out.dtype)], dim=1), self.partial)
 
-
-def channel_shuffle(x, groups):
-    """(B, C, H, W) -> the same channels interleaved: channel g * C/groups + i moves to i * groups + g,
-    so the operated quarter (K = 4) of one edge is spread over the next edge's quarters (PC-DARTS).
-    One strided copy into a tensor of x's memory format (a reshape would turn channels_last into
-    NCHW, and every operation after it would pay for the mixed formats)."""
-    B, C, H, W = x.shape
-    out = torch.empty_like(x)
-    out.view(B, C // groups, groups, H, W).copy_(x.view(B, groups, C // groups, H, W).transpose(1, 2))
-    return out
+    def outputs(self, x):
+        """op(x) for every operation but zero, in PRIMITIVES' order, in fp32, one at a time."""
+        inputs = (x, F.relu(x))
+        return (op(inputs[r]).float() for op, r in zip(self.ops, self.after_relu))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,17 +148,6 @@ def search_edges(steps=STEPS):
     cells; k >= 2: node k-2). Returns [(node, input, None)], None meaning "a MixedOp"; the k-th edge
     uses row k of alpha (14 rows for 4 nodes)."""
     return [(node, inp, None) for node in range(steps) for inp in range(node + 2)]
-
-
-def node_softmax(beta):
-    """PC-DARTS's edge normalisation: beta (n_edges,), one weight per search edge -> a softmax over
-    each node's incoming edges (node i has i + 2 of them, consecutive in search_edges' order)."""
-    return torch.cat([b.softmax(0) for b in beta.split([node + 2 for node in range(STEPS)])])
-
-
-def genotype_edges(cell):
-    """The chosen edges of a derived cell: [(op, input), ...] two per node -> [(node, input, op)]."""
-    return [(k // 2, inp, op) for k, (op, inp) in enumerate(cell)]
 
 
 class Cell(nn.Module):
@@ -245,7 +191,7 @@ class Cell(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# The genotype: the architecture found, a readable JSON record
+# The genotype: the architecture found
 
 class Genotype(NamedTuple):
     """Two cells, each 2*STEPS (op, input) pairs: pair k feeds node k // 2 from input `input`
@@ -256,16 +202,120 @@ class Genotype(NamedTuple):
     reduce: tuple
 
 
-def genotype_to_json(genotype):
-    """One node (two pairs) per line, so a person can read the cell off the file."""
+def genotype_edges(cell):
+    """The chosen edges of a derived cell: [(op, input), ...] two per node -> [(node, input, op)]."""
+    return [(k // 2, inp, op) for k, (op, inp) in enumerate(cell)]
+
+
+# ==============================================================================================
+# Below: not the paper's method. PC-DARTS's partial channels (the real-data search), random
+# genotypes (the NAS baseline), the genotype's picture (as Fig. 8) and JSON file (g.json), and what
+# every script shares.
+
+def channel_shuffle(x, groups):
+    """(B, C, H, W) -> the same channels interleaved: channel g * C/groups + i moves to i * groups + g,
+    so the operated quarter (K = 4) of one edge is spread over the next edge's quarters (PC-DARTS).
+    One strided copy into a tensor of x's memory format (a reshape would turn channels_last into
+    NCHW, and every operation after it would pay for the mixed formats)."""
+    B, C, H, W = x.shape
+    out = torch.empty_like(x)
+    out.view(B, C // groups, groups, H, W).copy_(x.view(B, groups, C // groups, H, W).transpose(1, 2))
+    return out
+
+
+def node_softmax(beta):
+    """PC-DARTS's edge normalisation: beta (n_edges,), one weight per search edge -> a softmax over
+    each node's incoming edges (node i has i + 2 of them, consecutive in search_edges' order)."""
+    return torch.cat([b.softmax(0) for b in beta.split([node + 2 for node in range(STEPS)])])
+
+
+def random_genotype(seed):
+    """The random baseline of NAS (Li & Talwalkar 2019; Yang et al. 2020): uniform over the search space: per node two distinct inputs among its predecessors, each edge
+    one of the ten non-zero operations; the normal and the reduction cell drawn independently."""
+    rng, ops = random.Random(seed), [p for p in PRIMITIVES if p != "none"]
+    cell = lambda: tuple((rng.choice(ops), inp) for node in range(STEPS) for inp in sorted(rng.sample(range(node + 2), 2)))
+    return Genotype(cell(), cell())
+
+
+def draw_genotype(genotype, path):
+    """g.png: the normal and the reduction cell side by side, as the paper draws them (Fig. 8)."""
+    panels = [_draw_cell(genotype.normal, "normal cell"), _draw_cell(genotype.reduce, "reduction cell")]  # Fig. 8
+    canvas = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
+    for i, panel in enumerate(panels):
+        canvas.paste(panel, (i * panel.width, 0))
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"))
+
+
+def _draw_cell(cell, title, width=620, height=380):
+    """Inputs c_{k-2}, c_{k-1} on the left, nodes 0-3 in the middle, their concat c_{k} on the right;
+    each chosen edge drawn with its operation's name."""
+    image, font = Image.new("RGB", (width, height), "white"), ImageFont.load_default(size=13)
+    draw = ImageDraw.Draw(image)
+    # inputs left, nodes zig-zag (no edge passes through a node), the concat right
+    pos = [(60, 110), (60, 290), (210, 60), (290, 345), (420, 150), (530, 290), (width - 45, 190)]
+    for k in range(STEPS):
+        _arrow(draw, pos[k + 2], pos[-1], (190, 190, 190), 2)
+    edges = [(op, pos[inp], pos[k // 2 + 2], 0.42 + 0.2 * (k % 2)) for k, (op, inp) in enumerate(cell)]
+    for op, a, b, _ in edges:
+        _arrow(draw, a, b, op_colour(op), 3)
+    for op, (x0, y0), (x1, y1), t in edges:  # labels after all lines; a node's two labels staggered
+        tx, ty = x0 + t * (x1 - x0), y0 + t * (y1 - y0) - 8
+        draw.rectangle(draw.textbbox((tx, ty), op, font=font, anchor="mm"), fill="white")
+        draw.text((tx, ty), op, fill=op_colour(op), font=font, anchor="mm")
+    for i, name in enumerate(["c_{k-2}", "c_{k-1}"] + [str(k) for k in range(STEPS)] + ["c_{k}"]):
+        (x, y), r = pos[i], 24
+        fill = (200, 230, 200) if i < 2 else (240, 220, 170) if i == len(pos) - 1 else (180, 205, 240)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill, outline="black")
+        draw.text((x, y), name, fill="black", font=font, anchor="mm")
+    draw.text((width / 2, 20), title, fill="black", font=ImageFont.load_default(size=18), anchor="mm")
+    return image
+
+
+def _arrow(draw, a, b, fill, width, r=24, head=11):
+    """A line from node a to node b with an arrowhead where it meets b's circle (radius r)."""
+    (x0, y0), (x1, y1) = a, b
+    length = math.hypot(x1 - x0, y1 - y0)
+    ux, uy = (x1 - x0) / length, (y1 - y0) / length
+    tip = (x1 - r * ux, y1 - r * uy)
+    draw.line(a + tip, fill=fill, width=width)
+    back = (tip[0] - head * ux, tip[1] - head * uy)
+    draw.polygon([tip, (back[0] - 0.5 * head * uy, back[1] + 0.5 * head * ux),
+                  (back[0] + 0.5 * head * uy, back[1] - 0.5 * head * ux)], fill=fill)
+
+
+def op_colour(op):
+    """One colour per operation, for the pictures of cells (g.png) and of alpha (alpha.png)."""
+    palette = [(0, 0, 0), (90, 90, 90), (0, 140, 140), (0, 100, 200), (200, 60, 0), (220, 120, 0),
+               (160, 90, 0), (30, 150, 30), (0, 110, 60), (150, 40, 170), (200, 0, 110)]
+    return palette[PRIMITIVES.index(op)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The random baseline (Li & Talwalkar 2019; Yang et al. 2020): a genotype drawn without search
+
+def genotype_to_json(genotype, origin=None):
+    """One node (two pairs) per line, so a person can read the cell off the file; origin: how it was
+    found ("search", "search (DARTS-PT)", "random"), for train.py --compare."""
     def cell(pairs):
         rows = [f"    {json.dumps(list(a))}, {json.dumps(list(b))}" for a, b in zip(pairs[::2], pairs[1::2])]
         return "[\n" + ",\n".join(rows) + "\n  ]"
-    return '{\n  "normal": ' + cell(genotype.normal) + ',\n  "reduce": ' + cell(genotype.reduce) + "\n}\n"
+    return ('{\n  "normal": ' + cell(genotype.normal) + ',\n  "reduce": ' + cell(genotype.reduce)
+            + (f',\n  "origin": {json.dumps(origin)}' if origin else "") + "\n}\n")
 
 
-def save_genotype(genotype, path):
-    atomic_write(path, lambda f: f.write(genotype_to_json(genotype).encode()))
+def save_genotype(genotype, path, origin=None):
+    atomic_write(path, lambda f: f.write(genotype_to_json(genotype, origin).encode()))
+
+
+def genotype_origin(path):
+    """The "origin" a genotype file records, or None (none recorded, or not a readable genotype file:
+    load_genotype says why)."""
+    try:
+        with open(path) as f:
+            origin = json.load(f).get("origin")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return origin if isinstance(origin, str) else None
 
 
 def load_genotype(path):
@@ -306,3 +356,46 @@ def _parse_cell(cell, path, key):
                              f"(expected 0..{node + 1}: the two cell inputs, then earlier nodes)")
         pairs.append((op, inp))
     return tuple(pairs)
+
+
+class InputError(Exception):
+    """A user mistake (a bad file, flag or dataset): the scripts print it as one line, no traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are InputErrors: a bad flag is one line, like every user mistake."""
+    def error(self, message):
+        raise InputError(message)
+
+
+def bounded(kind, low, high=None):
+    """An argparse type: a finite `kind` (int or float) with low <= value (< high when given)."""
+    expected = f"{'a whole number' if kind is int else 'a number'} >= {low}" + (f" and < {high}" if high is not None else "")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not low <= value or (high is not None and not value < high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+def atomic_write(path, write):
+    """Write a file through write(f) into a temporary name, flush it to disk, then rename: a killed
+    run or a crashed machine never leaves a half-written file, and the previous version stays intact
+    until the new one is complete. A failed write (a full disk) removes its temporary file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

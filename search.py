@@ -1,32 +1,26 @@
 """Architecture search for ADD: Algorithm 1 (Sec. III-A, III-B), first-order DARTS.
 
-Batch by batch, a training batch updates the operation weights w, then a validation batch updates
-the architecture alpha (Adam; lr / 10 at epochs 60 and 150 of 300, scaled to the epochs after the
-warm-up); both minimise the loss of Eq. 7
-with the heads of add.py (Sec. IV-B has the settings). Each epoch the genotype is derived (Sec.
-III-A: for each node the two strongest incoming edges, each with its strongest non-zero operation)
-and written to g.json, with a picture of both cells as in Fig. 8 and of alpha over the epochs.
+Read top to bottom, this file is the paper's search:
+- SearchNetwork: ADD with every edge a MixedOp (Eq. 2) and the architecture alpha, one row of
+  weights per edge and one column per operation of OP_df.
+- derive_cell: the cell chosen after the search (end of Sec. III-A): the strongest operations.
+- gradient_step: one update of w (Algorithm 1, lines 2-4) or of alpha (lines 5-7) on the loss of
+  Eq. 3, which is the network's own, Eq. 7.
+- search: Algorithm 1's loop; each epoch it derives the cell and writes it to g.json with a picture
+  as in Fig. 8.
+Below the divider, what the paper does not describe: the settings and the departures from them
+(README, Departures), data loading with a step budget, checkpoints, resume and stop signals, the
+expected-parameter term, DARTS-PT's selection, random genotypes, the pictures, --benchmark.
 
-The paper's w setting (momentum SGD at lr 0.1 for batches of 8, alpha moving from the first step)
-leaves the one-shot network at chance on the demo data, so alpha is then chosen by the mask term
-alone. The defaults do what the DARTS family does to make a search learn: w's lr at DARTS's rate
-per sample (0.025 per 64, scaled to the batch), a w-only warm-up (a fraction of the steps), alpha's
-Adam with betas (0.5, 0.999). On real data the search is PC-DARTS-sized (partial channels, K = 4)
-and draws a fixed budget of steps per epoch (60,000 steps in 300 epochs). README
-(Search, Interpretations) has the measurements; the paper's values are one flag away:
---w-lr 0.1 --w-lr-batch 0 --warmup 0 --alpha-betas 0.9 0.999 --partial-channels 1 --steps-per-epoch 0
---param-weight 0.
-
-Choosing the cell: alpha's magnitude alone (the paper's rule) favours big operations, plain 5x5 and
-7x7 convolutions (28 M parameters on average at the paper's width). The default adds an
-expected-parameter term to alpha's loss (--param-weight 0.1, ProxylessNAS-style, a hinge at the
-paper's 5.6 M): on the hard synthetic benchmark its genotypes are the best detectors per parameter
-(README, "Choosing the cell"); --param-weight 0 is the paper's. --select pt chooses by what removing
-an operation costs (DARTS-PT, Wang et al., ICLR 2021).
+The paper's own search (Sec. IV-B: momentum SGD at lr 0.1 for w, alpha moving from the first step,
+every edge on all channels, every training face each epoch) is `--paper`. Its w learning rate
+leaves the one-shot network at chance on the demo data, and its budget is ~190 days on FF++ at
+this CPU's step time; the defaults do what the DARTS family does instead (README, Departures).
 
     python search.py                      # built-in synthetic data, demo configuration (~5 min, 2 CPU cores)
-    python search.py --data ff++          # real data: 256 px, batch 8, 300 epochs of 200 steps
-    python search.py --resume             # continue a killed search from runs/search/search.pt, at its step
+    python search.py --data ff++          # real data: 256 px, batch 8, 300 epochs of at most 200 steps
+    python search.py --data ff++ --paper  # the paper's own settings (Sec. IV-B)
+    python search.py --resume             # continue a stopped search from runs/search/search.pt, at its step
     python search.py --random-genotype 3 --out r.json    # a random architecture (the NAS baseline)
     python search.py --benchmark          # ms per search step and peak memory
 """
@@ -41,7 +35,6 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Sampler
 
 from add import (ADD, Diverged, FiniteCheck, StopSignals, Stopped, add_loss, autocast, count_parameters, d2_layout,
@@ -49,29 +42,18 @@ from add import (ADD, Diverged, FiniteCheck, StopSignals, Stopped, add_loss, aut
                  pick_device, prepare_model, random_batch, resumed_config, save_checkpoint, scale_milestones, sync,
                  time_steps, to_device, trim_log)
 from masks import add_data_arguments, loader_workers, open_split, parse_methods, resolve_defaults
-from ops import (OPS, PRIMITIVES, STEPS, Genotype, InputError, Parser, atomic_write, bounded, node_softmax, save_genotype,
-                 search_edges)
-from train import DEMO as TRAIN_DEMO, PAPER as TRAIN_PAPER, figure, save_figure
+from ops import (OPS, PRIMITIVES, STEPS, Genotype, InputError, Parser, atomic_write, bounded, draw_genotype, node_softmax,
+                 op_colour, random_genotype, save_genotype, search_edges)
+from train import DEMO as TRAIN_DEMO, REAL_DATA as TRAIN_REAL_DATA, figure, save_figure
 
-# Settings that differ between a real dataset (the paper's, Sec. IV-B; DARTS's and PC-DARTS's where
-# it is silent or measurably fails) and the built-in synthetic data (a demo sized for 2 CPU cores).
-# Flags override both.
-PAPER = dict(image_size=256, stem_reductions=3, channels=16, cells=8, batch_size=8, epochs=300, alpha_milestones=[60, 150],
-             warmup=0.3, partial_channels=4, steps_per_epoch=200)
-DEMO = dict(image_size=64, stem_reductions=2, channels=8, cells=5, batch_size=32, epochs=5, alpha_milestones=[200, 280],
-            videos=160, frames=4, warmup=0.4, partial_channels=1, steps_per_epoch=0)
-RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "checkpoint_every", "run_dir", "benchmark",
-            "profile")  # what a resumed search may change
-AFTER_SEARCH = dict(select="alpha", pt_batches=2, pt_tune_steps=5, out="g.json")  # defaults; a resume may change them
-# when given (e.g. --resume --select pt --out g-pt.json: DARTS-PT on a finished search)
 CELL_TYPES = ("normal", "reduce")
 
 
 class SearchNetwork(nn.Module):
     """The one-shot network of Algorithm 1: ADD with every edge a MixedOp, reduction cells at 1/3
-    and 2/3 of the depth, and the architecture parameters alpha (one row per edge, one column per
-    operation; shared by all normal cells, and by all reduction cells). With partial channels
-    (K > 1, PC-DARTS) also beta, one weight per edge, normalised over each node's inputs. alpha and
+    and 2/3 of the depth, and the architecture alpha (one row per edge, one column per operation;
+    shared by all normal cells, and by all reduction cells). With partial channels (K > 1, PC-DARTS;
+    not in the paper) also beta, one weight per edge, normalised over each node's inputs. alpha and
     beta are nn.Parameters, so state_dict and the checkpoint carry them."""
     def __init__(self, C, cells, stem_reductions, mask, partial=1):
         super().__init__()
@@ -86,7 +68,8 @@ class SearchNetwork(nn.Module):
             self.beta_reduce = nn.Parameter(1e-3 * torch.randn(shape[0]))
 
     def cell_weights(self):
-        """(normal, reduce), each (softmax of alpha (n_edges, n_ops), normalised beta (n_edges,) or None)."""
+        """(normal, reduce), each (the softmax of alpha (n_edges, n_ops): Eq. 2's weights, the
+        normalised beta (n_edges,) or None)."""
         return tuple((getattr(self, f"alpha_{kind}").softmax(-1),
                       node_softmax(getattr(self, f"beta_{kind}")) if self.partial > 1 else None) for kind in CELL_TYPES)
 
@@ -97,141 +80,371 @@ class SearchNetwork(nn.Module):
         return [p for name, p in self.named_parameters() if name.startswith(("alpha_", "beta_"))]
 
     def genotype(self):
-        """The DARTS rule; with beta, on alpha x beta (PC-DARTS)."""
+        """The cells by the paper's rule (derive_cell); with beta, on alpha x beta (PC-DARTS)."""
         return Genotype(*(derive_cell(w if e is None else w * e[:, None]) for w, e in self.cell_weights()))
 
 
 def derive_cell(weights):
-    """The DARTS rule on the softmax of alpha (n_edges, n_ops): an edge's strength is its strongest
-    non-zero operation; each node keeps its two strongest incoming edges with that operation.
-    -> ((op, input), ...) two per node, inputs in increasing order."""
+    """The end of Sec. III-A, as DARTS does it, on the softmax of alpha (n_edges, n_ops): an edge's
+    strength is its strongest operation other than zero; each node keeps its two strongest incoming
+    edges (Eq. 1's two inputs), each with that operation. -> ((op, input), ...) two per node."""
     weights = weights.detach().clone()
     weights[:, PRIMITIVES.index("none")] = -1  # the zero op never wins
     pairs, row = [], 0
     for node in range(STEPS):
-        strength, best = weights[row:row + node + 2].max(dim=1)  # over the ops of each incoming edge
+        strength, best = weights[row:row + node + 2].max(dim=1)  # Sec. III-A: the maximum over each edge's ops
         for inp in sorted(strength.topk(2).indices.tolist()):
             pairs.append((PRIMITIVES[best[inp]], inp))
         row += node + 2
     return tuple(pairs)
 
 
-
-# ----------------------------------------------------------------------------------------------
-# The picture of both cells (Fig. 8)
-
-def draw_genotype(genotype, path):
-    panels = [_draw_cell(genotype.normal, "normal cell"), _draw_cell(genotype.reduce, "reduction cell")]
-    canvas = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
-    for i, panel in enumerate(panels):
-        canvas.paste(panel, (i * panel.width, 0))
-    atomic_write(path, lambda f: canvas.save(f, format="PNG"))
-
-
-def _draw_cell(cell, title, width=620, height=380):
-    """Inputs c_{k-2}, c_{k-1} on the left, nodes 0-3 in the middle, their concat c_{k} on the right;
-    each chosen edge drawn with its operation's name."""
-    image, font = Image.new("RGB", (width, height), "white"), ImageFont.load_default(size=13)
-    draw = ImageDraw.Draw(image)
-    # inputs left, nodes zig-zag (no edge passes through a node), the concat right
-    pos = [(60, 110), (60, 290), (210, 60), (290, 345), (420, 150), (530, 290), (width - 45, 190)]
-    for k in range(STEPS):
-        _arrow(draw, pos[k + 2], pos[-1], (190, 190, 190), 2)
-    edges = [(op, pos[inp], pos[k // 2 + 2], 0.42 + 0.2 * (k % 2)) for k, (op, inp) in enumerate(cell)]
-    for op, a, b, _ in edges:
-        _arrow(draw, a, b, _colour(op), 3)
-    for op, (x0, y0), (x1, y1), t in edges:  # labels after all lines; a node's two labels staggered
-        tx, ty = x0 + t * (x1 - x0), y0 + t * (y1 - y0) - 8
-        draw.rectangle(draw.textbbox((tx, ty), op, font=font, anchor="mm"), fill="white")
-        draw.text((tx, ty), op, fill=_colour(op), font=font, anchor="mm")
-    for i, name in enumerate(["c_{k-2}", "c_{k-1}"] + [str(k) for k in range(STEPS)] + ["c_{k}"]):
-        (x, y), r = pos[i], 24
-        fill = (200, 230, 200) if i < 2 else (240, 220, 170) if i == len(pos) - 1 else (180, 205, 240)
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill, outline="black")
-        draw.text((x, y), name, fill="black", font=font, anchor="mm")
-    draw.text((width / 2, 20), title, fill="black", font=ImageFont.load_default(size=18), anchor="mm")
-    return image
+def gradient_step(model, optimizer, params, batch, device, mask_weight, grad_clip, flips=None, weights=None,
+                  penalty=None):
+    """One update of `params` on one batch: w on a training batch (Algorithm 1, lines 2-4) or alpha
+    on a validation batch (lines 5-7) -> the detached (CE, MSE, loss) on the device. Only the
+    gradients of `params` are computed, so the alpha step does not pay for w's. weights: the
+    architecture's (None: the network's own); penalty: a term added to the loss (--param-weight)."""
+    x, M, y = to_device(batch, device, flips)
+    with autocast(device):
+        logits, m = model(x, weights)
+    ce, mse = loss_terms(logits, m, y, M)
+    loss = add_loss(ce, mse, mask_weight) + (penalty() if penalty else 0)  # Eq. 3: L(y; F(x, alpha, w)), Eq. 7's
+    for p, g in zip(params, torch.autograd.grad(loss, params)):
+        p.grad = g
+    if grad_clip:
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()  # w = w - grad_w L (line 4), or alpha = alpha - grad_alpha L (line 7), by the optimizer's rule
+    return torch.stack([ce, ce * 0 if mse is None else mse, loss]).detach()
 
 
-def _arrow(draw, a, b, fill, width, r=24, head=11):
-    """A line from node a to node b with an arrowhead where it meets b's circle (radius r)."""
-    (x0, y0), (x1, y1) = a, b
-    length = math.hypot(x1 - x0, y1 - y0)
-    ux, uy = (x1 - x0) / length, (y1 - y0) / length
-    tip = (x1 - r * ux, y1 - r * uy)
-    draw.line(a + tip, fill=fill, width=width)
-    back = (tip[0] - head * ux, tip[1] - head * uy)
-    draw.polygon([tip, (back[0] - 0.5 * head * uy, back[1] + 0.5 * head * ux),
-                  (back[0] + 0.5 * head * uy, back[1] - 0.5 * head * ux)], fill=fill)
+def search(args, device, state=None):
+    """Algorithm 1 -> the search network. "While not converged" is --epochs of at most one pass
+    each; a step is a w update on a training batch, then (after the warm-up) an alpha update on a
+    validation batch. w's lr follows a cosine, alpha's drops at its milestones (Sec. IV-B). The
+    bookkeeping (resume, checkpoints, stop signals, losses, the clock, g.json and the log) is
+    SearchRun's, below the divider."""
+    (train_loader, val_loader), steps, one_pass = loaders(args)  # D_train, D_val
+    model, (w_opt, a_opt, w_sched, a_sched), warmup = build(args, device, steps)
+    w_params, a_params = list(model.net.parameters()), model.arch_parameters()
+    alpha_mask_weight = args.mask_weight if args.alpha_loss == "eq7" else 0.0
+    penalty = parameter_penalty(args, model) if args.param_weight else None
+    with SearchRun(args, model, (w_opt, a_opt, w_sched, a_sched), device, steps, one_pass, warmup, state) as run:
+        for epoch in run.epochs():  # Algorithm 1, line 1
+            for step, batch, val_batch in run.batches(epoch, train_loader, val_loader):
+                w = gradient_step(model, w_opt, w_params, batch, device, args.mask_weight, args.grad_clip,
+                                  epoch_generator(args.seed, epoch, step, 2))  # Algorithm 1, lines 2-4
+                a = None
+                if run.alpha_moves(epoch, step):
+                    a = gradient_step(model, a_opt, a_params, val_batch, device, alpha_mask_weight, None,
+                                      epoch_generator(args.seed, epoch, step, 3), penalty=penalty)  # Algorithm 1, lines 5-7
+                run.after_step(epoch, step, w, a)
+            w_sched.step()
+            if run.means.alpha_steps:
+                a_sched.step()
+            run.after_epoch(epoch, model.genotype())  # Sec. III-A's rule, written to g.json each epoch
+    genotype = model.genotype() if args.select == "alpha" else perturbation_genotype(args, model, (train_loader, val_loader), device)
+    run.finish(genotype)
+    return model
 
 
-def _colour(op):
-    palette = [(0, 0, 0), (90, 90, 90), (0, 140, 140), (0, 100, 200), (200, 60, 0), (220, 120, 0),
-               (160, 90, 0), (30, 150, 30), (0, 110, 60), (150, 40, 170), (200, 0, 110)]
-    return palette[PRIMITIVES.index(op)]
+# ==============================================================================================
+# Below: not the paper's method. Settings and departures, data, the bookkeeping of a run,
+# the parameter term, DARTS-PT, random genotypes, pictures, --benchmark, the command line.
+
+# The paper's own search (Sec. IV-B; DARTS's network where the paper is silent): --paper.
+PAPER = dict(image_size=256, stem_reductions=3, channels=16, cells=8, batch_size=8, epochs=300, alpha_milestones=[60, 150],
+             w_lr=0.1, w_lr_batch=0, warmup=0.0, alpha_betas=[0.9, 0.999], partial_channels=1, steps_per_epoch=0,
+             param_weight=0.0)
+# The defaults on real data: the paper's, but for the departures that make the search learn and fit a day
+# (README, Departures: DARTS's w rate per sample, PC-DARTS's warm-up and partial channels, a budget of steps,
+# the parameter term); --paper sets these keys back to the paper's.
+REAL_DATA = dict(PAPER, w_lr=0.025, w_lr_batch=64, warmup=0.3, alpha_betas=[0.5, 0.999], partial_channels=4,
+                 steps_per_epoch=200, param_weight=0.1)
+DEPARTURES = [k for k in PAPER if PAPER[k] != REAL_DATA[k]]
+# The built-in synthetic data: a demo sized for 2 CPU cores, the departures of real data but for partial channels
+# and the budget (the demo's milestones are late: scaled to 3 epochs the paper's would cut alpha's lr at once)
+DEMO = dict(REAL_DATA, image_size=64, stem_reductions=2, channels=8, cells=5, batch_size=32, epochs=5,
+            alpha_milestones=[200, 280], videos=160, frames=4, warmup=0.4, partial_channels=1, steps_per_epoch=0)
+RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "checkpoint_every", "run_dir", "benchmark",
+            "profile")  # what a resumed search may change
+AFTER_SEARCH = dict(select="alpha", pt_batches=2, pt_tune_steps=5, out="g.json")  # defaults; a resume may change them
+# when given (e.g. --resume --select pt --out g-pt.json: DARTS-PT on a finished search)
+NEAR_TIE = 0.01  # a choice whose runner-up is within this much softmax weight (of ~0.1-0.2) is a near-tie
 
 
-# ----------------------------------------------------------------------------------------------
-# The random baseline (Li & Talwalkar 2019; Yang et al. 2020): a genotype drawn without search
-
-def random_genotype(seed):
-    """Uniform over the search space: per node two distinct inputs among its predecessors, each edge
-    one of the ten non-zero operations; the normal and the reduction cell drawn independently."""
-    rng, ops = random.Random(seed), [p for p in PRIMITIVES if p != "none"]
-    cell = lambda: tuple((rng.choice(ops), inp) for node in range(STEPS) for inp in sorted(rng.sample(range(node + 2), 2)))
-    return Genotype(cell(), cell())
+def w_learning_rate(args):
+    return args.w_lr * (args.batch_size / args.w_lr_batch if args.w_lr_batch else 1)
 
 
-def network_sizes(genotype):
-    """Parameters of the ADD network this genotype makes at the paper's size and at the demo's."""
-    return [count_parameters(ADD(genotype, c["channels"], d2_layout(3, c["cells_per_block"]), c["stem_reductions"]))
-            for c in (TRAIN_PAPER, TRAIN_DEMO)]
+def warmup_steps(args, steps):
+    """Steps of w alone before alpha moves: --warmup-epochs if given, else --warmup of all steps
+    (scales with the run, as the milestones do; never all of them)."""
+    total = args.epochs * steps
+    return args.warmup_epochs * steps if args.warmup_epochs is not None else min(round(args.warmup * total), total - 1)
 
 
-def write_genotype(genotype, path):
-    """g.json and its picture, g.png."""
-    save_genotype(genotype, path)
-    draw_genotype(genotype, os.path.splitext(path)[0] + ".png")
+def build(args, device, steps):
+    """The search network, the two optimizers and their schedulers (Sec. IV-B and the departures),
+    and the warm-up in steps."""
+    model = prepare_model(SearchNetwork(args.channels, args.cells, args.stem_reductions, not args.no_mask_branch,
+                                        args.partial_channels), device, args.compile)
+    w_lr = w_learning_rate(args)
+    if args.w_optimizer == "sgd":
+        w_opt = torch.optim.SGD(model.net.parameters(), w_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        w_opt = torch.optim.Adam(model.net.parameters(), w_lr, betas=(args.momentum, 0.999), weight_decay=args.weight_decay)
+    a_opt = torch.optim.Adam(model.arch_parameters(), args.alpha_lr, betas=tuple(args.alpha_betas),
+                             weight_decay=args.weight_decay)
+    w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, args.epochs, eta_min=w_lr * args.w_lr_min)
+    warmup = warmup_steps(args, steps)
+    alpha_epochs = args.epochs - warmup // steps  # alpha's schedule spans the epochs in which it moves
+    a_sched = torch.optim.lr_scheduler.MultiStepLR(a_opt, scale_milestones(args.alpha_milestones, alpha_epochs), 0.1)
+    return model, (w_opt, a_opt, w_sched, a_sched), warmup
 
 
-def describe(genotype, path):
-    """The line that names the files and the sizes of the network the genotype makes."""
-    paper, demo = network_sizes(genotype)
-    return (f"wrote {path} and {os.path.splitext(path)[0]}.png: an ADD network of {paper / 1e6:.2f} M parameters at "
-            f"the paper's size (C {TRAIN_PAPER['channels']}, N {TRAIN_PAPER['cells_per_block']}), {demo / 1e6:.2f} M "
-            f"at the demo's (C {TRAIN_DEMO['channels']}, N {TRAIN_DEMO['cells_per_block']})")
+class SearchRun:
+    """The bookkeeping around Algorithm 1, so that search() shows the algorithm alone: resume, the
+    plan and the clock, the epoch's running means, non-finite losses, checkpoints (every
+    --checkpoint-every steps, at each epoch's end, and when a stop signal came: SIGTERM, SIGINT),
+    g.json and its picture, the log line, alpha.png."""
+    def __init__(self, args, model, optimizers, device, steps, one_pass, warmup, state):
+        self.args, self.model, self.optimizers, self.device = args, model, optimizers, device
+        self.steps, self.warmup, self.drawn, self.path = steps, warmup, -math.inf, os.path.join(args.run_dir, "search.pt")
+        self.start = restore(state, self.path, model, optimizers) if state else dict(epoch=0, step=0, means=None)
+        total, done = args.epochs * steps, self.start["epoch"] * steps + self.start["step"]
+        budget = (f" (--steps-per-epoch {args.steps_per_epoch}; one pass is {one_pass})" if steps < one_pass else
+                  f" (one pass over the training split{f', capping --steps-per-epoch {args.steps_per_epoch}' if args.steps_per_epoch else ''})")
+        print(f"search network: {count_parameters(model.net) / 1e6:.2f} M weights, alpha 2 x {tuple(model.alpha_normal.shape)}"
+              f"{', beta 2 x (14,)' if args.partial_channels > 1 else ''}; {args.epochs} epochs x {steps} steps{budget} = "
+              f"{total} steps of {args.batch_size} training + {args.batch_size} validation images, alpha still for the first "
+              f"{warmup}; {total - done} to do", flush=True)
+        self.clock = Estimate(device, max(0, warmup - done), total - max(done, warmup))
+
+    def __enter__(self):
+        self.stop = StopSignals().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.__exit__(*exc)
+
+    def epochs(self):
+        return range(self.start["epoch"], self.args.epochs)
+
+    def alpha_moves(self, epoch, step):
+        """alpha is still for the warm-up's first steps (--warmup: not in the paper), then moves every step."""
+        return epoch * self.steps + step >= self.warmup
+
+    def batches(self, epoch, train_loader, val_loader):
+        """(step, training batch, validation batch) for each step of the epoch, from the saved step on
+        when the epoch is the resumed one; the batches depend on (seed, epoch) only."""
+        resumed = epoch == self.start["epoch"]
+        self.first = self.start["step"] if resumed else 0
+        self.means = Means(self.device, self.start["means"] if resumed else None)
+        for loader in (train_loader, val_loader):
+            loader.sampler.set_epoch(epoch, self.first * self.args.batch_size)
+        self.model.train()
+        self.check = FiniteCheck(self.device, self.args.check_every, "the last checkpoint is intact: lower --w-lr or --alpha-lr")
+        self.tic = time.time()
+        for step, (batch, val_batch) in enumerate(zip(train_loader, val_loader), start=self.first):
+            self.clock.tick(self.alpha_moves(epoch, step))
+            yield step, batch, val_batch
+
+    def after_step(self, epoch, step, w, a):
+        """w, a: the (CE, MSE, loss) of the step's w and alpha updates (a None in the warm-up)."""
+        self.means.add(w, a)
+        where, last = f"epoch {epoch + 1}", step + 1 == self.steps
+        self.check.add(w[2] + (a[2] if a is not None else 0), step - self.first, last, where)
+        if self.args.log_every and (step + 1) % self.args.log_every == 0:
+            print(f"  epoch {epoch + 1} step {step + 1}/{self.steps}: "
+                  f"{(step + 1 - self.first) * self.args.batch_size / (time.time() - self.tic):.1f} training images/s", flush=True)
+        if not last and ((step + 1) % self.args.checkpoint_every == 0 or self.stop):
+            self.check.read(step - self.first, where)  # no checkpoint after a non-finite loss
+            self.save(epoch, step + 1, self.means)
+            if self.stop:
+                raise Stopped(self.stopped(epoch, step + 1))
+
+    def after_epoch(self, epoch, genotype):
+        """g.json and g.png, the log line (before the checkpoint: add.trim_log), the checkpoint."""
+        write_genotype(genotype, self.args.out, "search")
+        self.log(epoch, genotype, time.time() - self.tic)
+        self.save(epoch + 1, 0, None)
+        if self.stop and epoch + 1 < self.args.epochs:
+            raise Stopped(self.stopped(epoch + 1, 0))
+
+    def stopped(self, epoch, step):
+        return (f"stopped by {self.stop.name} at epoch {epoch + 1}, step {step}; its checkpoint is written: continue "
+                f"with python search.py --resume --run-dir {self.args.run_dir}")
+
+    def save(self, epoch, step, means):
+        """search.pt: everything a resumed search needs to continue at (epoch, step) as if never stopped."""
+        w_opt, a_opt, w_sched, a_sched = self.optimizers
+        save_checkpoint(dict(model=self.model.state_dict(), w_opt=w_opt.state_dict(), a_opt=a_opt.state_dict(),
+                             w_sched=w_sched.state_dict(), a_sched=a_sched.state_dict(), epoch=epoch, step=step,
+                             means=means.state() if means else None, rng=torch.get_rng_state(), config=vars(self.args)),
+                        self.path)
+
+    def log(self, epoch, genotype, seconds):
+        """Prints the losses and the genotype; appends them, the softmax of alpha, beta (K > 1) and the
+        choices' margins to log.jsonl; redraws alpha.png (at most once a minute, and at the end)."""
+        losses, weights = self.means.losses(), dict(zip(CELL_TYPES, self.model.cell_weights()))
+        line = dict(epoch=epoch + 1, **losses, seconds=seconds, primitives=PRIMITIVES, genotype=genotype._asdict(),
+                    softmax_alpha={k: w.tolist() for k, (w, _) in weights.items()},
+                    margins={k: choice_margins(w if e is None else w * e[:, None]) for k, (w, e) in weights.items()})
+        if self.model.partial > 1:  # the cell is chosen by alpha x beta: both are logged
+            line["edge_weights"] = {k: e.tolist() for k, (_, e) in weights.items()}
+        log = os.path.join(self.args.run_dir, "log.jsonl")
+        with open(log, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        if time.time() - self.drawn > 60 or epoch + 1 == self.args.epochs or self.stop:
+            draw_alpha(log, os.path.join(self.args.run_dir, "alpha.png"))
+            self.drawn = time.time()
+        strongest = weights["normal"][0].max().item()
+        val = "alpha still (warm-up)" if losses["val_ce"] is None else f"val CE {losses['val_ce']:.4f} MSE {losses['val_mse']:.4f}"
+        print(f"epoch {epoch + 1}/{self.args.epochs}  train CE {losses['train_ce']:.4f} MSE {losses['train_mse']:.4f}  "
+              f"{val}  {seconds:.1f} s  (strongest normal-cell op weight {strongest:.3f})", flush=True)
+        print_genotype(genotype)
+
+    def finish(self, genotype):
+        """The last line: the files written, the network's size, and how decisive alpha's choices were."""
+        margins = [choice_margins(w if e is None else w * e[:, None]) for w, e in self.model.cell_weights()]
+        ops = sum(m < NEAR_TIE for cell in margins for m in cell["operation"])
+        inputs = sum(m < NEAR_TIE for cell in margins for m in cell["inputs"] if m is not None)
+        print(f"{describe(genotype, self.args.out)}; alpha's choices: {ops} of 16 operations and {inputs} of 6 input "
+              f"pairs are near-ties (runner-up within {NEAR_TIE} of softmax weight)")
 
 
-def draw_alpha(log_path, path):
-    """alpha.png from log.jsonl: each operation's softmax weight (mean over a cell's 14 edges) per
-    epoch, for the normal and the reduction cell; with partial channels (K > 1) a second row: each
-    edge's normalised beta (PC-DARTS's edge weight, a softmax over each node's inputs)."""
-    with open(log_path) as f:
-        log = [json.loads(line) for line in f]
-    epochs, beta = [e["epoch"] for e in log], "edge_weights" in log[0]
-    fig, ax = figure(2 if beta else 1, 2, (12, 8 if beta else 4))
-    for a, kind in zip(ax[0], CELL_TYPES):
-        weights = torch.tensor([e["softmax_alpha"][kind] for e in log]).mean(1)  # (epochs, ops)
-        for j, op in enumerate(PRIMITIVES):
-            a.plot(epochs, weights[:, j], marker="o", color=[c / 255 for c in _colour(op)], label=op,
-                   linestyle="--" if j % 2 else "-")
-        a.set(xlabel="epoch", ylabel="softmax(alpha), mean over edges", title=f"{kind} cell")
-    ax[0, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-    if beta:
-        names = [f"{node}<-{inp}" for node, inp, _ in search_edges()]
-        for a, kind in zip(ax[1], CELL_TYPES):
-            weights = torch.tensor([e["edge_weights"][kind] for e in log])  # (epochs, edges)
-            for k, name in enumerate(names):
-                a.plot(epochs, weights[:, k], marker=".", label=name, linestyle="--" if k % 2 else "-")
-            a.set(xlabel="epoch", ylabel="edge weight (beta, softmax over a node's inputs)", title=f"{kind} cell: edges")
-        ax[1, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5), ncol=2)
-    save_figure(fig, path)
+class Means:
+    """The running sums of an epoch's loss terms (CE, MSE, loss), on the device (no host sync a step):
+    w's on the training batches, alpha's on the validation batches."""
+    def __init__(self, device, saved=None):
+        saved = saved or dict(w=torch.zeros(3), alpha=torch.zeros(3), w_steps=0, alpha_steps=0)
+        self.w, self.alpha = saved["w"].to(device), saved["alpha"].to(device)
+        self.w_steps, self.alpha_steps = saved["w_steps"], saved["alpha_steps"]
+
+    def add(self, w, a):
+        self.w += w
+        self.w_steps += 1
+        if a is not None:
+            self.alpha += a
+            self.alpha_steps += 1
+
+    def state(self):
+        return dict(w=self.w.cpu(), alpha=self.alpha.cpu(), w_steps=self.w_steps, alpha_steps=self.alpha_steps)
+
+    def losses(self):
+        (train_ce, train_mse, _), moved = (self.w / self.w_steps).tolist(), self.alpha_steps
+        val_ce, val_mse, _ = (self.alpha / max(1, moved)).tolist()
+        return dict(train_ce=train_ce, train_mse=train_mse, val_ce=val_ce if moved else None,
+                    val_mse=val_mse if moved else None, alpha_steps=moved)
 
 
-# ----------------------------------------------------------------------------------------------
-# The expected size of the network a genotype makes (--param-weight: a term of alpha's loss)
+def restore(state, path, model, optimizers):
+    """A resumed search: the network, alpha, beta, both optimizers and schedulers, the RNG; -> where it was."""
+    load_state(model, state["model"], path)
+    for module, key in zip(optimizers, ("w_opt", "a_opt", "w_sched", "a_sched")):
+        load_state(module, state[key], path, key)
+    torch.set_rng_state(state["rng"])
+    print(f"resumed {path} at epoch {state['epoch'] + 1}, step {state['step']}")
+    return dict(epoch=state["epoch"], step=state["step"], means=state["means"])
 
-def parameter_costs(cfg=TRAIN_PAPER):
+
+def choice_margins(weights):
+    """How decisive the paper's rule (derive_cell) is on these weights (n_edges, n_ops): per kept edge,
+    its operation's weight minus the runner-up operation's ("operation", 8); per node, its weaker kept
+    edge's strength minus the strongest dropped edge's ("inputs", 4: None for node 0, which has two)."""
+    w = weights.detach().clone()
+    w[:, PRIMITIVES.index("none")] = -1
+    top = w.topk(2, dim=1).values  # (n_edges, 2): each edge's strongest two operations
+    margins = dict(operation=[], inputs=[])
+    for node in range(STEPS):
+        strength = top[list(node_edges(node)), 0]
+        order = strength.argsort(descending=True).tolist()
+        margins["operation"] += [float(top[node_edges(node)[k], 0] - top[node_edges(node)[k], 1]) for k in sorted(order[:2])]
+        margins["inputs"].append(float(strength[order[1]] - strength[order[2]]) if node else None)
+    return margins
+
+
+class EpochOrder(Sampler):
+    """The samples of one epoch, in an order that depends on (seed, epoch, stream) only: permutations
+    of the split, as many as `length` needs, cut to it (with a step budget: a fresh random subset
+    each epoch), from position `start` on (a resumed epoch continues where its checkpoint was)."""
+    def __init__(self, n, length, seed, stream):
+        self.n, self.length, self.seed, self.stream, self.epoch, self.start = n, length, seed, stream, 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        g = epoch_generator(self.seed, self.epoch, self.stream)
+        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(-(-self.length // self.n))])
+        return iter(order[self.start:self.length].tolist())
+
+    def __len__(self):
+        return self.length - self.start
+
+
+def loaders(args):
+    """Training split for w, validation split for alpha (Algorithm 1: D_train, D_val), one batch of
+    each per step; an epoch is one pass over the training split, or --steps-per-epoch steps of it if
+    fewer (a fresh random subset each epoch). -> (train loader, val loader), steps per epoch, steps
+    of one pass."""
+    methods = parse_methods(args.data, args.methods)
+    sets = [open_split(args.data, args.root, s, methods, args.image_size, True, args.videos, args.frames,
+                       args.synthetic) for s in ("train", "val")]
+    for s, name in zip(sets, ("train", "val")):
+        if len(s) < args.batch_size:
+            raise InputError(f"--batch-size {args.batch_size}: the {name} split has only {len(s)} samples")
+    one_pass = len(sets[0]) // args.batch_size
+    steps = min(args.steps_per_epoch, one_pass) if args.steps_per_epoch else one_pass
+    kw = dict(batch_size=args.batch_size, drop_last=True, num_workers=args.workers, worker_init_fn=ignore_stop_signals,
+              pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0)
+    return [DataLoader(s, sampler=EpochOrder(len(s), steps * args.batch_size, args.seed, k), **kw)
+            for k, s in enumerate(sets)], steps, one_pass
+
+
+class Estimate:
+    """How long the rest of the search takes, printed once `after` steps of each kind ran here:
+    warm-up steps (w alone) and steps that also move alpha (a w and an alpha step)."""
+    def __init__(self, device, left_warm, left_moving, after=20):
+        self.device, self.left, self.after = device, {False: left_warm, True: left_moving}, after
+        self.count, self.start, self.rate = {False: 0, True: 0}, {}, {}
+
+    def tick(self, moving):  # before each step
+        if self.count[moving] in (0, self.after):
+            sync(self.device)
+            if self.count[moving] == 0:
+                self.start[moving] = time.time()
+            else:
+                self.rate[moving] = (time.time() - self.start[moving]) / self.after
+                self.report(moving)
+        self.count[moving] += 1
+        self.left[moving] -= 1
+
+    def report(self, moving):
+        rate_moving = self.rate.get(True, 2 * self.rate.get(False, 0))  # until measured: w + alpha ~ 2x w alone
+        left = self.left[False] * self.rate.get(False, 0) + self.left[True] * rate_moving  # this step included
+        kind = "steps that move alpha (w + alpha)" if moving else "warm-up steps (w alone)"
+        guess = "" if True in self.rate or not self.left[True] else ", alpha's steps guessed at 2x until measured"
+        print(f"  time: {self.rate[moving]:.2f} s a step over the first {self.after} {kind} on {self.device}; "
+              f"the rest takes about {duration(left)}{guess}", flush=True)
+
+
+def duration(seconds):
+    return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.1f} min"
+
+
+# The expected size of the network a genotype makes: a term of alpha's loss (--param-weight; not in the paper)
+
+def parameter_penalty(args, model):
+    """The --param-weight term of alpha's loss: weight * max(0, E[parameters] / target - 1), E at
+    the paper's size (expected_parameters): zero once the expected network is within the target."""
+    base, tables = parameter_costs()
+    costs = base, {kind: table.to(next(model.parameters()).device) for kind, table in tables.items()}
+    return lambda: args.param_weight * F.relu(expected_parameters(model.cell_weights(), costs) / args.param_target - 1)
+
+
+def parameter_costs(cfg=TRAIN_REAL_DATA):
     """The parameters of the ADD network a genotype makes at the paper's size (C 48, N 4, Table IV's
     5.6 M), split into what every genotype has (stem, the cells' 1x1 pre-processing, the heads) and,
     per cell type, a table (n_edges, n_ops): what operation o on search edge k adds, summed over the
@@ -268,8 +481,7 @@ def expected_parameters(weights, costs):
     return total
 
 
-# ----------------------------------------------------------------------------------------------
-# Choosing the cell by perturbation (--select pt; DARTS-PT, Wang et al., ICLR 2021)
+# Choosing the cell by perturbation (--select pt; DARTS-PT, Wang et al., ICLR 2021; not in the paper)
 
 def node_edges(node):
     """The rows of alpha that feed node `node` (its i + 2 incoming edges)."""
@@ -376,7 +588,9 @@ def perturbation_genotype(args, model, loaders, device):
     tic = time.time()
     genotype = select_by_perturbation(model, batches, tune, device, args.seed)
     print(f"DARTS-PT selection: {time.time() - tic:.1f} s (324 evaluations on {len(batches)} validation batches, "
-          f"17 rounds of {args.pt_tune_steps} tuning steps)")
+          f"17 rounds of {args.pt_tune_steps} tuning steps); chosen by DARTS-PT:")
+    print_genotype(genotype)
+    write_genotype(genotype, args.out, "search (DARTS-PT)")
     return genotype
 
 
@@ -388,255 +602,58 @@ def endless(loader, epoch):
         epoch += 1
 
 
-# ----------------------------------------------------------------------------------------------
-# Algorithm 1
+# The genotype's files and size (its picture, Fig. 8: ops.draw_genotype), alpha's picture (alpha.png)
 
-def gradient_step(model, optimizer, params, batch, device, mask_weight, grad_clip, flips=None, weights=None,
-                  penalty=None):
-    """One update of `params` on one batch (Algorithm 1, lines 2-4 for w, 5-7 for alpha) -> the
-    detached (CE, MSE, loss) on the device. Only the gradients of `params` are computed, so the
-    alpha step does not pay for w's. weights: the architecture's (None: the network's own);
-    penalty: a function giving a term added to the loss (the expected-parameter term)."""
-    x, M, y = to_device(batch, device, flips)
-    with autocast(device):
-        logits, m = model(x, weights)
-    ce, mse = loss_terms(logits, m, y, M)
-    loss = add_loss(ce, mse, mask_weight) + (penalty() if penalty else 0)
-    for p, g in zip(params, torch.autograd.grad(loss, params)):
-        p.grad = g
-    if grad_clip:
-        nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    return torch.stack([ce, ce * 0 if mse is None else mse, loss]).detach()
+def network_sizes(genotype):
+    """Parameters of the ADD network this genotype makes at the paper's size and at the demo's."""
+    return [count_parameters(ADD(genotype, c["channels"], d2_layout(3, c["cells_per_block"]), c["stem_reductions"]))
+            for c in (TRAIN_REAL_DATA, TRAIN_DEMO)]
 
 
-def w_learning_rate(args):
-    return args.w_lr * (args.batch_size / args.w_lr_batch if args.w_lr_batch else 1)
+def write_genotype(genotype, path, origin):
+    """g.json and its picture, g.png."""
+    save_genotype(genotype, path, origin)
+    draw_genotype(genotype, os.path.splitext(path)[0] + ".png")
 
 
-def warmup_steps(args, steps):
-    """Steps of w alone before alpha moves: --warmup-epochs if given, else --warmup of all steps
-    (scales with the run, as the milestones do; never all of them)."""
-    total = args.epochs * steps
-    return args.warmup_epochs * steps if args.warmup_epochs is not None else min(round(args.warmup * total), total - 1)
-
-
-def build(args, device, steps):
-    """The search network, the two optimizers and their schedulers (Sec. IV-B and the options), and
-    the warm-up in steps."""
-    model = prepare_model(SearchNetwork(args.channels, args.cells, args.stem_reductions, not args.no_mask_branch,
-                                        args.partial_channels), device, args.compile)
-    w_lr = w_learning_rate(args)
-    if args.w_optimizer == "sgd":
-        w_opt = torch.optim.SGD(model.net.parameters(), w_lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        w_opt = torch.optim.Adam(model.net.parameters(), w_lr, betas=(args.momentum, 0.999), weight_decay=args.weight_decay)
-    a_opt = torch.optim.Adam(model.arch_parameters(), args.alpha_lr, betas=tuple(args.alpha_betas),
-                             weight_decay=args.weight_decay)
-    w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, args.epochs, eta_min=w_lr * args.w_lr_min)
-    warmup = warmup_steps(args, steps)
-    alpha_epochs = args.epochs - warmup // steps  # alpha's schedule spans the epochs in which it moves
-    a_sched = torch.optim.lr_scheduler.MultiStepLR(a_opt, scale_milestones(args.alpha_milestones, alpha_epochs), 0.1)
-    return model, (w_opt, a_opt, w_sched, a_sched), warmup
-
-
-class EpochOrder(Sampler):
-    """The samples of one epoch, in an order that depends on (seed, epoch, stream) only: permutations
-    of the split, as many as `length` needs, cut to it (with a step budget: a fresh random subset
-    each epoch), from position `start` on (a resumed epoch continues where its checkpoint was)."""
-    def __init__(self, n, length, seed, stream):
-        self.n, self.length, self.seed, self.stream, self.epoch, self.start = n, length, seed, stream, 0, 0
-
-    def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self):
-        g = epoch_generator(self.seed, self.epoch, self.stream)
-        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(-(-self.length // self.n))])
-        return iter(order[self.start:self.length].tolist())
-
-    def __len__(self):
-        return self.length - self.start
-
-
-def loaders(args):
-    """Training split for w, validation split for alpha (Algorithm 1: D_train, D_val), one batch of
-    each per step; an epoch is one pass over the training split, or --steps-per-epoch steps of it if
-    fewer (a fresh random subset each epoch). -> (train loader, val loader), steps per epoch, steps
-    of one pass."""
-    methods = parse_methods(args.data, args.methods)
-    sets = [open_split(args.data, args.root, s, methods, args.image_size, True, args.videos, args.frames,
-                       args.synthetic) for s in ("train", "val")]
-    for s, name in zip(sets, ("train", "val")):
-        if len(s) < args.batch_size:
-            raise InputError(f"--batch-size {args.batch_size}: the {name} split has only {len(s)} samples")
-    one_pass = len(sets[0]) // args.batch_size
-    steps = min(args.steps_per_epoch, one_pass) if args.steps_per_epoch else one_pass
-    kw = dict(batch_size=args.batch_size, drop_last=True, num_workers=args.workers, worker_init_fn=ignore_stop_signals,
-              pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0)
-    return [DataLoader(s, sampler=EpochOrder(len(s), steps * args.batch_size, args.seed, k), **kw)
-            for k, s in enumerate(sets)], steps, one_pass
-
-
-def search(args, device, state=None):
-    """Algorithm 1, then the chosen genotype: g.json (--out) and its pictures, every epoch.
-    Checkpoints every --checkpoint-every steps, at each epoch's end and on SIGTERM or SIGINT; a resumed search
-    continues at the saved step with the same batches, flips, optimiser states and schedules."""
-    # 1) data, network, optimizers, the warm-up in steps; resume from the last checkpoint if asked
-    (train_loader, val_loader), steps, one_pass = loaders(args)
-    model, optimizers, warmup = build(args, device, steps)
-    w_opt, a_opt, w_sched, a_sched = optimizers
-    at = restore(state, args.run_dir, model, optimizers) if state else dict(epoch=0, step=0, sums=torch.zeros(2, 4))
-    w_params, a_params = list(model.net.parameters()), model.arch_parameters()
-    alpha_mask_weight = args.mask_weight if args.alpha_loss == "eq7" else 0.0
-    penalty = parameter_penalty(args, model) if args.param_weight else None
-    total, done = args.epochs * steps, at["epoch"] * steps + at["step"]
-    budget = (f" (--steps-per-epoch {args.steps_per_epoch}; one pass is {one_pass})" if steps < one_pass else
-              f" (one pass over the training split{', capping --steps-per-epoch ' + str(args.steps_per_epoch) if args.steps_per_epoch else ''})")
-    print(f"search network: {count_parameters(model.net) / 1e6:.2f} M weights, alpha 2 x {tuple(model.alpha_normal.shape)}"
-          f"{', beta 2 x (14,)' if args.partial_channels > 1 else ''}; {args.epochs} epochs x {steps} steps{budget} = "
-          f"{total} steps of {args.batch_size} training + {args.batch_size} validation images, alpha still for the first "
-          f"{warmup}; {total - done} to do", flush=True)
-    clock = Estimate(device, max(0, warmup - done), total - max(done, warmup))
-    with StopSignals() as stop:
-        for epoch in range(at["epoch"], args.epochs):
-            # 2) alternate: a w step on a training batch, an alpha step on a validation batch (after the warm-up)
-            first = at["step"] if epoch == at["epoch"] else 0
-            sums = (at["sums"] if epoch == at["epoch"] else torch.zeros(2, 4)).to(device)  # (w, alpha) x (CE, MSE, loss, steps)
-            for loader in (train_loader, val_loader):
-                loader.sampler.set_epoch(epoch, first * args.batch_size)
-            model.train()
-            check = FiniteCheck(device, args.check_every, "the last checkpoint is intact: lower --w-lr or --alpha-lr")
-            where = f"epoch {epoch + 1}"
-            tic = time.time()
-            for step, (batch, val_batch) in enumerate(zip(train_loader, val_loader), start=first):
-                moving = epoch * steps + step >= warmup
-                clock.tick(moving)
-                w = gradient_step(model, w_opt, w_params, batch, device, args.mask_weight, args.grad_clip,
-                                  epoch_generator(args.seed, epoch, step, 2))
-                sums[0] += torch.cat([w, w.new_ones(1)])
-                if moving:
-                    a = gradient_step(model, a_opt, a_params, val_batch, device, alpha_mask_weight, None,
-                                      epoch_generator(args.seed, epoch, step, 3), penalty=penalty)
-                    sums[1] += torch.cat([a, a.new_ones(1)])
-                check.add(w[2] + (a[2] if moving else 0), step - first, step + 1 == steps, where)
-                if args.log_every and (step + 1) % args.log_every == 0:
-                    print(f"  epoch {epoch + 1} step {step + 1}/{steps}: "
-                          f"{(step + 1 - first) * args.batch_size / (time.time() - tic):.1f} training images/s", flush=True)
-                if step + 1 < steps and ((step + 1) % args.checkpoint_every == 0 or stop):
-                    check.read(step - first, where)  # no checkpoint after a non-finite loss
-                    save_search(args, model, optimizers, epoch, step + 1, sums)
-                    if stop:
-                        raise Stopped(stopped_message(stop, epoch, step + 1, args.run_dir))
-            # 3) end of epoch: schedules, derive, write g.json + pictures, log line, then the checkpoint
-            w_sched.step()
-            if sums[1, 3] > 0:
-                a_sched.step()
-            genotype = model.genotype()
-            write_genotype(genotype, args.out)
-            (train_ce, train_mse, _), moved = (sums[0, :3] / steps).tolist(), int(sums[1, 3])
-            val_ce, val_mse, _ = (sums[1, :3] / max(1, moved)).tolist()
-            log_epoch(args, model, genotype, epoch, dict(train_ce=train_ce, train_mse=train_mse, val_ce=val_ce if moved else None,
-                                                        val_mse=val_mse if moved else None, alpha_steps=moved), time.time() - tic)
-            save_search(args, model, optimizers, epoch + 1, 0, torch.zeros(2, 4))
-            if stop and epoch + 1 < args.epochs:
-                raise Stopped(stopped_message(stop, epoch + 1, 0, args.run_dir))
-    genotype = model.genotype()
-    if args.select == "pt":
-        genotype = perturbation_genotype(args, model, (train_loader, val_loader), device)
-        write_genotype(genotype, args.out)
-        print("  chosen by DARTS-PT:")
-        print_genotype(genotype)
-    print(describe(genotype, args.out))
-    return model
-
-
-def stopped_message(stop, epoch, step, run_dir):
-    return (f"stopped by {stop.name} at epoch {epoch + 1}, step {step}; its checkpoint is written: continue with "
-            f"python search.py --resume --run-dir {run_dir}")
-
-
-class Estimate:
-    """How long the rest of the search takes, printed once `after` steps of each kind ran here:
-    warm-up steps (w alone) and steps that also move alpha (a w and an alpha step)."""
-    def __init__(self, device, left_warm, left_moving, after=20):
-        self.device, self.left, self.after = device, {False: left_warm, True: left_moving}, after
-        self.count, self.start, self.rate = {False: 0, True: 0}, {}, {}
-
-    def tick(self, moving):  # before each step
-        if self.count[moving] in (0, self.after):
-            sync(self.device)
-            if self.count[moving] == 0:
-                self.start[moving] = time.time()
-            else:
-                self.rate[moving] = (time.time() - self.start[moving]) / self.after
-                self.report(moving)
-        self.count[moving] += 1
-        self.left[moving] -= 1
-
-    def report(self, moving):
-        rate_moving = self.rate.get(True, 2 * self.rate.get(False, 0))  # until measured: w + alpha ~ 2x w alone
-        left = self.left[False] * self.rate.get(False, 0) + self.left[True] * rate_moving  # this step included
-        kind = "steps that move alpha (w + alpha)" if moving else "warm-up steps (w alone)"
-        guess = "" if True in self.rate or not self.left[True] else ", alpha's steps guessed at 2x until measured"
-        print(f"  time: {self.rate[moving]:.2f} s a step over the first {self.after} {kind} on {self.device}; "
-              f"the rest takes about {duration(left)}{guess}", flush=True)
-
-
-def duration(seconds):
-    return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.1f} min"
-
-
-def parameter_penalty(args, model):
-    """The --param-weight term of alpha's loss: weight * max(0, E[parameters] / target - 1), E at
-    the paper's size (expected_parameters): zero once the expected network is within the target."""
-    base, tables = parameter_costs()
-    costs = base, {kind: table.to(next(model.parameters()).device) for kind, table in tables.items()}
-    return lambda: args.param_weight * F.relu(expected_parameters(model.cell_weights(), costs) / args.param_target - 1)
-
-
-def save_search(args, model, optimizers, epoch, step, sums):
-    """search.pt: everything a resumed search needs to continue at (epoch, step) as if never stopped."""
-    w_opt, a_opt, w_sched, a_sched = optimizers
-    save_checkpoint(dict(model=model.state_dict(), w_opt=w_opt.state_dict(), a_opt=a_opt.state_dict(),
-                         w_sched=w_sched.state_dict(), a_sched=a_sched.state_dict(), epoch=epoch, step=step,
-                         sums=sums.cpu(), rng=torch.get_rng_state(), config=vars(args)),
-                    os.path.join(args.run_dir, "search.pt"))
-
-
-def restore(state, run_dir, model, optimizers):
-    path = os.path.join(run_dir, "search.pt")
-    load_state(model, state["model"], path)
-    for module, key in zip(optimizers, ("w_opt", "a_opt", "w_sched", "a_sched")):
-        load_state(module, state[key], path, key)
-    torch.set_rng_state(state["rng"])
-    print(f"resumed {path} at epoch {state['epoch'] + 1}, step {state['step']}")
-    return dict(epoch=state["epoch"], step=state["step"], sums=state["sums"])
-
-
-def log_epoch(args, model, genotype, epoch, losses, seconds):
-    """Prints the losses and the genotype; appends them and the softmax of alpha to log.jsonl and
-    redraws alpha.png."""
-    weights = dict(zip(CELL_TYPES, model.cell_weights()))
-    line = dict(epoch=epoch + 1, **losses, seconds=seconds, primitives=PRIMITIVES, genotype=genotype._asdict(),
-                softmax_alpha={k: w.tolist() for k, (w, _) in weights.items()})
-    if model.partial > 1:  # the cell is chosen by alpha x beta: both are logged
-        line["edge_weights"] = {k: e.tolist() for k, (_, e) in weights.items()}
-    log = os.path.join(args.run_dir, "log.jsonl")
-    with open(log, "a") as f:
-        f.write(json.dumps(line) + "\n")
-    draw_alpha(log, os.path.join(args.run_dir, "alpha.png"))
-    strongest = model.alpha_normal.softmax(-1).max().item()
-    val = "alpha still (warm-up)" if losses["val_ce"] is None else f"val CE {losses['val_ce']:.4f} MSE {losses['val_mse']:.4f}"
-    print(f"epoch {epoch + 1}/{args.epochs}  train CE {losses['train_ce']:.4f} MSE {losses['train_mse']:.4f}  {val}  "
-          f"{seconds:.1f} s  (strongest normal-cell op weight {strongest:.3f})", flush=True)
-    print_genotype(genotype)
+def describe(genotype, path):
+    """The line that names the files and the sizes of the network the genotype makes."""
+    paper, demo = network_sizes(genotype)
+    return (f"wrote {path} and {os.path.splitext(path)[0]}.png: an ADD network of {paper / 1e6:.2f} M parameters at "
+            f"the paper's size (C {TRAIN_REAL_DATA['channels']}, N {TRAIN_REAL_DATA['cells_per_block']}), {demo / 1e6:.2f} M "
+            f"at the demo's (C {TRAIN_DEMO['channels']}, N {TRAIN_DEMO['cells_per_block']})")
 
 
 def print_genotype(genotype):
     for name in CELL_TYPES:
         cell = getattr(genotype, name)
         print(f"  {name:6s} " + "  ".join(f"{k // 2}<-{inp}:{op}" for k, (op, inp) in enumerate(cell)))
+
+
+def draw_alpha(log_path, path):
+    """alpha.png from log.jsonl: each operation's softmax weight (mean over a cell's 14 edges) per
+    epoch, for the normal and the reduction cell; with partial channels (K > 1) a second row: each
+    edge's normalised beta (PC-DARTS's edge weight, a softmax over each node's inputs)."""
+    with open(log_path) as f:
+        log = [json.loads(line) for line in f]
+    epochs, beta = [e["epoch"] for e in log], "edge_weights" in log[0]
+    fig, ax = figure(2 if beta else 1, 2, (12, 8 if beta else 4))
+    for a, kind in zip(ax[0], CELL_TYPES):
+        weights = torch.tensor([e["softmax_alpha"][kind] for e in log]).mean(1)  # (epochs, ops)
+        for j, op in enumerate(PRIMITIVES):
+            a.plot(epochs, weights[:, j], marker="o", color=[c / 255 for c in op_colour(op)], label=op,
+                   linestyle="--" if j % 2 else "-")
+        a.set(xlabel="epoch", ylabel="softmax(alpha), mean over edges", title=f"{kind} cell")
+    ax[0, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    if beta:
+        names = [f"{node}<-{inp}" for node, inp, _ in search_edges()]
+        for a, kind in zip(ax[1], CELL_TYPES):
+            weights = torch.tensor([e["edge_weights"][kind] for e in log])  # (epochs, edges)
+            for k, name in enumerate(names):
+                a.plot(epochs, weights[:, k], marker=".", label=name, linestyle="--" if k % 2 else "-")
+            a.set(xlabel="epoch", ylabel="edge weight (beta, softmax over a node's inputs)", title=f"{kind} cell: edges")
+        ax[1, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5), ncol=2)
+    save_figure(fig, path)
 
 
 def benchmark(args, device, steps=10):
@@ -675,64 +692,76 @@ def profile_step(step, device, rows=12):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_arguments(p)
-    p.add_argument("--channels", type=bounded(int, 1), help="C of the first cells (DARTS: 16; demo: 8)")
-    p.add_argument("--cells", type=bounded(int, 3), help="search cells, reductions at 1/3 and 2/3 (DARTS: 8; demo: 5)")
-    p.add_argument("--stem-reductions", type=bounded(int, 0), help="stride-2 stem layers (3: 256 -> 32 px; demo: 2, 64 -> 16 px)")
-    p.add_argument("--partial-channels", type=bounded(int, 1), metavar="K", help="PC-DARTS: 1/K of each edge's channels go through "
-                   "its operations, with edge normalisation (paper: 1, DARTS; real data: 4, PC-DARTS's CIFAR value; demo: 1)")
-    p.add_argument("--batch-size", type=bounded(int, 1), help="paper: 8 (Sec. IV-B); demo: 32")
-    p.add_argument("--epochs", type=bounded(int, 1), help="paper: 300; demo: 5")
-    p.add_argument("--steps-per-epoch", type=bounded(int, 0), help="w + alpha steps an epoch, each epoch a fresh random subset of "
-                   "the training split (0: all of it, the paper; real data: 200, 60,000 steps in all: README, Search cost)")
-    p.add_argument("--warmup", type=bounded(float, 0, 1), help="the first fraction of the steps trains w only, alpha still (paper: 0; "
-                   "real data: 0.3, PC-DARTS's 15 of 50 epochs; demo: 0.4)")
-    p.add_argument("--warmup-epochs", type=bounded(int, 0), help="the warm-up in epochs instead of --warmup")
-    p.add_argument("--w-optimizer", default="sgd", choices=("sgd", "adam"), help="paper: momentum SGD")
-    p.add_argument("--w-lr", type=bounded(float, 0), default=0.025, help="lr of w for --w-lr-batch samples, cosine schedule "
-                   "(DARTS: 0.025 at 64; paper: 0.1 at batch 8, i.e. --w-lr 0.1 --w-lr-batch 0)")
-    p.add_argument("--w-lr-batch", type=bounded(int, 0), default=64, help="--w-lr is for this batch and scales linearly to "
-                   "--batch-size (0: --w-lr as given, the paper)")
-    p.add_argument("--w-lr-min", type=bounded(float, 0), default=0.01, help="end of the cosine schedule, a fraction of the lr "
-                   "(DARTS: 0.001 / 0.025 = 0.04)")
-    p.add_argument("--momentum", type=bounded(float, 0, 1), default=0.9, help="SGD momentum, or Adam's beta1 for w (paper: 0.9)")
-    p.add_argument("--alpha-lr", type=bounded(float, 0), default=0.02, help="Adam lr of alpha (paper: 0.02)")
-    p.add_argument("--alpha-betas", type=bounded(float, 0, 1), nargs=2, default=[0.5, 0.999], help="Adam betas of alpha (DARTS: "
-                   "0.5 0.999; paper: unstated, Adam's default 0.9 0.999)")
-    p.add_argument("--alpha-loss", default="eq7", choices=("eq7", "ce"), help="the loss that moves alpha: Eq. 7 "
-                   "(paper: Eq. 3 with the network's loss) or its cross-entropy alone")
-    p.add_argument("--alpha-milestones", type=bounded(int, 1), nargs="+",
-                   help="alpha lr / 10 at these epochs of 300, scaled to the epochs after the warm-up, in which alpha moves "
-                   "(paper: 60 150; demo: 200 280)")
-    p.add_argument("--weight-decay", type=bounded(float, 0), default=5e-4, help="both optimizers (paper: 5e-4)")
-    p.add_argument("--grad-clip", type=bounded(float, 0), default=5.0, help="clip w's gradient norm (DARTS: 5; 0: off)")
-    p.add_argument("--mask-weight", type=bounded(float, 0), default=1.0, help="alpha of Eq. 7 (paper: 1; 0: m unsupervised)")
-    p.add_argument("--no-mask-branch", action="store_true", help="search without the mask branch (Eq. 4 alone)")
-    p.add_argument("--param-weight", type=bounded(float, 0), default=0.1, help="add weight * max(0, E[parameters] / target - 1) to "
-                   "alpha's loss, E at the paper's size (default 0.1: README, choosing the cell; paper: 0, no such term)")
-    p.add_argument("--param-target", type=bounded(float, 1), default=5.6e6, help="the target of --param-weight (paper's network: 5.6 M)")
-    p.add_argument("--select", choices=("alpha", "pt"), help="how the cell is chosen after the search: alpha, the "
-                   "strongest softmax(alpha), times beta with partial channels (the default: paper, DARTS, PC-DARTS), or pt, "
-                   "by removal (DARTS-PT)")
-    p.add_argument("--pt-batches", type=bounded(int, 1), help="--select pt: validation batches each removal is scored on (2)")
-    p.add_argument("--pt-tune-steps", type=bounded(int, 0), help="--select pt: w steps between its 17 rounds (5)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the search network (long on the CPU)")
-    p.add_argument("--random-genotype", type=bounded(int, 0), metavar="SEED", help="write a random genotype (no search) and exit")
-    p.add_argument("--out", help="the genotype to write (and its picture, .png; default g.json)")
-    p.add_argument("--run-dir", default="runs/search", help="checkpoint, log.jsonl, alpha.png (a new one beside it "
+    p = Parser(usage="python search.py [options]", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("the paper's search (Algorithm 1, Sec. IV-B; on the built-in data: the demo's sizes)")
+    g.add_argument("--epochs", type=bounded(int, 1), help="paper: 300; demo: 5")
+    g.add_argument("--batch-size", type=bounded(int, 1), help="paper: 8; demo: 32")
+    g.add_argument("--w-optimizer", default="sgd", choices=("sgd", "adam"), help="paper: momentum SGD")
+    g.add_argument("--w-lr", type=bounded(float, 0), help="lr of w for --w-lr-batch samples, cosine schedule (paper: 0.1 for "
+                   "batches of 8; default: DARTS's 0.025 for 64, see --w-lr-batch)")
+    g.add_argument("--momentum", type=bounded(float, 0, 1), default=0.9, help="SGD momentum, or Adam's beta1 for w (paper: 0.9)")
+    g.add_argument("--alpha-lr", type=bounded(float, 0), default=0.02, help="Adam lr of alpha (paper: 0.02)")
+    g.add_argument("--alpha-milestones", type=bounded(int, 1), nargs="+", help="alpha's lr / 10 at these epochs of 300, "
+                   "scaled to the epochs after the warm-up, in which alpha moves (paper: 60 150; demo: 200 280)")
+    g.add_argument("--weight-decay", type=bounded(float, 0), default=5e-4, help="both optimizers (paper: 5e-4)")
+    g.add_argument("--mask-weight", type=bounded(float, 0), default=1.0, help="alpha of Eq. 7 (paper: 1; 0: m unsupervised)")
+    g.add_argument("--channels", type=bounded(int, 1), help="C of the first cells (DARTS: 16; demo: 8)")
+    g.add_argument("--cells", type=bounded(int, 3), help="search cells, reductions at 1/3 and 2/3 (DARTS: 8; demo: 5)")
+    g.add_argument("--stem-reductions", type=bounded(int, 0), help="stride-2 stem layers (3: 256 -> 32 px; demo: 2, 64 -> 16 px)")
+    g = p.add_argument_group("departures from the paper (README, Departures)")
+    g.add_argument("--paper", action="store_true", help="the paper's own values for every flag of this group: "
+                   + " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                              for k, v in PAPER.items() if k in DEPARTURES) + " (README: what it costs)")
+    g.add_argument("--w-lr-batch", type=bounded(int, 0), help="--w-lr is for this batch and scales linearly to "
+                   "--batch-size (default: 64, DARTS's rate per sample; paper: 0, --w-lr as given)")
+    g.add_argument("--w-lr-min", type=bounded(float, 0), default=0.01, help="end of w's cosine, a fraction of its lr "
+                   "(paper: unstated; DARTS: 0.001 / 0.025 = 0.04)")
+    g.add_argument("--warmup", type=bounded(float, 0, 1), help="the first fraction of the steps trains w alone, alpha still "
+                   "(paper: 0; real data: 0.3, PC-DARTS's 15 of 50 epochs; demo: 0.4)")
+    g.add_argument("--warmup-epochs", type=bounded(int, 0), help="the warm-up in epochs instead of --warmup")
+    g.add_argument("--alpha-betas", type=bounded(float, 0, 1), nargs=2, help="Adam betas of alpha (paper: unstated, Adam's "
+                   "0.9 0.999; default: DARTS's 0.5 0.999)")
+    g.add_argument("--alpha-loss", default="eq7", choices=("eq7", "ce"), help="the loss that moves alpha: Eq. 7 (the "
+                   "network's loss in Eq. 3) or its cross-entropy alone")
+    g.add_argument("--partial-channels", type=bounded(int, 1), metavar="K", help="PC-DARTS: 1/K of each edge's channels "
+                   "go through its operations, with edge normalisation (paper: 1; real data: 4; demo: 1)")
+    g.add_argument("--steps-per-epoch", type=bounded(int, 0), help="at most this many steps an epoch, each epoch a fresh "
+                   "random subset, never more than one pass (paper: 0, one pass; real data: 200, 60,000 steps in all)")
+    g.add_argument("--param-weight", type=bounded(float, 0), help="add weight * max(0, E[parameters] / target - 1) to "
+                   "alpha's loss, E at the paper's size (paper: 0, no such term; default: 0.1)")
+    g.add_argument("--param-target", type=bounded(float, 1), default=5.6e6, help="the target of --param-weight (the "
+                   "paper's network: 5.6 M)")
+    g.add_argument("--grad-clip", type=bounded(float, 0), default=5.0, help="clip w's gradient norm (paper: unstated; "
+                   "DARTS: 5; 0: off)")
+    g = p.add_argument_group("running: data, device, resume, checkpoints")
+    add_data_arguments(g)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    g.add_argument("--out", help="the genotype to write (and its picture, .png; default g.json)")
+    g.add_argument("--run-dir", default="runs/search", help="checkpoint, log.jsonl, alpha.png (a new one beside it "
                    "if it exists, unless --resume)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/search.pt with its saved configuration "
+    g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/search.pt with its saved configuration "
                    "(--select, --pt-*, --out may change: a finished search then only chooses the cell again)")
-    p.add_argument("--checkpoint-every", type=bounded(int, 1), default=100, help="also checkpoint every N steps inside an epoch "
-                   "(a kill loses at most N steps)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--log-every", type=bounded(int, 0), default=0, help="print throughput every N steps (0: per epoch only)")
-    p.add_argument("--check-every", type=bounded(int, 1), default=50, help="read the device's non-finite-loss count every N steps")
-    p.add_argument("--benchmark", action="store_true", help="time search steps and exit")
-    p.add_argument("--profile", action="store_true", help="with --benchmark: torch.profiler's table of one step")
-    args = resolve_defaults(p.parse_args(argv), PAPER, DEMO)
+    g.add_argument("--checkpoint-every", type=bounded(int, 1), default=100, help="also checkpoint every N steps inside an "
+                   "epoch (a kill loses at most N steps; SIGTERM and SIGINT none)")
+    g.add_argument("--log-every", type=bounded(int, 0), default=0, help="print throughput every N steps (0: per epoch only)")
+    g.add_argument("--check-every", type=bounded(int, 1), default=50, help="read the device's non-finite-loss count every "
+                   "N steps")
+    g.add_argument("--compile", action="store_true", help="torch.compile the search network (long on the CPU)")
+    g = p.add_argument_group("extras")
+    g.add_argument("--select", choices=("alpha", "pt"), help="how the cell is chosen: alpha, the paper's rule on "
+                   "softmax(alpha) (times beta with partial channels; the default), or pt, DARTS-PT's removals")
+    g.add_argument("--pt-batches", type=bounded(int, 1), help="--select pt: validation batches each removal is scored on (2)")
+    g.add_argument("--pt-tune-steps", type=bounded(int, 0), help="--select pt: w steps between its 17 rounds (5)")
+    g.add_argument("--random-genotype", type=bounded(int, 0), metavar="SEED", help="write a random genotype (no search) "
+                   "and exit")
+    g.add_argument("--no-mask-branch", action="store_true", help="search without the mask branch (Eq. 4 alone)")
+    g.add_argument("--benchmark", action="store_true", help="time search steps and exit")
+    g.add_argument("--profile", action="store_true", help="with --benchmark: torch.profiler's table of one step")
+    args = p.parse_args(argv)
+    paper = {k: PAPER[k] for k in DEPARTURES} if args.paper else {}
+    args = resolve_defaults(args, dict(REAL_DATA, **paper), dict(DEMO, **paper))
     for key, value in AFTER_SEARCH.items():  # a resumed search takes its saved ones unless given
         if getattr(args, key) is None and not args.resume:
             setattr(args, key, value)
@@ -757,7 +786,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.random_genotype is not None:
         genotype = random_genotype(args.random_genotype)
-        write_genotype(genotype, args.out)
+        write_genotype(genotype, args.out, "random")
         return print(describe(genotype, args.out))
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
@@ -768,7 +797,7 @@ def main(argv=None):
         path = os.path.join(args.run_dir, "search.pt")
         state = load_checkpoint(path)
         given = {k: getattr(args, k) for k in AFTER_SEARCH if getattr(args, k) is not None}
-        args = resumed_config(state, args, RUN_KEYS, path, ("epoch", "step", "sums", "w_opt", "a_opt"))
+        args = resumed_config(state, args, RUN_KEYS, path, ("epoch", "step", "means", "w_opt", "a_opt"))
         vars(args).update(given)
         trim_log(os.path.join(args.run_dir, "log.jsonl"), state["epoch"])
     else:

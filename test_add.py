@@ -11,6 +11,7 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def test_search_space_is_the_papers_eleven_operations():
 def full_op(mixed, i, C, stride):
     """Operation i as OPS builds it (with its own leading ReLU), holding the mixed op's weights."""
     full = ops.MixedOp._op(ops.PRIMITIVES[i], C, stride).eval()
-    stored = mixed.ops[mixed.index.index(i)].state_dict().values()
+    stored = mixed.ops[i - 1].state_dict().values()  # the zero operation (i = 0) is not built
     full.load_state_dict(dict(zip(full.state_dict().keys(), stored)))
     return full
 
@@ -124,7 +125,7 @@ def test_mixed_op_is_the_softmax_weighted_sum_of_eq2():
     x, alpha = torch.randn(2, 4, 6, 6), torch.randn(len(ops.PRIMITIVES))
     w = torch.exp(alpha) / torch.exp(alpha).sum()
     by_hand = torch.zeros(2, 4, 6, 6)
-    for i in mixed.index:
+    for i in range(1, len(ops.PRIMITIVES)):
         by_hand += w[i] * full_op(mixed, i, 4, 1)(x)
     assert torch.allclose(mixed(x, alpha.softmax(0)), by_hand, atol=1e-6)
 
@@ -138,7 +139,7 @@ def test_partial_channels_route_a_kth_of_the_channels_through_eq2_and_shuffle_th
     x, w = torch.randn(2, C, 8, 8), torch.softmax(torch.randn(len(ops.PRIMITIVES)), 0)
     out = mixed(x, w)
     assert out.shape == (2, C, 8 // stride, 8 // stride)
-    eq2 = sum(w[i] * full_op(mixed, i, C // K, stride)(x[:, :C // K]) for i in mixed.index)  # by hand, on C/K channels
+    eq2 = sum(w[i] * full_op(mixed, i, C // K, stride)(x[:, :C // K]) for i in range(1, 11))  # by hand, on C/K channels
     rest = x[:, C // K:] if stride == 1 else F.max_pool2d(x[:, C // K:], 2)
     unshuffled = torch.empty_like(out)
     for g in range(K):  # the shuffle puts channel g * C/K + i at i * K + g
@@ -558,11 +559,11 @@ def test_bad_flag_values_are_one_line_errors(script, argv, expected):
 
 
 def test_random_genotypes_are_uniform_over_the_space(tmp_path, capsys):
-    g = search.random_genotype(3)
-    assert g == search.random_genotype(3) and g != search.random_genotype(4) and g.normal != g.reduce
+    g = ops.random_genotype(3)
+    assert g == ops.random_genotype(3) and g != ops.random_genotype(4) and g.normal != g.reduce
     ops_seen, first_inputs = {}, {}
     for seed in range(500):
-        for cell in search.random_genotype(seed):
+        for cell in ops.random_genotype(seed):
             for k in range(0, 8, 2):
                 (op_a, a), (op_b, b) = cell[k], cell[k + 1]
                 assert 0 <= a < b < k // 2 + 2  # two distinct inputs among the node's predecessors
@@ -1092,7 +1093,7 @@ def test_compile_runs_a_training_step(tmp_path, capsys):
 
 
 def test_default_model_size_is_in_the_papers_range():
-    cfg = dict(train.PAPER, arch="add", blocks=3, mask_weight=1.0)
+    cfg = dict(train.REAL_DATA, arch="add", blocks=3, mask_weight=1.0)
     n = add.count_parameters(train.build_model(cfg, GENOTYPE))
     assert 4.5e6 < n < 6.5e6  # paper, Table IV: 5.6 M
 
@@ -1126,9 +1127,9 @@ def test_thirty_training_steps_lower_the_loss():
     args = train.parse_args(["--genotype", "unused.json", "--lr", "2e-3", "--batch-size", "8"])
     optimizer, _ = train.make_optimizer(model, args)
     batch = tiny_batch(8, 32)
-    first = train.train_epoch(model, [batch] * 5, optimizer, torch.device("cpu"), args, 0, train.Progress(5, 0))
-    train.train_epoch(model, [batch] * 20, optimizer, torch.device("cpu"), args, 0, train.Progress(20, 0))
-    last = train.train_epoch(model, [batch] * 5, optimizer, torch.device("cpu"), args, 0, train.Progress(5, 0))
+    first = train.train_epoch(model, [batch] * 5, optimizer, torch.device("cpu"), args)
+    train.train_epoch(model, [batch] * 20, optimizer, torch.device("cpu"), args)
+    last = train.train_epoch(model, [batch] * 5, optimizer, torch.device("cpu"), args)
     assert sum(last) < 0.6 * sum(first) and last[0] < 0.6 * first[0]  # Eq. 7, and its cross-entropy alone
 
 
@@ -1164,14 +1165,13 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
 def test_training_resumes_at_the_right_epoch_and_stops_on_nan(tmp_path, genotype_file, monkeypatch, capsys):
     out = str(tmp_path / "run")
     argv = TINY_TRAIN + ["--genotype", genotype_file, "--epochs", "3", "--out", out]
-    real_epoch = train.train_epoch
+    real_terms, calls = train.loss_terms, []
 
-    def nan_in_epoch_2(model, data, optimizer, device, args, epoch, *rest):
-        if epoch == 1:
-            monkeypatch.setattr(train, "loss_terms", lambda logits, *a: (logits.sum() * float("nan"), None))
-        return real_epoch(model, data, optimizer, device, args, epoch, *rest)
+    def nan_in_epoch_2(logits, *args):  # one training step an epoch (12 samples, batches of 8)
+        calls.append(1)
+        return (logits.sum() * float("nan"), None) if len(calls) == 2 else real_terms(logits, *args)
 
-    monkeypatch.setattr(train, "train_epoch", nan_in_epoch_2)
+    monkeypatch.setattr(train, "loss_terms", nan_in_epoch_2)
     with pytest.raises(add.Diverged, match="non-finite loss at epoch 2, within steps 1-1"):
         train.main(argv)
     assert train.load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 1  # the last good one, intact
@@ -1338,6 +1338,46 @@ def test_search_reads_prepared_ffpp(tmp_path, ffpp):
                          "--channels", "4", "--cells", "3", "--stem-reductions", "2", "--batch-size", "4", "--epochs",
                          "1", "--steps-per-epoch", "2", "--workers", "0", "--out", g, "--run-dir", str(tmp_path / "run")])
     assert ops.load_genotype(g) == model.genotype()
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5",
+                                  "shufflenet_v2_x1_0", "mnasnet0_5"])
+def test_the_fields_small_networks_train_a_step_from_scratch(arch):
+    torch.manual_seed(0)
+    args = train.parse_args(["--arch", arch, "--lr", "1e-3"])
+    assert args.mask_weight == 0.0 and args.genotype_origin is None  # no mask branch: Eq. 4 alone
+    model = train.build_model(vars(args), None)
+    assert model(torch.rand(2, 3, 32, 32))[1] is None
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer, _ = train.make_optimizer(model, args)
+    ce, mse = train.train_epoch(model, [tiny_batch(4, 32)], optimizer, torch.device("cpu"), args)
+    assert math.isfinite(ce) and mse is None and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_compare_groups_runs_by_all_but_the_seed(tmp_path, capsys):
+    searched, randomly = str(tmp_path / "g.json"), str(tmp_path / "r.json")
+    ops.save_genotype(GENOTYPE, searched, "search")
+    ops.save_genotype(ops.random_genotype(0), randomly, "random")
+    runs = {}
+    for name, flags in (("s0", ["--genotype", searched, "--seed", "0"]), ("s1", ["--genotype", searched, "--seed", "1"]),
+                        ("s2", ["--genotype", searched, "--seed", "2"]), ("wide", ["--genotype", searched, "--channels", "8"]),
+                        ("r0", ["--genotype", randomly])):
+        runs[name] = str(tmp_path / name)
+        train.main(TINY_TRAIN + ["--epochs", "1", "--visualize", "0", "--out", runs[name]] + flags)
+    capsys.readouterr()
+    rows = train.main(["--compare", *runs.values(), "--out", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    assert [(r["name"], r["kind"], r["width"], r["n"]) for r in rows] == [
+        ("g", "searched", "C4 N1", 3), ("r", "random", "C4 N1", 1), ("g", "searched", "C8 N1", 1)]  # by parameters
+    aucs = [json.load(open(os.path.join(runs[k], "metrics.json")))["test"]["frame_auc"] for k in ("s0", "s1", "s2")]
+    assert rows[0]["frame_auc"] == pytest.approx(sum(aucs) / 3) and rows[0]["frame_auc_std"] == pytest.approx(statistics.stdev(aucs))
+    assert rows[0]["parameters"] == json.load(open(os.path.join(runs["s0"], "metrics.json")))["parameters"]
+    assert rows[0]["images_per_s"] > 0 and rows[1]["frame_auc_std"] == 0.0
+    table = list(csv.DictReader(open(tmp_path / "cmp" / "compare.csv")))
+    assert [r["n"] for r in table] == ["3", "1", "1"] and float(table[0]["frame_auc"]) == pytest.approx(rows[0]["frame_auc"])
+    assert Image.open(tmp_path / "cmp" / "pareto.png").size[0] > 500 and "wrote" in out
+    with pytest.raises(ops.InputError, match="nothing: not a finished train.py run folder"):
+        train.main(["--compare", str(tmp_path / "nothing")])
 
 
 def test_benchmarks_run(genotype_file, capsys):

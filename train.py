@@ -1,7 +1,15 @@
-"""Train, evaluate and use ADD (Sec. III-B to III-D, IV-B, IV-C): the network built from a searched
-genotype, trained with Eq. 7 (CE' + alpha * MSE), evaluated by ACC, balanced ACC, ROC AUC, AP and
-EER at frame and video level, with the protocols of Tables I-V and torchvision baselines in the same
-harness (Table IV); and a trained detector pointed at a user's videos and photos (--predict).
+"""Train and evaluate ADD (Sec. III-B to III-D, IV-B, IV-C), and point a trained detector at videos.
+
+Read top to bottom, this file is the paper's training and evaluation:
+- build_model: ADD from a searched genotype (add.py, Fig. 2), or a hand-designed baseline (Table IV).
+- make_optimizer, train_epoch: Sec. IV-B's optimizer; one pass over the training split with Eq. 7.
+- frame_scores, video_level, scores, evaluate: ACC and AUC (Sec. IV-B) per frame and per video, with
+  the field's balanced ACC, AP and EER beside them.
+- datasets, test_split: the splits (Sec. IV-A) and the protocols of Tables I-III.
+- fit: the whole training; the epoch of the best validation AUC is tested once, at the end.
+Below the divider, what the paper does not describe: the settings, the bookkeeping of a run (resume,
+checkpoints, stop signals, DDP), reports and pictures (Fig. 9's masks), --eval-only, --predict (is
+this video fake?), --compare, --benchmark and the command line.
 
     python train.py --genotype g.json                                       # built-in synthetic data (demo)
     python train.py --genotype g.json --data ff++ --methods Face2Face       # inner-dataset (Table I)
@@ -11,6 +19,7 @@ harness (Table IV); and a trained detector pointed at a user's videos and photos
     python train.py --arch resnet18 --data celeb-df                         # baseline (Table IV)
     python train.py --eval-only --checkpoint runs/train/best.pt --test-data celeb-df
     python train.py --predict clip.mp4 photo.jpg frames/ --checkpoint runs/train/best.pt
+    python train.py --compare runs/train runs/train-2 ...                   # one table and pareto.png
     torchrun --nproc_per_node 4 train.py --genotype g.json --data ff++      # several GPUs (DDP)
     python train.py --genotype g.json --benchmark                           # images/s, peak memory
 A run folder (--out; a new one beside it when it exists, unless --resume) holds config.json,
@@ -40,24 +49,16 @@ from add import (ADD, Diverged, FiniteCheck, StopSignals, Stopped, add_loss, aut
                  scale_milestones, time_steps, to_device, trim_log)
 from masks import (METHODS, READ_ERRORS, add_data_arguments, loader_workers, open_split, parse_methods, read_faces,
                    resolve_defaults)
-from ops import InputError, Parser, atomic_write, bounded, genotype_from_dict, load_genotype
+from ops import InputError, Parser, atomic_write, bounded, genotype_from_dict, genotype_origin, load_genotype
 
-# Settings that differ between a real dataset (the paper's, Sec. IV-B) and the built-in synthetic
-# data (a demo sized for 2 CPU cores). Flags override both.
-PAPER = dict(image_size=256, stem_reductions=3, channels=48, cells_per_block=4, batch_size=96, lr=5e-4, epochs=300,
-             milestones=[80, 140])
-DEMO = dict(image_size=64, stem_reductions=2, channels=16, cells_per_block=1, batch_size=32, lr=1e-3, epochs=12,
-            milestones=[200, 280], videos=160, frames=4)
-BASELINES = ("resnet18", "resnet152", "vgg16")
-RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "out")  # what a resumed run may change
-MODEL_KEYS = ("arch", "channels", "blocks", "cells_per_block", "stem_reductions", "image_size", "mask_weight")  # to rebuild it
-CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", "batch_size", "synthetic")  # --eval-only: the
-# checkpoint's run's unless given (the same batches give bit-identical metrics)
+# Table IV's hand-designed networks, and the small ones the field uses (DeepfakeBench's EfficientNets, mobile networks)
+BASELINES = ("resnet18", "resnet152", "vgg16", "efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small",
+             "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "mnasnet0_5")
 
 
 class Baseline(nn.Module):
-    """A torchvision classifier from scratch (weights=None: nothing is downloaded) in ADD's harness:
-    returns (logits, None), so it trains with Eq. 4 alone."""
+    """A torchvision classifier from scratch (weights=None: nothing is downloaded) in ADD's harness
+    (Table IV): returns (logits, None), so it trains with Eq. 4 alone."""
     def __init__(self, arch):
         super().__init__()
         import torchvision  # here, not at the top: 1.2 s at every start that an ADD run does not need
@@ -68,42 +69,56 @@ class Baseline(nn.Module):
 
 
 def build_model(cfg, genotype):
-    """ADD from the genotype (mask branch unless no_mask_branch: Eq. 4 alone), or a baseline."""
+    """ADD from the genotype (Fig. 2: D^2 blocks of N cells; the mask branch unless no_mask_branch,
+    Eq. 4 alone), or a baseline."""
     if cfg["arch"] != "add":
-        return Baseline(cfg["arch"])
+        return Baseline(cfg["arch"])  # Table IV: a hand-designed network
     layout = d2_layout(cfg["blocks"], cfg["cells_per_block"])
     return ADD(genotype, cfg["channels"], layout, cfg["stem_reductions"], mask=not cfg.get("no_mask_branch"))
 
 
-def genotype_dict(genotype):
-    return None if genotype is None else {k: [list(p) for p in v] for k, v in genotype._asdict().items()}
+def make_optimizer(model, args):
+    """Sec. IV-B: "an Adam optimizer with a momentum value of 0.9" (beta1) "and a weight decay of
+    0.0005", lr 0.5, divided by 10 at epochs 80 and 140 of 300. Adam diverges at 0.5 and momentum SGD
+    does not learn there (README, Departures: measured), so lr 0.5 is read as 0.5e-3; --optimizer sgd
+    is the other reading."""
+    if args.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), args.lr, betas=(args.momentum, 0.999), weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, scale_milestones(args.milestones, args.epochs), 0.1)
 
 
-def model_from_checkpoint(path, device, compile=False):
-    """A train.py checkpoint -> (its network for inference on the device: eval mode, BatchNorm folded
-    into the convolutions; its configuration; its state)."""
-    state = load_checkpoint(path)
-    cfg = state.get("config") if isinstance(state, dict) else None
-    if not isinstance(cfg, dict) or "model" not in state:
-        raise InputError(f"{path}: not a train.py checkpoint (no model or config inside)")
-    if "alpha_normal" in state["model"]:
-        raise InputError(f"{path}: a search checkpoint (search.py's search.pt), not a trained detector; train its "
-                         f"genotype first: python train.py --genotype g.json")
-    missing = [k for k in MODEL_KEYS if k not in cfg]
-    if missing or "epoch" not in state:
-        raise InputError(f"{path}: written by another version of train.py (its configuration has no "
-                         f"{', '.join('--' + k.replace('_', '-') for k in missing) or 'epoch'}); train it again")
-    genotype = genotype_from_dict(state["genotype"], path) if state.get("genotype") else None
-    model = build_model(cfg, genotype)
-    load_state(model, state["model"], path)
-    return prepare_model(fold_batchnorm(model, cfg["image_size"]), device, compile).eval(), cfg, state
+def train_epoch(model, data, optimizer, device, args, flips=None, after_step=None):
+    """One pass over the training split with Eq. 7 -> (mean CE, mean MSE or None). The losses stay on
+    the device. flips: the epoch's torch.Generator for the random horizontal flips (augmentation);
+    after_step(step, steps, loss, images): the run's bookkeeping (TrainRun.after_step)."""
+    model.train()
+    sums, has_mask = torch.zeros(2, device=device), False  # CE, MSE
+    for step, batch in enumerate(data):
+        x, M, y = to_device(batch, device, flips)  # faces (B, 3, H, W), hull masks M (B, 1, H, W), labels (B,)
+        with autocast(device):
+            logits, m = model(x)
+        ce, mse = loss_terms(logits, m, y, M)
+        loss = add_loss(ce, mse, args.mask_weight)  # Eq. 7 (Table V without L_MSE: --mask-weight 0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        has_mask = mse is not None
+        sums += torch.stack([ce.detach(), mse.detach() if has_mask else torch.zeros_like(ce)])
+        if after_step:
+            after_step(step, len(data), loss, len(x))
+    ce, mse = (sums / max(1, len(data))).tolist()
+    return ce, mse if has_mask else None
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation (Sec. IV-B's ACC and AUC, and the field's AP and EER), per frame and per video
 
 @torch.no_grad()
-def predict(model, loader, device):
+def frame_scores(model, loader, device):
     """Every sample of the loader, in order, in fp32 (no autocast: scores must not tie) -> dict of
     arrays p (fake probability), label, ce, mse (None without a mask branch), and the video ids.
     Results stay on the device and are copied to the host once, at the end."""
@@ -142,9 +157,9 @@ def scores(labels, probs, threshold=0.5):
     """ACC and balanced ACC (the mean of the per-class accuracies: FF++'s test split is 1 real to 4
     fakes) at the threshold; ROC AUC, AP (fake = positive) and EER, None when one class is missing."""
     labels, correct = np.asarray(labels).round(), (np.asarray(probs) > threshold) == np.asarray(labels).round()
-    out = dict(acc=float(correct.mean()), bacc=float(np.mean([correct[labels == c].mean() for c in np.unique(labels)])))
+    out = dict(acc=float(correct.mean()), bacc=float(np.mean([correct[labels == c].mean() for c in np.unique(labels)])))  # ACC
     two = len(np.unique(labels)) == 2
-    out.update(auc=float(roc_auc_score(labels, probs)) if two else None,
+    out.update(auc=float(roc_auc_score(labels, probs)) if two else None,  # AUC (Sec. IV-B)
                ap=float(average_precision_score(labels, probs)) if two else None,
                eer=equal_error_rate(labels, probs) if two else None)
     return out
@@ -152,13 +167,271 @@ def scores(labels, probs, threshold=0.5):
 
 def evaluate(model, loader, device, threshold=0.5):
     """-> (metrics: frames, videos, frame_* and video_* scores, ce, mse; per-frame outputs)."""
-    out, videos = predict(model, loader, device)
+    out, videos = frame_scores(model, loader, device)
     video_probs, video_labels = video_level(out["p"], out["label"], videos)
     metrics = dict(frames=len(out["p"]), videos=len(video_labels),
                    **{f"frame_{k}": v for k, v in scores(out["label"], out["p"], threshold).items()},
                    **{f"video_{k}": v for k, v in scores(video_labels, video_probs, threshold).items()},
                    ce=float(out["ce"].mean()), mse=None if out["mse"] is None else float(out["mse"].mean()))
     return metrics, dict(out, videos=videos)
+
+
+# ----------------------------------------------------------------------------------------------
+# The protocols (Sec. IV-A, IV-C) and the whole training
+
+def datasets(args):
+    """Train and validation splits of --data/--methods (FF++'s official splits; Celeb-DF: masks.py)."""
+    methods = parse_methods(args.data, args.methods)
+    return [open_split(args.data, args.root, split, methods, args.image_size, split == "train", args.videos, args.frames,
+                       args.synthetic) for split in ("train", "val")]
+
+
+def test_split(args):
+    """The test split and its name: --data/--methods' own (Table I), other manipulations of the same
+    dataset (--test-methods: Table II), or another dataset (--test-data: Table III)."""
+    test_data = args.test_data or args.data  # Table I: the training data's own test split; Table III: another dataset
+    same = test_data == args.data
+    methods = parse_methods(test_data, args.test_methods or (args.methods if same else None))  # Table II: other methods
+    root = args.test_root or (args.root if same else None)
+    videos, frames = (args.videos, args.frames) if same else (DEMO["videos"], DEMO["frames"])  # real -> synthetic: the demo's
+    return (open_split(test_data, root, "test", methods, args.image_size, False, videos, frames, args.synthetic or "easy"),
+            f"{test_data}:{','.join(methods)}")
+
+
+def fit(args, rank, world, local_world, device):
+    """Sec. IV-B's training: --epochs passes of Eq. 7 with Adam, the lr / 10 at the milestones, the
+    network validated after each epoch; the test split is evaluated once, at the end, with the epoch
+    of the best validation AUC. Resume, DDP, checkpoints, stop signals and logs are TrainRun's."""
+    args, state = resumed(args, rank, local_world)  # --resume: the saved configuration and state
+    genotype = (genotype_from_dict(state["genotype"], "checkpoint") if state and state["genotype"]
+                else load_genotype(args.genotype) if args.arch == "add" else None)
+    (train_set, val_set), (test_set, test_name) = datasets(args), test_split(args)
+    model = prepare_model(sync_batchnorm(build_model(vars(args), genotype), args, world, device), device, args.compile)
+    optimizer, scheduler = make_optimizer(model, args)
+    run = TrainRun(args, model, (optimizer, scheduler), genotype, state, rank, world, device)
+    train_data, val_data = run.loaders(train_set, val_set, f"test {len(test_set)} ({test_name})")
+    with run:
+        for epoch in run.epochs():
+            losses = train_epoch(run.net, train_data, optimizer, device, args, run.flips, run.after_step)
+            scheduler.step()
+            run.after_epoch(epoch, losses, val_data)  # validation, best.pt / last.pt, the log line
+    if rank == 0:
+        return test(args, model, val_data, test_set, test_name, device)
+
+
+# ==============================================================================================
+# Below: not the paper's method. Settings, the bookkeeping of a run, reports and pictures,
+# --eval-only, --predict, --compare, --benchmark, the command line.
+
+# Settings that differ between a real dataset (the paper's, Sec. IV-B, but for the lr: README, Departures) and the
+# built-in synthetic data (a demo sized for 2 CPU cores). Flags override both.
+REAL_DATA = dict(image_size=256, stem_reductions=3, channels=48, cells_per_block=4, batch_size=96, lr=5e-4, epochs=300,
+                 milestones=[80, 140])
+DEMO = dict(image_size=64, stem_reductions=2, channels=16, cells_per_block=1, batch_size=32, lr=1e-3, epochs=12,
+            milestones=[200, 280], videos=160, frames=4)
+RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "out")  # what a resumed run may change
+MODEL_KEYS = ("arch", "channels", "blocks", "cells_per_block", "stem_reductions", "image_size", "mask_weight")  # to rebuild it
+CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", "batch_size", "synthetic")  # --eval-only: the
+# checkpoint's run's unless given (the same batches give bit-identical metrics)
+
+
+class TrainRun:
+    """The bookkeeping around the training loop, so that fit() shows the training alone: resume (the
+    model, optimizer and scheduler states, the epoch, the best AUC), the distributed wrapper and the
+    loaders, then each step's non-finite check, progress line and stop signals (SIGTERM, SIGINT: the
+    run ends after the step with one line naming the last checkpoint), and each epoch's validation,
+    checkpoints (best.pt by validation frame AUC, last.pt), log line and curves.png, on rank 0."""
+    def __init__(self, args, model, optimizers, genotype, state, rank, world, device):
+        self.args, self.model, self.optimizers, self.genotype = args, model, optimizers, genotype
+        self.rank, self.world, self.device = rank, world, device
+        self.start, self.best = restore(state, model, *optimizers, args.out) if state else (0, -1.0)
+        self.net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) \
+            if world > 1 else model
+
+    def loaders(self, train_set, val_set, test_line):
+        """The training loader (an epoch's order depends on (seed, epoch) only: resumable; each process
+        its share of the global batch) and the validation loader; the header line, config.json."""
+        args = self.args
+        self.sampler = DistributedSampler(train_set, self.world, self.rank, shuffle=True, seed=args.seed, drop_last=True)
+        train_data = loader(train_set, args.batch_size // self.world, args, self.sampler)
+        if not len(train_data):
+            raise InputError(f"--batch-size {args.batch_size}: the train split has only {len(train_set)} samples "
+                             f"({len(train_set) // self.world} per process)")
+        if self.rank == 0:
+            print(f"{args.arch}: {count_parameters(self.model) / 1e6:.2f} M parameters; train {len(train_set)}, "
+                  f"val {len(val_set)}, {test_line} samples; {self.world} process(es) on {self.device}")
+            atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
+        self.progress = Progress((args.epochs - self.start) * len(train_data), args.log_every if self.rank == 0 else 0,
+                                 self.world)
+        self.images = len(train_data) * args.batch_size  # training images an epoch, all processes
+        return train_data, loader(val_set, args.batch_size, args)
+
+    def __enter__(self):
+        self.stop = StopSignals().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.__exit__(*exc)
+
+    def epochs(self):
+        for epoch in range(self.start, self.args.epochs):
+            self.sampler.set_epoch(epoch)
+            self.epoch, self.tic = epoch, time.time()
+            self.flips = epoch_generator(self.args.seed, epoch, self.rank)  # per (seed, epoch, rank): resumable
+            self.check = FiniteCheck(self.device, self.args.check_every,
+                                     "the last good checkpoint is intact: lower --lr, or --resume from it")
+            yield epoch
+
+    def after_step(self, step, steps, loss, images):
+        """loss: the step's 0-dim loss on the device, read every --check-every steps."""
+        last, epoch = step + 1 == steps, self.epoch
+        self.check.add(loss, step, last, f"epoch {epoch + 1}")
+        self.progress.step(epoch, step, steps, loss.detach(), images)  # .item() only when it prints
+        if self.stop.agreed(step, self.args.check_every, last, self.world, self.device):
+            out = self.args.out
+            raise Stopped(f"stopped by {self.stop.name or 'a signal to another process'} in epoch {epoch + 1}, after "
+                          f"step {step + 1} of {steps}; " + (f"the last checkpoint, {os.path.join(out, 'last.pt')}, holds "
+                          f"epoch {epoch}: continue with python train.py --resume --out {out}" if epoch else
+                          "no checkpoint yet (one is written at the end of each epoch)"))
+
+    def after_epoch(self, epoch, losses, val_data):
+        """Rank 0: validation, log.jsonl (its line before the checkpoint: add.trim_log), best.pt when the
+        validation frame AUC is the best so far, last.pt, curves.png, the epoch's line."""
+        if self.rank == 0:
+            train_seconds, tic = time.time() - self.tic, self.tic
+            val, _ = evaluate(self.model, val_data, self.device)
+            auc = val["frame_auc"] if val["frame_auc"] is not None else val["frame_acc"]
+            improved, (train_ce, train_mse), (optimizer, scheduler) = auc > self.best, losses, self.optimizers
+            self.best, seconds, out = max(self.best, auc), time.time() - tic, self.args.out
+            line = dict(epoch=epoch + 1, train_ce=train_ce, train_mse=train_mse, val_ce=val["ce"], val_mse=val["mse"],
+                        lr=scheduler.get_last_lr()[0], seconds=seconds, train_seconds=train_seconds,
+                        train_images=self.images, val=val)
+            with open(os.path.join(out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(line) + "\n")
+            state = dict(model=self.model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         epoch=epoch + 1, rng=torch.get_rng_state(), config=vars(self.args),
+                         genotype=genotype_dict(self.genotype), best_auc=self.best)
+            if improved:
+                save_checkpoint(state, os.path.join(out, "best.pt"))
+            save_checkpoint(state, os.path.join(out, "last.pt"))
+            plot_curves(os.path.join(out, "log.jsonl"), os.path.join(out, "curves.png"))
+            mse = lambda v: "" if v is None else f" MSE {v:.4f}"
+            print(f"epoch {epoch + 1}/{self.args.epochs}  train CE {train_ce:.4f}{mse(train_mse)}  val CE {val['ce']:.4f}"
+                  f"{mse(val['mse'])}  ACC {val['frame_acc']:.4f} AUC {val['frame_auc'] or float('nan'):.4f}  "
+                  f"{seconds:.1f} s" + ("  (best)" if improved else ""), flush=True)
+        if self.world > 1:
+            dist.barrier()
+
+
+def resumed(args, rank, local_world):
+    """--resume: the configuration saved in OUT/last.pt (but for RUN_KEYS) and that state; else (args,
+    None). Also the loader workers, and the configuration printed."""
+    path = os.path.join(args.out, "last.pt")
+    state = load_checkpoint(path) if args.resume else None
+    if state:
+        args = resumed_config(state, args, RUN_KEYS, path, ("optimizer", "scheduler", "epoch", "best_auc"))
+        if rank == 0:
+            trim_log(os.path.join(args.out, "log.jsonl"), state["epoch"])
+    args.workers = loader_workers(args.data, local_world) if args.workers is None else args.workers
+    if rank == 0:
+        print_config(args)
+    return args, state
+
+
+def sync_batchnorm(model, args, world, device):
+    """--sync-bn: batch statistics over all processes (CUDA only)."""
+    if args.sync_bn and device.type != "cuda":
+        raise InputError("--sync-bn: torch's SyncBatchNorm runs on CUDA devices only")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world > 1 else model
+
+
+def restore(state, model, optimizer, scheduler, where):
+    path = os.path.join(where, "last.pt")
+    load_state(model, state["model"], path)
+    load_state(optimizer, state["optimizer"], path, "optimizer")
+    load_state(scheduler, state["scheduler"], path, "scheduler")
+    torch.set_rng_state(state["rng"])
+    print(f"resumed {path} at epoch {state['epoch']}")
+    return state["epoch"], state["best_auc"]
+
+
+class Progress:
+    """Prints loss, images/s (all processes together) and the time left every `every` steps."""
+    def __init__(self, total_steps, every, world=1):
+        self.total, self.every, self.world, self.done, self.start = total_steps, every, world, 0, time.time()
+
+    def step(self, epoch, step, steps, loss, images):  # loss: a 0-dim tensor
+        self.done += 1
+        if self.every and self.done % self.every == 0:
+            elapsed = time.time() - self.start
+            left = elapsed / self.done * (self.total - self.done)
+            print(f"  epoch {epoch + 1} step {step + 1}/{steps}  loss {loss.item():.4f}  "
+                  f"{images * self.world * self.done / elapsed:.1f} images/s  {left / 60:.1f} min left", flush=True)
+
+
+def init_distributed(device_name, batch_size):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per GPU (nccl), or per CPU slot (gloo).
+    -> rank, world size, local world size, device. The global batch must divide by the world size."""
+    if "RANK" not in os.environ:
+        return 0, 1, 1, pick_device(device_name)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if batch_size % world:
+        raise InputError(f"--batch-size {batch_size}: the global batch must divide by the {world} processes "
+                         f"(e.g. --batch-size {batch_size // world * world or world})")
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), device
+
+
+def loader(dataset, batch_size, args, sampler=None):
+    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=sampler is not None, num_workers=args.workers,
+                      worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=args.workers > 0)
+
+
+def test(args, model, val_data, test_set, test_name, device):
+    """Best checkpoint -> metrics.json (val and test), predictions.csv, roc.png, the table, masks.png."""
+    best = load_checkpoint(os.path.join(args.out, "best.pt"))
+    load_state(model, best["model"], os.path.join(args.out, "best.pt"))
+    val, _ = evaluate(model, val_data, device)
+    rows = {f"val  {args.data}:{','.join(parse_methods(args.data, args.methods))}": val}
+    return report(args, model, rows, test_set, test_name, device, "metrics.json", best["epoch"])
+
+
+def report(args, model, rows, test_set, test_name, device, name, epoch):
+    """Evaluates the test split; writes NAME (metrics), predictions.csv, roc.png and masks.png."""
+    rows[f"test {test_name}"], out = evaluate(model, loader(test_set, args.batch_size, args), device)
+    metrics = dict(arch=args.arch, parameters=count_parameters(model), epoch=epoch, mask_weight=args.mask_weight,
+                   **{k.split()[0]: dict(data=k.split()[1], **v) for k, v in rows.items()})
+    atomic_write(os.path.join(args.out, name), lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+    write_predictions(os.path.join(args.out, "predictions.csv"), test_set, out)
+    plot_roc(os.path.join(args.out, "roc.png"), out, test_name)
+    print_table(rows)
+    if args.visualize:
+        visualize(model, test_set, args.visualize, os.path.join(args.out, "masks.png"), device)
+    print(f"wrote {args.out}: {name}, predictions.csv, roc.png" + (", masks.png" if args.visualize else ""))
+    return metrics
+
+
+def eval_only(args, device):
+    """--eval-only --checkpoint PATH: the checkpoint's network on a test split: by default the one of
+    its own run (data, methods, root, image size); --test-data/--test-methods/--test-root for others.
+    Writes into a new run folder, never into the training run's."""
+    model, cfg, state = model_from_checkpoint(args.checkpoint, device, args.compile)
+    for key in CHECKPOINT_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, cfg.get(key, "easy" if key == "synthetic" else None))
+    args.workers = loader_workers(args.data) if args.workers is None else args.workers
+    if args.image_size != cfg["image_size"]:
+        raise InputError(f"--image-size {args.image_size}: {args.checkpoint} was trained at {cfg['image_size']} px")
+    for key in MODEL_KEYS + ("no_mask_branch", "genotype", "epochs", "seed"):  # what the printed config shows is used
+        setattr(args, key, cfg.get(key))
+    print_config(args)
+    test_set, test_name = test_split(args)
+    return report(args, model, {}, test_set, test_name, device, "eval.json", state["epoch"])
 
 
 def print_table(rows):
@@ -240,7 +513,7 @@ def plot_curves(log_path, path):
 
 
 def visualize(model, dataset, k, path, device):
-    """Fig. 9: K faces with their predicted mask m, the hull mask M and p(fake), in a grid."""
+    """Fig. 9: K faces with their predicted mask m, the hull mask M and p(fake), in a grid."""  # Fig. 9
     idx = np.linspace(0, len(dataset) - 1, k).round().astype(int)
     x, M, y, _ = (list(t) for t in zip(*(dataset[i] for i in idx)))
     with torch.no_grad():
@@ -259,6 +532,30 @@ def visualize(model, dataset, k, path, device):
         caption = f"p(fake) {p[i]:.2f}, {'fake' if y[i] else 'real'}" + ("  | m | M" if m is not None else "  | M")
         ImageDraw.Draw(canvas).text((left + 4, top + tile + 2), caption, fill="black", font=font)
     atomic_write(path, lambda f: canvas.save(f, format="PNG"))
+
+
+def genotype_dict(genotype):
+    return None if genotype is None else {k: [list(p) for p in v] for k, v in genotype._asdict().items()}
+
+
+def model_from_checkpoint(path, device, compile=False):
+    """A train.py checkpoint -> (its network for inference on the device: eval mode, BatchNorm folded
+    into the convolutions; its configuration; its state)."""
+    state = load_checkpoint(path)
+    cfg = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(cfg, dict) or "model" not in state:
+        raise InputError(f"{path}: not a train.py checkpoint (no model or config inside)")
+    if "alpha_normal" in state["model"]:
+        raise InputError(f"{path}: a search checkpoint (search.py's search.pt), not a trained detector; train its "
+                         f"genotype first: python train.py --genotype g.json")
+    missing = [k for k in MODEL_KEYS if k not in cfg]
+    if missing or "epoch" not in state:
+        raise InputError(f"{path}: written by another version of train.py (its configuration has no "
+                         f"{', '.join('--' + k.replace('_', '-') for k in missing) or 'epoch'}); train it again")
+    genotype = genotype_from_dict(state["genotype"], path) if state.get("genotype") else None
+    model = build_model(cfg, genotype)
+    load_state(model, state["model"], path)
+    return prepare_model(fold_batchnorm(model, cfg["image_size"]), device, compile).eval(), cfg, state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,239 +626,95 @@ def predict_files(args, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data and distribution
+# --compare: runs grouped by everything but their seed, one table and pareto.png
 
-def init_distributed(device_name, batch_size):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per GPU (nccl), or per CPU slot (gloo).
-    -> rank, world size, local world size, device. The global batch must divide by the world size."""
-    if "RANK" not in os.environ:
-        return 0, 1, 1, pick_device(device_name)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if batch_size % world:
-        raise InputError(f"--batch-size {batch_size}: the global batch must divide by the {world} processes "
-                         f"(e.g. --batch-size {batch_size // world * world or world})")
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), device
+COMPARE_IGNORED = ("seed", "out", "resume", "workers", "device", "log_every", "check_every", "visualize", "compile",
+                   "genotype", "eval_only", "checkpoint", "predict", "threshold", "detect_size", "benchmark",
+                   "benchmark_against", "compare")  # what does not change a run's network, data or training
 
 
-def datasets(args):
-    """Train and validation splits of --data/--methods."""
-    methods = parse_methods(args.data, args.methods)
-    return [open_split(args.data, args.root, split, methods, args.image_size, split == "train", args.videos, args.frames,
-                       args.synthetic) for split in ("train", "val")]
+def compare(args):
+    """--compare RUN_DIR...: finished training runs grouped by everything but their seed (the same
+    network, data and training) -> one row a group: parameters, training images/s, test frame and
+    video AUC as mean and standard deviation over the seeds; printed, written to compare.csv, and
+    drawn as pareto.png (test frame AUC against parameters). -> the rows."""
+    groups = {}
+    for run in args.compare:
+        cfg, metrics, log = read_run(run)
+        key = json.dumps({k: v for k, v in cfg.items() if k not in COMPARE_IGNORED}, sort_keys=True)
+        groups.setdefault(key, []).append((run, cfg, metrics, log))
+    rows = sorted((compare_row(runs) for runs in groups.values()), key=lambda r: (r["parameters"], r["name"]))
+    out = new_run_dir(args.out)
+    columns = ["name", "kind", "width", "parameters", "images_per_s", "frame_auc", "frame_auc_std", "video_auc",
+               "video_auc_std", "n", "runs"]
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([columns] + [[r[c] for c in columns] for r in rows])
+    atomic_write(os.path.join(out, "compare.csv"), lambda f: f.write(text.getvalue().encode()))
+    print(f"{'name':28s} {'kind':13s} {'width':>7s} {'params':>8s} {'img/s':>7s}  {'frame AUC':>15s}  {'video AUC':>15s}  n")
+    for r in rows:
+        print(f"{r['name'][:28]:28s} {r['kind']:13s} {r['width']:>7s} {r['parameters'] / 1e6:>7.2f}M "
+              f"{r['images_per_s'] or float('nan'):>7.1f}  {r['frame_auc']:.3f} ± {r['frame_auc_std']:.3f}  "
+              f"{r['video_auc']:.3f} ± {r['video_auc_std']:.3f}  {r['n']}")
+    plot_pareto(rows, os.path.join(out, "pareto.png"))
+    print(f"wrote {out}: compare.csv, pareto.png")
+    return rows
 
 
-def test_split(args):
-    """The test split of --test-data/--test-methods (by default: --data/--methods) and its name."""
-    test_data = args.test_data or args.data
-    same = test_data == args.data
-    methods = parse_methods(test_data, args.test_methods or (args.methods if same else None))
-    root = args.test_root or (args.root if same else None)
-    videos, frames = (args.videos, args.frames) if same else (DEMO["videos"], DEMO["frames"])  # real -> synthetic: the demo's
-    return (open_split(test_data, root, "test", methods, args.image_size, False, videos, frames, args.synthetic or "easy"),
-            f"{test_data}:{','.join(methods)}")
+def read_run(run):
+    """A finished train.py run folder -> (config, metrics, log lines); a one-line error otherwise."""
+    try:
+        with open(os.path.join(run, "config.json")) as f:
+            cfg = json.load(f)
+        with open(os.path.join(run, "metrics.json")) as f:
+            metrics = json.load(f)
+        with open(os.path.join(run, "log.jsonl")) as f:
+            log = [json.loads(line) for line in f]
+    except (OSError, ValueError) as e:
+        raise InputError(f"{run}: not a finished train.py run folder (config.json, metrics.json, log.jsonl: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:100]})")
+    if not isinstance(cfg, dict) or "arch" not in cfg or not isinstance(metrics.get("test"), dict):
+        raise InputError(f"{run}: not a finished train.py run folder (its config.json or metrics.json is another file)")
+    return cfg, metrics, log
 
 
-def loader(dataset, batch_size, args, sampler=None):
-    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=sampler is not None, num_workers=args.workers,
-                      worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=args.workers > 0)
+def compare_row(runs):
+    """One group of runs (the same but for the seed) -> its row."""
+    run, cfg, metrics, _ = runs[0]
+    add = cfg["arch"] == "add"
+    origin = cfg.get("genotype_origin") or ""
+    kind = "hand-designed" if not add else "random" if origin == "random" else "searched" if origin.startswith("search") else "ADD"
+    name = os.path.splitext(os.path.basename(cfg.get("genotype") or ""))[0] if add else cfg["arch"]
+    frame, video = (np.array([m["test"][f"{level}_auc"] for _, _, m, _ in runs], dtype=float) for level in ("frame", "video"))
+    spread = lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    timed = [(e["train_images"], e["train_seconds"]) for _, _, _, log in runs for e in log if "train_seconds" in e]
+    return dict(name=name, kind=kind, width=f"C{cfg['channels']} N{cfg['cells_per_block']}" if add else "-",
+                parameters=metrics["parameters"], images_per_s=sum(i for i, _ in timed) / sum(s for _, s in timed) if timed else None,
+                frame_auc=float(frame.mean()), frame_auc_std=spread(frame), video_auc=float(video.mean()),
+                video_auc_std=spread(video), n=len(runs), runs=" ".join(sorted(r for r, *_ in runs)))
+
+
+def plot_pareto(rows, path):
+    """pareto.png: test frame AUC (mean, and the standard deviation over seeds as a bar) against the
+    parameters (log scale), one point a group, a mark per kind."""
+    fig, ax = figure(1, 1, (8, 5.5))
+    marks = {"searched": ("o", "tab:blue"), "random": ("s", "tab:orange"), "hand-designed": ("^", "tab:green"),
+             "ADD": ("D", "tab:purple")}
+    for kind, (mark, colour) in marks.items():
+        picked = [r for r in rows if r["kind"] == kind]
+        if picked:
+            ax[0, 0].errorbar([r["parameters"] for r in picked], [r["frame_auc"] for r in picked],
+                              [r["frame_auc_std"] for r in picked], fmt=mark, color=colour, capsize=3, label=kind)
+        for r in picked:
+            ax[0, 0].annotate(f"{r['name']} {r['width'] if r['width'] != '-' else ''}".strip(), (r["parameters"], r["frame_auc"]),
+                              fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax[0, 0].set(xscale="log", xlabel="parameters", ylabel="test frame AUC (mean ± std over seeds)",
+                 title="accuracy against size")
+    ax[0, 0].legend()
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
-
-def make_optimizer(model, args):
-    """Sec. IV-B: "an Adam optimizer with a momentum value of 0.9" (beta1) "and a weight decay of
-    0.0005", lr 0.5. Adam diverges at 0.5 and momentum SGD does not learn there (README,
-    Interpretations: measured), so lr 0.5 is read as 0.5e-3. --optimizer sgd is the other reading."""
-    if args.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), args.lr, betas=(args.momentum, 0.999), weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, scale_milestones(args.milestones, args.epochs), 0.1)
-
-
-class Progress:
-    """Prints loss, images/s (all processes together) and the time left every `every` steps."""
-    def __init__(self, total_steps, every, world=1):
-        self.total, self.every, self.world, self.done, self.start = total_steps, every, world, 0, time.time()
-
-    def step(self, epoch, step, steps, loss, images):  # loss: a 0-dim tensor
-        self.done += 1
-        if self.every and self.done % self.every == 0:
-            elapsed = time.time() - self.start
-            left = elapsed / self.done * (self.total - self.done)
-            print(f"  epoch {epoch + 1} step {step + 1}/{steps}  loss {loss.item():.4f}  "
-                  f"{images * self.world * self.done / elapsed:.1f} images/s  {left / 60:.1f} min left", flush=True)
-
-
-def train_epoch(model, data, optimizer, device, args, epoch, progress, flips=None, stop=None, world=1):
-    """One pass over the training split with Eq. 7 -> (mean CE, mean MSE or None). The losses stay
-    on the device; a non-finite one stops the run within --check-every steps. stop (StopSignals): a
-    signal ends the epoch after the current step with Stopped."""
-    model.train()
-    sums, has_mask = torch.zeros(2, device=device), False
-    check = FiniteCheck(device, args.check_every, "the last good checkpoint is intact: lower --lr, or --resume from it")
-    for step, batch in enumerate(data):
-        x, M, y = to_device(batch, device, flips)
-        with autocast(device):
-            logits, m = model(x)
-        ce, mse = loss_terms(logits, m, y, M)
-        loss = add_loss(ce, mse, args.mask_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        has_mask = mse is not None
-        sums += torch.stack([ce.detach(), mse.detach() if has_mask else torch.zeros_like(ce)])
-        check.add(loss, step, step + 1 == len(data), f"epoch {epoch + 1}")
-        progress.step(epoch, step, len(data), loss.detach(), len(x))  # .item() only when it prints
-        if stop is not None and stop.agreed(step, args.check_every, step + 1 == len(data), world, device):
-            raise Stopped(f"stopped by {stop.name or 'a signal to another process'} in epoch {epoch + 1}, "
-                          f"after step {step + 1} of {len(data)}")
-    ce, mse = (sums / max(1, len(data))).tolist()
-    return ce, mse if has_mask else None
-
-
-def fit(args, rank, world, local_world, device):
-    """The whole run: resume or start, epochs with validation and checkpoints, then the test split."""
-    # 1) configuration, genotype, data
-    path = os.path.join(args.out, "last.pt")
-    state = load_checkpoint(path) if args.resume else None
-    if state:
-        args = resumed_config(state, args, RUN_KEYS, path, ("optimizer", "scheduler", "epoch", "best_auc"))
-        if rank == 0:
-            trim_log(os.path.join(args.out, "log.jsonl"), state["epoch"])
-    args.workers = loader_workers(args.data, local_world) if args.workers is None else args.workers
-    if rank == 0:
-        print_config(args)
-    genotype = (genotype_from_dict(state["genotype"], "checkpoint") if state and state["genotype"]
-                else load_genotype(args.genotype) if args.arch == "add" else None)
-    (train_set, val_set), (test_set, test_name) = datasets(args), test_split(args)
-    # 2) model, optimizer, scheduler (Sec. IV-B), the distributed wrapper
-    model = build_model(vars(args), genotype)
-    if args.sync_bn and device.type != "cuda":
-        raise InputError("--sync-bn: torch's SyncBatchNorm runs on CUDA devices only")
-    if args.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all processes
-    model = prepare_model(model, device, args.compile)
-    optimizer, scheduler = make_optimizer(model, args)
-    start, best = restore(state, model, optimizer, scheduler, args.out) if state else (0, -1.0)
-    net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) if world > 1 else model
-    # the epoch's order depends on (seed, epoch) only, and the flips on (seed, epoch, rank): resumable
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
-    train_data, val_data = loader(train_set, args.batch_size // world, args, sampler), loader(val_set, args.batch_size, args)
-    if not len(train_data):
-        raise InputError(f"--batch-size {args.batch_size}: the train split has only {len(train_set)} samples "
-                         f"({len(train_set) // world} per process)")
-    if rank == 0:
-        print(f"{args.arch}: {count_parameters(model) / 1e6:.2f} M parameters; train {len(train_set)}, "
-              f"val {len(val_set)}, test {len(test_set)} ({test_name}) samples; {world} process(es) on {device}")
-        atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
-    progress = Progress((args.epochs - start) * len(train_data), args.log_every if rank == 0 else 0, world)
-    # 3) epochs: train, validate, checkpoint (rank 0 only logs, evaluates and saves)
-    with StopSignals() as stop:
-        for epoch in range(start, args.epochs):
-            sampler.set_epoch(epoch)
-            tic = time.time()
-            try:
-                train = train_epoch(net, train_data, optimizer, device, args, epoch, progress,
-                                    epoch_generator(args.seed, epoch, rank), stop, world)
-            except Stopped as e:
-                raise Stopped(f"{e}; " + (f"the last checkpoint, {os.path.join(args.out, 'last.pt')}, holds epoch {epoch}: "
-                                          f"continue with python train.py --resume --out {args.out}" if epoch else
-                                          "no checkpoint yet (one is written at the end of each epoch)"))
-            scheduler.step()
-            if rank == 0:
-                best = end_of_epoch(args, model, optimizer, scheduler, genotype, val_data, device, epoch, train, best, tic)
-            if world > 1:
-                dist.barrier()
-    # 4) the test split, with the best checkpoint
-    if rank == 0:
-        return test(args, model, val_data, test_set, test_name, device)
-
-
-def end_of_epoch(args, model, optimizer, scheduler, genotype, val_data, device, epoch, train, best, tic):
-    """Validation, checkpoints (best.pt by validation frame AUC), log.jsonl, curves.png, the line."""
-    val, _ = evaluate(model, val_data, device)
-    auc = val["frame_auc"] if val["frame_auc"] is not None else val["frame_acc"]
-    best_now = max(best, auc)
-    seconds, (train_ce, train_mse) = time.time() - tic, train
-    line = dict(epoch=epoch + 1, train_ce=train_ce, train_mse=train_mse, val_ce=val["ce"], val_mse=val["mse"],
-                lr=scheduler.get_last_lr()[0], seconds=seconds, val=val)
-    with open(os.path.join(args.out, "log.jsonl"), "a") as f:  # before the checkpoint: see add.trim_log
-        f.write(json.dumps(line) + "\n")
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 epoch=epoch + 1, rng=torch.get_rng_state(), config=vars(args), genotype=genotype_dict(genotype),
-                 best_auc=best_now)
-    if auc > best:
-        save_checkpoint(state, os.path.join(args.out, "best.pt"))
-    save_checkpoint(state, os.path.join(args.out, "last.pt"))
-    plot_curves(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png"))
-    mse = lambda v: "" if v is None else f" MSE {v:.4f}"
-    print(f"epoch {epoch + 1}/{args.epochs}  train CE {train_ce:.4f}{mse(train_mse)}  val CE {val['ce']:.4f}"
-          f"{mse(val['mse'])}  ACC {val['frame_acc']:.4f} AUC {val['frame_auc'] or float('nan'):.4f}  {seconds:.1f} s"
-          + ("  (best)" if auc > best else ""), flush=True)
-    return best_now
-
-
-def restore(state, model, optimizer, scheduler, where):
-    path = os.path.join(where, "last.pt")
-    load_state(model, state["model"], path)
-    load_state(optimizer, state["optimizer"], path, "optimizer")
-    load_state(scheduler, state["scheduler"], path, "scheduler")
-    torch.set_rng_state(state["rng"])
-    print(f"resumed {path} at epoch {state['epoch']}")
-    return state["epoch"], state["best_auc"]
-
-
-def test(args, model, val_data, test_set, test_name, device):
-    """Best checkpoint -> metrics.json (val and test), predictions.csv, roc.png, the table, masks.png."""
-    best = load_checkpoint(os.path.join(args.out, "best.pt"))
-    load_state(model, best["model"], os.path.join(args.out, "best.pt"))
-    val, _ = evaluate(model, val_data, device)
-    rows = {f"val  {args.data}:{','.join(parse_methods(args.data, args.methods))}": val}
-    return report(args, model, rows, test_set, test_name, device, "metrics.json", best["epoch"])
-
-
-def report(args, model, rows, test_set, test_name, device, name, epoch):
-    """Evaluates the test split; writes NAME (metrics), predictions.csv, roc.png and masks.png."""
-    rows[f"test {test_name}"], out = evaluate(model, loader(test_set, args.batch_size, args), device)
-    metrics = dict(arch=args.arch, parameters=count_parameters(model), epoch=epoch, mask_weight=args.mask_weight,
-                   **{k.split()[0]: dict(data=k.split()[1], **v) for k, v in rows.items()})
-    atomic_write(os.path.join(args.out, name), lambda f: f.write(json.dumps(metrics, indent=1).encode()))
-    write_predictions(os.path.join(args.out, "predictions.csv"), test_set, out)
-    plot_roc(os.path.join(args.out, "roc.png"), out, test_name)
-    print_table(rows)
-    if args.visualize:
-        visualize(model, test_set, args.visualize, os.path.join(args.out, "masks.png"), device)
-    print(f"wrote {args.out}: {name}, predictions.csv, roc.png" + (", masks.png" if args.visualize else ""))
-    return metrics
-
-
-def eval_only(args, device):
-    """--eval-only --checkpoint PATH: the checkpoint's network on a test split: by default the one of
-    its own run (data, methods, root, image size); --test-data/--test-methods/--test-root for others.
-    Writes into a new run folder, never into the training run's."""
-    model, cfg, state = model_from_checkpoint(args.checkpoint, device, args.compile)
-    for key in CHECKPOINT_KEYS:
-        if getattr(args, key) is None:
-            setattr(args, key, cfg.get(key, "easy" if key == "synthetic" else None))
-    args.workers = loader_workers(args.data) if args.workers is None else args.workers
-    if args.image_size != cfg["image_size"]:
-        raise InputError(f"--image-size {args.image_size}: {args.checkpoint} was trained at {cfg['image_size']} px")
-    for key in MODEL_KEYS + ("no_mask_branch", "genotype", "epochs", "seed"):  # what the printed config shows is used
-        setattr(args, key, cfg.get(key))
-    print_config(args)
-    test_set, test_name = test_split(args)
-    return report(args, model, {}, test_set, test_name, device, "eval.json", state["epoch"])
-
+# --benchmark
 
 def benchmark_timers(args, arch, device, steps):
     """For one architecture on a random batch: callables timing a training step (forward, Eq. 7,
@@ -578,7 +731,7 @@ def benchmark_timers(args, arch, device, steps):
     def infer():
         with torch.no_grad():
             folded(x)
-    train_step = lambda: train_epoch(model, [batch], optimizer, device, run, 0, Progress(1, 0))
+    train_step = lambda: train_epoch(model, [batch], optimizer, device, run)
     return [lambda: time_steps(train_step, device, steps), lambda: time_steps(infer, device, steps)], count_parameters(model)
 
 
@@ -608,52 +761,70 @@ def benchmark(args, device, steps=10, rounds=3):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_arguments(p)
-    p.add_argument("--genotype", help="g.json from search.py (needed for --arch add)")
-    p.add_argument("--arch", default="add", choices=("add",) + BASELINES, help="ADD, or a torchvision baseline (Table IV)")
-    p.add_argument("--channels", type=bounded(int, 1), help="C of the first block; 48 gives ~5 M parameters (paper: 5.6 M); demo: 16")
-    p.add_argument("--cells-per-block", type=bounded(int, 1), help="N normal cells per D^2 block (paper: 4, Sec. IV-D); demo: 1")
-    p.add_argument("--blocks", type=bounded(int, 1), default=3, help="D^2 blocks, a reduction cell between consecutive ones")
-    p.add_argument("--stem-reductions", type=bounded(int, 0), help="stride-2 stem layers (3: 256 -> 32 px; demo: 2, 64 -> 16 px)")
-    p.add_argument("--mask-weight", type=bounded(float, 0), default=1.0,
+    p = Parser(usage="python train.py [options]", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("the paper's network and training (Sec. III-B to III-D, IV-B; on the built-in data: the "
+                             "demo's sizes)")
+    g.add_argument("--genotype", help="g.json from search.py (needed for --arch add)")
+    g.add_argument("--arch", default="add", choices=("add",) + BASELINES, help="ADD, or a torchvision network trained "
+                   "from scratch in the same harness (Table IV: resnet18, resnet152, vgg16; and small ones of the field)")
+    g.add_argument("--channels", type=bounded(int, 1), help="C of the first block; 48 gives ~5 M parameters (paper: 5.6 M); "
+                   "demo: 16")
+    g.add_argument("--cells-per-block", type=bounded(int, 1), help="N normal cells per D^2 block (paper: 4, Sec. IV-D); demo: 1")
+    g.add_argument("--blocks", type=bounded(int, 1), default=3, help="D^2 blocks, a reduction cell between consecutive ones")
+    g.add_argument("--mask-weight", type=bounded(float, 0), default=1.0,
                    help="alpha of Eq. 7 (paper: 1; 0: Table V's 'alpha = 0', the mask branch kept, m unsupervised)")
-    p.add_argument("--no-mask-branch", action="store_true", help="build ADD without the mask branch (Eq. 4 alone)")
-    p.add_argument("--batch-size", type=bounded(int, 1), help="global batch (paper: 96, Sec. IV-B; demo: 32)")
-    p.add_argument("--lr", type=bounded(float, 0), help="paper: 0.5 read as 0.5e-3 for Adam (Sec. IV-B, see Interpretations); demo: 1e-3")
-    p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="paper: Adam with momentum 0.9 (Sec. IV-B)")
-    p.add_argument("--momentum", type=bounded(float, 0, 1), default=0.9, help="paper: 0.9")
-    p.add_argument("--weight-decay", type=bounded(float, 0), default=5e-4, help="paper: 5e-4")
-    p.add_argument("--epochs", type=bounded(int, 1), help="paper: 300; demo: 12")
-    p.add_argument("--milestones", type=bounded(int, 1), nargs="+",
+    g.add_argument("--batch-size", type=bounded(int, 1), help="global batch (paper: 96; demo: 32)")
+    g.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="paper: Adam with momentum 0.9")
+    g.add_argument("--momentum", type=bounded(float, 0, 1), default=0.9, help="paper: 0.9")
+    g.add_argument("--weight-decay", type=bounded(float, 0), default=5e-4, help="paper: 5e-4")
+    g.add_argument("--epochs", type=bounded(int, 1), help="paper: 300; demo: 12")
+    g.add_argument("--milestones", type=bounded(int, 1), nargs="+",
                    help="lr / 10 at these epochs of 300, scaled to --epochs (paper: 80 140; demo: 200 280)")
-    p.add_argument("--grad-clip", type=bounded(float, 0), default=5.0, help="clip the gradient norm (DARTS: 5; 0: off)")
-    p.add_argument("--sync-bn", action="store_true", help="DDP: batch norm statistics over all processes")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (inductor; minutes of compilation)")
-    p.add_argument("--test-data", choices=tuple(METHODS), help="test on another dataset (Table III: celeb-df)")
-    p.add_argument("--test-root", help="prepared folder of --test-data (default: data/<name>)")
-    p.add_argument("--test-methods", help="test on other manipulations (Table II: FaceSwap)")
-    p.add_argument("--out", help="run folder (default runs/train, runs/eval, runs/predict; a new one beside it if it exists)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with its saved configuration")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on a test split (its run's by default)")
-    p.add_argument("--predict", nargs="+", metavar="PATH", help="score videos, folders of frames or photos with --checkpoint")
-    p.add_argument("--threshold", type=bounded(float, 0, 1), default=0.5, help="--predict: p(fake) above which the verdict is fake")
-    p.add_argument("--detect-size", type=bounded(int, 64), default=640, help="--predict: detect faces on a copy of at most this many px")
-    p.add_argument("--checkpoint", help="with --eval-only or --predict: a best.pt or last.pt written by train.py")
-    p.add_argument("--visualize", type=bounded(int, 0), default=8, metavar="K", help="picture of K test faces and masks (0: none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
-    p.add_argument("--log-every", type=bounded(int, 0), default=50, help="progress line every N steps (0: per epoch only)")
-    p.add_argument("--check-every", type=bounded(int, 1), default=50, help="read the device's non-finite-loss count every N steps")
-    p.add_argument("--benchmark", action="store_true", help="time training and inference steps and exit")
-    p.add_argument("--benchmark-against", choices=("add",) + BASELINES, help="--benchmark: time this architecture "
+    g.add_argument("--test-data", choices=tuple(METHODS), help="test on another dataset (Table III: celeb-df)")
+    g.add_argument("--test-methods", help="test on other manipulations (Table II: FaceSwap)")
+    g = p.add_argument_group("departures from the paper (README, Departures)")
+    g.add_argument("--lr", type=bounded(float, 0), help="paper: 0.5, read as 0.5e-3 for Adam (real data: 5e-4; demo: 1e-3)")
+    g.add_argument("--stem-reductions", type=bounded(int, 0), help="stride-2 stem layers, not described by the paper (3: 256 "
+                   "-> 32 px; demo: 2, 64 -> 16 px)")
+    g.add_argument("--grad-clip", type=bounded(float, 0), default=5.0, help="clip the gradient norm (paper: unstated; "
+                   "DARTS: 5; 0: off)")
+    g = p.add_argument_group("running: data, device, resume, checkpoints")
+    add_data_arguments(g)
+    g.add_argument("--test-root", help="prepared folder of --test-data (default: data/<name>)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
+    g.add_argument("--out", help="run folder (default runs/train, runs/eval, runs/predict, runs/compare; a new one beside "
+                   "it if it exists)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with its saved configuration")
+    g.add_argument("--log-every", type=bounded(int, 0), default=50, help="progress line every N steps (0: per epoch only)")
+    g.add_argument("--check-every", type=bounded(int, 1), default=50, help="read the device's non-finite-loss count every "
+                   "N steps")
+    g.add_argument("--sync-bn", action="store_true", help="DDP: batch norm statistics over all processes")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network (inductor; minutes of compilation)")
+    g = p.add_argument_group("extras: evaluation, prediction, comparison, speed")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on a test split (its run's by default)")
+    g.add_argument("--checkpoint", help="with --eval-only or --predict: a best.pt or last.pt written by train.py")
+    g.add_argument("--predict", nargs="+", metavar="PATH", help="score videos, folders of frames or photos with --checkpoint")
+    g.add_argument("--threshold", type=bounded(float, 0, 1), default=0.5, help="--predict: p(fake) above which the verdict "
+                   "is fake")
+    g.add_argument("--detect-size", type=bounded(int, 64), default=640, help="--predict: detect faces on a copy of at most "
+                   "this many px")
+    g.add_argument("--visualize", type=bounded(int, 0), default=8, metavar="K", help="picture of K test faces and masks, as "
+                   "Fig. 9 (0: none)")
+    g.add_argument("--no-mask-branch", action="store_true", help="build ADD without the mask branch (Eq. 4 alone)")
+    g.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="finished runs, grouped by all but their seed: one "
+                   "table (compare.csv) and pareto.png, test AUC against parameters")
+    g.add_argument("--benchmark", action="store_true", help="time training and inference steps and exit")
+    g.add_argument("--benchmark-against", choices=("add",) + BASELINES, help="--benchmark: time this architecture "
                    "too, alternately in the same process, and print the ratio (e.g. resnet18)")
     args = p.parse_args(argv)
-    return check_args(resolve_defaults(args, PAPER, DEMO, keep=CHECKPOINT_KEYS if args.eval_only or args.predict else ()))
+    return check_args(resolve_defaults(args, REAL_DATA, DEMO, keep=CHECKPOINT_KEYS if args.eval_only or args.predict else ()))
 
 
 def check_args(args):
-    if "add" in (args.arch, args.benchmark_against) and not args.genotype and not (args.resume or args.eval_only or args.predict):
+    if "add" in (args.arch, args.benchmark_against) and not args.genotype and not (args.resume or args.eval_only or
+                                                                                    args.predict or args.compare):
         raise InputError("--genotype: needed for --arch add; write one with: python search.py --out g.json")
     if (args.eval_only or args.predict) and not args.checkpoint:
         raise InputError(f"--{'eval-only' if args.eval_only else 'predict'} needs --checkpoint PATH "
@@ -662,8 +833,9 @@ def check_args(args):
         args.mask_weight = 0.0  # no mask branch: nothing for Eq. 5 to supervise
     if args.predict:
         args.frames = args.frames or 32  # evenly spaced frames per video
-    mode = "predict" if args.predict else "eval" if args.eval_only else "train"
+    mode = "predict" if args.predict else "eval" if args.eval_only else "compare" if args.compare else "train"
     args.out = args.out or os.path.join("runs", mode)
+    args.genotype_origin = genotype_origin(args.genotype) if args.arch == "add" and args.genotype else None  # --compare's kind
     return args
 
 
@@ -673,6 +845,8 @@ def print_config(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.compare:
+        return compare(args)
     rank, world, local_world, device = init_distributed(args.device, args.batch_size)
     torch.manual_seed(args.seed)
     try:
