@@ -6,7 +6,7 @@ Read top to bottom, this file is the paper's network:
   MixedOp: the search network of Algorithm 1 (search.py) is this same class plus alpha.
 - Heads: on the last features f, the mask head (1x1 conv -> one channel -> m, bilinearly up-sampled
   to the input: Sec. III-C) and the classifier (1x1 conv, two FC -> 2 logits) fed with f (Eq. 4) or,
-  with the mask branch, f * m (Eq. 6).
+  with the mask branch, f * m (Eq. 6, with m at f's resolution, before the up-sampling).
 - loss_terms, add_loss: Eq. 5, 6 and 7, CE' + alpha * MSE; one implementation for both scripts.
 Below the divider: the run helpers search.py and train.py share (device and bf16 autocast,
 checkpoints, stop signals, BatchNorm folding for inference, loaders' batches on the device).
@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ops import STEPS, Cell, InputError, atomic_write, genotype_edges, load_genotype, search_edges
+from ops import STEPS, Cell, InputError, Parser, atomic_write, bounded, genotype_edges, load_genotype, search_edges
 
 
 def d2_layout(blocks, cells_per_block):
@@ -73,7 +73,7 @@ class Heads(nn.Module):
             if self.mask is None:
                 return self.classify(f), None  # Eq. 4: FC(f)
             m = torch.sigmoid(self.mask(f))  # (B, 1, h', w') in [0, 1]
-            logits = self.classify(f * m)  # Eq. 6: FC(f * m)
+            logits = self.classify(f * m)  # Eq. 6: FC(f * m), m at f's resolution (B, 1, h', w')
             return logits, F.interpolate(m, size=size, mode="bilinear", align_corners=False)  # m at the input's size
 
     def classify(self, f):  # (B, c, h', w') -> (B, 2): 1x1 conv, global average pooling, two FC layers
@@ -102,7 +102,7 @@ class ADD(nn.Module):
         s0 = s1 = self.stem(x)  # (B, 3C, H/2^r, W/2^r)
         for cell in self.cells:
             w = None if weights is None else weights[1] if cell.reduction else weights[0]
-            s0, s1 = s1, cell(s0, s1, w)
+            s0, s1 = s1, cell(s0, s1, w)  # Fig. 2: each cell takes the outputs of the two before it
         return self.heads(s1, x.shape[-2:])
 
 
@@ -160,7 +160,8 @@ class Stopped(Exception):
 class StopSignals:
     """SIGTERM and SIGINT (a scheduler's pre-emption, `timeout`, `scancel`, Ctrl-C: each sent to the
     whole process group) become a flag the training loop reads after each step, so that a run stops
-    at a step boundary with its checkpoint written, instead of dying mid-step with a traceback.
+    at a step boundary with one line (the search checkpoints that step; training names its last
+    checkpoint), instead of dying mid-step with a traceback.
     Loader workers ignore both (ignore_stop_signals, their worker_init_fn): they live until the main
     process is done with them. A context manager; truthy once a signal came (its name: .name)."""
     def __enter__(self):
@@ -188,6 +189,17 @@ class StopSignals:
         flag = torch.tensor(float(bool(self)), device=device)
         dist.all_reduce(flag, dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+class StoppableRun:
+    """The base of SearchRun and TrainRun: a context manager inside which SIGTERM and SIGINT set the
+    flag self.stop (StopSignals) instead of ending the process."""
+    def __enter__(self):
+        self.stop = StopSignals().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.__exit__(*exc)
 
 
 def ignore_stop_signals(worker_id=None):
@@ -423,12 +435,12 @@ def load_state(module, state, path, what="model"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Build ADD from a genotype and print its size.")
+    p = Parser(description="Build ADD from a genotype and print its size.")
     p.add_argument("--genotype", required=True, help="g.json written by search.py")
-    p.add_argument("--channels", type=int, default=48, help="C of the first block (48: ~5 M parameters; paper: 5.6 M)")
-    p.add_argument("--cells-per-block", type=int, default=4, help="N normal cells per D^2 block (paper: 4)")
-    p.add_argument("--blocks", type=int, default=3, help="number of D^2 blocks")
-    p.add_argument("--image-size", type=int, default=256, help="input size (paper: 256)")
+    p.add_argument("--channels", type=bounded(int, 1), default=48, help="C of the first block (48: ~5 M parameters; paper: 5.6 M)")
+    p.add_argument("--cells-per-block", type=bounded(int, 1), default=4, help="N normal cells per D^2 block (paper: 4)")
+    p.add_argument("--blocks", type=bounded(int, 1), default=3, help="number of D^2 blocks")
+    p.add_argument("--image-size", type=bounded(int, 32), default=256, help="input size (paper: 256)")
     args = p.parse_args(argv)
     model = ADD(load_genotype(args.genotype), args.channels, d2_layout(args.blocks, args.cells_per_block))
     logits, m = model.eval()(torch.zeros(1, 3, args.image_size, args.image_size))

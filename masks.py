@@ -89,7 +89,7 @@ class FaceFinder:
         small copy shows no face (a small face in a large frame)."""
         if small is None:
             small, scale = self.small(image)
-        rects = self.detector(small, 0)
+        rects = self.detector(small, 0)  # Sec. III-C: "a light-weighted face detector"
         if not rects and scale < 1:
             rects, scale = self.detector(image, 0), 1.0
         faces = [self._landmarks(image, [r.left() / scale, r.top() / scale, r.right() / scale,
@@ -97,7 +97,7 @@ class FaceFinder:
         return sorted(faces, key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
 
     def _landmarks(self, image, box):
-        shape = self.predictor(image, dlib.rectangle(*(int(round(v)) for v in box)))
+        shape = self.predictor(image, dlib.rectangle(*(int(round(v)) for v in box)))  # Sec. III-C: the keypoints
         return Face(tuple(box), np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32))
 
 
@@ -151,30 +151,6 @@ def read_faces(path, k, size, detect_size):
 # Below: not the paper's method. Reading videos, frame folders and photos; the datasets as their
 # owners lay them out; the preparation (a pool of workers that survives faults); the datasets of
 # prepared and of built-in synthetic faces; the command line.
-
-def show(photo, out, detect_size):
-    """--show: the photo with each face's box, 68 landmarks and a translucent hull mask over it."""
-    try:
-        image = load_rgb(photo)
-    except (FileNotFoundError, IsADirectoryError):
-        raise InputError(f"{photo}: no such image file")
-    except (OSError, Image.DecompressionBombError) as e:
-        raise InputError(f"{photo}: not a readable image ({e})")
-    faces = face_finder(detect_size).faces(image)
-    if not faces:
-        raise InputError(f"{photo}: no face found (dlib HOG at upsample 0 misses faces under ~80 px)")
-    canvas = Image.fromarray(image).convert("RGBA")
-    for face in faces:
-        tint = Image.new("RGBA", canvas.size, (255, 40, 40, 0))
-        tint.putalpha(Image.fromarray(hull_mask(face.landmarks, *image.shape[:2]) * 90))  # 35% red inside the hull
-        canvas = Image.alpha_composite(canvas, tint)
-        draw, r = ImageDraw.Draw(canvas), max(1, image.shape[1] // 300)
-        draw.rectangle(face.box, outline=(40, 255, 40), width=max(1, r))
-        for x, y in face.landmarks:
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=(255, 255, 0))
-    atomic_write(out, lambda f: canvas.convert("RGB").save(f, format="PNG"))
-    print(f"{photo}: {len(faces)} face(s); wrote {out}")
-
 
 # ----------------------------------------------------------------------------------------------
 # 2) Reading K evenly spaced frames, one at a time: a video, a folder of frames, or a photo
@@ -917,6 +893,30 @@ def loader_workers(data, processes_per_node=1):
 
 # ----------------------------------------------------------------------------------------------
 # 8) Command line
+
+def show(photo, out, detect_size):
+    """--show: the photo with each face's box, 68 landmarks and a translucent hull mask over it."""
+    try:
+        image = load_rgb(photo)
+    except (FileNotFoundError, IsADirectoryError):
+        raise InputError(f"{photo}: no such image file")
+    except (OSError, Image.DecompressionBombError) as e:
+        raise InputError(f"{photo}: not a readable image ({e})")
+    faces = face_finder(detect_size).faces(image)
+    if not faces:
+        raise InputError(f"{photo}: no face found (dlib HOG at upsample 0 misses faces under ~80 px)")
+    canvas = Image.fromarray(image).convert("RGBA")
+    for face in faces:
+        tint = Image.new("RGBA", canvas.size, (255, 40, 40, 0))
+        tint.putalpha(Image.fromarray(hull_mask(face.landmarks, *image.shape[:2]) * 90))  # 35% red inside the hull
+        canvas = Image.alpha_composite(canvas, tint)
+        draw, r = ImageDraw.Draw(canvas), max(1, image.shape[1] // 300)
+        draw.rectangle(face.box, outline=(40, 255, 40), width=max(1, r))
+        for x, y in face.landmarks:
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=(255, 255, 0))
+    atomic_write(out, lambda f: canvas.convert("RGB").save(f, format="PNG"))
+    print(f"{photo}: {len(faces)} face(s); wrote {out}")
+
 
 def benchmark(src, frames, detect_size):
     """Frames/s of prepare_video on one video (--src), or on a generated 720p clip of the

@@ -6,8 +6,9 @@ Read top to bottom, this file is the paper's search space:
 - Cell: Eq. 1, four nodes, each the sum of its incoming edges. One wiring serves the search cell
   (every possible edge a MixedOp: search.py) and the derived cell (two chosen edges a node: add.py).
 - Genotype: the architecture found, two cells of (operation, input) pairs.
-Below the divider: the genotype's JSON file (g.json) and what every script shares (one-line errors
-for user mistakes, atomic writes).
+Below the divider: PC-DARTS's partial channels, random genotypes (the NAS baseline), the genotype's
+picture (as Fig. 8) and JSON file (g.json), and what every script shares (one-line errors for user
+mistakes, atomic writes).
 
 Conventions follow DARTS (Liu et al., ICLR 2019), which the paper builds on [32]: ReLU-Conv-BN,
 a separable convolution is depthwise + pointwise applied twice, dilated ones use dilation 2, batch
@@ -151,9 +152,11 @@ def search_edges(steps=STEPS):
 
 
 class Cell(nn.Module):
-    """A cell (Eq. 1): O_i = sum over the incoming edges of node i of op(input); output = the concat
-    of the nodes, so 4*C channels. Inputs are the outputs of the two previous cells (s0 = c_{k-2},
-    s1 = c_{k-1}); in a reduction cell the edges from them have stride 2.
+    """A cell: node i = the sum of its incoming edges; output = the concat of the nodes, so 4*C
+    channels. In a derived cell a node has two edges: Eq. 1. In the search cell it has one from each
+    earlier output (i + 2): the sum over them is Eq. 2's outer sum over H, each edge a MixedOp (the
+    inner sum). Inputs are the two previous cells' outputs (s0 = c_{k-2}, s1 = c_{k-1}); in a
+    reduction cell the edges from them have stride 2.
 
     edges: [(node, input, op name or None)]; None builds a MixedOp (search; partial: its K), a name
     builds that op.
@@ -179,7 +182,7 @@ class Cell(nn.Module):
         states = [self.pre0(s0), self.pre1(s1)]  # each (B, C, H, W)
         for node in range(self.steps):
             states.append(sum(self._edge(k, states[inp], weights)
-                              for k, (n, inp) in enumerate(self.edges) if n == node))  # Eq. 1
+                              for k, (n, inp) in enumerate(self.edges) if n == node))  # Eq. 1 (search cell: Eq. 2's sum over H)
         return torch.cat(states[2:], dim=1)  # (B, steps*C, H', W')
 
     def _edge(self, k, h, weights):
@@ -291,8 +294,6 @@ def op_colour(op):
 
 
 # ----------------------------------------------------------------------------------------------
-# The random baseline (Li & Talwalkar 2019; Yang et al. 2020): a genotype drawn without search
-
 def genotype_to_json(genotype, origin=None):
     """One node (two pairs) per line, so a person can read the cell off the file; origin: how it was
     found ("search", "search (DARTS-PT)", "random"), for train.py --compare."""

@@ -8,9 +8,10 @@ Read top to bottom, this file is the paper's search:
   Eq. 3, which is the network's own, Eq. 7.
 - search: Algorithm 1's loop; each epoch it derives the cell and writes it to g.json with a picture
   as in Fig. 8.
-Below the divider, what the paper does not describe: the settings and the departures from them
-(README, Departures), data loading with a step budget, checkpoints, resume and stop signals, the
-expected-parameter term, DARTS-PT's selection, random genotypes, the pictures, --benchmark.
+Below the divider: the settings (the paper's, and the departures from them: README, Departures) and
+what the paper does not describe: data loading with a step budget, checkpoints, resume and stop
+signals, the expected-parameter term, DARTS-PT's selection, the pictures, --benchmark, the command
+line.
 
 The paper's own search (Sec. IV-B: momentum SGD at lr 0.1 for w, alpha moving from the first step,
 every edge on all channels, every training face each epoch) is `--paper`. Its w learning rate
@@ -37,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
-from add import (ADD, Diverged, FiniteCheck, StopSignals, Stopped, add_loss, autocast, count_parameters, d2_layout,
+from add import (ADD, Diverged, FiniteCheck, StoppableRun, Stopped, add_loss, autocast, count_parameters, d2_layout,
                  epoch_generator, ignore_stop_signals, load_checkpoint, load_state, loss_terms, new_run_dir, peak_memory_mib,
                  pick_device, prepare_model, random_batch, resumed_config, save_checkpoint, scale_milestones, sync,
                  time_steps, to_device, trim_log)
@@ -81,7 +82,13 @@ class SearchNetwork(nn.Module):
 
     def genotype(self):
         """The cells by the paper's rule (derive_cell); with beta, on alpha x beta (PC-DARTS)."""
-        return Genotype(*(derive_cell(w if e is None else w * e[:, None]) for w, e in self.cell_weights()))
+        return Genotype(*(derive_cell(chosen_by(w, e)) for w, e in self.cell_weights()))
+
+
+def chosen_by(w, e):
+    """The weights a cell is chosen by: the softmax of alpha (n_edges, n_ops); with partial channels
+    times the normalised beta (n_edges,), as PC-DARTS."""
+    return w if e is None else w * e[:, None]
 
 
 def derive_cell(weights):
@@ -109,13 +116,34 @@ def gradient_step(model, optimizer, params, batch, device, mask_weight, grad_cli
     with autocast(device):
         logits, m = model(x, weights)
     ce, mse = loss_terms(logits, m, y, M)
-    loss = add_loss(ce, mse, mask_weight) + (penalty() if penalty else 0)  # Eq. 3: L(y; F(x, alpha, w)), Eq. 7's
+    loss = add_loss(ce, mse, mask_weight)  # Eq. 3: L(y; F(x, alpha, w)), the network's own loss (Eq. 7)
+    if penalty:
+        loss = loss + penalty()  # --param-weight's term (not in the paper)
     for p, g in zip(params, torch.autograd.grad(loss, params)):
         p.grad = g
     if grad_clip:
         nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()  # w = w - grad_w L (line 4), or alpha = alpha - grad_alpha L (line 7), by the optimizer's rule
     return torch.stack([ce, ce * 0 if mse is None else mse, loss]).detach()
+
+
+def build(args, device, steps):
+    """The search network, the two optimizers and their schedulers (Sec. IV-B and the departures),
+    and the warm-up in steps."""
+    model = prepare_model(SearchNetwork(args.channels, args.cells, args.stem_reductions, not args.no_mask_branch,
+                                        args.partial_channels), device, args.compile)
+    w_lr = w_learning_rate(args)
+    if args.w_optimizer == "sgd":
+        w_opt = torch.optim.SGD(model.net.parameters(), w_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        w_opt = torch.optim.Adam(model.net.parameters(), w_lr, betas=(args.momentum, 0.999), weight_decay=args.weight_decay)
+    a_opt = torch.optim.Adam(model.arch_parameters(), args.alpha_lr, betas=tuple(args.alpha_betas),
+                             weight_decay=args.weight_decay)
+    w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, args.epochs, eta_min=w_lr * args.w_lr_min)
+    warmup = warmup_steps(args, steps)
+    alpha_epochs = args.epochs - warmup // steps  # alpha's schedule spans the epochs in which it moves
+    a_sched = torch.optim.lr_scheduler.MultiStepLR(a_opt, scale_milestones(args.alpha_milestones, alpha_epochs), 0.1)
+    return model, (w_opt, a_opt, w_sched, a_sched), warmup
 
 
 def search(args, device, state=None):
@@ -140,17 +168,18 @@ def search(args, device, state=None):
                                       epoch_generator(args.seed, epoch, step, 3), penalty=penalty)  # Algorithm 1, lines 5-7
                 run.after_step(epoch, step, w, a)
             w_sched.step()
-            if run.means.alpha_steps:
+            if run.alpha_moved():
                 a_sched.step()
             run.after_epoch(epoch, model.genotype())  # Sec. III-A's rule, written to g.json each epoch
-    genotype = model.genotype() if args.select == "alpha" else perturbation_genotype(args, model, (train_loader, val_loader), device)
-    run.finish(genotype)
+        genotype = model.genotype() if args.select == "alpha" else \
+            perturbation_genotype(args, model, (train_loader, val_loader), device, run.stop)
+        run.finish(genotype)  # g.json, its size, how decisive alpha's choices were
     return model
 
 
 # ==============================================================================================
 # Below: not the paper's method. Settings and departures, data, the bookkeeping of a run,
-# the parameter term, DARTS-PT, random genotypes, pictures, --benchmark, the command line.
+# the parameter term, DARTS-PT, pictures, --benchmark, the command line (with --random-genotype).
 
 # The paper's own search (Sec. IV-B; DARTS's network where the paper is silent): --paper.
 PAPER = dict(image_size=256, stem_reductions=3, channels=16, cells=8, batch_size=8, epochs=300, alpha_milestones=[60, 150],
@@ -168,8 +197,8 @@ DEMO = dict(REAL_DATA, image_size=64, stem_reductions=2, channels=8, cells=5, ba
             alpha_milestones=[200, 280], videos=160, frames=4, warmup=0.4, partial_channels=1, steps_per_epoch=0)
 RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "checkpoint_every", "run_dir", "benchmark",
             "profile")  # what a resumed search may change
-AFTER_SEARCH = dict(select="alpha", pt_batches=2, pt_tune_steps=5, out="g.json")  # defaults; a resume may change them
-# when given (e.g. --resume --select pt --out g-pt.json: DARTS-PT on a finished search)
+# Defaults a resumed search may change when given (--resume --select pt --out g-pt.json: DARTS-PT on a finished search)
+AFTER_SEARCH = dict(select="alpha", pt_batches=2, pt_tune_steps=5, out="g.json")
 NEAR_TIE = 0.01  # a choice whose runner-up is within this much softmax weight (of ~0.1-0.2) is a near-tie
 
 
@@ -184,26 +213,7 @@ def warmup_steps(args, steps):
     return args.warmup_epochs * steps if args.warmup_epochs is not None else min(round(args.warmup * total), total - 1)
 
 
-def build(args, device, steps):
-    """The search network, the two optimizers and their schedulers (Sec. IV-B and the departures),
-    and the warm-up in steps."""
-    model = prepare_model(SearchNetwork(args.channels, args.cells, args.stem_reductions, not args.no_mask_branch,
-                                        args.partial_channels), device, args.compile)
-    w_lr = w_learning_rate(args)
-    if args.w_optimizer == "sgd":
-        w_opt = torch.optim.SGD(model.net.parameters(), w_lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        w_opt = torch.optim.Adam(model.net.parameters(), w_lr, betas=(args.momentum, 0.999), weight_decay=args.weight_decay)
-    a_opt = torch.optim.Adam(model.arch_parameters(), args.alpha_lr, betas=tuple(args.alpha_betas),
-                             weight_decay=args.weight_decay)
-    w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, args.epochs, eta_min=w_lr * args.w_lr_min)
-    warmup = warmup_steps(args, steps)
-    alpha_epochs = args.epochs - warmup // steps  # alpha's schedule spans the epochs in which it moves
-    a_sched = torch.optim.lr_scheduler.MultiStepLR(a_opt, scale_milestones(args.alpha_milestones, alpha_epochs), 0.1)
-    return model, (w_opt, a_opt, w_sched, a_sched), warmup
-
-
-class SearchRun:
+class SearchRun(StoppableRun):
     """The bookkeeping around Algorithm 1, so that search() shows the algorithm alone: resume, the
     plan and the clock, the epoch's running means, non-finite losses, checkpoints (every
     --checkpoint-every steps, at each epoch's end, and when a stop signal came: SIGTERM, SIGINT),
@@ -221,19 +231,16 @@ class SearchRun:
               f"{warmup}; {total - done} to do", flush=True)
         self.clock = Estimate(device, max(0, warmup - done), total - max(done, warmup))
 
-    def __enter__(self):
-        self.stop = StopSignals().__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.__exit__(*exc)
-
     def epochs(self):
         return range(self.start["epoch"], self.args.epochs)
 
     def alpha_moves(self, epoch, step):
         """alpha is still for the warm-up's first steps (--warmup: not in the paper), then moves every step."""
         return epoch * self.steps + step >= self.warmup
+
+    def alpha_moved(self):
+        """Whether alpha moved in this epoch: its milestones count those epochs."""
+        return self.means.alpha_steps > 0
 
     def batches(self, epoch, train_loader, val_loader):
         """(step, training batch, validation batch) for each step of the epoch, from the saved step on
@@ -245,6 +252,7 @@ class SearchRun:
             loader.sampler.set_epoch(epoch, self.first * self.args.batch_size)
         self.model.train()
         self.check = FiniteCheck(self.device, self.args.check_every, "the last checkpoint is intact: lower --w-lr or --alpha-lr")
+        self.check.start = self.first  # its windows count the epoch's steps
         self.tic = time.time()
         for step, (batch, val_batch) in enumerate(zip(train_loader, val_loader), start=self.first):
             self.clock.tick(self.alpha_moves(epoch, step))
@@ -254,12 +262,12 @@ class SearchRun:
         """w, a: the (CE, MSE, loss) of the step's w and alpha updates (a None in the warm-up)."""
         self.means.add(w, a)
         where, last = f"epoch {epoch + 1}", step + 1 == self.steps
-        self.check.add(w[2] + (a[2] if a is not None else 0), step - self.first, last, where)
+        self.check.add(w[2] + (a[2] if a is not None else 0), step, last, where)
         if self.args.log_every and (step + 1) % self.args.log_every == 0:
             print(f"  epoch {epoch + 1} step {step + 1}/{self.steps}: "
                   f"{(step + 1 - self.first) * self.args.batch_size / (time.time() - self.tic):.1f} training images/s", flush=True)
         if not last and ((step + 1) % self.args.checkpoint_every == 0 or self.stop):
-            self.check.read(step - self.first, where)  # no checkpoint after a non-finite loss
+            self.check.read(step, where)  # no checkpoint after a non-finite loss
             self.save(epoch, step + 1, self.means)
             if self.stop:
                 raise Stopped(self.stopped(epoch, step + 1))
@@ -290,7 +298,7 @@ class SearchRun:
         losses, weights = self.means.losses(), dict(zip(CELL_TYPES, self.model.cell_weights()))
         line = dict(epoch=epoch + 1, **losses, seconds=seconds, primitives=PRIMITIVES, genotype=genotype._asdict(),
                     softmax_alpha={k: w.tolist() for k, (w, _) in weights.items()},
-                    margins={k: choice_margins(w if e is None else w * e[:, None]) for k, (w, e) in weights.items()})
+                    margins={k: choice_margins(chosen_by(w, e)) for k, (w, e) in weights.items()})
         if self.model.partial > 1:  # the cell is chosen by alpha x beta: both are logged
             line["edge_weights"] = {k: e.tolist() for k, (_, e) in weights.items()}
         log = os.path.join(self.args.run_dir, "log.jsonl")
@@ -307,7 +315,8 @@ class SearchRun:
 
     def finish(self, genotype):
         """The last line: the files written, the network's size, and how decisive alpha's choices were."""
-        margins = [choice_margins(w if e is None else w * e[:, None]) for w, e in self.model.cell_weights()]
+        write_genotype(genotype, self.args.out, "search" if self.args.select == "alpha" else "search (DARTS-PT)")
+        margins = [choice_margins(chosen_by(w, e)) for w, e in self.model.cell_weights()]
         ops = sum(m < NEAR_TIE for cell in margins for m in cell["operation"])
         inputs = sum(m < NEAR_TIE for cell in margins for m in cell["inputs"] if m is not None)
         print(f"{describe(genotype, self.args.out)}; alpha's choices: {ops} of 16 operations and {inputs} of 6 input "
@@ -349,6 +358,12 @@ def restore(state, path, model, optimizers):
     return dict(epoch=state["epoch"], step=state["step"], means=state["means"])
 
 
+def node_edges(node):
+    """The rows of alpha that feed node `node` (its i + 2 incoming edges)."""
+    first = sum(n + 2 for n in range(node))
+    return range(first, first + node + 2)
+
+
 def choice_margins(weights):
     """How decisive the paper's rule (derive_cell) is on these weights (n_edges, n_ops): per kept edge,
     its operation's weight minus the runner-up operation's ("operation", 8); per node, its weaker kept
@@ -386,9 +401,9 @@ class EpochOrder(Sampler):
 
 def loaders(args):
     """Training split for w, validation split for alpha (Algorithm 1: D_train, D_val), one batch of
-    each per step; an epoch is one pass over the training split, or --steps-per-epoch steps of it if
-    fewer (a fresh random subset each epoch). -> (train loader, val loader), steps per epoch, steps
-    of one pass."""
+    each per step, both balanced as training is (FF++'s real frames repeated); an epoch is one pass
+    over the training split, or --steps-per-epoch steps of it if fewer (a fresh random subset each
+    epoch). -> (train loader, val loader), steps per epoch, steps of one pass."""
     methods = parse_methods(args.data, args.methods)
     sets = [open_split(args.data, args.root, s, methods, args.image_size, True, args.videos, args.frames,
                        args.synthetic) for s in ("train", "val")]
@@ -483,12 +498,6 @@ def expected_parameters(weights, costs):
 
 # Choosing the cell by perturbation (--select pt; DARTS-PT, Wang et al., ICLR 2021; not in the paper)
 
-def node_edges(node):
-    """The rows of alpha that feed node `node` (its i + 2 incoming edges)."""
-    first = sum(n + 2 for n in range(node))
-    return range(first, first + node + 2)
-
-
 def projected(weights, chosen, kept):
     """The architecture weights with the decisions taken so far: an edge whose operation is chosen
     becomes that operation alone (one-hot, the row's total kept); a node whose edges are chosen keeps
@@ -540,7 +549,7 @@ def select_by_perturbation(model, batches, tune, device, seed):
        the operation whose removal raises the validation CE most is chosen for the edge;
     2) topology: node by node, the incoming edge whose removal raises it least is dropped until two
        are left;
-    after each round, tune(weights) trains w with the decisions so far. -> the genotype."""
+    after each round but the last, tune(weights) trains w with the decisions so far. -> the genotype."""
     rng, chosen = random.Random(seed), {kind: {} for kind in CELL_TYPES}
     kept = {kind: {0: list(node_edges(0))} for kind in CELL_TYPES}  # node 0 has two inputs: nothing to decide
     ops = [o for o, name in enumerate(PRIMITIVES) if name != "none"]
@@ -557,7 +566,7 @@ def select_by_perturbation(model, batches, tune, device, seed):
             chosen[kind][k] = max(costs, key=costs.get)
         tune(projected(model.cell_weights(), chosen, kept))
     # 2) topology
-    for _ in range(1, STEPS):
+    for round in range(1, STEPS):
         for c, kind in enumerate(CELL_TYPES):
             node = rng.choice([n for n in range(STEPS) if n not in kept[kind]])
             edges = list(node_edges(node))
@@ -565,15 +574,17 @@ def select_by_perturbation(model, batches, tune, device, seed):
                 costs = {k: ce_without(c, k) for k in edges}
                 edges.remove(min(costs, key=costs.get))
             kept[kind][node] = edges
-        tune(projected(model.cell_weights(), chosen, kept))
+        if round < STEPS - 1:  # after the last decision there is nothing left to tune for
+            tune(projected(model.cell_weights(), chosen, kept))
     inputs = [inp for _, inp, _ in search_edges()]
     return Genotype(*(tuple((PRIMITIVES[chosen[kind][k]], inputs[k]) for node in range(STEPS) for k in sorted(kept[kind][node]))
                       for kind in CELL_TYPES))
 
 
-def perturbation_genotype(args, model, loaders, device):
+def perturbation_genotype(args, model, loaders, device, stop):
     """--select pt after the search: fixed validation batches (--pt-batches) to compare the removals
-    on, and --pt-tune-steps w steps between rounds at a tenth of w's lr (as DARTS-PT's tuning)."""
+    on, and --pt-tune-steps w steps between rounds at a tenth of w's lr (as DARTS-PT's tuning). A stop
+    signal ends it between rounds (the search's checkpoint is complete: --resume --select pt again)."""
     train_loader, val_loader = loaders
     val_loader.sampler.set_epoch(args.epochs)  # the validation split in an order the search never drew
     batches = [b for _, b in zip(range(args.pt_batches), val_loader)]
@@ -582,15 +593,17 @@ def perturbation_genotype(args, model, loaders, device):
     optimizer = torch.optim.SGD(w_params, w_learning_rate(args) / 10, momentum=args.momentum, weight_decay=args.weight_decay)
 
     def tune(weights):
+        if stop:
+            raise Stopped(f"stopped by {stop.name} during DARTS-PT's selection; the search is complete: choose again "
+                          f"with python search.py --resume --run-dir {args.run_dir} --select pt")
         for _ in range(args.pt_tune_steps):
             gradient_step(model, optimizer, w_params, next(train_batches), device, args.mask_weight, args.grad_clip,
                           weights=weights)
     tic = time.time()
     genotype = select_by_perturbation(model, batches, tune, device, args.seed)
-    print(f"DARTS-PT selection: {time.time() - tic:.1f} s (324 evaluations on {len(batches)} validation batches, "
-          f"17 rounds of {args.pt_tune_steps} tuning steps); chosen by DARTS-PT:")
+    print(f"DARTS-PT selection: {time.time() - tic:.1f} s (324 evaluations on {len(batches)} validation batches in "
+          f"17 rounds, {args.pt_tune_steps} tuning steps between them); chosen by DARTS-PT:")
     print_genotype(genotype)
-    write_genotype(genotype, args.out, "search (DARTS-PT)")
     return genotype
 
 

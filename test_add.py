@@ -4,6 +4,7 @@
 """
 import csv
 import glob
+import inspect
 import json
 import math
 import os
@@ -343,16 +344,15 @@ def test_search_stopped_by_signals_to_its_process_group_resumes_as_if_never_stop
     run, script = str(tmp_path / "run"), os.path.join(HERE, "search.py")
     pattern = r"stopped by SIG(?:TERM|INT) at epoch (\d), step (\d); its checkpoint is written: continue with " \
               r"python search.py --resume --run-dir " + re.escape(run)
-    for sig, after in ((signal.SIGTERM, (0, 2)), (signal.SIGINT, (2, 0)), (signal.SIGKILL, (4, 0))):
+    for sig, after in ((signal.SIGTERM, (0, 2)), (signal.SIGINT, (3, 0))):  # (a SIGKILL: the training test below)
         p = in_own_group(script, *argv, "--out", str(tmp_path / "g.json"), "--run-dir", run) if sig == signal.SIGTERM \
             else in_own_group(script, "--resume", "--run-dir", run)
         while (search_state(run) or (0, 0)) < after and p.poll() is None:
             time.sleep(0.02)
         os.killpg(p.pid, sig)  # the whole group: the search and its loader workers
         _, err = p.communicate()
-        if sig != signal.SIGKILL:  # the checkpoint is at the step the stop came, none lost
-            epoch, step = stop_message(err, pattern)
-            assert p.returncode == 1 and search_state(run) == (epoch - 1, step) >= after, (err, search_state(run))
+        epoch, step = stop_message(err, pattern)  # the checkpoint is at the step the stop came: no step lost
+        assert p.returncode == 1 and search_state(run) == (epoch - 1, step) >= after, (err, search_state(run))
     code, out, err = run_cli(script, "--resume", "--run-dir", run)
     assert code == 0 and "resumed" in out, err[-2000:]
     assert open(tmp_path / "g.json").read() == open(tmp_path / "whole.json").read()  # the same genotype
@@ -536,6 +536,16 @@ def test_warmup_keeps_alpha_still_and_the_log_has_both_terms(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "alpha still (warm-up)" in out and "val CE" in out and "M parameters at the paper's size (C 48, N 4)" in out
     assert Image.open(os.path.join(run, "alpha.png")).size[0] > 500
+
+
+def test_paper_sets_every_departure_back_to_the_papers_value_and_flags_still_win():
+    real, paper = search.parse_args(["--data", "ff++"]), search.parse_args(["--data", "ff++", "--paper"])
+    assert {k: getattr(paper, k) for k in search.DEPARTURES} == {k: search.PAPER[k] for k in search.DEPARTURES} and \
+        (paper.w_lr, paper.partial_channels, paper.steps_per_epoch, paper.param_weight) == (0.1, 1, 0, 0.0)
+    assert (real.w_lr, real.partial_channels, real.steps_per_epoch, real.param_weight) == (0.025, 4, 200, 0.1)
+    assert all(getattr(paper, k) == getattr(real, k) for k in ("image_size", "channels", "cells", "batch_size", "epochs"))
+    demo = search.parse_args(["--paper", "--partial-channels", "4"])  # the demo's sizes, the paper's optimisation
+    assert (demo.image_size, demo.w_lr, demo.warmup, demo.partial_channels) == (64, 0.1, 0.0, 4)
 
 
 @pytest.mark.parametrize("script, argv, expected", [
@@ -1381,8 +1391,9 @@ def test_compare_groups_runs_by_all_but_the_seed(tmp_path, capsys):
 
 
 def test_benchmarks_run(genotype_file, capsys):
-    result = train.main(["--genotype", genotype_file, "--benchmark", "--benchmark-against", "resnet18", "--image-size",
-                         "32", "--channels", "4", "--batch-size", "4"])
+    args = train.parse_args(["--genotype", genotype_file, "--benchmark", "--benchmark-against", "resnet18", "--image-size",
+                             "32", "--channels", "4", "--batch-size", "4"])
+    result = train.benchmark(args, torch.device("cpu"), steps=2, rounds=2)
     search.main(TINY_SEARCH + ["--benchmark", "--profile"])
     out = capsys.readouterr().out
     assert set(result) == {"add", "resnet18"} and all(v["train"] > 0 and v["inference"] > 0 for v in result.values())
@@ -1426,8 +1437,8 @@ def test_training_stopped_by_signals_to_its_process_group_resumes_to_the_same_me
     killed, script = str(tmp_path / "killed"), os.path.join(HERE, "train.py")
     last = os.path.join(killed, "last.pt")
     epoch_of = lambda: torch.load(last, weights_only=True)["epoch"] if os.path.exists(last) else 0
-    pattern = r"stopped by SIGINT in epoch (\d), after step (\d) of 8; the last checkpoint, " + re.escape(last) + \
-              r", holds epoch (\d): continue with python train.py --resume --out " + re.escape(killed)
+    pattern = r"stopped by SIGINT (?:in epoch \d, after step \d of 8|at the end of epoch \d); the last checkpoint, " + \
+              re.escape(last) + r", holds epoch (\d): continue with python train.py --resume --out " + re.escape(killed)
     for sig, after in ((signal.SIGINT, 1), (signal.SIGKILL, 2)):  # Ctrl-C in epoch 2 or later, then a kill
         p = in_own_group(script, *argv, "--out", killed) if sig == signal.SIGINT else \
             in_own_group(script, "--resume", "--out", killed)
@@ -1435,9 +1446,9 @@ def test_training_stopped_by_signals_to_its_process_group_resumes_to_the_same_me
             time.sleep(0.05)
         os.killpg(p.pid, sig)  # the training process and its loader workers
         _, err = p.communicate()
-        if sig == signal.SIGINT:
-            epoch, _, held = stop_message(err, pattern)
-            assert p.returncode == 1 and held == epoch - 1 == epoch_of() and not os.path.exists(os.path.join(killed, "metrics.json"))
+        if sig == signal.SIGINT:  # stopped after the step the signal came in; the message names the checkpoint
+            held, = stop_message(err, pattern)
+            assert p.returncode == 1 and held == epoch_of() >= 1 and not os.path.exists(os.path.join(killed, "metrics.json"))
     code, out, err = run_cli(script, "--resume", "--out", killed)
     assert code == 0 and "resumed" in out, err[-2000:]
     resumed = json.load(open(os.path.join(killed, "metrics.json")))
@@ -1459,6 +1470,35 @@ def test_two_process_torchrun_on_cpu_completes(tmp_path, genotype_file):
     assert code == 0, err[-2000:]
     assert "2 process(es) on cpu" in stdout and stdout.count("epoch 1/1") == 1  # only rank 0 logs
     assert json.load(open(os.path.join(out, "metrics.json")))["test"]["frames"] == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# README: the map of the paper cannot go stale
+
+def test_readme_maps_the_paper_to_functions_that_hold_their_tags():
+    lines = open(os.path.join(HERE, "README.md")).read().splitlines()
+    start = lines.index("## The paper in the code")
+    assert start < 80 and len(lines) <= 400  # a guide: the map early, the whole short
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("## "))
+    modules, found = dict(ops=ops, add=add, search=search, train=train, masks=masks), set()
+    for row in (line for line in lines[start:end] if line.startswith("| ") and ".py:" in line):
+        paper, code, tag = (cell.strip() for cell in row.strip("|").split("|"))
+        tag = tag.strip("`")
+        for module, name in re.findall(r"`(\w+)\.py:([\w.]+)`", code):
+            obj = modules[module]
+            for part in name.split("."):
+                obj = getattr(obj, part)  # the function, class or table exists
+            if callable(obj):
+                source = inspect.getsource(obj)
+            else:  # a table of data: its definition and the comment lines above it
+                text = inspect.getsource(modules[module]).splitlines()
+                at = next(i for i, line in enumerate(text) if line.startswith(f"{name} = "))
+                source = "\n".join(text[at - 3:at + 1])
+            assert tag in source, f"README: {module}.py:{name} has no {tag!r} ({paper})"
+            if tag.startswith("# Eq."):  # on a line that computes, not in a comment of its own
+                assert any(line.split("#")[0].strip() for line in source.splitlines() if tag in line), (name, tag)
+            found.add(tag)
+    assert {f"# Eq. {k}" for k in range(1, 8)} | {"# Algorithm 1", "# Fig. 2", "# Sec. III-C"} <= found
 
 
 # ----------------------------------------------------------------------------------------------

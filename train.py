@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader, DistributedSampler
 
-from add import (ADD, Diverged, FiniteCheck, StopSignals, Stopped, add_loss, autocast, count_parameters, d2_layout,
+from add import (ADD, Diverged, FiniteCheck, StoppableRun, Stopped, add_loss, autocast, count_parameters, d2_layout,
                  epoch_generator, fold_batchnorm, ignore_stop_signals, load_checkpoint, load_state, loss_terms, new_run_dir,
                  peak_memory_mib, pick_device, prepare_model, random_batch, resumed_config, save_checkpoint,
                  scale_milestones, time_steps, to_device, trim_log)
@@ -154,8 +154,9 @@ def equal_error_rate(labels, probs):
 
 
 def scores(labels, probs, threshold=0.5):
-    """ACC and balanced ACC (the mean of the per-class accuracies: FF++'s test split is 1 real to 4
-    fakes) at the threshold; ROC AUC, AP (fake = positive) and EER, None when one class is missing."""
+    """ACC and AUC (Sec. IV-B): ACC at the threshold, ROC AUC; beside them balanced ACC (the mean of
+    the per-class accuracies: FF++'s test split is 1 real to 4 fakes), AP (fake = positive) and EER.
+    The ranking metrics are None when one class is missing."""
     labels, correct = np.asarray(labels).round(), (np.asarray(probs) > threshold) == np.asarray(labels).round()
     out = dict(acc=float(correct.mean()), bacc=float(np.mean([correct[labels == c].mean() for c in np.unique(labels)])))  # ACC
     two = len(np.unique(labels)) == 2
@@ -169,7 +170,7 @@ def evaluate(model, loader, device, threshold=0.5):
     """-> (metrics: frames, videos, frame_* and video_* scores, ce, mse; per-frame outputs)."""
     out, videos = frame_scores(model, loader, device)
     video_probs, video_labels = video_level(out["p"], out["label"], videos)
-    metrics = dict(frames=len(out["p"]), videos=len(video_labels),
+    metrics = dict(frames=len(out["p"]), videos=len(video_labels),  # ACC and AUC, per frame and per video
                    **{f"frame_{k}": v for k, v in scores(out["label"], out["p"], threshold).items()},
                    **{f"video_{k}": v for k, v in scores(video_labels, video_probs, threshold).items()},
                    ce=float(out["ce"].mean()), mse=None if out["mse"] is None else float(out["mse"].mean()))
@@ -189,8 +190,8 @@ def datasets(args):
 def test_split(args):
     """The test split and its name: --data/--methods' own (Table I), other manipulations of the same
     dataset (--test-methods: Table II), or another dataset (--test-data: Table III)."""
-    test_data = args.test_data or args.data  # Table I: the training data's own test split; Table III: another dataset
-    same = test_data == args.data
+    test_data = args.test_data or args.data  # Table I: the training data's own test split
+    same = test_data == args.data  # Table III when False: another dataset (--test-data)
     methods = parse_methods(test_data, args.test_methods or (args.methods if same else None))  # Table II: other methods
     root = args.test_root or (args.root if same else None)
     videos, frames = (args.videos, args.frames) if same else (DEMO["videos"], DEMO["frames"])  # real -> synthetic: the demo's
@@ -199,7 +200,7 @@ def test_split(args):
 
 
 def fit(args, rank, world, local_world, device):
-    """Sec. IV-B's training: --epochs passes of Eq. 7 with Adam, the lr / 10 at the milestones, the
+    """Sec. IV-B's training: --epochs passes of Eq. 7 (Adam: make_optimizer), the lr / 10 at the milestones, the
     network validated after each epoch; the test split is evaluated once, at the end, with the epoch
     of the best validation AUC. Resume, DDP, checkpoints, stop signals and logs are TrainRun's."""
     args, state = resumed(args, rank, local_world)  # --resume: the saved configuration and state
@@ -231,11 +232,11 @@ DEMO = dict(image_size=64, stem_reductions=2, channels=16, cells_per_block=1, ba
             milestones=[200, 280], videos=160, frames=4)
 RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "out")  # what a resumed run may change
 MODEL_KEYS = ("arch", "channels", "blocks", "cells_per_block", "stem_reductions", "image_size", "mask_weight")  # to rebuild it
-CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", "batch_size", "synthetic")  # --eval-only: the
-# checkpoint's run's unless given (the same batches give bit-identical metrics)
+# --eval-only: the checkpoint's run's unless given (the same batches give bit-identical metrics)
+CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", "batch_size", "synthetic")
 
 
-class TrainRun:
+class TrainRun(StoppableRun):
     """The bookkeeping around the training loop, so that fit() shows the training alone: resume (the
     model, optimizer and scheduler states, the epoch, the best AUC), the distributed wrapper and the
     loaders, then each step's non-finite check, progress line and stop signals (SIGTERM, SIGINT: the
@@ -266,17 +267,10 @@ class TrainRun:
         self.images = len(train_data) * args.batch_size  # training images an epoch, all processes
         return train_data, loader(val_set, args.batch_size, args)
 
-    def __enter__(self):
-        self.stop = StopSignals().__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.__exit__(*exc)
-
     def epochs(self):
         for epoch in range(self.start, self.args.epochs):
             self.sampler.set_epoch(epoch)
-            self.epoch, self.tic = epoch, time.time()
+            self.epoch, self.tic, self.lr = epoch, time.time(), self.optimizers[0].param_groups[0]["lr"]
             self.flips = epoch_generator(self.args.seed, epoch, self.rank)  # per (seed, epoch, rank): resumable
             self.check = FiniteCheck(self.device, self.args.check_every,
                                      "the last good checkpoint is intact: lower --lr, or --resume from it")
@@ -287,12 +281,14 @@ class TrainRun:
         last, epoch = step + 1 == steps, self.epoch
         self.check.add(loss, step, last, f"epoch {epoch + 1}")
         self.progress.step(epoch, step, steps, loss.detach(), images)  # .item() only when it prints
-        if self.stop.agreed(step, self.args.check_every, last, self.world, self.device):
-            out = self.args.out
-            raise Stopped(f"stopped by {self.stop.name or 'a signal to another process'} in epoch {epoch + 1}, after "
-                          f"step {step + 1} of {steps}; " + (f"the last checkpoint, {os.path.join(out, 'last.pt')}, holds "
-                          f"epoch {epoch}: continue with python train.py --resume --out {out}" if epoch else
-                          "no checkpoint yet (one is written at the end of each epoch)"))
+        if not last and self.stop.agreed(step, self.args.check_every, False, self.world, self.device):
+            raise Stopped(self.stopped(f"in epoch {epoch + 1}, after step {step + 1} of {steps}", epoch))
+
+    def stopped(self, where, held):
+        out = self.args.out
+        return (f"stopped by {self.stop.name or 'a signal to another process'} {where}; " +
+                (f"the last checkpoint, {os.path.join(out, 'last.pt')}, holds epoch {held}: continue with python "
+                 f"train.py --resume --out {out}" if held else "no checkpoint yet (one is written at each epoch's end)"))
 
     def after_epoch(self, epoch, losses, val_data):
         """Rank 0: validation, log.jsonl (its line before the checkpoint: add.trim_log), best.pt when the
@@ -304,7 +300,7 @@ class TrainRun:
             improved, (train_ce, train_mse), (optimizer, scheduler) = auc > self.best, losses, self.optimizers
             self.best, seconds, out = max(self.best, auc), time.time() - tic, self.args.out
             line = dict(epoch=epoch + 1, train_ce=train_ce, train_mse=train_mse, val_ce=val["ce"], val_mse=val["mse"],
-                        lr=scheduler.get_last_lr()[0], seconds=seconds, train_seconds=train_seconds,
+                        lr=self.lr, seconds=seconds, train_seconds=train_seconds,
                         train_images=self.images, val=val)
             with open(os.path.join(out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(line) + "\n")
@@ -321,6 +317,8 @@ class TrainRun:
                   f"{seconds:.1f} s" + ("  (best)" if improved else ""), flush=True)
         if self.world > 1:
             dist.barrier()
+        if epoch + 1 < self.args.epochs and self.stop.agreed(0, 1, True, self.world, self.device):  # came in its last step
+            raise Stopped(self.stopped(f"at the end of epoch {epoch + 1}", epoch + 1))
 
 
 def resumed(args, rank, local_world):
