@@ -396,14 +396,15 @@ def test(args, model, val_data, test_set, test_name, device):
     load_state(model, best["model"], os.path.join(args.out, "best.pt"))
     val, _ = evaluate(model, val_data, device)
     rows = {f"val  {args.data}:{','.join(parse_methods(args.data, args.methods))}": val}
-    return report(args, model, rows, test_set, test_name, device, "metrics.json", best["epoch"])
+    return report(args, model, rows, test_set, test_name, device, "metrics.json", best)
 
 
-def report(args, model, rows, test_set, test_name, device, name, epoch):
-    """Evaluates the test split; writes NAME (metrics), predictions.csv, roc.png and masks.png."""
+def report(args, model, rows, test_set, test_name, device, name, state):
+    """Evaluates the test split; writes NAME (metrics, with the checkpoint's epoch and genotype),
+    predictions.csv, roc.png and masks.png."""
     rows[f"test {test_name}"], out = evaluate(model, loader(test_set, args.batch_size, args), device)
-    metrics = dict(arch=args.arch, parameters=count_parameters(model), epoch=epoch, mask_weight=args.mask_weight,
-                   **{k.split()[0]: dict(data=k.split()[1], **v) for k, v in rows.items()})
+    metrics = dict(arch=args.arch, parameters=count_parameters(model), epoch=state["epoch"], mask_weight=args.mask_weight,
+                   genotype=state.get("genotype"), **{k.split()[0]: dict(data=k.split()[1], **v) for k, v in rows.items()})
     atomic_write(os.path.join(args.out, name), lambda f: f.write(json.dumps(metrics, indent=1).encode()))
     write_predictions(os.path.join(args.out, "predictions.csv"), test_set, out)
     plot_roc(os.path.join(args.out, "roc.png"), out, test_name)
@@ -429,7 +430,7 @@ def eval_only(args, device):
         setattr(args, key, cfg.get(key))
     print_config(args)
     test_set, test_name = test_split(args)
-    return report(args, model, {}, test_set, test_name, device, "eval.json", state["epoch"])
+    return report(args, model, {}, test_set, test_name, device, "eval.json", state)
 
 
 def print_table(rows):
@@ -639,7 +640,8 @@ def compare(args):
     groups = {}
     for run in args.compare:
         cfg, metrics, log = read_run(run)
-        key = json.dumps({k: v for k, v in cfg.items() if k not in COMPARE_IGNORED}, sort_keys=True)
+        cells = metrics.get("genotype") or load_checkpoint(os.path.join(run, "best.pt")).get("genotype")  # the cells, not the file name
+        key = json.dumps(dict({k: v for k, v in cfg.items() if k not in COMPARE_IGNORED}, cells=cells), sort_keys=True)
         groups.setdefault(key, []).append((run, cfg, metrics, log))
     rows = sorted((compare_row(runs) for runs in groups.values()), key=lambda r: (r["parameters"], r["name"]))
     out = new_run_dir(args.out)
