@@ -634,7 +634,7 @@ COMPARE_IGNORED = ("seed", "out", "resume", "workers", "device", "log_every", "c
 
 def compare(args):
     """--compare RUN_DIR...: finished training runs grouped by everything but their seed (the same
-    network, data and training) -> one row a group: parameters, training images/s, test frame and
+    network, data and training) -> one row a group: parameters, lr, training images/s, test frame and
     video AUC as mean and standard deviation over the seeds; printed, written to compare.csv, and
     drawn as pareto.png (test frame AUC against parameters). -> the rows."""
     groups = {}
@@ -645,14 +645,14 @@ def compare(args):
         groups.setdefault(key, []).append((run, cfg, metrics, log))
     rows = sorted((compare_row(runs) for runs in groups.values()), key=lambda r: (r["parameters"], r["name"]))
     out = new_run_dir(args.out)
-    columns = ["name", "kind", "width", "parameters", "images_per_s", "frame_auc", "frame_auc_std", "video_auc",
+    columns = ["name", "kind", "width", "parameters", "lr", "images_per_s", "frame_auc", "frame_auc_std", "video_auc",
                "video_auc_std", "n", "runs"]
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows([columns] + [[r[c] for c in columns] for r in rows])
     atomic_write(os.path.join(out, "compare.csv"), lambda f: f.write(text.getvalue().encode()))
-    print(f"{'name':28s} {'kind':13s} {'width':>7s} {'params':>8s} {'img/s':>7s}  {'frame AUC':>15s}  {'video AUC':>15s}  n")
+    print(f"{'name':28s} {'kind':13s} {'width':>7s} {'params':>8s} {'lr':>7s} {'img/s':>7s}  {'frame AUC':>15s}  {'video AUC':>15s}  n")
     for r in rows:
-        print(f"{r['name'][:28]:28s} {r['kind']:13s} {r['width']:>7s} {r['parameters'] / 1e6:>7.2f}M "
+        print(f"{r['name'][:28]:28s} {r['kind']:13s} {r['width']:>7s} {r['parameters'] / 1e6:>7.2f}M {r['lr']:>7g} "
               f"{r['images_per_s'] or float('nan'):>7.1f}  {r['frame_auc']:.3f} ± {r['frame_auc_std']:.3f}  "
               f"{r['video_auc']:.3f} ± {r['video_auc_std']:.3f}  {r['n']}")
     plot_pareto(rows, os.path.join(out, "pareto.png"))
@@ -688,7 +688,7 @@ def compare_row(runs):
     spread = lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0
     timed = [(e["train_images"], e["train_seconds"]) for _, _, _, log in runs for e in log if "train_seconds" in e]
     return dict(name=name, kind=kind, width=f"C{cfg['channels']} N{cfg['cells_per_block']}" if add else "-",
-                parameters=metrics["parameters"], images_per_s=sum(i for i, _ in timed) / sum(s for _, s in timed) if timed else None,
+                parameters=metrics["parameters"], lr=cfg["lr"], images_per_s=sum(i for i, _ in timed) / sum(s for _, s in timed) if timed else None,
                 frame_auc=float(frame.mean()), frame_auc_std=spread(frame), video_auc=float(video.mean()),
                 video_auc_std=spread(video), n=len(runs), runs=" ".join(sorted(r for r, *_ in runs)))
 
