@@ -9,7 +9,8 @@ Read top to bottom, this file is the paper's network:
   with the mask branch, f * m (Eq. 6, with m at f's resolution, before the up-sampling).
 - loss_terms, add_loss: Eq. 5, 6 and 7, CE' + alpha * MSE; one implementation for both scripts.
 Below the divider: the run helpers search.py and train.py share (device and bf16 autocast,
-checkpoints, stop signals, BatchNorm folding for inference, loaders' batches on the device).
+checkpoints, stop signals, loaders and their workers, BatchNorm folding for inference, batches on
+the device).
 
     python add.py --genotype g.json      # prints the network's size and the shape of its outputs
 """
@@ -28,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.data import DataLoader
 
 from ops import STEPS, Cell, InputError, Parser, atomic_write, bounded, genotype_edges, load_genotype, search_edges
 
@@ -42,12 +44,13 @@ def d2_layout(blocks, cells_per_block):
 
 
 def stem(C_out, reductions):
-    """3x3 stride-2 conv-BN(-ReLU) layers: 256 px faces -> 32x32 features with 3 reductions.
-    The paper does not describe its stem; this is DARTS's ImageNet stem, one layer per halving."""
+    """3x3 conv-BN(-ReLU) layers, one per halving (stride 2): 256 px faces -> 32x32 features with 3
+    reductions; with 0, one stride-1 layer (3 -> C_out channels at full size). The paper does not
+    describe its stem: one chain ending at 3C channels (DARTS's stem multiplier), a layer a halving."""
     layers, C_in = [], 3
-    for i in range(reductions):
-        C = C_out if i == reductions - 1 else C_out // 2
-        layers += [nn.Conv2d(C_in, C, 3, 2, 1, bias=False), nn.BatchNorm2d(C), nn.ReLU()]
+    for i in range(max(1, reductions)):
+        C = C_out if i == max(1, reductions) - 1 else C_out // 2
+        layers += [nn.Conv2d(C_in, C, 3, 2 if reductions else 1, 1, bias=False), nn.BatchNorm2d(C), nn.ReLU()]
         C_in = C
     return nn.Sequential(*layers[:-1])  # the cells' ReLU-Conv-BN start with their own ReLU
 
@@ -153,19 +156,21 @@ class FiniteCheck:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class Stopped(Exception):
-    """A stop from outside (StopSignals): the run ends with this one-line message, non-zero exit."""
+class Stopped(BaseException):
+    """A stop from outside (StopSignals): the run ends with this one-line message, non-zero exit. A
+    BaseException, as KeyboardInterrupt: no `except Exception` (one input's failure) swallows it."""
 
 
 class StopSignals:
     """SIGTERM and SIGINT (a scheduler's pre-emption, `timeout`, `scancel`, Ctrl-C: each sent to the
     whole process group) become a flag the training loop reads after each step, so that a run stops
     at a step boundary with one line (the search checkpoints that step; training names its last
-    checkpoint), instead of dying mid-step with a traceback.
+    checkpoint), instead of dying mid-step with a traceback. Once nothing is left to save (training's
+    final test), stop_now(message) makes a signal raise Stopped(message) at once.
     Loader workers ignore both (ignore_stop_signals, their worker_init_fn): they live until the main
     process is done with them. A context manager; truthy once a signal came (its name: .name)."""
     def __enter__(self):
-        self.name = None
+        self.name = self.message = None
         self.previous = {s: signal.signal(s, self.receive) for s in STOP_SIGNALS}
         return self
 
@@ -175,31 +180,43 @@ class StopSignals:
 
     def receive(self, signum, frame):
         self.name = signal.Signals(signum).name
+        if self.message:
+            raise Stopped(self.message.format(self.name))
+
+    def stop_now(self, message):
+        """From here on a signal raises Stopped(message, "{}" replaced by the signal's name); one that
+        came already raises it now."""
+        self.message = message
+        if self:
+            raise Stopped(message.format(self.name))
 
     def __bool__(self):
         return self.name is not None
 
-    def agreed(self, step, every, last, world, device):
-        """Whether to stop after this step. With several processes (DDP), all must stop after the same
-        step: the flags are combined every `every` steps (and at the last), else every step here."""
-        if world == 1:
+    def agreed(self, group=None):
+        """Whether to stop after this step. With several processes (DDP) all must stop after the same
+        step: their flags are combined every step over `group`, a CPU (gloo) group, so that no GPU
+        work waits for it. One process (group None): its own flag."""
+        if group is None:
             return bool(self)
-        if (step + 1) % every and not last:
-            return False
-        flag = torch.tensor(float(bool(self)), device=device)
-        dist.all_reduce(flag, dist.ReduceOp.MAX)
-        return bool(flag.item())
+        flag = torch.tensor(float(bool(self)))
+        dist.all_reduce(flag, dist.ReduceOp.MAX, group=group)
+        return bool(flag)
 
 
 class StoppableRun:
     """The base of SearchRun and TrainRun: a context manager inside which SIGTERM and SIGINT set the
-    flag self.stop (StopSignals) instead of ending the process."""
+    flag self.stop (StopSignals) instead of ending the process, and at whose end the workers of its
+    loaders (self.loaders) end too (end_workers)."""
+    loaders = ()
+
     def __enter__(self):
         self.stop = StopSignals().__enter__()
         return self
 
     def __exit__(self, *exc):
         self.stop.__exit__(*exc)
+        end_workers(self.loaders)
 
 
 def ignore_stop_signals(worker_id=None):
@@ -207,6 +224,24 @@ def ignore_stop_signals(worker_id=None):
     handle; a worker killed by them would end the run with a traceback instead."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def loader(dataset, batch_size, workers, sampler=None, drop_last=False):
+    """A DataLoader as both scripts use it: `workers` persistent worker processes that ignore the
+    stop signals (ignore_stop_signals) and hand over uint8 batches (to_device), pinned for a GPU."""
+    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
+                      worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
+def end_workers(loaders):
+    """Ends the loaders' worker processes now, as DataLoader itself does when its iterator is deleted.
+    Left to the interpreter's exit they would hang it: multiprocessing's exit handler sends SIGTERM,
+    which the workers ignore, and then waits for them, forever (a loader outlives its run whenever
+    something still holds it at exit: matplotlib keeps a frame of the training loop, for one)."""
+    for data in loaders:
+        if getattr(data, "_iterator", None) is not None:  # a persistent loader's workers, once started
+            data._iterator._shutdown_workers()
+            data._iterator = None
 
 
 def pick_device(name):
@@ -249,11 +284,16 @@ def new_run_dir(path):
     return candidate
 
 
-def prepare_model(model, device, compile=False):
+def prepare_model(model, device, compile=False, deterministic=False):
     """The model on the device, channels_last (faster on the CPU too: ADD trains 1.55x faster in it,
-    issue 9's measurement; README, Speed), optionally torch.compile'd (inductor)."""
+    issue 9's measurement; README, Speed), optionally torch.compile'd (inductor). On CUDA cuDNN picks
+    its fastest kernels for the fixed input size, unless `deterministic`: then cuDNN's and torch's
+    deterministic algorithms (a warning names each operation that has none)."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode
+        torch.use_deterministic_algorithms(True, warn_only=True)
     model = model.to(device, memory_format=torch.channels_last)
     if compile:
         model.compile()  # in place: its calls run the compiled forward, its state_dict keys stay as they are
@@ -365,11 +405,12 @@ def scale_milestones(milestones, epochs, paper_epochs=300):
 def save_checkpoint(state, path):
     """A plain dict of tensors and plain values (loads with weights_only=True), written atomically.
     Refused (Diverged, the file on disk left as it was) when any floating tensor in it holds a NaN or
-    an infinity: every checkpoint is one a run can continue from."""
-    named = [(name, t) for name, t in _tensors(state) if t.is_floating_point()]
-    if named and not torch.stack([torch.isfinite(t).all() for _, t in named]).all():  # one host sync
-        bad = next(name for name, t in named if not torch.isfinite(t).all())
-        raise Diverged(f"{bad} holds a non-finite value: {path} was not written (the one on disk is intact)")
+    an infinity: every checkpoint is one a run can continue from. Each tensor is checked where it is
+    (a state mixes devices: on CUDA, Adam's step counts and the loss means stay on the CPU); a meta
+    tensor holds no values to check."""
+    for name, t in _tensors(state):
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+            raise Diverged(f"{name} holds a non-finite value: {path} was not written (the one on disk is intact)")
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -406,6 +447,18 @@ def resumed_config(state, args, run_keys, path, needed=()):
         raise InputError(f"{path}: written by another version of this script (its configuration has no "
                          f"{', '.join('--' + k.replace('_', '-') for k in missing[:3])}); start a new run")
     return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in run_keys}})
+
+
+def rng_states(device):
+    """The random states a resumed run restores: the CPU generator's (initialisation, samplers) and,
+    on CUDA, the device's (dropout). -> the checkpoint's rng and cuda_rng."""
+    return dict(rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def restore_rng(state, device):
+    torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:  # checkpoints of CPU runs have none
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def trim_log(path, epochs):

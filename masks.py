@@ -839,6 +839,8 @@ def add_data_arguments(p):
                    "benchmark's preset (easy, the default: the demo; hard: JPEG-compressed, re-noised fakes, to compare networks)")
     p.add_argument("--videos", type=bounded(int, 2), help="synthetic only: real videos in the train split (val, test: half)")
     p.add_argument("--frames", type=bounded(int, 1), help="frames per video: synthetic data (default 4), --predict (default 32)")
+    p.add_argument("--data-seed", type=bounded(int, 0), help="synthetic only: the seed its people, scenes and fakes are drawn "
+                   "with (default 0)")
     p.add_argument("--workers", type=bounded(int, 0), help="DataLoader workers per process (default: 0 on synthetic data, "
                    "else the CPUs this process may use / processes per node, at most 8)")
 
@@ -853,11 +855,11 @@ def parse_methods(data, text):
     return methods
 
 
-def open_split(data, root, split, methods, image_size, train, videos=None, frames=4, preset="easy"):
+def open_split(data, root, split, methods, image_size, train, videos=None, frames=4, preset="easy", data_seed=0):
     """The dataset of one split: (image, mask, label, video) samples from any of the three sources."""
     if data == "synthetic":
         n = videos if split == "train" else max(2, videos // 2)
-        return SyntheticFaces(split, methods, n, frames, image_size, seed=0, preset=preset)
+        return SyntheticFaces(split, methods, n, frames, image_size, data_seed, preset)
     return FaceCrops(root or os.path.join("data", data), split, methods, train, image_size)
 
 
@@ -867,7 +869,7 @@ def resolve_defaults(args, paper, demo, keep=()):
     from a checkpoint)."""
     if args.data is None and "data" not in keep:
         args.data = "synthetic"
-    for key, value in dict(demo if args.data == "synthetic" else paper, synthetic="easy").items():
+    for key, value in dict(demo if args.data == "synthetic" else paper, synthetic="easy", data_seed=0).items():
         if key not in keep and getattr(args, key, None) is None:
             setattr(args, key, value)
     return args

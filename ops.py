@@ -57,18 +57,22 @@ class SepConv(nn.Sequential):
 
 
 class FactorizedReduce(nn.Module):
-    """Halves H, W with two 1x1 stride-2 convs on pixel grids offset by one (no pixel is dropped)."""
+    """Halves H, W with two 1x1 convs on pixel grids offset by one (no pixel is dropped): DARTS's
+    1x1 stride-2 convs, written as subsampling then a stride-1 conv (the same sums): torch 2.14's
+    oneDNN kernel for a strided 1x1 conv's backward on channels_last inputs of 2-4 channels corrupts
+    the heap on AVX2-only processors (test_add.py reproduces it with ONEDNN_MAX_CPU_ISA=AVX2)."""
     def __init__(self, C_in, C_out, affine):
         super().__init__()
         self.relu = nn.ReLU()
-        self.conv1 = nn.Conv2d(C_in, C_out // 2, 1, 2, bias=False)
-        self.conv2 = nn.Conv2d(C_in, C_out - C_out // 2, 1, 2, bias=False)
+        self.conv1 = nn.Conv2d(C_in, C_out // 2, 1, bias=False)
+        self.conv2 = nn.Conv2d(C_in, C_out - C_out // 2, 1, bias=False)
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, ceil(H/2), ceil(W/2))
         x = self.relu(x)
-        shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))  # padded back so odd H, W still match
-        return self.bn(torch.cat([self.conv1(x), self.conv2(shifted)], dim=1))
+        even, odd = x[:, :, ::2, ::2], x[:, :, 1::2, 1::2]  # the grid a stride-2 conv reads, and the one offset by one
+        odd = F.pad(odd, (0, even.shape[3] - odd.shape[3], 0, even.shape[2] - odd.shape[2]))  # odd H, W: zeros, as before
+        return self.bn(torch.cat([self.conv1(even), self.conv2(odd)], dim=1))
 
 
 class Zero(nn.Module):

@@ -15,8 +15,8 @@ line.
 
 The paper's own search (Sec. IV-B: momentum SGD at lr 0.1 for w, alpha moving from the first step,
 every edge on all channels, every training face each epoch) is `--paper`. Its w learning rate
-leaves the one-shot network at chance on the demo data, and its budget is ~190 days on FF++ at
-this CPU's step time; the defaults do what the DARTS family does instead (README, Departures).
+leaves the one-shot network at chance on the demo data, and its budget is ~235 days on FF++ at
+this CPU's step time (README, Speed); the defaults do what the DARTS family does instead (README, Departures).
 
     python search.py                      # built-in synthetic data, demo configuration (~5 min, 2 CPU cores)
     python search.py --data ff++          # real data: 256 px, batch 8, 300 epochs of at most 200 steps
@@ -36,12 +36,12 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 from add import (ADD, Diverged, FiniteCheck, StoppableRun, Stopped, add_loss, autocast, count_parameters, d2_layout,
-                 epoch_generator, ignore_stop_signals, load_checkpoint, load_state, loss_terms, new_run_dir, peak_memory_mib,
-                 pick_device, prepare_model, random_batch, resumed_config, save_checkpoint, scale_milestones, sync,
-                 time_steps, to_device, trim_log)
+                 epoch_generator, load_checkpoint, load_state, loader, loss_terms, new_run_dir, peak_memory_mib, pick_device,
+                 prepare_model, random_batch, restore_rng, resumed_config, rng_states, save_checkpoint, scale_milestones,
+                 sync, time_steps, to_device, trim_log)
 from masks import add_data_arguments, loader_workers, open_split, parse_methods, resolve_defaults
 from ops import (OPS, PRIMITIVES, STEPS, Genotype, InputError, Parser, atomic_write, bounded, draw_genotype, node_softmax,
                  op_colour, random_genotype, save_genotype, search_edges)
@@ -131,7 +131,7 @@ def build(args, device, steps):
     """The search network, the two optimizers and their schedulers (Sec. IV-B and the departures),
     and the warm-up in steps."""
     model = prepare_model(SearchNetwork(args.channels, args.cells, args.stem_reductions, not args.no_mask_branch,
-                                        args.partial_channels), device, args.compile)
+                                        args.partial_channels), device, args.compile, args.deterministic)
     w_lr = w_learning_rate(args)
     if args.w_optimizer == "sgd":
         w_opt = torch.optim.SGD(model.net.parameters(), w_lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -157,15 +157,16 @@ def search(args, device, state=None):
     w_params, a_params = list(model.net.parameters()), model.arch_parameters()
     alpha_mask_weight = args.mask_weight if args.alpha_loss == "eq7" else 0.0
     penalty = parameter_penalty(args, model) if args.param_weight else None
-    with SearchRun(args, model, (w_opt, a_opt, w_sched, a_sched), device, steps, one_pass, warmup, state) as run:
+    with SearchRun(args, model, (w_opt, a_opt, w_sched, a_sched), (train_loader, val_loader), device, steps, one_pass,
+                   warmup, state) as run:
         for epoch in run.epochs():  # Algorithm 1, line 1
-            for step, batch, val_batch in run.batches(epoch, train_loader, val_loader):
+            for step, batch, val_batch in run.batches(epoch):
                 w = gradient_step(model, w_opt, w_params, batch, device, args.mask_weight, args.grad_clip,
-                                  epoch_generator(args.seed, epoch, step, 2))  # Algorithm 1, lines 2-4
+                                  run.flips(epoch, step, 2))  # Algorithm 1, lines 2-4
                 a = None
                 if run.alpha_moves(epoch, step):
                     a = gradient_step(model, a_opt, a_params, val_batch, device, alpha_mask_weight, None,
-                                      epoch_generator(args.seed, epoch, step, 3), penalty=penalty)  # Algorithm 1, lines 5-7
+                                      run.flips(epoch, step, 3), penalty=penalty)  # Algorithm 1, lines 5-7
                 run.after_step(epoch, step, w, a)
             w_sched.step()
             if run.alpha_moved():
@@ -196,7 +197,10 @@ DEPARTURES = [k for k in PAPER if PAPER[k] != REAL_DATA[k]]
 DEMO = dict(REAL_DATA, image_size=64, stem_reductions=2, channels=8, cells=5, batch_size=32, epochs=5,
             alpha_milestones=[200, 280], videos=160, frames=4, warmup=0.4, partial_channels=1, steps_per_epoch=0)
 RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "checkpoint_every", "run_dir", "benchmark",
-            "profile")  # what a resumed search may change
+            "profile", "deterministic")  # what a resumed search may change
+# Options added after some search.pt files were written, with the value such a checkpoint stands for (--paper's
+# values are in the saved configuration anyway)
+ADDED = dict(paper=False, no_flips=False, data_seed=0)
 # Defaults a resumed search may change when given (--resume --select pt --out g-pt.json: DARTS-PT on a finished search)
 AFTER_SEARCH = dict(select="alpha", pt_batches=2, pt_tune_steps=5, out="g.json")
 NEAR_TIE = 0.01  # a choice whose runner-up is within this much softmax weight (of ~0.1-0.2) is a near-tie
@@ -218,10 +222,10 @@ class SearchRun(StoppableRun):
     plan and the clock, the epoch's running means, non-finite losses, checkpoints (every
     --checkpoint-every steps, at each epoch's end, and when a stop signal came: SIGTERM, SIGINT),
     g.json and its picture, the log line, alpha.png."""
-    def __init__(self, args, model, optimizers, device, steps, one_pass, warmup, state):
-        self.args, self.model, self.optimizers, self.device = args, model, optimizers, device
+    def __init__(self, args, model, optimizers, loaders, device, steps, one_pass, warmup, state):
+        self.args, self.model, self.optimizers, self.loaders, self.device = args, model, optimizers, loaders, device
         self.steps, self.warmup, self.drawn, self.path = steps, warmup, -math.inf, os.path.join(args.run_dir, "search.pt")
-        self.start = restore(state, self.path, model, optimizers) if state else dict(epoch=0, step=0, means=None)
+        self.start = restore(state, self.path, model, optimizers, device) if state else dict(epoch=0, step=0, means=None)
         total, done = args.epochs * steps, self.start["epoch"] * steps + self.start["step"]
         budget = (f" (--steps-per-epoch {args.steps_per_epoch}; one pass is {one_pass})" if steps < one_pass else
                   f" (one pass over the training split{f', capping --steps-per-epoch {args.steps_per_epoch}' if args.steps_per_epoch else ''})")
@@ -238,23 +242,28 @@ class SearchRun(StoppableRun):
         """alpha is still for the warm-up's first steps (--warmup: not in the paper), then moves every step."""
         return epoch * self.steps + step >= self.warmup
 
+    def flips(self, epoch, step, stream):
+        """The random horizontal flips of a step's batch (add.random_flips; not in the paper: --no-flips),
+        seeded by (seed, epoch, step, stream): a resumed search flips as an uninterrupted one."""
+        return None if self.args.no_flips else epoch_generator(self.args.seed, epoch, step, stream)
+
     def alpha_moved(self):
         """Whether alpha moved in this epoch: its milestones count those epochs."""
         return self.means.alpha_steps > 0
 
-    def batches(self, epoch, train_loader, val_loader):
+    def batches(self, epoch):
         """(step, training batch, validation batch) for each step of the epoch, from the saved step on
         when the epoch is the resumed one; the batches depend on (seed, epoch) only."""
         resumed = epoch == self.start["epoch"]
         self.first = self.start["step"] if resumed else 0
         self.means = Means(self.device, self.start["means"] if resumed else None)
-        for loader in (train_loader, val_loader):
-            loader.sampler.set_epoch(epoch, self.first * self.args.batch_size)
+        for data in self.loaders:
+            data.sampler.set_epoch(epoch, self.first * self.args.batch_size)
         self.model.train()
         self.check = FiniteCheck(self.device, self.args.check_every, "the last checkpoint is intact: lower --w-lr or --alpha-lr")
         self.check.start = self.first  # its windows count the epoch's steps
         self.tic = time.time()
-        for step, (batch, val_batch) in enumerate(zip(train_loader, val_loader), start=self.first):
+        for step, (batch, val_batch) in enumerate(zip(*self.loaders), start=self.first):
             self.clock.tick(self.alpha_moves(epoch, step))
             yield step, batch, val_batch
 
@@ -289,7 +298,7 @@ class SearchRun(StoppableRun):
         w_opt, a_opt, w_sched, a_sched = self.optimizers
         save_checkpoint(dict(model=self.model.state_dict(), w_opt=w_opt.state_dict(), a_opt=a_opt.state_dict(),
                              w_sched=w_sched.state_dict(), a_sched=a_sched.state_dict(), epoch=epoch, step=step,
-                             means=means.state() if means else None, rng=torch.get_rng_state(), config=vars(self.args)),
+                             means=means.state() if means else None, **rng_states(self.device), config=vars(self.args)),
                         self.path)
 
     def log(self, epoch, genotype, seconds):
@@ -314,8 +323,14 @@ class SearchRun(StoppableRun):
         print_genotype(genotype)
 
     def finish(self, genotype):
-        """The last line: the files written, the network's size, and how decisive alpha's choices were."""
+        """The last line: the files written, the network's size, and how decisive alpha's choices were
+        (--select pt: how many of them DARTS-PT kept)."""
         write_genotype(genotype, self.args.out, "search" if self.args.select == "alpha" else "search (DARTS-PT)")
+        if self.args.select == "pt":
+            by_alpha = self.model.genotype()
+            kept = sum(len(set(a[k:k + 2]) & set(b[k:k + 2])) for a, b in zip(genotype, by_alpha) for k in range(0, 8, 2))
+            return print(f"{describe(genotype, self.args.out)}; DARTS-PT kept {kept} of alpha's 16 (operation, input) "
+                         f"choices")
         margins = [choice_margins(chosen_by(w, e)) for w, e in self.model.cell_weights()]
         ops = sum(m < NEAR_TIE for cell in margins for m in cell["operation"])
         inputs = sum(m < NEAR_TIE for cell in margins for m in cell["inputs"] if m is not None)
@@ -348,14 +363,28 @@ class Means:
                     val_mse=val_mse if moved else None, alpha_steps=moved)
 
 
-def restore(state, path, model, optimizers):
+def restore(state, path, model, optimizers, device):
     """A resumed search: the network, alpha, beta, both optimizers and schedulers, the RNG; -> where it was."""
     load_state(model, state["model"], path)
     for module, key in zip(optimizers, ("w_opt", "a_opt", "w_sched", "a_sched")):
         load_state(module, state[key], path, key)
-    torch.set_rng_state(state["rng"])
+    restore_rng(state, device)
     print(f"resumed {path} at epoch {state['epoch'] + 1}, step {state['step']}")
     return dict(epoch=state["epoch"], step=state["step"], means=state["means"])
+
+
+def upgrade(state):
+    """A search.pt of an earlier version in today's format, so that a search of days resumes: before
+    commit 0e16673 the epoch's running sums were one tensor (2, 4), (w, alpha) x (CE, MSE, loss,
+    steps); options added since (ADDED) take the value the older run had."""
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
+        return state  # not a search checkpoint: resumed_config says so
+    if "sums" in state and "means" not in state:
+        sums = state.pop("sums")
+        state["means"] = dict(w=sums[0, :3], alpha=sums[1, :3], w_steps=int(sums[0, 3]),
+                              alpha_steps=int(sums[1, 3])) if state.get("step") else None
+    state["config"] = {**ADDED, **state["config"]}
+    return state
 
 
 def node_edges(node):
@@ -406,15 +435,13 @@ def loaders(args):
     epoch). -> (train loader, val loader), steps per epoch, steps of one pass."""
     methods = parse_methods(args.data, args.methods)
     sets = [open_split(args.data, args.root, s, methods, args.image_size, True, args.videos, args.frames,
-                       args.synthetic) for s in ("train", "val")]
+                       args.synthetic, args.data_seed) for s in ("train", "val")]
     for s, name in zip(sets, ("train", "val")):
         if len(s) < args.batch_size:
             raise InputError(f"--batch-size {args.batch_size}: the {name} split has only {len(s)} samples")
     one_pass = len(sets[0]) // args.batch_size
     steps = min(args.steps_per_epoch, one_pass) if args.steps_per_epoch else one_pass
-    kw = dict(batch_size=args.batch_size, drop_last=True, num_workers=args.workers, worker_init_fn=ignore_stop_signals,
-              pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0)
-    return [DataLoader(s, sampler=EpochOrder(len(s), steps * args.batch_size, args.seed, k), **kw)
+    return [loader(s, args.batch_size, args.workers, EpochOrder(len(s), steps * args.batch_size, args.seed, k), True)
             for k, s in enumerate(sets)], steps, one_pass
 
 
@@ -583,7 +610,8 @@ def select_by_perturbation(model, batches, tune, device, seed):
 
 def perturbation_genotype(args, model, loaders, device, stop):
     """--select pt after the search: fixed validation batches (--pt-batches) to compare the removals
-    on, and --pt-tune-steps w steps between rounds at a tenth of w's lr (as DARTS-PT's tuning). A stop
+    on, and --pt-tune-steps w steps between rounds at a tenth of w's lr, with the decisions so far
+    (DARTS-PT tunes the supernet between its decisions too, alpha included; here w alone). A stop
     signal ends it between rounds (the search's checkpoint is complete: --resume --select pt again)."""
     train_loader, val_loader = loaders
     val_loader.sampler.set_epoch(args.epochs)  # the validation split in an order the search never drew
@@ -747,9 +775,10 @@ def parse_args(argv=None):
                    "paper's network: 5.6 M)")
     g.add_argument("--grad-clip", type=bounded(float, 0), default=5.0, help="clip w's gradient norm (paper: unstated; "
                    "DARTS: 5; 0: off)")
+    g.add_argument("--no-flips", action="store_true", help="no random horizontal flips of the batches (paper: unstated)")
     g = p.add_argument_group("running: data, device, resume, checkpoints")
     add_data_arguments(g)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=bounded(int, 0), default=0)
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     g.add_argument("--out", help="the genotype to write (and its picture, .png; default g.json)")
     g.add_argument("--run-dir", default="runs/search", help="checkpoint, log.jsonl, alpha.png (a new one beside it "
@@ -762,6 +791,8 @@ def parse_args(argv=None):
     g.add_argument("--check-every", type=bounded(int, 1), default=50, help="read the device's non-finite-loss count every "
                    "N steps")
     g.add_argument("--compile", action="store_true", help="torch.compile the search network (long on the CPU)")
+    g.add_argument("--deterministic", action="store_true", help="CUDA: deterministic algorithms, no cuDNN autotuning "
+                   "(the CPU is deterministic anyway)")
     g = p.add_argument_group("extras")
     g.add_argument("--select", choices=("alpha", "pt"), help="how the cell is chosen: alpha, the paper's rule on "
                    "softmax(alpha) (times beta with partial channels; the default), or pt, DARTS-PT's removals")
@@ -808,7 +839,7 @@ def main(argv=None):
     state = None
     if args.resume:  # the saved configuration, but for what a resumed run may change
         path = os.path.join(args.run_dir, "search.pt")
-        state = load_checkpoint(path)
+        state = upgrade(load_checkpoint(path))
         given = {k: getattr(args, k) for k in AFTER_SEARCH if getattr(args, k) is not None}
         args = resumed_config(state, args, RUN_KEYS, path, ("epoch", "step", "means", "w_opt", "a_opt"))
         vars(args).update(given)

@@ -41,38 +41,89 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from add import (ADD, Diverged, FiniteCheck, StoppableRun, Stopped, add_loss, autocast, count_parameters, d2_layout,
-                 epoch_generator, fold_batchnorm, ignore_stop_signals, load_checkpoint, load_state, loss_terms, new_run_dir,
-                 peak_memory_mib, pick_device, prepare_model, random_batch, resumed_config, save_checkpoint,
-                 scale_milestones, time_steps, to_device, trim_log)
+                 epoch_generator, fold_batchnorm, load_checkpoint, load_state, loader, loss_terms, new_run_dir,
+                 peak_memory_mib, pick_device, prepare_model, random_batch, restore_rng, resumed_config, rng_states,
+                 save_checkpoint, scale_milestones, time_steps, to_device, trim_log)
 from masks import (METHODS, READ_ERRORS, add_data_arguments, loader_workers, open_split, parse_methods, read_faces,
                    resolve_defaults)
 from ops import InputError, Parser, atomic_write, bounded, genotype_from_dict, genotype_origin, load_genotype
 
-# Table IV's hand-designed networks, and the small ones the field uses (DeepfakeBench's EfficientNets, mobile networks)
-BASELINES = ("resnet18", "resnet152", "vgg16", "efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small",
+# Table IV's hand-designed networks (XceptionNet: below), and the small ones the field uses (DeepfakeBench's
+# EfficientNets, mobile networks)
+BASELINES = ("resnet18", "resnet152", "vgg16", "xception", "efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small",
              "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "mnasnet0_5")
 
 
 class Baseline(nn.Module):
-    """A torchvision classifier from scratch (weights=None: nothing is downloaded) in ADD's harness
-    (Table IV): returns (logits, None), so it trains with Eq. 4 alone."""
-    def __init__(self, arch):
+    """A hand-designed classifier from scratch (nothing is downloaded) in ADD's harness (Table IV),
+    returning (logits, None): it trains with Eq. 4 alone. The rule is ADD's, for every network:
+    BatchNorm momentum 0.1 (torchvision's mnasnet keeps 0.0003: its running statistics would still
+    be ~87% at their start after 480 steps) and no dropout or stochastic depth (ADD has none).
+    small_input: the first stride-2 layer at stride 1, as CIFAR variants do, so that a 64 px face
+    ends on a 4x4 map as in ADD (stem_reductions 2), not on ImageNet's 2x2."""
+    def __init__(self, arch, small_input=False):
         super().__init__()
-        import torchvision  # here, not at the top: 1.2 s at every start that an ADD run does not need
-        self.net = getattr(torchvision.models, arch)(weights=None, num_classes=2)
+        if arch == "xception":
+            self.net = xception()
+        else:
+            import torchvision  # here, not at the top: 1.2 s at every start that an ADD run does not need
+            self.net = getattr(torchvision.models, arch)(weights=None, num_classes=2)
+        for m in self.net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.1
+            if isinstance(m, nn.Dropout) or type(m).__name__ == "StochasticDepth":  # torchvision.ops.StochasticDepth
+                m.p = 0.0
+        if small_input:  # the first in definition order, which is the order they run in: the stem
+            first = next(m for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and m.stride in (2, (2, 2)))
+            first.stride = (1, 1) if isinstance(first, nn.Conv2d) else 1
 
     def forward(self, x):
         return self.net(x), None
+
+
+def xception_unit(C_in, C_out):
+    """Xception's unit: ReLU, a separable 3x3 convolution (depthwise, then pointwise), BatchNorm."""
+    return [nn.ReLU(), nn.Conv2d(C_in, C_in, 3, 1, 1, groups=C_in, bias=False), nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm2d(C_out)]
+
+
+class XceptionBlock(nn.Module):
+    """`units` Xception units, the first changing the width (grow_first; else the last), then a 3x3
+    max-pool of `stride`, plus the block's input (a 1x1 conv-BN where the shape changes)."""
+    def __init__(self, C_in, C_out, units, stride, relu_first=True, grow_first=True):
+        super().__init__()
+        widths = [C_in] + [C_out] * units if grow_first else [C_in] * units + [C_out]
+        layers = [layer for a, b in zip(widths, widths[1:]) for layer in xception_unit(a, b)][0 if relu_first else 1:]
+        self.body = nn.Sequential(*layers, *[nn.MaxPool2d(3, stride, 1)] * (stride > 1))
+        self.skip = nn.Identity() if stride == 1 and C_in == C_out else \
+            nn.Sequential(nn.Conv2d(C_in, C_out, 1, stride, bias=False), nn.BatchNorm2d(C_out))
+
+    def forward(self, x):
+        return self.body(x) + self.skip(x)
+
+
+def xception(classes=2):
+    """XceptionNet (Chollet, CVPR 2017), FaceForensics++'s detector and Table IV's fourth network:
+    entry flow, a middle flow of 8 blocks at 728 channels, exit flow; 22.86 M parameters at ImageNet's
+    1000 classes (Table IV's 23 M), 20.81 M at 2. torchvision has none, hence here."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, 2, bias=False), nn.BatchNorm2d(32), nn.ReLU(),  # entry flow
+        nn.Conv2d(32, 64, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        XceptionBlock(64, 128, 2, 2, relu_first=False), XceptionBlock(128, 256, 2, 2), XceptionBlock(256, 728, 2, 2),
+        *[XceptionBlock(728, 728, 3, 1) for _ in range(8)],  # middle flow
+        XceptionBlock(728, 1024, 2, 2, grow_first=False),  # exit flow
+        *xception_unit(1024, 1536)[1:], nn.ReLU(), *xception_unit(1536, 2048)[1:], nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, classes))
 
 
 def build_model(cfg, genotype):
     """ADD from the genotype (Fig. 2: D^2 blocks of N cells; the mask branch unless no_mask_branch,
     Eq. 4 alone), or a baseline."""
     if cfg["arch"] != "add":
-        return Baseline(cfg["arch"])  # Table IV: a hand-designed network
+        return Baseline(cfg["arch"], cfg.get("small_input"))  # Table IV: a hand-designed network
     layout = d2_layout(cfg["blocks"], cfg["cells_per_block"])
     return ADD(genotype, cfg["channels"], layout, cfg["stem_reductions"], mask=not cfg.get("no_mask_branch"))
 
@@ -184,7 +235,7 @@ def datasets(args):
     """Train and validation splits of --data/--methods (FF++'s official splits; Celeb-DF: masks.py)."""
     methods = parse_methods(args.data, args.methods)
     return [open_split(args.data, args.root, split, methods, args.image_size, split == "train", args.videos, args.frames,
-                       args.synthetic) for split in ("train", "val")]
+                       args.synthetic, args.data_seed) for split in ("train", "val")]
 
 
 def test_split(args):
@@ -195,7 +246,8 @@ def test_split(args):
     methods = parse_methods(test_data, args.test_methods or (args.methods if same else None))  # Table II: other methods
     root = args.test_root or (args.root if same else None)
     videos, frames = (args.videos, args.frames) if same else (DEMO["videos"], DEMO["frames"])  # real -> synthetic: the demo's
-    return (open_split(test_data, root, "test", methods, args.image_size, False, videos, frames, args.synthetic or "easy"),
+    return (open_split(test_data, root, "test", methods, args.image_size, False, videos, frames, args.synthetic or "easy",
+                       args.data_seed or 0),
             f"{test_data}:{','.join(methods)}")
 
 
@@ -207,17 +259,19 @@ def fit(args, rank, world, local_world, device):
     genotype = (genotype_from_dict(state["genotype"], "checkpoint") if state and state["genotype"]
                 else load_genotype(args.genotype) if args.arch == "add" else None)
     (train_set, val_set), (test_set, test_name) = datasets(args), test_split(args)
-    model = prepare_model(sync_batchnorm(build_model(vars(args), genotype), args, world, device), device, args.compile)
+    model = prepare_model(sync_batchnorm(build_model(vars(args), genotype), args, world, device), device, args.compile,
+                          args.deterministic)
     optimizer, scheduler = make_optimizer(model, args)
     run = TrainRun(args, model, (optimizer, scheduler), genotype, state, rank, world, device)
-    train_data, val_data = run.loaders(train_set, val_set, f"test {len(test_set)} ({test_name})")
+    train_data, val_data, test_data = run.data(train_set, val_set, test_set, test_name)
     with run:
         for epoch in run.epochs():
             losses = train_epoch(run.net, train_data, optimizer, device, args, run.flips, run.after_step)
             scheduler.step()
             run.after_epoch(epoch, losses, val_data)  # validation, best.pt / last.pt, the log line
-    if rank == 0:
-        return test(args, model, val_data, test_set, test_name, device)
+        if rank == 0:
+            run.stop.stop_now(run.stopped("during the final test", args.epochs))
+            return test(args, model, val_data, (test_set, test_data, test_name), device)
 
 
 # ==============================================================================================
@@ -227,13 +281,16 @@ def fit(args, rank, world, local_world, device):
 # Settings that differ between a real dataset (the paper's, Sec. IV-B, but for the lr: README, Departures) and the
 # built-in synthetic data (a demo sized for 2 CPU cores). Flags override both.
 REAL_DATA = dict(image_size=256, stem_reductions=3, channels=48, cells_per_block=4, batch_size=96, lr=5e-4, epochs=300,
-                 milestones=[80, 140])
+                 milestones=[80, 140], small_input=False)
 DEMO = dict(image_size=64, stem_reductions=2, channels=16, cells_per_block=1, batch_size=32, lr=1e-3, epochs=12,
-            milestones=[200, 280], videos=160, frames=4)
-RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "out")  # what a resumed run may change
-MODEL_KEYS = ("arch", "channels", "blocks", "cells_per_block", "stem_reductions", "image_size", "mask_weight")  # to rebuild it
+            milestones=[200, 280], videos=160, frames=4, small_input=True)
+# Options added after some checkpoints were written, with the value such a checkpoint stands for
+ADDED = dict(compare=None, genotype_origin=None, no_flips=False, small_input=False, data_seed=0)
+RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "out", "deterministic")  # a resumed run may change
+MODEL_KEYS = ("arch", "channels", "blocks", "cells_per_block", "stem_reductions", "image_size", "mask_weight",
+              "small_input")  # to rebuild it
 # --eval-only: the checkpoint's run's unless given (the same batches give bit-identical metrics)
-CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", "batch_size", "synthetic")
+CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", "batch_size", "synthetic", "data_seed")
 
 
 class TrainRun(StoppableRun):
@@ -245,33 +302,37 @@ class TrainRun(StoppableRun):
     def __init__(self, args, model, optimizers, genotype, state, rank, world, device):
         self.args, self.model, self.optimizers, self.genotype = args, model, optimizers, genotype
         self.rank, self.world, self.device = rank, world, device
-        self.start, self.best = restore(state, model, *optimizers, args.out) if state else (0, -1.0)
+        self.start, self.best = restore(state, model, *optimizers, args.out, device) if state else (0, -1.0)
+        if self.start == args.epochs and rank == 0:
+            print(f"training is complete (epoch {self.start} of {args.epochs}): the test runs")
         self.net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) \
             if world > 1 else model
+        self.group = dist.new_group(backend="gloo") if world > 1 else None  # where the ranks agree to stop (CPU)
 
-    def loaders(self, train_set, val_set, test_line):
+    def data(self, train_set, val_set, test_set, test_name):
         """The training loader (an epoch's order depends on (seed, epoch) only: resumable; each process
-        its share of the global batch) and the validation loader; the header line, config.json."""
+        its share of the global batch), the validation and the test loader; the header line, config.json."""
         args = self.args
         self.sampler = DistributedSampler(train_set, self.world, self.rank, shuffle=True, seed=args.seed, drop_last=True)
-        train_data = loader(train_set, args.batch_size // self.world, args, self.sampler)
+        train_data = loader(train_set, args.batch_size // self.world, args.workers, self.sampler, True)
         if not len(train_data):
             raise InputError(f"--batch-size {args.batch_size}: the train split has only {len(train_set)} samples "
                              f"({len(train_set) // self.world} per process)")
         if self.rank == 0:
             print(f"{args.arch}: {count_parameters(self.model) / 1e6:.2f} M parameters; train {len(train_set)}, "
-                  f"val {len(val_set)}, {test_line} samples; {self.world} process(es) on {self.device}")
+                  f"val {len(val_set)}, test {len(test_set)} ({test_name}) samples; {self.world} process(es) on {self.device}")
             atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
         self.progress = Progress((args.epochs - self.start) * len(train_data), args.log_every if self.rank == 0 else 0,
                                  self.world)
         self.images = len(train_data) * args.batch_size  # training images an epoch, all processes
-        return train_data, loader(val_set, args.batch_size, args)
+        self.loaders = (train_data, *(loader(s, args.batch_size, args.workers) for s in (val_set, test_set)))
+        return self.loaders
 
     def epochs(self):
         for epoch in range(self.start, self.args.epochs):
             self.sampler.set_epoch(epoch)
             self.epoch, self.tic, self.lr = epoch, time.time(), self.optimizers[0].param_groups[0]["lr"]
-            self.flips = epoch_generator(self.args.seed, epoch, self.rank)  # per (seed, epoch, rank): resumable
+            self.flips = None if self.args.no_flips else epoch_generator(self.args.seed, epoch, self.rank)  # resumable
             self.check = FiniteCheck(self.device, self.args.check_every,
                                      "the last good checkpoint is intact: lower --lr, or --resume from it")
             yield epoch
@@ -281,14 +342,17 @@ class TrainRun(StoppableRun):
         last, epoch = step + 1 == steps, self.epoch
         self.check.add(loss, step, last, f"epoch {epoch + 1}")
         self.progress.step(epoch, step, steps, loss.detach(), images)  # .item() only when it prints
-        if not last and self.stop.agreed(step, self.args.check_every, False, self.world, self.device):
+        if not last and self.stop.agreed(self.group):  # the last step's signal: after the epoch's checkpoint
             raise Stopped(self.stopped(f"in epoch {epoch + 1}, after step {step + 1} of {steps}", epoch))
 
     def stopped(self, where, held):
-        out = self.args.out
-        return (f"stopped by {self.stop.name or 'a signal to another process'} {where}; " +
-                (f"the last checkpoint, {os.path.join(out, 'last.pt')}, holds epoch {held}: continue with python "
-                 f"train.py --resume --out {out}" if held else "no checkpoint yet (one is written at each epoch's end)"))
+        """The one line a stop ends with; "{}" stands for the signal's name where it is not known yet."""
+        out, name = self.args.out, self.stop.name or ("a signal to another process" if self.world > 1 else "{}")
+        then = "python train.py --resume --out {} runs the test" if held == self.args.epochs else \
+            "continue with python train.py --resume --out {}"
+        return (f"stopped by {name} {where}; " + (f"the last checkpoint, {os.path.join(out, 'last.pt')}, holds epoch {held}: "
+                                                  + then.format(out) if held else "no checkpoint yet (one is written at each "
+                                                                                   "epoch's end)"))
 
     def after_epoch(self, epoch, losses, val_data):
         """Rank 0: validation, log.jsonl (its line before the checkpoint: add.trim_log), best.pt when the
@@ -305,7 +369,7 @@ class TrainRun(StoppableRun):
             with open(os.path.join(out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(line) + "\n")
             state = dict(model=self.model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         epoch=epoch + 1, rng=torch.get_rng_state(), config=vars(self.args),
+                         epoch=epoch + 1, **rng_states(self.device), config=vars(self.args),
                          genotype=genotype_dict(self.genotype), best_auc=self.best)
             if improved:
                 save_checkpoint(state, os.path.join(out, "best.pt"))
@@ -317,7 +381,7 @@ class TrainRun(StoppableRun):
                   f"{seconds:.1f} s" + ("  (best)" if improved else ""), flush=True)
         if self.world > 1:
             dist.barrier()
-        if epoch + 1 < self.args.epochs and self.stop.agreed(0, 1, True, self.world, self.device):  # came in its last step
+        if self.stop.agreed(self.group):  # came in its last step, or during the validation
             raise Stopped(self.stopped(f"at the end of epoch {epoch + 1}", epoch + 1))
 
 
@@ -327,6 +391,9 @@ def resumed(args, rank, local_world):
     path = os.path.join(args.out, "last.pt")
     state = load_checkpoint(path) if args.resume else None
     if state:
+        cfg = state.get("config") if isinstance(state, dict) else None
+        if isinstance(cfg, dict):  # options added after some checkpoints were written: the value an older run had
+            state["config"] = {**ADDED, **cfg}
         args = resumed_config(state, args, RUN_KEYS, path, ("optimizer", "scheduler", "epoch", "best_auc"))
         if rank == 0:
             trim_log(os.path.join(args.out, "log.jsonl"), state["epoch"])
@@ -343,12 +410,12 @@ def sync_batchnorm(model, args, world, device):
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world > 1 else model
 
 
-def restore(state, model, optimizer, scheduler, where):
+def restore(state, model, optimizer, scheduler, where, device):
     path = os.path.join(where, "last.pt")
     load_state(model, state["model"], path)
     load_state(optimizer, state["optimizer"], path, "optimizer")
     load_state(scheduler, state["scheduler"], path, "scheduler")
-    torch.set_rng_state(state["rng"])
+    restore_rng(state, device)
     print(f"resumed {path} at epoch {state['epoch']}")
     return state["epoch"], state["best_auc"]
 
@@ -384,25 +451,20 @@ def init_distributed(device_name, batch_size):
     return rank, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), device
 
 
-def loader(dataset, batch_size, args, sampler=None):
-    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=sampler is not None, num_workers=args.workers,
-                      worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=args.workers > 0)
-
-
-def test(args, model, val_data, test_set, test_name, device):
+def test(args, model, val_data, test, device):
     """Best checkpoint -> metrics.json (val and test), predictions.csv, roc.png, the table, masks.png."""
     best = load_checkpoint(os.path.join(args.out, "best.pt"))
     load_state(model, best["model"], os.path.join(args.out, "best.pt"))
     val, _ = evaluate(model, val_data, device)
     rows = {f"val  {args.data}:{','.join(parse_methods(args.data, args.methods))}": val}
-    return report(args, model, rows, test_set, test_name, device, "metrics.json", best)
+    return report(args, model, rows, test, device, "metrics.json", best)
 
 
-def report(args, model, rows, test_set, test_name, device, name, state):
-    """Evaluates the test split; writes NAME (metrics, with the checkpoint's epoch and genotype),
-    predictions.csv, roc.png and masks.png."""
-    rows[f"test {test_name}"], out = evaluate(model, loader(test_set, args.batch_size, args), device)
+def report(args, model, rows, test, device, name, state):
+    """Evaluates the test split (test: its dataset, loader and name); writes NAME (metrics, with the
+    checkpoint's epoch and genotype), predictions.csv, roc.png and masks.png."""
+    test_set, test_data, test_name = test
+    rows[f"test {test_name}"], out = evaluate(model, test_data, device)
     metrics = dict(arch=args.arch, parameters=count_parameters(model), epoch=state["epoch"], mask_weight=args.mask_weight,
                    genotype=state.get("genotype"), **{k.split()[0]: dict(data=k.split()[1], **v) for k, v in rows.items()})
     atomic_write(os.path.join(args.out, name), lambda f: f.write(json.dumps(metrics, indent=1).encode()))
@@ -430,7 +492,10 @@ def eval_only(args, device):
         setattr(args, key, cfg.get(key))
     print_config(args)
     test_set, test_name = test_split(args)
-    return report(args, model, {}, test_set, test_name, device, "eval.json", state)
+    with StoppableRun() as run:
+        run.loaders = [loader(test_set, args.batch_size, args.workers)]
+        run.stop.stop_now("stopped by {} during the evaluation; nothing is lost: run it again")
+        return report(args, model, {}, (test_set, run.loaders[0], test_name), device, "eval.json", state)
 
 
 def print_table(rows):
@@ -547,6 +612,7 @@ def model_from_checkpoint(path, device, compile=False):
     if "alpha_normal" in state["model"]:
         raise InputError(f"{path}: a search checkpoint (search.py's search.pt), not a trained detector; train its "
                          f"genotype first: python train.py --genotype g.json")
+    cfg = {**ADDED, **cfg}  # options added since: the value an older run had
     missing = [k for k in MODEL_KEYS if k not in cfg]
     if missing or "epoch" not in state:
         raise InputError(f"{path}: written by another version of train.py (its configuration has no "
@@ -609,75 +675,135 @@ def predict_files(args, device):
     out, report = new_run_dir(args.out), {}
     print(f"scoring {len(args.predict)} input(s) with {args.checkpoint} ({cfg['arch']}, {cfg['image_size']} px); "
           f"writing {out}")
-    for k, path in enumerate(args.predict):
-        result = score_input(model, path, cfg, args, device)
-        if "reason" in result:
-            print(f"{path}: {result['reason']}")
-        else:
-            picture = os.path.join(out, f"{k:03d}_{os.path.basename(os.path.normpath(path))}.png")
-            draw_prediction(result, path, picture)
-            print(f"{path}: p(fake) {result['p_fake']:.4f}  {result['verdict'].upper()} at threshold {args.threshold}  "
-                  f"({result['frames_scored']} of {result['frames_read']} frames scored)  {picture}")
-        report[path] = {k: v for k, v in result.items() if k not in ("crops", "m")}
+    with StoppableRun() as run:
+        run.stop.stop_now("stopped by {}: the inputs above were scored, predictions.json was not written")
+        for k, path in enumerate(args.predict):
+            result = score_input(model, path, cfg, args, device)
+            if "reason" in result:
+                print(f"{path}: {result['reason']}")
+            else:
+                picture = os.path.join(out, f"{k:03d}_{os.path.basename(os.path.normpath(path))}.png")
+                draw_prediction(result, path, picture)
+                print(f"{path}: p(fake) {result['p_fake']:.4f}  {result['verdict'].upper()} at threshold {args.threshold}  "
+                      f"({result['frames_scored']} of {result['frames_read']} frames scored)  {picture}")
+            report[path] = {k: v for k, v in result.items() if k not in ("crops", "m")}
     atomic_write(os.path.join(out, "predictions.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
     print(f"wrote {out}/predictions.json")
     return report
 
 
 # ----------------------------------------------------------------------------------------------
-# --compare: runs grouped by everything but their seed, one table and pareto.png
+# --compare: runs grouped into architectures (all but their seeds the same), the architecture as the unit
 
-COMPARE_IGNORED = ("seed", "out", "resume", "workers", "device", "log_every", "check_every", "visualize", "compile",
-                   "genotype", "eval_only", "checkpoint", "predict", "threshold", "detect_size", "benchmark",
-                   "benchmark_against", "compare")  # what does not change a run's network, data or training
+COMPARE_IGNORED = ("seed", "data_seed", "out", "resume", "workers", "device", "log_every", "check_every", "visualize",
+                   "compile", "deterministic", "genotype", "eval_only", "checkpoint", "predict", "threshold", "detect_size",
+                   "benchmark", "benchmark_against", "compare")  # what does not change a run's network, data or training
+AT_CHANCE = 0.65  # a training CE at or above this in the last epoch: the network did not train (ln 2 = 0.693)
 
 
 def compare(args):
-    """--compare RUN_DIR...: finished training runs grouped by everything but their seed (the same
-    network, data and training) -> one row a group: parameters, lr, training images/s, test frame and
-    video AUC as mean and standard deviation over the seeds; printed, written to compare.csv, and
-    drawn as pareto.png (test frame AUC against parameters); then searched minus random and minus
-    hand-designed runs, with Welch's 95% interval. -> the rows."""
+    """--compare RUN_DIR...: finished training runs grouped by everything but their seeds (--seed,
+    --data-seed) -> a row a group: parameters, lr, training images/s, test frame and video AUC (mean
+    and standard deviation over its seeds), validation frame AUC; printed, written to compare.csv and
+    drawn as pareto.png. A run whose training CE stayed at chance is marked and left out: the harness
+    failed it. Then the architecture (a row) is the unit: searched minus random and minus
+    hand-designed, Welch's 95% interval over the rows' means; each searched row against each
+    hand-designed one paired by seed; and, for rows that differ only in lr, the lr of the best mean
+    validation AUC (the pick; pass the runs of other seeds at it for the comparison). -> the rows."""
     groups = {}
     for run in args.compare:
         cfg, metrics, log = read_run(run)
-        cells = metrics.get("genotype") or load_checkpoint(os.path.join(run, "best.pt")).get("genotype")  # the cells, not the file name
-        key = json.dumps(dict({k: v for k, v in cfg.items() if k not in COMPARE_IGNORED}, cells=cells), sort_keys=True)
-        groups.setdefault(key, []).append((run, cfg, metrics, log))
-    rows = sorted((compare_row(runs) for runs in groups.values()), key=lambda r: (r["parameters"], r["name"]))
+        cells = metrics["genotype"] if "genotype" in metrics else load_checkpoint(os.path.join(run, "best.pt")).get("genotype")
+        # (the cells, not the genotype's file name, tell architectures apart)
+        architecture = json.dumps(dict({k: v for k, v in cfg.items() if k not in COMPARE_IGNORED + ("lr",)}, cells=cells),
+                                  sort_keys=True)  # with its data and training but for the lr
+        groups.setdefault((architecture, cfg["lr"]), []).append((run, cfg, metrics, log))
+    rows = sorted((dict(compare_row(runs), architecture=key[0]) for key, runs in groups.items()),
+                  key=lambda r: (r["parameters"], r["name"], r["lr"]))
     out = new_run_dir(args.out)
     columns = ["name", "kind", "width", "parameters", "lr", "images_per_s", "frame_auc", "frame_auc_std", "video_auc",
-               "video_auc_std", "n", "runs"]
+               "video_auc_std", "val_auc", "n", "at_chance", "runs"]
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows([columns] + [[r[c] for c in columns] for r in rows])
     atomic_write(os.path.join(out, "compare.csv"), lambda f: f.write(text.getvalue().encode()))
-    print(f"{'name':28s} {'kind':13s} {'width':>7s} {'params':>8s} {'lr':>7s} {'img/s':>7s}  {'frame AUC':>15s}  {'video AUC':>15s}  n")
+    print(f"{'name':28s} {'kind':13s} {'width':>7s} {'params':>8s} {'lr':>7s} {'img/s':>7s}  {'test frame AUC':>15s}  "
+          f"{'video AUC':>15s}  {'val AUC':>7s}  n")
     for r in rows:
         print(f"{r['name'][:28]:28s} {r['kind']:13s} {r['width']:>7s} {r['parameters'] / 1e6:>7.2f}M {r['lr']:>7g} "
               f"{r['images_per_s'] or float('nan'):>7.1f}  {r['frame_auc']:.3f} ± {r['frame_auc_std']:.3f}  "
-              f"{r['video_auc']:.3f} ± {r['video_auc_std']:.3f}  {r['n']}")
-    for other in ("random", "hand-designed"):  # the verdict of Table IV at matched size: pass one size's runs
-        a, b = ([x for r in rows if r["kind"] == kind for x in r["frame_aucs"]] for kind in ("searched", other))
-        if len(a) > 1 and len(b) > 1:
-            d, low, high = welch_interval(a, b)
-            print(f"searched - {other}: {d:+.3f} [{low:+.3f}, {high:+.3f}] test frame AUC "
-                  f"(difference of means, Welch's 95% interval over {len(a)} and {len(b)} runs)")
-    plot_pareto(rows, os.path.join(out, "pareto.png"))
+              f"{r['video_auc']:.3f} ± {r['video_auc_std']:.3f}  {r['val_auc']:>7.3f}  {r['n']}"
+              + (f"  ({r['at_chance']} at chance, left out: {r['failed']})" if r["at_chance"] else ""))
+    compare_architectures(rows)
+    plot_pareto([r for r in rows if r["n"]], os.path.join(out, "pareto.png"))
     print(f"wrote {out}: compare.csv, pareto.png")
     return rows
 
 
+def compare_row(runs):
+    """One group of runs (the same but for their seeds) -> its row. A run whose training CE ended at
+    chance is counted (at_chance, failed) but not averaged."""
+    _, cfg, metrics, _ = runs[0]
+    add = cfg["arch"] == "add"
+    origin = cfg.get("genotype_origin") or ""
+    kind = "hand-designed" if not add else "random" if origin == "random" else "searched" if origin.startswith("search") else "ADD"
+    name = os.path.splitext(os.path.basename(cfg.get("genotype") or ""))[0] if add else cfg["arch"]
+    failed = [run for run, _, _, log in runs if log[-1]["train_ce"] >= AT_CHANCE]
+    kept = [(c, m) for run, c, m, _ in runs if run not in failed]
+    frame, video, val = (np.array([m[split][f"{level}_auc"] for _, m in kept], dtype=float)
+                         for split, level in (("test", "frame"), ("test", "video"), ("val", "frame")))
+    mean, spread = lambda a: float(a.mean()) if len(a) else float("nan"), lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    timed = [(e["train_images"], e["train_seconds"]) for _, _, _, log in runs for e in log if "train_seconds" in e]
+    return dict(name=name, kind=kind, width=f"C{cfg['channels']} N{cfg['cells_per_block']}" if add else "-",
+                parameters=metrics["parameters"], lr=cfg["lr"], images_per_s=sum(i for i, _ in timed) / sum(s for _, s in timed) if timed else None,
+                frame_auc=mean(frame), frame_auc_std=spread(frame), video_auc=mean(video), video_auc_std=spread(video),
+                val_auc=mean(val), n=len(kept), at_chance=len(failed), failed=" ".join(failed), runs=" ".join(sorted(r for r, *_ in runs)),
+                seeds={f"{c['seed']}/{c.get('data_seed', 0)}": m["test"]["frame_auc"] for c, m in kept})
+
+
+def compare_architectures(rows):
+    """The verdicts of Table IV at matched size (pass one size band's runs), the architecture (a row)
+    as the unit: searched minus random and minus hand-designed, Welch's 95% interval over the rows'
+    mean test frame AUC; each searched row minus each hand-designed one paired by seed (the same
+    --seed and --data-seed), Student's 95% interval over the differences. Rows that differ only in lr
+    are a sweep: the lr with the best mean validation AUC is printed instead (runs at it, of other
+    seeds, are then compared)."""
+    rows, sweeps = [r for r in rows if r["n"]], {}
+    for r in rows:
+        sweeps.setdefault(r["architecture"], []).append(r)
+    if any(len(sweep) > 1 for sweep in sweeps.values()):
+        for sweep in (s for s in sweeps.values() if len(s) > 1):
+            pick, lrs = max(sweep, key=lambda r: r["val_auc"]), sorted(r["lr"] for r in sweep)
+            print(f"lr pick, {pick['name']} {pick['width']}: {pick['lr']:g} of {', '.join(f'{lr:g}' for lr in lrs)} (mean "
+                  f"validation frame AUC {pick['val_auc']:.3f})" + ("; at the grid's edge: extend it" if pick["lr"] in (lrs[0], lrs[-1]) else ""))
+        return print("(an architecture at several lrs: the comparisons take one lr an architecture)")
+    kinds = {k: [r for r in rows if r["kind"] == k] for k in ("searched", "random", "hand-designed")}
+    for other in ("random", "hand-designed"):
+        a, b = [r["frame_auc"] for r in kinds["searched"]], [r["frame_auc"] for r in kinds[other]]
+        if len(a) > 1 and len(b) > 1:
+            d, low, high = welch_interval(a, b)
+            print(f"searched - {other}: {d:+.3f} [{low:+.3f}, {high:+.3f}] test frame AUC (Welch's 95% interval over "
+                  f"architectures: {len(a)} and {len(b)})")
+    for s in kinds["searched"]:
+        for h in kinds["hand-designed"]:
+            seeds = sorted(set(s["seeds"]) & set(h["seeds"]))
+            if len(seeds) > 1:
+                d, low, high = paired_interval([s["seeds"][k] - h["seeds"][k] for k in seeds])
+                print(f"  {s['name']} {s['width']} - {h['name']}: {d:+.3f} [{low:+.3f}, {high:+.3f}] (paired by seed, "
+                      f"{len(seeds)} seeds)")
+
+
 def welch_interval(a, b):
     """mean(a) - mean(b) and its 95% interval by Welch's t (unequal variances) -> (d, low, high)."""
-    from scipy.stats import t
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    d = float(a.mean() - b.mean())
-    if va + vb == 0:
-        return d, d, d
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    h = float(t.ppf(0.975, df) * np.sqrt(va + vb))
-    return d, d - h, d + h
+    from scipy.stats import ttest_ind
+    interval = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return float(np.mean(a) - np.mean(b)), float(interval.low), float(interval.high)
+
+
+def paired_interval(differences):
+    """The mean of paired differences and its 95% interval by Student's t -> (d, low, high)."""
+    from scipy.stats import ttest_1samp
+    interval = ttest_1samp(differences, 0.0).confidence_interval(0.95)
+    return float(np.mean(differences)), float(interval.low), float(interval.high)
 
 
 def read_run(run):
@@ -695,22 +821,6 @@ def read_run(run):
     if not isinstance(cfg, dict) or "arch" not in cfg or not isinstance(metrics.get("test"), dict):
         raise InputError(f"{run}: not a finished train.py run folder (its config.json or metrics.json is another file)")
     return cfg, metrics, log
-
-
-def compare_row(runs):
-    """One group of runs (the same but for the seed) -> its row."""
-    run, cfg, metrics, _ = runs[0]
-    add = cfg["arch"] == "add"
-    origin = cfg.get("genotype_origin") or ""
-    kind = "hand-designed" if not add else "random" if origin == "random" else "searched" if origin.startswith("search") else "ADD"
-    name = os.path.splitext(os.path.basename(cfg.get("genotype") or ""))[0] if add else cfg["arch"]
-    frame, video = (np.array([m["test"][f"{level}_auc"] for _, _, m, _ in runs], dtype=float) for level in ("frame", "video"))
-    spread = lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0
-    timed = [(e["train_images"], e["train_seconds"]) for _, _, _, log in runs for e in log if "train_seconds" in e]
-    return dict(name=name, kind=kind, width=f"C{cfg['channels']} N{cfg['cells_per_block']}" if add else "-",
-                parameters=metrics["parameters"], lr=cfg["lr"], images_per_s=sum(i for i, _ in timed) / sum(s for _, s in timed) if timed else None,
-                frame_auc=float(frame.mean()), frame_auc_std=spread(frame), frame_aucs=frame.tolist(),
-                video_auc=float(video.mean()), video_auc_std=spread(video), n=len(runs), runs=" ".join(sorted(r for r, *_ in runs)))
 
 
 def plot_pareto(rows, path):
@@ -807,12 +917,16 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=bounded(float, 0), help="paper: 0.5, read as 0.5e-3 for Adam (real data: 5e-4; demo: 1e-3)")
     g.add_argument("--stem-reductions", type=bounded(int, 0), help="stride-2 stem layers, not described by the paper (3: 256 "
                    "-> 32 px; demo: 2, 64 -> 16 px)")
+    g.add_argument("--small-input", action=argparse.BooleanOptionalAction, help="hand-designed networks: the first stride-2 "
+                   "layer at stride 1, a 64 px face ending on 4x4 as in ADD (default: on for the built-in data, off on real)")
     g.add_argument("--grad-clip", type=bounded(float, 0), default=5.0, help="clip the gradient norm (paper: unstated; "
                    "DARTS: 5; 0: off)")
+    g.add_argument("--no-flips", action="store_true", help="no random horizontal flips of the training batches (paper: "
+                   "unstated)")
     g = p.add_argument_group("running: data, device, resume, checkpoints")
     add_data_arguments(g)
     g.add_argument("--test-root", help="prepared folder of --test-data (default: data/<name>)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=bounded(int, 0), default=0)
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     g.add_argument("--out", help="run folder (default runs/train, runs/eval, runs/predict, runs/compare; a new one beside "
                    "it if it exists)")
@@ -822,6 +936,8 @@ def parse_args(argv=None):
                    "N steps")
     g.add_argument("--sync-bn", action="store_true", help="DDP: batch norm statistics over all processes")
     g.add_argument("--compile", action="store_true", help="torch.compile the network (inductor; minutes of compilation)")
+    g.add_argument("--deterministic", action="store_true", help="CUDA: deterministic algorithms, no cuDNN autotuning "
+                   "(the CPU is deterministic anyway)")
     g = p.add_argument_group("extras: evaluation, prediction, comparison, speed")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on a test split (its run's by default)")
     g.add_argument("--checkpoint", help="with --eval-only or --predict: a best.pt or last.pt written by train.py")
