@@ -455,7 +455,11 @@ def rng_states(device):
     return dict(rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
-def restore_rng(state, device):
+def restore(state, modules, path, device):
+    """A resumed run: each module's state from state[key] ({key: module}: the network, optimizers,
+    schedulers), and the random generators' (rng_states)."""
+    for key, module in modules.items():
+        load_state(module, state[key], path, key)
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and state.get("cuda_rng") is not None:  # checkpoints of CPU runs have none
         torch.cuda.set_rng_state(state["cuda_rng"], device)

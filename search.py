@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 from add import (ADD, Diverged, FiniteCheck, StoppableRun, Stopped, add_loss, autocast, count_parameters, d2_layout,
-                 epoch_generator, load_checkpoint, load_state, loader, loss_terms, new_run_dir, peak_memory_mib, pick_device,
-                 prepare_model, random_batch, restore_rng, resumed_config, rng_states, save_checkpoint, scale_milestones,
+                 epoch_generator, load_checkpoint, loader, loss_terms, new_run_dir, peak_memory_mib, pick_device,
+                 prepare_model, random_batch, restore, resumed_config, rng_states, save_checkpoint, scale_milestones,
                  sync, time_steps, to_device, trim_log)
 from masks import add_data_arguments, loader_workers, open_split, parse_methods, resolve_defaults
 from ops import (OPS, PRIMITIVES, STEPS, Genotype, InputError, Parser, atomic_write, bounded, draw_genotype, node_softmax,
@@ -225,7 +225,11 @@ class SearchRun(StoppableRun):
     def __init__(self, args, model, optimizers, loaders, device, steps, one_pass, warmup, state):
         self.args, self.model, self.optimizers, self.loaders, self.device = args, model, optimizers, loaders, device
         self.steps, self.warmup, self.drawn, self.path = steps, warmup, -math.inf, os.path.join(args.run_dir, "search.pt")
-        self.start = restore(state, self.path, model, optimizers, device) if state else dict(epoch=0, step=0, means=None)
+        self.start = dict(epoch=0, step=0, means=None)
+        if state:  # the network with alpha and beta, both optimizers and schedulers, the generators
+            restore(state, dict(zip(("model", "w_opt", "a_opt", "w_sched", "a_sched"), (model, *optimizers))), self.path, device)
+            self.start = {k: state[k] for k in self.start}
+            print(f"resumed {self.path} at epoch {state['epoch'] + 1}, step {state['step']}")
         total, done = args.epochs * steps, self.start["epoch"] * steps + self.start["step"]
         budget = (f" (--steps-per-epoch {args.steps_per_epoch}; one pass is {one_pass})" if steps < one_pass else
                   f" (one pass over the training split{f', capping --steps-per-epoch {args.steps_per_epoch}' if args.steps_per_epoch else ''})")
@@ -361,16 +365,6 @@ class Means:
         val_ce, val_mse, _ = (self.alpha / max(1, moved)).tolist()
         return dict(train_ce=train_ce, train_mse=train_mse, val_ce=val_ce if moved else None,
                     val_mse=val_mse if moved else None, alpha_steps=moved)
-
-
-def restore(state, path, model, optimizers, device):
-    """A resumed search: the network, alpha, beta, both optimizers and schedulers, the RNG; -> where it was."""
-    load_state(model, state["model"], path)
-    for module, key in zip(optimizers, ("w_opt", "a_opt", "w_sched", "a_sched")):
-        load_state(module, state[key], path, key)
-    restore_rng(state, device)
-    print(f"resumed {path} at epoch {state['epoch'] + 1}, step {state['step']}")
-    return dict(epoch=state["epoch"], step=state["step"], means=state["means"])
 
 
 def upgrade(state):

@@ -1493,6 +1493,8 @@ def test_the_hand_designed_networks_train_a_step_in_the_harness_of_add(arch):
     assert last_map(model) >= 4 and last_map(train.Baseline(arch)) == 2  # a 64 px face: 4x4 as in ADD, not ImageNet's 2x2
     assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))  # mnasnet's: 0.0003
     assert not any(getattr(m, "p", 0) for m in model.modules() if isinstance(m, torch.nn.Dropout) or "Stochastic" in type(m).__name__)
+    classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]  # initialised to its inputs, as ADD's
+    assert classifier.weight.abs().max() <= 1 / math.sqrt(classifier.in_features) and classifier.out_features == 2
     before = [p.detach().clone() for p in model.parameters()]
     optimizer, _ = train.make_optimizer(model, args)
     ce, mse = train.train_epoch(model, [tiny_batch(4, 32)], optimizer, torch.device("cpu"), args)

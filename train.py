@@ -45,7 +45,7 @@ from torch.utils.data import DistributedSampler
 
 from add import (ADD, Diverged, FiniteCheck, StoppableRun, Stopped, add_loss, autocast, count_parameters, d2_layout,
                  epoch_generator, fold_batchnorm, load_checkpoint, load_state, loader, loss_terms, new_run_dir,
-                 peak_memory_mib, pick_device, prepare_model, random_batch, restore_rng, resumed_config, rng_states,
+                 peak_memory_mib, pick_device, prepare_model, random_batch, restore, resumed_config, rng_states,
                  save_checkpoint, scale_milestones, time_steps, to_device, trim_log)
 from masks import (METHODS, READ_ERRORS, add_data_arguments, loader_workers, open_split, parse_methods, read_faces,
                    resolve_defaults)
@@ -61,9 +61,11 @@ class Baseline(nn.Module):
     """A hand-designed classifier from scratch (nothing is downloaded) in ADD's harness (Table IV),
     returning (logits, None): it trains with Eq. 4 alone. The rule is ADD's, for every network:
     BatchNorm momentum 0.1 (torchvision's mnasnet keeps 0.0003: its running statistics would still
-    be ~87% at their start after 480 steps) and no dropout or stochastic depth (ADD has none).
-    small_input: the first stride-2 layer at stride 1, as CIFAR variants do, so that a 64 px face
-    ends on a 4x4 map as in ADD (stem_reductions 2), not on ImageNet's 2x2."""
+    be ~87% at their start after 480 steps), no dropout or stochastic depth (ADD has none), and the
+    classifier's last layer initialised as torch's nn.Linear, to its inputs: mnasnet's and
+    efficientnet's scale with 1/classes, so that at 2 classes their first logits have a standard
+    deviation of 2-3 (the CE starts at 3.8). small_input: the first stride-2 layer at stride 1, as
+    CIFAR variants do, so that a 64 px face ends on a 4x4 map as in ADD, not on ImageNet's 2x2."""
     def __init__(self, arch, small_input=False):
         super().__init__()
         if arch == "xception":
@@ -76,6 +78,7 @@ class Baseline(nn.Module):
                 m.momentum = 0.1
             if isinstance(m, nn.Dropout) or type(m).__name__ == "StochasticDepth":  # torchvision.ops.StochasticDepth
                 m.p = 0.0
+        [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1].reset_parameters()  # the classifier's last layer
         if small_input:  # the first in definition order, which is the order they run in: the stem
             first = next(m for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and m.stride in (2, (2, 2)))
             first.stride = (1, 1) if isinstance(first, nn.Conv2d) else 1
@@ -302,7 +305,10 @@ class TrainRun(StoppableRun):
     def __init__(self, args, model, optimizers, genotype, state, rank, world, device):
         self.args, self.model, self.optimizers, self.genotype = args, model, optimizers, genotype
         self.rank, self.world, self.device = rank, world, device
-        self.start, self.best = restore(state, model, *optimizers, args.out, device) if state else (0, -1.0)
+        self.start, self.best = (state["epoch"], state["best_auc"]) if state else (0, -1.0)
+        if state:
+            restore(state, dict(model=model, optimizer=optimizers[0], scheduler=optimizers[1]), os.path.join(args.out, "last.pt"), device)
+            print(f"resumed {os.path.join(args.out, 'last.pt')} at epoch {self.start}")
         if self.start == args.epochs and rank == 0:
             print(f"training is complete (epoch {self.start} of {args.epochs}): the test runs")
         self.net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) \
@@ -408,16 +414,6 @@ def sync_batchnorm(model, args, world, device):
     if args.sync_bn and device.type != "cuda":
         raise InputError("--sync-bn: torch's SyncBatchNorm runs on CUDA devices only")
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world > 1 else model
-
-
-def restore(state, model, optimizer, scheduler, where, device):
-    path = os.path.join(where, "last.pt")
-    load_state(model, state["model"], path)
-    load_state(optimizer, state["optimizer"], path, "optimizer")
-    load_state(scheduler, state["scheduler"], path, "scheduler")
-    restore_rng(state, device)
-    print(f"resumed {path} at epoch {state['epoch']}")
-    return state["epoch"], state["best_auc"]
 
 
 class Progress:
