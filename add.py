@@ -47,9 +47,9 @@ def stem(C_out, reductions):
     """3x3 conv-BN(-ReLU) layers, one per halving (stride 2): 256 px faces -> 32x32 features with 3
     reductions; with 0, one stride-1 layer (3 -> C_out channels at full size). The paper does not
     describe its stem: one chain ending at 3C channels (DARTS's stem multiplier), a layer a halving."""
-    layers, C_in = [], 3
-    for i in range(max(1, reductions)):
-        C = C_out if i == max(1, reductions) - 1 else C_out // 2
+    layers, C_in, n = [], 3, max(1, reductions)
+    for i in range(n):
+        C = C_out if i == n - 1 else C_out // 2
         layers += [nn.Conv2d(C_in, C, 3, 2 if reductions else 1, 1, bias=False), nn.BatchNorm2d(C), nn.ReLU()]
         C_in = C
     return nn.Sequential(*layers[:-1])  # the cells' ReLU-Conv-BN start with their own ReLU
@@ -181,14 +181,14 @@ class StopSignals:
     def receive(self, signum, frame):
         self.name = signal.Signals(signum).name
         if self.message:
-            raise Stopped(self.message.format(self.name))
+            raise Stopped(self.message.replace("{}", self.name))
 
     def stop_now(self, message):
         """From here on a signal raises Stopped(message, "{}" replaced by the signal's name); one that
         came already raises it now."""
         self.message = message
         if self:
-            raise Stopped(message.format(self.name))
+            raise Stopped(message.replace("{}", self.name))
 
     def __bool__(self):
         return self.name is not None
@@ -288,12 +288,12 @@ def prepare_model(model, device, compile=False, deterministic=False):
     """The model on the device, channels_last (faster on the CPU too: ADD trains 1.55x faster in it,
     issue 9's measurement; README, Speed), optionally torch.compile'd (inductor). On CUDA cuDNN picks
     its fastest kernels for the fixed input size, unless `deterministic`: then cuDNN's and torch's
-    deterministic algorithms (a warning names each operation that has none)."""
+    deterministic algorithms (a warning names each operation that has none; the CPU's are already)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode
+            torch.use_deterministic_algorithms(True, warn_only=True)
     model = model.to(device, memory_format=torch.channels_last)
     if compile:
         model.compile()  # in place: its calls run the compiled forward, its state_dict keys stay as they are
@@ -435,13 +435,15 @@ def load_checkpoint(path):
         raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
 
 
-def resumed_config(state, args, run_keys, path, needed=()):
+def resumed_config(state, args, run_keys, path, needed=(), added=None):
     """The saved configuration of a run being resumed, but for the options a resumed run may change
-    (run_keys). A checkpoint of another script, or of an older version whose configuration lacks
-    options this version has (its network and schedules would differ), is an InputError."""
+    (run_keys). added: options newer than some checkpoints, with the value an older run had. A
+    checkpoint of another script, or of an older version whose configuration lacks other options
+    this version has (its network and schedules would differ), is an InputError."""
     saved = state.get("config") if isinstance(state, dict) else None
     if not isinstance(saved, dict) or any(k not in state for k in ("model", *needed)):
         raise InputError(f"{path}: not a checkpoint this script can resume (start a new run)")
+    saved = {**(added or {}), **saved}
     missing = sorted(set(vars(args)) - set(saved) - set(run_keys))  # run_keys come from this call anyway
     if missing:
         raise InputError(f"{path}: written by another version of this script (its configuration has no "
@@ -449,20 +451,14 @@ def resumed_config(state, args, run_keys, path, needed=()):
     return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in run_keys}})
 
 
-def rng_states(device):
-    """The random states a resumed run restores: the CPU generator's (initialisation, samplers) and,
-    on CUDA, the device's (dropout). -> the checkpoint's rng and cuda_rng."""
-    return dict(rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def restore(state, modules, path, device):
+def restore(state, modules, path):
     """A resumed run: each module's state from state[key] ({key: module}: the network, optimizers,
-    schedulers), and the random generators' (rng_states)."""
+    schedulers), and the CPU generator's (state["rng"]). Every random draw of a run comes from the CPU
+    generator or a seeded one (samplers, flips); nothing draws from a CUDA generator (no network here
+    has dropout), so no checkpoint needs its state."""
     for key, module in modules.items():
         load_state(module, state[key], path, key)
     torch.set_rng_state(state["rng"])
-    if device.type == "cuda" and state.get("cuda_rng") is not None:  # checkpoints of CPU runs have none
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def trim_log(path, epochs):

@@ -40,7 +40,7 @@ from torch.utils.data import Sampler
 
 from add import (ADD, Diverged, FiniteCheck, StoppableRun, Stopped, add_loss, autocast, count_parameters, d2_layout,
                  epoch_generator, load_checkpoint, loader, loss_terms, new_run_dir, peak_memory_mib, pick_device,
-                 prepare_model, random_batch, restore, resumed_config, rng_states, save_checkpoint, scale_milestones,
+                 prepare_model, random_batch, restore, resumed_config, save_checkpoint, scale_milestones,
                  sync, time_steps, to_device, trim_log)
 from masks import add_data_arguments, loader_workers, open_split, parse_methods, resolve_defaults
 from ops import (OPS, PRIMITIVES, STEPS, Genotype, InputError, Parser, atomic_write, bounded, draw_genotype, node_softmax,
@@ -227,7 +227,7 @@ class SearchRun(StoppableRun):
         self.steps, self.warmup, self.drawn, self.path = steps, warmup, -math.inf, os.path.join(args.run_dir, "search.pt")
         self.start = dict(epoch=0, step=0, means=None)
         if state:  # the network with alpha and beta, both optimizers and schedulers, the generators
-            restore(state, dict(zip(("model", "w_opt", "a_opt", "w_sched", "a_sched"), (model, *optimizers))), self.path, device)
+            restore(state, dict(zip(("model", "w_opt", "a_opt", "w_sched", "a_sched"), (model, *optimizers))), self.path)
             self.start = {k: state[k] for k in self.start}
             print(f"resumed {self.path} at epoch {state['epoch'] + 1}, step {state['step']}")
         total, done = args.epochs * steps, self.start["epoch"] * steps + self.start["step"]
@@ -302,7 +302,7 @@ class SearchRun(StoppableRun):
         w_opt, a_opt, w_sched, a_sched = self.optimizers
         save_checkpoint(dict(model=self.model.state_dict(), w_opt=w_opt.state_dict(), a_opt=a_opt.state_dict(),
                              w_sched=w_sched.state_dict(), a_sched=a_sched.state_dict(), epoch=epoch, step=step,
-                             means=means.state() if means else None, **rng_states(self.device), config=vars(self.args)),
+                             means=means.state() if means else None, rng=torch.get_rng_state(), config=vars(self.args)),
                         self.path)
 
     def log(self, epoch, genotype, seconds):
@@ -368,16 +368,12 @@ class Means:
 
 
 def upgrade(state):
-    """A search.pt of an earlier version in today's format, so that a search of days resumes: before
-    commit 0e16673 the epoch's running sums were one tensor (2, 4), (w, alpha) x (CE, MSE, loss,
-    steps); options added since (ADDED) take the value the older run had."""
-    if not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
-        return state  # not a search checkpoint: resumed_config says so
-    if "sums" in state and "means" not in state:
+    """A search.pt of the version before commit 0e16673 in today's format, so that a search of days
+    resumes: the epoch's running sums were one tensor (2, 4), (w, alpha) x (CE, MSE, loss, steps)."""
+    if isinstance(state, dict) and "sums" in state and "means" not in state:
         sums = state.pop("sums")
         state["means"] = dict(w=sums[0, :3], alpha=sums[1, :3], w_steps=int(sums[0, 3]),
                               alpha_steps=int(sums[1, 3])) if state.get("step") else None
-    state["config"] = {**ADDED, **state["config"]}
     return state
 
 
@@ -835,7 +831,7 @@ def main(argv=None):
         path = os.path.join(args.run_dir, "search.pt")
         state = upgrade(load_checkpoint(path))
         given = {k: getattr(args, k) for k in AFTER_SEARCH if getattr(args, k) is not None}
-        args = resumed_config(state, args, RUN_KEYS, path, ("epoch", "step", "means", "w_opt", "a_opt"))
+        args = resumed_config(state, args, RUN_KEYS, path, ("epoch", "step", "means", "w_opt", "a_opt"), ADDED)
         vars(args).update(given)
         trim_log(os.path.join(args.run_dir, "log.jsonl"), state["epoch"])
     else:

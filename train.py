@@ -45,7 +45,7 @@ from torch.utils.data import DistributedSampler
 
 from add import (ADD, Diverged, FiniteCheck, StoppableRun, Stopped, add_loss, autocast, count_parameters, d2_layout,
                  epoch_generator, fold_batchnorm, load_checkpoint, load_state, loader, loss_terms, new_run_dir,
-                 peak_memory_mib, pick_device, prepare_model, random_batch, restore, resumed_config, rng_states,
+                 peak_memory_mib, pick_device, prepare_model, random_batch, restore, resumed_config,
                  save_checkpoint, scale_milestones, time_steps, to_device, trim_log)
 from masks import (METHODS, READ_ERRORS, add_data_arguments, loader_workers, open_split, parse_methods, read_faces,
                    resolve_defaults)
@@ -61,11 +61,12 @@ class Baseline(nn.Module):
     """A hand-designed classifier from scratch (nothing is downloaded) in ADD's harness (Table IV),
     returning (logits, None): it trains with Eq. 4 alone. The rule is ADD's, for every network:
     BatchNorm momentum 0.1 (torchvision's mnasnet keeps 0.0003: its running statistics would still
-    be ~87% at their start after 480 steps), no dropout or stochastic depth (ADD has none), and the
-    classifier's last layer initialised as torch's nn.Linear, to its inputs: mnasnet's and
-    efficientnet's scale with 1/classes, so that at 2 classes their first logits have a standard
-    deviation of 2-3 (the CE starts at 3.8). small_input: the first stride-2 layer at stride 1, as
-    CIFAR variants do, so that a 64 px face ends on a 4x4 map as in ADD, not on ImageNet's 2x2."""
+    be ~87% at their start after 480 steps), no dropout or stochastic depth (ADD has none), the
+    classifier's last layer initialised as torch's nn.Linear, to its inputs (mnasnet's and
+    efficientnet's scale with 1/classes: at 2 classes their first logits have a standard deviation
+    of 2-3, the CE starts at 3.8), and, by make_optimizer, Adam with weight decay on every parameter.
+    small_input: the first stride-2 layer at stride 1 (removed if a pool), as CIFAR variants do, so
+    that a 64 px face ends on a 4x4 map as in ADD, not on ImageNet's 2x2."""
     def __init__(self, arch, small_input=False):
         super().__init__()
         if arch == "xception":
@@ -74,14 +75,16 @@ class Baseline(nn.Module):
             import torchvision  # here, not at the top: 1.2 s at every start that an ADD run does not need
             self.net = getattr(torchvision.models, arch)(weights=None, num_classes=2)
         for m in self.net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, nn.BatchNorm2d):
                 m.momentum = 0.1
             if isinstance(m, nn.Dropout) or type(m).__name__ == "StochasticDepth":  # torchvision.ops.StochasticDepth
                 m.p = 0.0
         [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1].reset_parameters()  # the classifier's last layer
         if small_input:  # the first in definition order, which is the order they run in: the stem
             first = next(m for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and m.stride in (2, (2, 2)))
-            first.stride = (1, 1) if isinstance(first, nn.Conv2d) else 1
+            first.stride = 1
+            if isinstance(first, nn.MaxPool2d):  # VGG's first pool: a pool of 1, none (at stride 1, 64 px would shrink to 63)
+                first.kernel_size = 1
 
     def forward(self, x):
         return self.net(x), None
@@ -250,7 +253,7 @@ def test_split(args):
     root = args.test_root or (args.root if same else None)
     videos, frames = (args.videos, args.frames) if same else (DEMO["videos"], DEMO["frames"])  # real -> synthetic: the demo's
     return (open_split(test_data, root, "test", methods, args.image_size, False, videos, frames, args.synthetic or "easy",
-                       args.data_seed or 0),
+                       args.data_seed),
             f"{test_data}:{','.join(methods)}")
 
 
@@ -307,7 +310,7 @@ class TrainRun(StoppableRun):
         self.rank, self.world, self.device = rank, world, device
         self.start, self.best = (state["epoch"], state["best_auc"]) if state else (0, -1.0)
         if state:
-            restore(state, dict(model=model, optimizer=optimizers[0], scheduler=optimizers[1]), os.path.join(args.out, "last.pt"), device)
+            restore(state, dict(model=model, optimizer=optimizers[0], scheduler=optimizers[1]), os.path.join(args.out, "last.pt"))
             print(f"resumed {os.path.join(args.out, 'last.pt')} at epoch {self.start}")
         if self.start == args.epochs and rank == 0:
             print(f"training is complete (epoch {self.start} of {args.epochs}): the test runs")
@@ -349,16 +352,19 @@ class TrainRun(StoppableRun):
         self.check.add(loss, step, last, f"epoch {epoch + 1}")
         self.progress.step(epoch, step, steps, loss.detach(), images)  # .item() only when it prints
         if not last and self.stop.agreed(self.group):  # the last step's signal: after the epoch's checkpoint
-            raise Stopped(self.stopped(f"in epoch {epoch + 1}, after step {step + 1} of {steps}", epoch))
+            raise Stopped(self.stopped(f"in epoch {epoch + 1}, after step {step + 1} of {steps}", epoch, True))
 
-    def stopped(self, where, held):
-        """The one line a stop ends with; "{}" stands for the signal's name where it is not known yet."""
-        out, name = self.args.out, self.stop.name or ("a signal to another process" if self.world > 1 else "{}")
-        then = "python train.py --resume --out {} runs the test" if held == self.args.epochs else \
-            "continue with python train.py --resume --out {}"
-        return (f"stopped by {name} {where}; " + (f"the last checkpoint, {os.path.join(out, 'last.pt')}, holds epoch {held}: "
-                                                  + then.format(out) if held else "no checkpoint yet (one is written at each "
-                                                                                   "epoch's end)"))
+    def stopped(self, where, held, now=False):
+        """The one line a stop ends with; now=False: "{}" where the signal's name goes (StopSignals.stop_now)."""
+        out = self.args.out
+        if not held:
+            line = "no checkpoint yet (one is written at each epoch's end)"
+        else:
+            line = f"the last checkpoint, {os.path.join(out, 'last.pt')}, holds epoch {held}: " + (
+                f"python train.py --resume --out {out} runs the test" if held == self.args.epochs else
+                f"continue with python train.py --resume --out {out}")
+        name = (self.stop.name or "a signal to another process") if now else "{}"
+        return f"stopped by {name} {where}; {line}"
 
     def after_epoch(self, epoch, losses, val_data):
         """Rank 0: validation, log.jsonl (its line before the checkpoint: add.trim_log), best.pt when the
@@ -375,7 +381,7 @@ class TrainRun(StoppableRun):
             with open(os.path.join(out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(line) + "\n")
             state = dict(model=self.model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         epoch=epoch + 1, **rng_states(self.device), config=vars(self.args),
+                         epoch=epoch + 1, rng=torch.get_rng_state(), config=vars(self.args),
                          genotype=genotype_dict(self.genotype), best_auc=self.best)
             if improved:
                 save_checkpoint(state, os.path.join(out, "best.pt"))
@@ -388,7 +394,7 @@ class TrainRun(StoppableRun):
         if self.world > 1:
             dist.barrier()
         if self.stop.agreed(self.group):  # came in its last step, or during the validation
-            raise Stopped(self.stopped(f"at the end of epoch {epoch + 1}", epoch + 1))
+            raise Stopped(self.stopped(f"at the end of epoch {epoch + 1}", epoch + 1, True))
 
 
 def resumed(args, rank, local_world):
@@ -397,10 +403,7 @@ def resumed(args, rank, local_world):
     path = os.path.join(args.out, "last.pt")
     state = load_checkpoint(path) if args.resume else None
     if state:
-        cfg = state.get("config") if isinstance(state, dict) else None
-        if isinstance(cfg, dict):  # options added after some checkpoints were written: the value an older run had
-            state["config"] = {**ADDED, **cfg}
-        args = resumed_config(state, args, RUN_KEYS, path, ("optimizer", "scheduler", "epoch", "best_auc"))
+        args = resumed_config(state, args, RUN_KEYS, path, ("optimizer", "scheduler", "epoch", "best_auc"), ADDED)
         if rank == 0:
             trim_log(os.path.join(args.out, "log.jsonl"), state["epoch"])
     args.workers = loader_workers(args.data, local_world) if args.workers is None else args.workers
@@ -711,8 +714,8 @@ def compare(args):
         cfg, metrics, log = read_run(run)
         cells = metrics["genotype"] if "genotype" in metrics else load_checkpoint(os.path.join(run, "best.pt")).get("genotype")
         # (the cells, not the genotype's file name, tell architectures apart)
-        architecture = json.dumps(dict({k: v for k, v in cfg.items() if k not in COMPARE_IGNORED + ("lr",)}, cells=cells),
-                                  sort_keys=True)  # with its data and training but for the lr
+        ignored = COMPARE_IGNORED + ("lr",) + (("small_input",) if cfg["arch"] == "add" else ())  # ADD has no such option
+        architecture = json.dumps(dict({k: v for k, v in cfg.items() if k not in ignored}, cells=cells), sort_keys=True)
         groups.setdefault((architecture, cfg["lr"]), []).append((run, cfg, metrics, log))
     rows = sorted((dict(compare_row(runs), architecture=key[0]) for key, runs in groups.items()),
                   key=lambda r: (r["parameters"], r["name"], r["lr"]))
