@@ -740,7 +740,8 @@ def compare(args):
 
 def compare_row(runs):
     """One group of runs (the same but for their seeds) -> its row. A run whose training CE ended at
-    chance is counted (at_chance, failed) but not averaged."""
+    chance is counted (at_chance, failed) and left out of the test AUCs, not of the validation AUC
+    that picks the lr."""
     _, cfg, metrics, _ = runs[0]
     add = cfg["arch"] == "add"
     origin = cfg.get("genotype_origin") or ""
@@ -748,8 +749,8 @@ def compare_row(runs):
     name = os.path.splitext(os.path.basename(cfg.get("genotype") or ""))[0] if add else cfg["arch"]
     failed = [run for run, _, _, log in runs if log[-1]["train_ce"] >= AT_CHANCE]
     kept = [(c, m) for run, c, m, _ in runs if run not in failed]
-    frame, video, val = (np.array([m[split][f"{level}_auc"] for _, m in kept], dtype=float)
-                         for split, level in (("test", "frame"), ("test", "video"), ("val", "frame")))
+    frame, video = (np.array([m["test"][f"{level}_auc"] for _, m in kept], dtype=float) for level in ("frame", "video"))
+    val = np.array([m["val"]["frame_auc"] for _, _, m, _ in runs], dtype=float)  # all: an lr that fails a seed is worse
     mean, spread = lambda a: float(a.mean()) if len(a) else float("nan"), lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0
     timed = [(e["train_images"], e["train_seconds"]) for _, _, _, log in runs for e in log if "train_seconds" in e]
     return dict(name=name, kind=kind, width=f"C{cfg['channels']} N{cfg['cells_per_block']}" if add else "-",
@@ -766,7 +767,7 @@ def compare_architectures(rows):
     --seed and --data-seed), Student's 95% interval over the differences. Rows that differ only in lr
     are a sweep: the lr with the best mean validation AUC is printed instead (runs at it, of other
     seeds, are then compared)."""
-    rows, sweeps = [r for r in rows if r["n"]], {}
+    sweeps = {}
     for r in rows:
         sweeps.setdefault(r["architecture"], []).append(r)
     if any(len(sweep) > 1 for sweep in sweeps.values()):
@@ -775,6 +776,7 @@ def compare_architectures(rows):
             print(f"lr pick, {pick['name']} {pick['width']}: {pick['lr']:g} of {', '.join(f'{lr:g}' for lr in lrs)} (mean "
                   f"validation frame AUC {pick['val_auc']:.3f})" + ("; at the grid's edge: extend it" if pick["lr"] in (lrs[0], lrs[-1]) else ""))
         return print("(an architecture at several lrs: the comparisons take one lr an architecture)")
+    rows = [r for r in rows if r["n"]]
     kinds = {k: [r for r in rows if r["kind"] == k] for k in ("searched", "random", "hand-designed")}
     for other in ("random", "hand-designed"):
         a, b = [r["frame_auc"] for r in kinds["searched"]], [r["frame_auc"] for r in kinds[other]]
