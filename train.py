@@ -40,7 +40,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torch.utils.data import DistributedSampler
 
 from add import (ADD, Diverged, FiniteCheck, StoppableRun, Stopped, add_loss, autocast, count_parameters, d2_layout,
@@ -203,6 +202,7 @@ def video_level(probs, labels, videos):
 def equal_error_rate(labels, probs):
     """EER: the error rate where the ROC's false-positive rate equals its false-negative rate,
     linearly interpolated between the two ROC points around the crossing."""
+    from sklearn.metrics import roc_curve  # imported where used: ~1 s of every start that never scores (search.py)
     fpr, tpr, _ = roc_curve(labels, probs)
     gap = (1 - tpr) - fpr  # FNR - FPR, decreasing along the curve from 1 to -1
     i = int(np.argmax(gap <= 0))
@@ -214,6 +214,7 @@ def scores(labels, probs, threshold=0.5):
     """ACC and AUC (Sec. IV-B): ACC at the threshold, ROC AUC; beside them balanced ACC (the mean of
     the per-class accuracies: FF++'s test split is 1 real to 4 fakes), AP (fake = positive) and EER.
     The ranking metrics are None when one class is missing."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
     labels, correct = np.asarray(labels).round(), (np.asarray(probs) > threshold) == np.asarray(labels).round()
     out = dict(acc=float(correct.mean()), bacc=float(np.mean([correct[labels == c].mean() for c in np.unique(labels)])))  # ACC
     two = len(np.unique(labels)) == 2
@@ -539,6 +540,7 @@ def save_figure(fig, path, top=1.0):
 
 def plot_roc(path, out, name):
     """roc.png: the frame- and video-level ROC of the test split, AUC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
     fig, ax = figure(1, 1, (5, 5))
     video_probs, video_labels = video_level(out["p"], out["label"], out["videos"])
     for level, labels, probs in (("frame", out["label"], out["p"]), ("video", video_labels, video_probs)):
