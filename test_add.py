@@ -342,15 +342,16 @@ def search_state(run):
 
 
 def wait_for(p, path, reached):
-    """Until process p ends or the checkpoint at path, written by it, is `reached`: loaded only when it
-    changed (loading it in a loop would take a core from the run it waits for, of the 2 there are)."""
+    """Until the checkpoint at path, written by process p, is `reached` (-> True) or p ends (-> False);
+    loaded only when it changed (loading it in a loop would take a core from p, of the 2 there are)."""
     seen = None
     while p.poll() is None:
-        stamp = os.stat(path).st_mtime_ns if os.path.exists(path) else None
-        if stamp != seen and reached(torch.load(path, weights_only=True)):  # replaced atomically: never half-written
-            return
+        stamp = (lambda s: (s.st_ino, s.st_mtime_ns, s.st_size))(os.stat(path)) if os.path.exists(path) else None
+        if stamp not in (seen, None) and reached(torch.load(path, weights_only=True)):  # replaced atomically, never
+            return True  # half-written
         seen = stamp
         time.sleep(0.02)
+    return False
 
 
 def in_own_group(*argv, env=None, stdout=subprocess.DEVNULL):
@@ -387,10 +388,10 @@ def test_search_stopped_by_signals_to_its_process_group_resumes_as_if_never_stop
     assert code == 0, err[-2000:]  # the run to compare with, as a process too
     pattern = r"stopped by SIG(?:TERM|INT) at epoch (\d), step (\d); its checkpoint is written: continue with " \
               r"python search.py --resume --run-dir " + re.escape(run)
-    for sig, after in ((signal.SIGTERM, (0, 2)), (signal.SIGINT, (2, 0))):  # in the warm-up, then after it  # (a SIGKILL: the training test below)
+    for sig, after in ((signal.SIGTERM, (0, 2)), (signal.SIGINT, (2, 2))):  # in the warm-up, then after it (step 8)  # (a SIGKILL: the training test below)
         p = in_own_group(script, *argv, "--out", str(tmp_path / "g.json"), "--run-dir", run, env=AVX2) \
             if sig == signal.SIGTERM else in_own_group(script, "--resume", "--run-dir", run, env=AVX2)
-        wait_for(p, os.path.join(run, "search.pt"), lambda state: (state["epoch"], state["step"]) >= after)
+        assert wait_for(p, os.path.join(run, "search.pt"), lambda state: (state["epoch"], state["step"]) >= after)
         os.killpg(p.pid, sig)  # the whole group: the search and its loader workers
         _, err = p.communicate()
         epoch, step = stop_message(err, pattern)  # the checkpoint is at the step the stop came: no step lost
@@ -1660,7 +1661,7 @@ def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, genotype_file, caps
 
 def test_training_stopped_by_signals_to_its_process_group_resumes_to_the_same_metrics(tmp_path, genotype_file):
     argv = ["--genotype", genotype_file, "--videos", "8", "--frames", "1", "--image-size", "32", "--channels", "4",
-            "--batch-size", "4", "--epochs", "3", "--workers", "2", "--log-every", "0", "--visualize", "0"]
+            "--batch-size", "4", "--epochs", "4", "--workers", "2", "--log-every", "0", "--visualize", "0"]
     killed, script = str(tmp_path / "killed"), os.path.join(HERE, "train.py")
     code, _, err = run_cli(script, *argv, "--out", str(tmp_path / "whole"))  # the run to compare with, a process too
     assert code == 0, err[-2000:]
@@ -1669,10 +1670,11 @@ def test_training_stopped_by_signals_to_its_process_group_resumes_to_the_same_me
     epoch_of = lambda: torch.load(last, weights_only=True)["epoch"] if os.path.exists(last) else 0
     pattern = r"stopped by SIGINT (?:in epoch \d, after step \d of 4|at the end of epoch \d); the last checkpoint, " + \
               re.escape(last) + r", holds epoch (\d): continue with python train.py --resume --out " + re.escape(killed)
-    for sig, after in ((signal.SIGINT, 1), (signal.SIGKILL, 2)):  # Ctrl-C in epoch 2 or later, then a kill
+    held = 0
+    for sig in (signal.SIGINT, signal.SIGKILL):  # Ctrl-C in epoch 2 or later, then a kill once the resumed run saved an epoch
         p = in_own_group(script, *argv, "--out", killed) if sig == signal.SIGINT else \
             in_own_group(script, "--resume", "--out", killed)
-        wait_for(p, last, lambda state: state["epoch"] >= after)
+        assert wait_for(p, last, lambda state: state["epoch"] > held)
         os.killpg(p.pid, sig)  # the training process and its loader workers
         _, err = p.communicate()
         if sig == signal.SIGINT:  # stopped after the step the signal came in; the message names the checkpoint
@@ -1742,7 +1744,7 @@ def test_a_stop_reaches_every_torchrun_process_at_the_next_step_and_resumes(tmp_
                             (["--resume"], r"stopped by SIGTERM (in epoch \d, after step \d of 8|at the end of epoch \d)" + end)):
         if resume:
             p, held = in_own_group(*argv, *resume), torch.load(last, weights_only=True)["epoch"]
-            wait_for(p, last, lambda state: state["epoch"] != held)
+            assert wait_for(p, last, lambda state: state["epoch"] != held)
             os.killpg(p.pid, signal.SIGTERM)
         _, err = p.communicate()
         ours = [line for line in err.splitlines() if line.startswith("stopped by")]  # torchrun adds its own traceback

@@ -706,9 +706,10 @@ def compare(args):
     """--compare RUN_DIR...: finished training runs grouped by everything but their seeds (--seed,
     --data-seed) -> a row a group: parameters, lr, training images/s, test frame and video AUC (mean
     and standard deviation over its seeds), validation frame AUC; printed, written to compare.csv and
-    drawn as pareto.png. A run whose training CE stayed at chance is marked and left out: the harness
-    failed it. Then the architecture (a row) is the unit: searched minus random and minus
-    hand-designed, Welch's 95% interval over the rows' means; each searched row against each
+    drawn as pareto.png. A run whose training CE stayed at chance is marked and left out of the test
+    AUCs (the harness failed it), not of the validation AUC that picks an lr. Then the architecture
+    (a row) is the unit: searched minus random and minus hand-designed, Welch's 95% interval over the
+    rows' means; each searched row against each
     hand-designed one paired by seed; and, for rows that differ only in lr, the lr of the best mean
     validation AUC (the pick; pass the runs of other seeds at it for the comparison). -> the rows."""
     groups = {}
@@ -733,7 +734,7 @@ def compare(args):
         print(f"{r['name'][:28]:28s} {r['kind']:13s} {r['width']:>7s} {r['parameters'] / 1e6:>7.2f}M {r['lr']:>7g} "
               f"{r['images_per_s'] or float('nan'):>7.1f}  {r['frame_auc']:.3f} ± {r['frame_auc_std']:.3f}  "
               f"{r['video_auc']:.3f} ± {r['video_auc_std']:.3f}  {r['val_auc']:>7.3f}  {r['n']}"
-              + (f"  ({r['at_chance']} at chance, left out: {r['failed']})" if r["at_chance"] else ""))
+              + (f"  ({r['at_chance']} at chance, left out of the test AUCs: {r['failed']})" if r["at_chance"] else ""))
     compare_architectures(rows)
     plot_pareto([r for r in rows if r["n"]], os.path.join(out, "pareto.png"))
     print(f"wrote {out}: compare.csv, pareto.png")
