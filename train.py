@@ -709,9 +709,9 @@ def compare(args):
     drawn as pareto.png. A run whose training CE stayed at chance is marked and left out of the test
     AUCs (the harness failed it), not of the validation AUC that picks an lr. Then the architecture
     (a row) is the unit: searched minus random and minus hand-designed, Welch's 95% interval over the
-    rows' means; each searched row against each
-    hand-designed one paired by seed; and, for rows that differ only in lr, the lr of the best mean
-    validation AUC (the pick; pass the runs of other seeds at it for the comparison). -> the rows."""
+    rows' means; each searched row against each hand-designed one paired by seed; and, for rows that
+    differ only in lr, the lr of the best mean validation AUC (the pick; pass the runs of other seeds
+    at it for the comparison). -> the rows."""
     groups = {}
     for run in args.compare:
         cfg, metrics, log = read_run(run)
