@@ -1,6 +1,6 @@
 """Smoke and property tests for ADD on tiny synthetic data, tiny video trees and a real face photo.
 
-    python -m pytest -q            # the whole suite (about 4 minutes on 2 CPU cores)
+    python -m pytest -q            # the whole suite (about 4.5 minutes on 2 CPU cores)
 """
 import csv
 import glob
