@@ -1417,8 +1417,10 @@ def test_checkpoints_of_another_script_or_version_are_one_line_errors(trained, t
         del last["config"][key]
     torch.save(last, os.path.join(copy, "last.pt"))
     assert train.main(["--resume", "--out", copy])["test"] == trained["add_metrics"]["test"]  # it resumes: the test runs
-    assert train.main(["--eval-only", "--checkpoint", os.path.join(copy, "last.pt"), "--out", str(tmp_path / "eval")])
-    assert json.load(open(tmp_path / "eval" / "eval.json"))["test"]["frames"] == 6
+    for checkpoint, out in ((os.path.join(copy, "last.pt"), "eval"), (os.path.join(trained["add"], "last.pt"), "today")):
+        assert train.main(["--eval-only", "--checkpoint", checkpoint, "--out", str(tmp_path / out)])
+    evaluated = [json.load(open(tmp_path / out / "eval.json"))["test"] for out in ("eval", "today")]
+    assert evaluated[0] == evaluated[1] and evaluated[0]["frames"] == 6  # the same data (data seed 0), the same scores
 
 
 def test_ap_and_eer_match_independent_computations():
