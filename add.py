@@ -1,4 +1,4 @@
-"""The ADD network (Fig. 2), its two heads and its loss (Sec. III-B to III-D; Eq. 4-7).
+"""The ADD network (Fig. 2), its two heads, its loss and its update (Sec. III-B to III-D; Eq. 3-7).
 
 Read top to bottom, this file is the paper's network:
 - d2_layout, ADD: a stem, then D^2 blocks of N normal cells with a reduction cell between
@@ -7,12 +7,13 @@ Read top to bottom, this file is the paper's network:
 - Heads: on the last features f, the mask head (1x1 conv -> one channel -> m, bilinearly up-sampled
   to the input: Sec. III-C) and the classifier (1x1 conv, two FC -> 2 logits) fed with f (Eq. 4) or,
   with the mask branch, f * m (Eq. 6, with m at f's resolution, before the up-sampling).
-- loss_terms, add_loss: Eq. 5, 6 and 7, CE' + alpha * MSE; one implementation for both scripts.
-Below the divider: the run helpers search.py and train.py share (device and bf16 autocast,
-checkpoints, stop signals, loaders and their workers, BatchNorm folding for inference, batches on
-the device).
-
-    python add.py --genotype g.json      # prints the network's size and the shape of its outputs
+- loss_terms, add_loss: Eq. 5, 6 and 7, CE' + alpha * MSE (this alpha weighs the mask loss: the
+  paper reuses the letter of the architecture's alpha; the flag is --mask-weight).
+- gradient_step: one update on that loss: the search's w and alpha steps (Algorithm 1, Eq. 3) and
+  every training step.
+Below the divider: how search.py and train.py run, written once for both: Run (stop signals, the
+vote of several processes, non-finite losses, progress), checkpoints and resume, loaders and
+batches, the device, BatchNorm folding for inference, the benchmark's timer, the plotting helper.
 """
 import argparse
 import contextlib
@@ -20,7 +21,6 @@ import json
 import os
 import resource
 import signal
-import sys
 import time
 
 import numpy as np
@@ -31,7 +31,11 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader
 
-from ops import STEPS, Cell, InputError, Parser, atomic_write, bounded, genotype_edges, load_genotype, search_edges
+from ops import STEPS, Cell, InputError, atomic_write, genotype_edges, search_edges
+
+GRAD_CLIP = 5.0  # gradient norm of every w update (DARTS's value; the paper does not say)
+PAPER_SIZE = dict(channels=48, cells_per_block=4, stem_reductions=3)  # the paper's network at 256 px: N 4 (Sec. IV-D), C 48
+DEMO_SIZE = dict(channels=16, cells_per_block=1, stem_reductions=2)  # the demo's at 64 px
 
 
 def d2_layout(blocks, cells_per_block):
@@ -119,9 +123,31 @@ def loss_terms(logits, m, labels, M):
 
 
 def add_loss(ce, mse, mask_weight):
-    """Eq. 7: L = CE' + alpha * MSE (CE' alone without a mask branch); alpha is mask_weight here, the
-    name alpha being the architecture's in search.py."""
+    """Eq. 7: L = CE' + alpha * MSE (CE' alone without a mask branch), alpha = mask_weight."""
     return ce if mse is None else ce + mask_weight * mse  # Eq. 7
+
+
+def gradient_step(model, optimizer, params, batch, device, mask_weight, flips=None, weights=None, penalty=None,
+                  clip=True):
+    """One update of `params` on one batch with the loss of Eq. 7 -> the detached (CE, MSE, loss) on
+    the device (MSE 0 without a mask branch). In the search it is Eq. 3's L(y; F(x, alpha, w)): w on
+    a training batch (Algorithm 1, lines 2-4) or alpha on a validation batch (lines 5-7), and only
+    the gradients of `params` are computed, so the alpha step does not pay for w's. weights: the
+    architecture's (None: the network's own); penalty: a term added to the loss (search.py's
+    parameter term); clip: the gradient norm to GRAD_CLIP (w's updates)."""
+    x, M, y = to_device(batch, device, flips)  # faces (B, 3, H, W), hull masks M (B, 1, H, W), labels (B,)
+    with autocast(device):
+        logits, m = model(x) if weights is None else model(x, weights)
+    ce, mse = loss_terms(logits, m, y, M)
+    loss = add_loss(ce, mse, mask_weight)  # Eq. 3: L(y; F(x, alpha, w)), the network's own loss (Eq. 7)
+    if penalty:
+        loss = loss + penalty()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward(inputs=params)
+    if clip:
+        nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    optimizer.step()  # w = w - grad_w L (line 4), or alpha = alpha - grad_alpha L (line 7), by the optimizer's rule
+    return torch.stack([ce, ce * 0 if mse is None else mse, loss]).detach()
 
 
 def count_parameters(model):
@@ -129,94 +155,97 @@ def count_parameters(model):
 
 
 # ==============================================================================================
-# Below: not the paper's method. The run helpers search.py and train.py share.
+# Below: not the paper's method. How search.py and train.py run, written once for both.
 
 class Diverged(Exception):
-    """A non-finite loss: the run stops, its last checkpoint stays as it was."""
-
-
-class FiniteCheck:
-    """Counts non-finite losses on the device and reads the count every `every` steps, or when asked
-    (read: before a checkpoint): one host synchronisation per window instead of one per step. The
-    error names the window."""
-    def __init__(self, device, every, advice):
-        self.bad, self.every, self.start, self.advice = torch.zeros((), dtype=torch.int32, device=device), every, 0, advice
-
-    def add(self, loss, step, last, where):  # loss: a 0-dim tensor on the device
-        self.bad += (~torch.isfinite(loss.detach())).int()
-        if (step + 1) % self.every == 0 or last:
-            self.read(step, where)
-
-    def read(self, step, where):
-        if self.bad.item():
-            raise Diverged(f"non-finite loss at {where}, within steps {self.start + 1}-{step + 1}; {self.advice}")
-        self.start = step + 1
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    """A non-finite loss or state: the run stops, its last checkpoint stays as it was."""
 
 
 class Stopped(BaseException):
-    """A stop from outside (StopSignals): the run ends with this one-line message, non-zero exit. A
+    """A stop from outside (SIGTERM, SIGINT): the run ends with this one line, a non-zero exit. A
     BaseException, as KeyboardInterrupt: no `except Exception` (one input's failure) swallows it."""
 
 
-class StopSignals:
-    """SIGTERM and SIGINT (a scheduler's pre-emption, `timeout`, `scancel`, Ctrl-C: each sent to the
-    whole process group) become a flag the training loop reads after each step, so that a run stops
-    at a step boundary with one line (the search checkpoints that step; training names its last
-    checkpoint), instead of dying mid-step with a traceback. Once nothing is left to save (training's
-    final test), stop_now(message) makes a signal raise Stopped(message) at once.
-    Loader workers ignore both (ignore_stop_signals, their worker_init_fn): they live until the main
-    process is done with them. A context manager; truthy once a signal came (its name: .name)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+CHECK_EVERY = 50  # steps between reads of the device's count of non-finite losses: one host sync a window
+PROGRESS_SECONDS = 600  # a progress line at a run's 20th step, then at most every 10 minutes
+
+
+class Run:
+    """What a run of either loop needs around its steps; a context manager.
+    1) Stop signals: SIGTERM and SIGINT (a scheduler's pre-emption, `timeout`, `scancel`, Ctrl-C; each
+       sent to the whole process group, loader workers included, which ignore them) set a flag that
+       step() reads after each step, so that a run ends at a step boundary with one line instead of
+       a traceback mid-step. Where nothing is left to save, stop_now(line) makes a signal raise
+       Stopped(line) at once.
+    2) The vote: with several processes (torchrun) every step combines each rank's stop flag and
+       whether it saw a non-finite loss (MAX over a CPU group, no GPU work waits for it): all ranks
+       stop after the same step, or all end on a divergence, wherever it falls.
+    3) Non-finite losses are counted on the device and read every CHECK_EVERY steps and at an
+       epoch's last step.
+    4) Progress: images/s and the time left, from the time per unit of work so far (a search step
+       that also moves alpha costs 2 units).
+    5) On exit the loaders' worker processes end (left to the interpreter's exit they hang it:
+       multiprocessing sends them SIGTERM, which they ignore, and waits), then the signal handlers
+       are put back, so that a second Ctrl-C while the workers end is still only a flag."""
+    def __init__(self, device, loaders=(), total=0, group=None, rank=0, world=1, advice=""):
+        self.device, self.loaders, self.total, self.group, self.rank, self.world = device, loaders, total, group, rank, world
+        self.advice, self.signal, self.line = advice, None, None
+        self.bad, self.unread, self.steps, self.done, self.images = torch.zeros((), dtype=torch.int32, device=device), 0, 0, 0, 0
+        self.start = self.printed = time.time()
+
     def __enter__(self):
-        self.name = self.message = None
-        self.previous = {s: signal.signal(s, self.receive) for s in STOP_SIGNALS}
+        self.handlers = {s: signal.signal(s, self.receive) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        for s, handler in self.previous.items():
+        end_workers(self.loaders)
+        for s, handler in self.handlers.items():
             signal.signal(s, handler)
 
     def receive(self, signum, frame):
-        self.name = signal.Signals(signum).name
-        if self.message:
-            raise Stopped(self.message.replace("{}", self.name))
+        self.signal = signal.Signals(signum).name
+        if self.line:
+            raise Stopped(self.line.replace("{}", self.signal))
 
-    def stop_now(self, message):
-        """From here on a signal raises Stopped(message, "{}" replaced by the signal's name); one that
-        came already raises it now."""
-        self.message = message
-        if self:
-            raise Stopped(message.replace("{}", self.name))
+    def stop_now(self, line):
+        """From here on a signal raises Stopped(line, "{}" replaced by the signal's name); one that came
+        already raises it now."""
+        self.line = line
+        if self.signal:
+            raise Stopped(line.replace("{}", self.signal))
 
-    def __bool__(self):
-        return self.name is not None
+    def vote(self, *flags):
+        """Each flag combined over all processes (any rank's True is every rank's); one process: as is."""
+        if self.group is None:
+            return [bool(f) for f in flags]
+        t = torch.tensor([float(bool(f)) for f in flags])
+        dist.all_reduce(t, dist.ReduceOp.MAX, group=self.group)
+        return [bool(v) for v in t]
 
-    def agreed(self, group=None):
-        """Whether to stop after this step. With several processes (DDP) all must stop after the same
-        step: their flags are combined every step over `group`, a CPU (gloo) group, so that no GPU
-        work waits for it. One process (group None): its own flag."""
-        if group is None:
-            return bool(self)
-        flag = torch.tensor(float(bool(self)))
-        dist.all_reduce(flag, dist.ReduceOp.MAX, group=group)
-        return bool(flag)
+    def step(self, loss, images, epoch, step, steps, cost=1):
+        """After a step: loss, its 0-dim loss on the device -> whether to stop now (every rank agrees);
+        a non-finite loss on any rank raises Diverged on all."""
+        self.bad += (~torch.isfinite(loss.detach())).int()
+        self.unread, self.steps, self.done, self.images = self.unread + 1, self.steps + 1, self.done + cost, self.images + images
+        bad = ((step + 1) % CHECK_EVERY == 0 or step + 1 == steps) and bool(self.bad.item())
+        stop, bad = self.vote(self.signal, bad)
+        if bad:
+            raise Diverged(f"non-finite loss at epoch {epoch + 1}, within steps {step + 2 - self.unread}-{step + 1}; "
+                           f"{self.advice}")
+        if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
+            self.unread = 0
+        if self.rank == 0 and (self.steps == 20 or time.time() - self.printed > PROGRESS_SECONDS):
+            self.progress(loss)
+        return stop
 
-
-class StoppableRun:
-    """The base of SearchRun and TrainRun: a context manager inside which SIGTERM and SIGINT set the
-    flag self.stop (StopSignals) instead of ending the process, and at whose end the workers of its
-    loaders (self.loaders) end too (end_workers)."""
-    loaders = ()
-
-    def __enter__(self):
-        self.stop = StopSignals().__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.__exit__(*exc)
-        end_workers(self.loaders)
+    def progress(self, loss):
+        sync(self.device)
+        self.printed, elapsed = time.time(), time.time() - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        print(f"  step {self.steps}: loss {loss.item():.4f}, {self.images * self.world / elapsed:.1f} training images/s on "
+              f"{self.device}; the rest takes about " + (f"{left / 3600:.1f} h" if left >= 7200 else f"{left / 60:.1f} min"),
+              flush=True)
 
 
 def ignore_stop_signals(worker_id=None):
@@ -228,20 +257,161 @@ def ignore_stop_signals(worker_id=None):
 
 def loader(dataset, batch_size, workers, sampler=None, drop_last=False):
     """A DataLoader as both scripts use it: `workers` persistent worker processes that ignore the
-    stop signals (ignore_stop_signals) and hand over uint8 batches (to_device), pinned for a GPU."""
+    stop signals and hand over uint8 batches (to_device), pinned for a GPU."""
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
                       worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
 def end_workers(loaders):
-    """Ends the loaders' worker processes now, as DataLoader itself does when its iterator is deleted.
-    Left to the interpreter's exit they would hang it: multiprocessing's exit handler sends SIGTERM,
-    which the workers ignore, and then waits for them, forever (a loader outlives its run whenever
-    something still holds it at exit: matplotlib keeps a frame of the training loop, for one)."""
+    """Ends the loaders' worker processes now, as DataLoader itself does when its iterator is deleted."""
     for data in loaders:
         if getattr(data, "_iterator", None) is not None:  # a persistent loader's workers, once started
             data._iterator._shutdown_workers()
             data._iterator = None
+
+
+def save_checkpoint(state, path):
+    """A plain dict of tensors and plain values (loads with weights_only=True), written atomically.
+    Refused (Diverged, the file on disk left as it was) when a floating tensor in it holds a NaN or an
+    infinity: every checkpoint is one a run can continue from. One wait per device (a state mixes
+    devices: on CUDA, Adam's step counts stay on the CPU), not one per tensor."""
+    floats = [(name, t) for name, t in _tensors(state) if t.is_floating_point()]
+    finite = {}
+    for _, t in floats:
+        finite.setdefault(t.device, []).append(torch.isfinite(t).all())
+    if not all(torch.stack(v).all().item() for v in finite.values()):
+        name = next(name for name, t in floats if not torch.isfinite(t).all())
+        raise Diverged(f"{name} holds a non-finite value: {path} was not written (the one on disk is intact)")
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _tensors(obj, name=""):
+    """(dotted name, tensor) for every tensor in nested dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        yield name, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{name}.{k}" if name else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for k, v in enumerate(obj):
+            yield from _tensors(v, f"{name}.{k}")
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such checkpoint")
+    except Exception as e:  # torch.load raises many types on a corrupt file; all mean the same here
+        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def resume(path, given, expected, needed, built_in):
+    """--resume: the checkpoint at path and the configuration to continue with: the options given on
+    this command line win, else the checkpoint's. expected: the options of a run of this version;
+    needed: the state's keys besides the model; built_in: options this version no longer has, with
+    the value it builds in. A checkpoint of another script, or of a version whose configuration lacks
+    an option or set a built-in one to another value, is an InputError. -> (configuration, state)"""
+    state = load_checkpoint(path)
+    saved = state.get("config") if isinstance(state, dict) else None
+    lacking = [k for k in ("model", *needed) if k not in state] if isinstance(saved, dict) else ["config"]
+    if lacking:
+        raise InputError(f"{path}: not a checkpoint this script can resume (its state has no {lacking[0]}: written by "
+                         f"another version, or another script); start a new run")
+    missing = [f"--{k.replace('_', '-')}" for k in expected if k not in saved and k not in given]
+    changed = [f"--{k.replace('_', '-')} {saved[k]} (built in here: {v})" for k, v in built_in.items() if saved.get(k, v) != v]
+    if missing or changed:
+        why = f"its configuration has no {', '.join(missing[:3])}" if missing else f"it ran with {', '.join(changed)}"
+        raise InputError(f"{path}: written by another version of this script ({why}); start a new run")
+    return argparse.Namespace(**{**{k: saved.get(k) for k in expected}, **given}), state
+
+
+def restore(state, modules, path):
+    """A resumed run: each module's state from state[key] ({key: module}: the network, optimizers,
+    schedulers), and the CPU generator's (state["rng"]). Every random draw of a run comes from the CPU
+    generator or a seeded one (samplers, flips); nothing draws from a CUDA generator (no network here
+    has dropout), so no checkpoint needs its state."""
+    for key, module in modules.items():
+        load_state(module, state[key], path, key)
+    torch.set_rng_state(state["rng"])
+
+
+def load_state(module, state, path, what="model"):
+    """load_state_dict with a one-line error when the checkpoint was made for another network."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise InputError(f"{path}: the checkpoint's {what} does not match this configuration "
+                         f"({str(e).splitlines()[0][:160]})")
+
+
+def append_log(path, line):
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def trim_log(path, epochs):
+    """log.jsonl of a resumed run: only the lines of the epochs its checkpoint holds. The line of an
+    epoch is written before its checkpoint, so a kill between the two leaves one line too many (or
+    half of one), which this drops: the epoch runs again and writes it again, never twice."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["epoch"] <= epochs:
+                    keep.append(line.rstrip("\n") + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line cut short by the kill
+    atomic_write(path, lambda f: f.write("".join(keep).encode()))
+
+
+def new_run_dir(path):
+    """A fresh run never overwrites an earlier one: PATH if it is new or empty, else PATH-2, PATH-3..."""
+    k, candidate = 1, path
+    while os.path.isdir(candidate) and os.listdir(candidate):
+        k += 1
+        candidate = f"{path.rstrip(os.sep)}-{k}"
+    return candidate
+
+
+def write_config(args, path):
+    """Prints the configuration a run uses and keeps it beside its checkpoint (config.json)."""
+    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
+    atomic_write(path, lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
+
+
+def scale_milestones(milestones, epochs, paper_epochs=300):
+    """The paper's learning-rate milestones (in epochs of 300) scaled to a shorter or longer run."""
+    return sorted({max(1, round(m * epochs / paper_epochs)) for m in milestones})
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches and the device
+
+def to_device(batch, device, flips=None):
+    """A loader's (image uint8 (B, 3, H, W), mask uint8 (B, 1, H, W), label (B,), video) -> x float
+    in [0, 1] channels_last, M float in {0, 1}, y, on the device. Workers hand over uint8 (a quarter
+    of float32's bytes through workers, shared and pinned memory); it becomes float here.
+    flips: a torch.Generator for the training augmentation (random_flips), or None."""
+    x, M, y = batch[0], batch[1], batch[2]
+    x = x.to(device, non_blocking=True, memory_format=torch.channels_last).float().div_(255)
+    M, y = M.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
+    return (*random_flips(x, M, flips), y) if flips is not None else (x, M, y)
+
+
+def random_flips(x, M, generator):
+    """Training augmentation (not in the paper): the same horizontal flip of a face and its mask,
+    p = 0.5 per sample, drawn from `generator` (seeded by seed, epoch, ...: epoch_generator), so that
+    a resumed run flips exactly as an uninterrupted one, whatever the number of loader workers."""
+    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(flip, x.flip(-1), x), torch.where(flip, M.flip(-1), M)
+
+
+def epoch_generator(*key):
+    """A torch.Generator seeded by a tuple such as (seed, epoch, rank): independent streams per key."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
 
 
 def pick_device(name):
@@ -261,34 +431,11 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, device, steps, warmup=2):
-    """--benchmark: seconds per call of step() after `warmup` calls (allocator, cuDNN autotuning,
-    torch.compile's compilation), and the seconds the warm-up took."""
-    tic = time.time()
-    for _ in range(warmup):
-        step()
-    sync(device)
-    warm, tic = time.time() - tic, time.time()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return (time.time() - tic) / steps, warm
-
-
-def new_run_dir(path):
-    """A fresh run never overwrites an earlier one: PATH if it is new or empty, else PATH-2, PATH-3..."""
-    k, candidate = 1, path
-    while os.path.isdir(candidate) and os.listdir(candidate):
-        k += 1
-        candidate = f"{path.rstrip(os.sep)}-{k}"
-    return candidate
-
-
 def prepare_model(model, device, compile=False, deterministic=False):
-    """The model on the device, channels_last (faster on the CPU too: ADD trains 1.55x faster in it,
-    issue 9's measurement; README, Speed), optionally torch.compile'd (inductor). On CUDA cuDNN picks
-    its fastest kernels for the fixed input size, unless `deterministic`: then cuDNN's and torch's
-    deterministic algorithms (a warning names each operation that has none; the CPU's are already)."""
+    """The model on the device, channels_last (faster on the CPU too: README, Speed), optionally
+    torch.compile'd (inductor). On CUDA cuDNN picks its fastest kernels for the fixed input size,
+    unless `deterministic`: then cuDNN's and torch's deterministic algorithms (a warning names each
+    operation that has none; the CPU's are already)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         if deterministic:
@@ -359,35 +506,33 @@ def graph_uses(outputs):
     return uses
 
 
-def to_device(batch, device, flips=None):
-    """A loader's (image uint8 (B, 3, H, W), mask uint8 (B, 1, H, W), label (B,), video) -> x float
-    in [0, 1] channels_last, M float in {0, 1}, y, on the device. Workers hand over uint8 (a quarter
-    of float32's bytes through workers, shared and pinned memory); it becomes float here.
-    flips: a torch.Generator for the training augmentation (random_flips), or None."""
-    x, M, y = batch[0], batch[1], batch[2]
-    x = x.to(device, non_blocking=True, memory_format=torch.channels_last).float().div_(255)
-    M, y = M.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
-    return (*random_flips(x, M, flips), y) if flips is not None else (x, M, y)
+# ----------------------------------------------------------------------------------------------
+# --benchmark's timer, and the one plotting helper
 
-
-def random_flips(x, M, generator):
-    """Training augmentation: the same horizontal flip of a face and its mask, p = 0.5 per sample,
-    drawn from `generator` (seeded by seed, epoch and rank): a resumed run flips exactly as an
-    uninterrupted one, whatever the number of loader workers."""
-    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)[:, None, None, None]
-    return torch.where(flip, x.flip(-1), x), torch.where(flip, M.flip(-1), M)
-
-
-def epoch_generator(*key):
-    """A torch.Generator seeded by a tuple such as (seed, epoch, rank): independent streams per key."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+def time_alternately(steps, device, calls=10, rounds=3, warmup=2):
+    """--benchmark: each of `steps` ({name: step()}) timed in turn, A, B, A, B, ... for `rounds`
+    rounds of `calls` calls after `warmup` (allocator, cuDNN autotuning, torch.compile): the best
+    seconds per call of each, measured on one machine in one run, and the first warm-up's seconds."""
+    best, warm = {name: float("inf") for name in steps}, {}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            tic = time.time()
+            for _ in range(warmup if name not in warm else 0):
+                step()
+            sync(device)
+            warm.setdefault(name, time.time() - tic)
+            tic = time.time()
+            for _ in range(calls):
+                step()
+            sync(device)
+            best[name] = min(best[name], (time.time() - tic) / calls)
+    return best, warm
 
 
 def random_batch(batch_size, size):
     """A batch shaped like the loaders' (image uint8, mask uint8, label, video), for --benchmark."""
-    b, s = batch_size, size
-    return (torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8), torch.randint(0, 2, (b, 1, s, s), dtype=torch.uint8),
-            torch.randint(0, 2, (b,)), None)
+    return (torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8),
+            torch.randint(0, 2, (batch_size, 1, size, size), dtype=torch.uint8), torch.randint(0, 2, (batch_size,)), None)
 
 
 def peak_memory_mib(device):
@@ -397,111 +542,22 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
-def scale_milestones(milestones, epochs, paper_epochs=300):
-    """The paper's learning-rate milestones (in epochs of 300) scaled to a shorter or longer run."""
-    return sorted({max(1, round(m * epochs / paper_epochs)) for m in milestones})
+def figure(rows, cols, size):
+    """The plotting helper, with save_figure: a matplotlib figure of rows x cols panels (files only)."""
+    import matplotlib  # here: ~0.5 s at the start of every run that draws nothing
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(rows, cols, figsize=size, squeeze=False)
 
 
-def save_checkpoint(state, path):
-    """A plain dict of tensors and plain values (loads with weights_only=True), written atomically.
-    Refused (Diverged, the file on disk left as it was) when any floating tensor in it holds a NaN or
-    an infinity: every checkpoint is one a run can continue from. Each tensor is checked where it is
-    (a state mixes devices: on CUDA, Adam's step counts and the loss means stay on the CPU); a meta
-    tensor holds no values to check."""
-    for name, t in _tensors(state):
-        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
-            raise Diverged(f"{name} holds a non-finite value: {path} was not written (the one on disk is intact)")
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def _tensors(obj, name=""):
-    """(dotted name, tensor) for every tensor in nested dicts, lists and tuples."""
-    if torch.is_tensor(obj):
-        yield name, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{name}.{k}" if name else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for k, v in enumerate(obj):
-            yield from _tensors(v, f"{name}.{k}")
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such checkpoint")
-    except Exception as e:  # torch.load raises many types on a corrupt file; all mean the same here
-        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-
-
-def resumed_config(state, args, run_keys, path, needed=(), added=None):
-    """The saved configuration of a run being resumed, but for the options a resumed run may change
-    (run_keys). added: options newer than some checkpoints, with the value an older run had. A
-    checkpoint of another script, or of an older version whose configuration lacks other options
-    this version has (its network and schedules would differ), is an InputError."""
-    saved = state.get("config") if isinstance(state, dict) else None
-    if not isinstance(saved, dict) or any(k not in state for k in ("model", *needed)):
-        raise InputError(f"{path}: not a checkpoint this script can resume (start a new run)")
-    saved = {**(added or {}), **saved}
-    missing = sorted(set(vars(args)) - set(saved) - set(run_keys))  # run_keys come from this call anyway
-    if missing:
-        raise InputError(f"{path}: written by another version of this script (its configuration has no "
-                         f"{', '.join('--' + k.replace('_', '-') for k in missing[:3])}); start a new run")
-    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in run_keys}})
-
-
-def restore(state, modules, path):
-    """A resumed run: each module's state from state[key] ({key: module}: the network, optimizers,
-    schedulers), and the CPU generator's (state["rng"]). Every random draw of a run comes from the CPU
-    generator or a seeded one (samplers, flips); nothing draws from a CUDA generator (no network here
-    has dropout), so no checkpoint needs its state."""
-    for key, module in modules.items():
-        load_state(module, state[key], path, key)
-    torch.set_rng_state(state["rng"])
-
-
-def trim_log(path, epochs):
-    """log.jsonl of a resumed run: only the lines of the epochs its checkpoint holds. The line of an
-    epoch is written before its checkpoint, so a kill between the two leaves one line too many (or
-    half of one), which this drops: the epoch runs again and writes it again, never twice."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["epoch"] <= epochs:
-                    keep.append(line.rstrip("\n") + "\n")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass  # a line cut short by the kill
-    atomic_write(path, lambda f: f.write("".join(keep).encode()))
-
-
-def load_state(module, state, path, what="model"):
-    """load_state_dict with a one-line error when the checkpoint was made for another network."""
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise InputError(f"{path}: the checkpoint's {what} does not match this configuration "
-                         f"({str(e).splitlines()[0][:160]})")
-
-
-def main(argv=None):
-    p = Parser(description="Build ADD from a genotype and print its size.")
-    p.add_argument("--genotype", required=True, help="g.json written by search.py")
-    p.add_argument("--channels", type=bounded(int, 1), default=48, help="C of the first block (48: ~5 M parameters; paper: 5.6 M)")
-    p.add_argument("--cells-per-block", type=bounded(int, 1), default=4, help="N normal cells per D^2 block (paper: 4)")
-    p.add_argument("--blocks", type=bounded(int, 1), default=3, help="number of D^2 blocks")
-    p.add_argument("--image-size", type=bounded(int, 32), default=256, help="input size (paper: 256)")
-    args = p.parse_args(argv)
-    model = ADD(load_genotype(args.genotype), args.channels, d2_layout(args.blocks, args.cells_per_block))
-    logits, m = model.eval()(torch.zeros(1, 3, args.image_size, args.image_size))
-    print(f"ADD: {count_parameters(model) / 1e6:.2f} M parameters; logits {tuple(logits.shape)}, mask {tuple(m.shape)}")
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:
-        sys.exit(f"error: {e}")
+def save_figure(fig, path, title=None):
+    import matplotlib.pyplot as plt
+    for a in fig.axes:
+        if a.get_xlabel() == "epoch":
+            a.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.85 if title else 1.0))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    fig.clf()
+    plt.close(fig)

@@ -50,6 +50,8 @@ METHODS = {"ff++": FFPP_METHODS, "celeb-df": (CELEBDF_FAKE,), "synthetic": SYNTH
 SPLITS = ("train", "val", "test")
 READ_ERRORS = (av.FFmpegError, OSError, UnidentifiedImageError)  # an input that cannot be read (now)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+DETECT_SIZE = 640  # px: faces are detected on a copy of at most this size (HOG on a full 1080p frame is ~4x slower)
+CROP_SIZE = 256  # px: the face crops (Sec. IV-B: 256x256)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,15 +73,15 @@ class Face(NamedTuple):
 
 class FaceFinder:
     """dlib's HOG face detector at upsample 0 (faces of ~80 px and up) on a copy of at most
-    `detect_size` px, boxes mapped back; the 68 landmarks are then found at full resolution."""
-    def __init__(self, detect_size=640):
+    DETECT_SIZE px, boxes mapped back; the 68 landmarks are then found at full resolution."""
+    def __init__(self):
         self.detector = dlib.get_frontal_face_detector()
         self.predictor = dlib.shape_predictor(landmark_model_path())
-        self.detect_size = detect_size
 
-    def small(self, image):
-        """A gray copy of at most detect_size px and its scale (video frames bring their own, faster)."""
-        scale = min(1.0, self.detect_size / max(image.shape[:2]))
+    @staticmethod
+    def small(image):
+        """A gray copy of at most DETECT_SIZE px and its scale (video frames bring their own, faster)."""
+        scale = min(1.0, DETECT_SIZE / max(image.shape[:2]))
         gray = Image.fromarray(image).convert("L")
         size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
         return np.asarray(gray.resize(size, Image.BILINEAR) if scale < 1 else gray), scale
@@ -102,9 +104,9 @@ class FaceFinder:
 
 
 @functools.cache
-def face_finder(detect_size):
+def face_finder():
     """One FaceFinder per process (loading the models takes ~0.65 s; pool workers reuse theirs)."""
-    return FaceFinder(detect_size)
+    return FaceFinder()
 
 
 def hull_mask(points, height, width=None):
@@ -136,13 +138,13 @@ def crop_face(image, face, size=256, scale=1.3):
     return np.asarray(crop), (face.landmarks - np.array(box[:2], dtype=np.float32)) * k
 
 
-def read_faces(path, k, size, detect_size):
+def read_faces(path, k, size=CROP_SIZE):
     """The preparation of one input (Sec. IV-B): k evenly spaced frames (iter_frames, below), the
     largest face, the 1.3x square crop at size x size. Yields (frame index, crop (size, size, 3) uint8, landmarks in crop
     pixels (68, 2), box in frame pixels), or (frame index, None, None, None) for a frame without a face.
     Raises what the decoder raises for an input that cannot be read."""
-    finder = face_finder(detect_size)
-    for i, rgb, small, scale in iter_frames(path, k, detect_size):
+    finder = face_finder()
+    for i, rgb, small, scale in iter_frames(path, k):
         faces = finder.faces(rgb, small, scale)
         yield (i, *crop_face(rgb, faces[0], size), faces[0].box) if faces else (i, None, None, None)
 
@@ -177,25 +179,23 @@ def load_rgb(path):
         return np.asarray(image.convert("RGB"))
 
 
-def iter_frames(path, k, detect_size):
-    """Yields (frame index, RGB (H, W, 3) uint8, gray copy of at most detect_size px, its scale) for
+def iter_frames(path, k):
+    """Yields (frame index, RGB (H, W, 3) uint8, gray copy of at most DETECT_SIZE px, its scale) for
     k evenly spaced frames of a video file or a folder of frames (natural order), or the one frame
     of a photo: one full-resolution frame in memory at a time."""
     if os.path.isdir(path):
         files = sorted((f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)), key=natural_key)
         for i in even_indices(len(files), k):
-            yield (i, *_with_small(load_rgb(os.path.join(path, files[i])), detect_size))
+            rgb = load_rgb(os.path.join(path, files[i]))
+            yield (i, rgb, *FaceFinder.small(rgb))
     elif path.lower().endswith(IMAGE_EXTENSIONS):
-        yield (0, *_with_small(load_rgb(path), detect_size))
+        rgb = load_rgb(path)
+        yield (0, rgb, *FaceFinder.small(rgb))
     else:
-        yield from _video_frames(path, k, detect_size)
+        yield from _video_frames(path, k)
 
 
-def _with_small(rgb, detect_size):
-    return (rgb, *face_finder(detect_size).small(rgb))
-
-
-def _video_frames(path, k, detect_size, seek_gap=250):
+def _video_frames(path, k, seek_gap=250):
     """Decodes front to back and converts only the wanted frames; when the next wanted frame is more
     than seek_gap frames ahead (a long video), seeks to the keyframe before it instead. Frames are
     turned upright by the stream's display rotation (phone footage)."""
@@ -215,7 +215,7 @@ def _video_frames(path, k, detect_size, seek_gap=250):
                     break
             else:
                 return  # the video ended early (fewer frames than its header says)
-            scale, turns = min(1.0, detect_size / max(frame.width, frame.height)), round(frame.rotation / 90) % 4
+            scale, turns = min(1.0, DETECT_SIZE / max(frame.width, frame.height)), round(frame.rotation / 90) % 4
             small = frame.reformat(width=round(frame.width * scale), height=round(frame.height * scale), format="gray")
             yield (position, np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), turns)),
                    np.ascontiguousarray(np.rot90(small.to_ndarray(), turns)), scale)
@@ -342,7 +342,7 @@ def _identities(folder, name):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4) Preparation: per video, K frames -> largest face -> 1.3x square crop, hull mask, manifest
+# 4) Preparation: per video, K frames -> largest face -> 1.3x square crop, hull mask, record; the manifest
 
 def _files(video, frame):
     stem = os.path.join(video.method, video.name, f"{frame:04d}.png")
@@ -353,31 +353,24 @@ def _record_path(root, video):
     return os.path.join(root, "records", video.method, video.name + ".json")
 
 
-def _staging(root, video):
-    """Where an attempt writes its frames; it exists only while the attempt is unfinished."""
-    return os.path.join(root, "staging", video.method, video.name)
-
-
-def prepare_video(video, root, settings, previous=None):
-    """One video -> crops and masks under root, then its record (written last: a video with a record
-    and no staging folder is finished, a restart skips it). The frames are written into a staging
-    folder and replace the earlier ones only when the attempt is committed (_commit). Nothing raised
-    inside stops the pool: a video that cannot be read (missing, a partial download, a network mount)
-    is recorded with retry=True and tried again by the next run; any other failure (degenerate
-    landmarks, a decompression bomb, dlib) and a video without faces are recorded with their reason.
-    previous: the video's record from an earlier run, if any."""
+def prepare_video(video, root, settings):
+    """One video -> crops and masks under root, then its record, written last: a video with a record
+    is finished (a restart skips it); one with frames and no record was cut short (its frames are
+    removed and it is prepared again). Nothing raised inside stops the others: a video that cannot be
+    read (missing, a partial download, a network mount) is recorded with retry=True and tried again
+    by the next run; any other failure (degenerate landmarks, a decompression bomb, dlib) and a video
+    without faces are recorded with their reason. If even the record cannot be written (a full
+    disk), the video has none and the next run prepares it again."""
     record = dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], reason="", retry=False)
-    staging = _staging(root, video)
-    shutil.rmtree(staging, ignore_errors=True)  # an earlier, killed attempt's
-    os.makedirs(staging)  # also the mark of an attempt in flight (prepare: a worker that died)
     seen, size = 0, settings["size"]
+    os.makedirs(os.path.join(root, "faces", video.method, video.name), exist_ok=True)  # the attempt began (_started)
     try:
-        for i, crop, points, _ in read_faces(video.path, settings["frames"], size, settings["detect_size"]):
+        for i, crop, points, _ in read_faces(video.path, settings["frames"], size):
             seen += 1
             if crop is None:
                 record["skipped_frames"].append([i, "no face"])
                 continue
-            image_file, mask_file = (os.path.join(staging, kind, f"{i:04d}.png") for kind in ("faces", "masks"))
+            image_file, mask_file = (os.path.join(root, f) for f in _files(video, i))
             atomic_write(image_file, lambda f: Image.fromarray(crop).save(f, "PNG", compress_level=1))
             atomic_write(mask_file, lambda f: Image.fromarray(hull_mask(points, size) * 255).save(f, "PNG"))
             record["frames"].append(i)
@@ -387,85 +380,56 @@ def prepare_video(video, root, settings, previous=None):
         record["reason"] = f"failed ({type(e).__name__}: {e})"
     if not record["reason"] and not record["frames"]:
         record["reason"] = f"no face in any of its {seen} frames" if seen else "no frames decoded"
-    return _commit(root, video, record, previous)
-
-
-def _commit(root, video, record, previous):
-    """Ends an attempt: its frames replace the earlier ones, unless it failed with fewer frames than
-    an earlier attempt with the same settings kept (a source that became unreadable: a network mount
-    down): those frames and their record stay, with the new reason. Then the record is written and
-    the staging folder removed (a kill before that makes the next run prepare the video again)."""
-    staging, n = _staging(root, video), len((previous or {}).get("frames", []))
-    if record["reason"] and n > len(record["frames"]) and previous.get("settings") == record["settings"]:
-        record = dict(previous, reason=f"{record['reason']}; the {n} frames prepared before are kept",
-                      retry=record["retry"])
-    else:
-        for kind in ("faces", "masks"):
-            final = os.path.join(root, kind, video.method, video.name)
-            shutil.rmtree(final, ignore_errors=True)
-            if os.path.isdir(os.path.join(staging, kind)):
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-                os.replace(os.path.join(staging, kind), final)
-    atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
-    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
+    except OSError as e:
+        record.update(reason=f"not recorded ({type(e).__name__}: {e})", retry=True)
     return record
 
 
-def _prepare_one(job):
-    """A worker's task; never raises. If even the record cannot be written (a full disk), the video
-    has no record and the next run prepares it again."""
-    try:
-        return prepare_video(*job)
-    except Exception as e:
-        return dict(job[0]._asdict(), frames=[], reason=f"not recorded ({type(e).__name__}: {e})", retry=True)
+def _started(root, video):
+    """An attempt at the video began (its folder of faces exists, made by its first frame or by
+    prepare) and did not end (no record)."""
+    return os.path.isdir(os.path.join(root, "faces", video.method, video.name)) and not os.path.exists(_record_path(root, video))
 
 
 def _run_jobs(jobs, workers):
     """Yields each job's record, `workers` videos at a time. A worker that dies (killed by a signal,
-    the OOM killer, a crash in native code) breaks its pool: the videos then in flight (their staging
-    folder exists) are tried again one at a time, each in a pool of its own, so that the one that
-    kills its worker again is recorded as failed; the others go on in a new pool."""
+    the OOM killer, a crash in native code) breaks its pool: the videos then in flight (_started) are
+    tried again one at a time, each in a pool of its own, so that the one that kills its worker again
+    is recorded as failed; the others go on in a new pool."""
     if workers == 1:  # in this process (a crash here stops the run; the videos finished stay finished)
-        yield from map(_prepare_one, jobs)
+        yield from (prepare_video(*job) for job in jobs)
         return
     pending = list(jobs)
     while pending:
         finished = set()
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_prepare_one, job): k for k, job in enumerate(pending)}
+            futures = {pool.submit(prepare_video, *job): k for k, job in enumerate(pending)}
             for future in as_completed(futures):
-                try:
-                    record = future.result()
-                except BrokenProcessPool:  # the dead worker's video and those not finished: sorted out below
-                    continue
-                finished.add(futures[future])
-                yield record
+                if future.exception() is None:  # BrokenProcessPool: sorted out below
+                    finished.add(futures[future])
+                    yield future.result()
         left = [job for k, job in enumerate(pending) if k not in finished]
-        in_flight = [os.path.isdir(_staging(job[1], job[0])) for job in left]
-        yield from _alone([job for job, started in zip(left, in_flight) if started])
-        pending = [job for job, started in zip(left, in_flight) if not started]
+        for job in (job for job in left if _started(job[1], job[0])):
+            with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+                try:
+                    yield pool.submit(prepare_video, *job).result()
+                except BrokenProcessPool:
+                    video, root, settings = job
+                    record = dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], retry=False,
+                                  reason="failed (the process preparing it died: killed by a signal, out of memory, or "
+                                         "a crash in native code)")
+                    atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
+                    yield record
+        pending = [job for job in left if not _started(job[1], job[0]) and not os.path.exists(_record_path(job[1], job[0]))]
 
 
-def _alone(jobs):
-    """Each job in a worker process of its own: a worker that dies is that video's failure."""
-    for job in jobs:
-        with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
-            try:
-                yield pool.submit(_prepare_one, job).result()
-            except BrokenProcessPool:
-                video, root, settings, previous = job
-                record = dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], retry=False,
-                              reason="failed (the process preparing it died: killed by a signal, out of memory, "
-                                     "or a crash in native code)")
-                yield _commit(root, video, record, previous)
-
-
-def prepare(videos, root, settings, workers, retry_failed=False, redo=False):
+def prepare(videos, root, settings, workers, redo=False):
     """Prepare every video not finished yet, in parallel; then rebuild the manifest and the report
     from all records under root (so both cover earlier runs too). Tried again: videos recorded with
-    retry (unreadable last time), and videos whose attempt was cut short (a staging folder left);
-    with retry_failed every video with a reason; with redo, all. Records carry the settings:
-    preparing into a root made with other settings is an error."""
+    retry (unreadable last time) and videos whose attempt was cut short; with redo, all. Records carry
+    the settings: preparing into a root made with other settings is an error."""
     records = _records(root)
     other = next((r for r in records.values() if r.get("settings") != settings), None)
     if other and not redo:
@@ -473,10 +437,15 @@ def prepare(videos, root, settings, workers, retry_failed=False, redo=False):
         raise InputError(f"{root}: prepared with {was}, not {_flags(settings)}; prepare into another --root, "
                          f"or add --redo to prepare every video again")
     old = [records.get(_record_path(root, v)) for v in videos]
-    again = lambda v, r: redo or r.get("retry") or (retry_failed and r["reason"]) or os.path.isdir(_staging(root, v))
-    jobs = [(v, root, settings, r) for v, r in zip(videos, old) if not r or again(v, r)]
-    print(f"{len(videos)} videos, {len(videos) - len(jobs)} already prepared, {len(jobs)} to do "
-          f"({sum(r is not None for *_, r in jobs)} of them again), {workers} workers")
+    again = [bool(r) and bool(redo or r.get("retry")) for r in old]
+    jobs = [(v, root, settings) for v, r, a in zip(videos, old, again) if a or not r]
+    for video, _, _ in jobs:  # an earlier attempt's record and frames go
+        for kind in ("faces", "masks"):
+            shutil.rmtree(os.path.join(root, kind, video.method, video.name), ignore_errors=True)
+        if os.path.exists(_record_path(root, video)):
+            os.remove(_record_path(root, video))
+    print(f"{len(videos)} videos, {len(videos) - len(jobs)} already prepared, {len(jobs)} to do ({sum(again)} of them "
+          f"again), {workers} workers")
     start, done = time.time(), 0
     for record in _run_jobs(jobs, workers):
         done += len(record["frames"])
@@ -863,14 +832,12 @@ def open_split(data, root, split, methods, image_size, train, videos=None, frame
     return FaceCrops(root or os.path.join("data", data), split, methods, train, image_size)
 
 
-def resolve_defaults(args, paper, demo, keep=()):
+def resolve_defaults(args, real, demo):
     """Fill every option left unset: the small demo configuration on --data synthetic (the default),
-    the paper's settings on real data. Explicit flags always win; `keep` stays unset (to be taken
-    from a checkpoint)."""
-    if args.data is None and "data" not in keep:
-        args.data = "synthetic"
-    for key, value in dict(demo if args.data == "synthetic" else paper, synthetic="easy", data_seed=0).items():
-        if key not in keep and getattr(args, key, None) is None:
+    the real data's on a real dataset (the paper's, but for the departures). Flags given win."""
+    args.data = args.data or "synthetic"
+    for key, value in dict(demo if args.data == "synthetic" else real, synthetic="easy", data_seed=0).items():
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
 
@@ -896,7 +863,7 @@ def loader_workers(data, processes_per_node=1):
 # ----------------------------------------------------------------------------------------------
 # 8) Command line
 
-def show(photo, out, detect_size):
+def show(photo, out):
     """--show: the photo with each face's box, 68 landmarks and a translucent hull mask over it."""
     try:
         image = load_rgb(photo)
@@ -904,7 +871,7 @@ def show(photo, out, detect_size):
         raise InputError(f"{photo}: no such image file")
     except (OSError, Image.DecompressionBombError) as e:
         raise InputError(f"{photo}: not a readable image ({e})")
-    faces = face_finder(detect_size).faces(image)
+    faces = face_finder().faces(image)
     if not faces:
         raise InputError(f"{photo}: no face found (dlib HOG at upsample 0 misses faces under ~80 px)")
     canvas = Image.fromarray(image).convert("RGBA")
@@ -920,26 +887,26 @@ def show(photo, out, detect_size):
     print(f"{photo}: {len(faces)} face(s); wrote {out}")
 
 
-def benchmark(src, frames, detect_size):
-    """Frames/s of prepare_video on one video (--src), or on a generated 720p clip of the
-    astronaut photo shipped with scikit-image (a face panning across a 1280x720 frame)."""
+def benchmark(src, frames):
+    """Frames/s of prepare_video on one video (--src), or on a generated 720p clip of the astronaut
+    photo shipped with scikit-image (a face panning across a 1280x720 frame, 300 frames)."""
     if src and not os.path.isfile(src):
         raise InputError(f"{src}: no such video file")
     with tempfile.TemporaryDirectory() as tmp:
         if not src:
             src = os.path.join(tmp, "astronaut_720p.mp4")
-            _write_pan_video(src, 300)
-        face_finder(detect_size)  # load the models before timing
-        video = Video("test", 0, "bench", "video", src)
+            write_pan_video(src, 300)
+        face_finder()  # load the models before timing
         start = time.time()
-        record = prepare_video(video, tmp, dict(frames=frames, size=256, detect_size=detect_size, compression=None))
+        record = prepare_video(Video("test", 0, "bench", "video", src), tmp, dict(frames=frames, size=CROP_SIZE))
         elapsed = time.time() - start
     n = len(record["frames"])
     print(f"{src if 'astronaut' not in src else '720p astronaut clip (300 frames)'}: {n} of {frames} frames "
           f"prepared in {elapsed:.2f} s: {n / elapsed:.1f} frames/s on one core (decode, detect, landmarks, crop, PNGs)")
 
 
-def _write_pan_video(path, n):
+def write_pan_video(path, n):
+    """A 1280x720 H.264 clip of n frames: scikit-image's astronaut photo panning across a grey frame."""
     from skimage.data import astronaut  # a real face photo that ships with scikit-image
     face = Image.fromarray(astronaut()).resize((720, 720))
     with av.open(path, "w") as container:
@@ -959,32 +926,31 @@ def main(argv=None):
     p.add_argument("--data", choices=("ff++", "celeb-df"), help="prepare this dataset from --src")
     p.add_argument("--src", help="the dataset as downloaded (with --benchmark: a video file)")
     p.add_argument("--root", help="where to write the prepared data (default: data/<name>)")
-    p.add_argument("--compression", default="c23", choices=("raw", "c23", "c40"), help="ff++: quality (paper: c23, HQ)")
+    p.add_argument("--compression", default="c23", choices=("raw", "c23", "c40"), help="ff++: quality (paper: c23, HQ; "
+                   "Table VI: c40)")
     p.add_argument("--methods", help="ff++: manipulations, comma-separated (default: all four)")
     p.add_argument("--splits", help="ff++: folder of train.json, val.json, test.json (default: SRC/splits)")
     p.add_argument("--frames", type=bounded(int, 1), default=32, help="evenly spaced frames per video (default 32)")
-    p.add_argument("--size", type=bounded(int, 8), default=256, help="face crop size (paper: 256, Sec. IV-B)")
-    p.add_argument("--detect-size", type=bounded(int, 64), default=640, help="detect on a copy of at most this many px")
     p.add_argument("--workers", type=bounded(int, 1), help="parallel videos (default: the CPUs this process may use)")
-    p.add_argument("--retry-failed", action="store_true", help="prepare again every video recorded with a reason")
-    p.add_argument("--redo", action="store_true", help="prepare every video again (e.g. with other --frames/--size)")
+    p.add_argument("--redo", action="store_true", help="prepare every video again (e.g. with other --frames)")
     p.add_argument("--benchmark", action="store_true", help="time the preparation of one video")
     args = p.parse_args(argv)
     if args.show:
-        return show(args.show, args.out, args.detect_size)
+        return show(args.show, args.out)
     if args.benchmark:
-        return benchmark(args.src, args.frames, args.detect_size)
+        return benchmark(args.src, args.frames)
     if not args.data or not args.src:
         p.error("give --show PHOTO, --benchmark, or --data {ff++,celeb-df} --src DOWNLOAD_ROOT")
     root = args.root or os.path.join("data", args.data)
-    settings = dict(frames=args.frames, size=args.size, detect_size=args.detect_size,
+    # the settings every record carries (and a restart must match); the detection size as earlier versions recorded it
+    settings = dict(frames=args.frames, size=CROP_SIZE, detect_size=DETECT_SIZE,
                     compression=args.compression if args.data == "ff++" else None)
     if args.data == "ff++":
         methods = parse_methods("ff++", args.methods)
         videos = ffpp_videos(args.src, args.compression, methods, args.splits or os.path.join(args.src, "splits"))
     else:
         videos = celebdf_videos(args.src)
-    prepare(videos, root, settings, max(1, args.workers or usable_cpus()), args.retry_failed, args.redo)
+    prepare(videos, root, settings, max(1, args.workers or usable_cpus()), args.redo)
 
 
 if __name__ == "__main__":

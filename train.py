@@ -2,14 +2,15 @@
 
 Read top to bottom, this file is the paper's training and evaluation:
 - build_model: ADD from a searched genotype (add.py, Fig. 2), or a hand-designed baseline (Table IV).
-- make_optimizer, train_epoch: Sec. IV-B's optimizer; one pass over the training split with Eq. 7.
+- make_optimizer: Sec. IV-B's optimizer and schedule.
 - frame_scores, video_level, scores, evaluate: ACC and AUC (Sec. IV-B) per frame and per video, with
   the field's balanced ACC, AP and EER beside them.
 - datasets, test_split: the splits (Sec. IV-A) and the protocols of Tables I-III.
-- fit: the whole training; the epoch of the best validation AUC is tested once, at the end.
-Below the divider, what the paper does not describe: the settings, the bookkeeping of a run (resume,
-checkpoints, stop signals, DDP), reports and pictures (Fig. 9's masks), --eval-only, --predict (is
-this video fake?), --compare, --benchmark and the command line.
+- fit: the whole training, Eq. 7 step by step (add.gradient_step); the epoch of the best validation
+  AUC is tested once, at the end.
+Below the divider, what the paper does not describe: the settings, the epoch's end (validation,
+checkpoints, the log), DDP, reports and pictures (Fig. 9's masks), --eval-only, --predict (is this
+video fake?), --compare, --benchmark and the command line.
 
     python train.py --genotype g.json                                       # built-in synthetic data (demo)
     python train.py --genotype g.json --data ff++ --methods Face2Face       # inner-dataset (Table I)
@@ -21,7 +22,7 @@ this video fake?), --compare, --benchmark and the command line.
     python train.py --predict clip.mp4 photo.jpg frames/ --checkpoint runs/train/best.pt
     python train.py --compare runs/train runs/train-2 ...                   # one table and pareto.png
     torchrun --nproc_per_node 4 train.py --genotype g.json --data ff++      # several GPUs (DDP)
-    python train.py --genotype g.json --benchmark                           # images/s, peak memory
+    python train.py --genotype g.json --benchmark                           # images/s against resnet18
 A run folder (--out; a new one beside it when it exists, unless --resume) holds config.json,
 log.jsonl, last.pt, best.pt, metrics.json, predictions.csv, roc.png, curves.png and masks.png.
 """
@@ -29,7 +30,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
 import sys
 import time
@@ -39,13 +39,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from add import (ADD, Diverged, FiniteCheck, StoppableRun, Stopped, add_loss, autocast, count_parameters, d2_layout,
-                 epoch_generator, fold_batchnorm, load_checkpoint, load_state, loader, loss_terms, new_run_dir,
-                 peak_memory_mib, pick_device, prepare_model, random_batch, restore, resumed_config,
-                 save_checkpoint, scale_milestones, time_steps, to_device, trim_log)
+from add import (ADD, DEMO_SIZE, PAPER_SIZE, Diverged, Run, Stopped, append_log, count_parameters, d2_layout,
+                 epoch_generator, figure, fold_batchnorm, gradient_step, load_checkpoint, load_state, loader,
+                 new_run_dir, peak_memory_mib, pick_device, prepare_model, random_batch, restore, resume,
+                 save_checkpoint, save_figure, scale_milestones, time_alternately, to_device, trim_log, write_config)
 from masks import (METHODS, READ_ERRORS, add_data_arguments, loader_workers, open_split, parse_methods, read_faces,
                    resolve_defaults)
 from ops import InputError, Parser, atomic_write, bounded, genotype_from_dict, genotype_origin, load_genotype
@@ -54,6 +54,8 @@ from ops import InputError, Parser, atomic_write, bounded, genotype_from_dict, g
 # EfficientNets, mobile networks)
 BASELINES = ("resnet18", "resnet152", "vgg16", "xception", "efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small",
              "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "mnasnet0_5")
+BLOCKS = 3  # D^2 blocks (Fig. 2)
+MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # Sec. IV-B: "Adam with a momentum value of 0.9 and a weight decay of 0.0005"
 
 
 class Baseline(nn.Module):
@@ -126,10 +128,10 @@ def xception(classes=2):
 
 def build_model(cfg, genotype):
     """ADD from the genotype (Fig. 2: D^2 blocks of N cells; the mask branch unless no_mask_branch,
-    Eq. 4 alone), or a baseline."""
+    Eq. 4 alone), or a baseline (Table IV)."""
     if cfg["arch"] != "add":
         return Baseline(cfg["arch"], cfg.get("small_input"))  # Table IV: a hand-designed network
-    layout = d2_layout(cfg["blocks"], cfg["cells_per_block"])
+    layout = d2_layout(cfg.get("blocks", BLOCKS), cfg["cells_per_block"])
     return ADD(genotype, cfg["channels"], layout, cfg["stem_reductions"], mask=not cfg.get("no_mask_branch"))
 
 
@@ -139,35 +141,10 @@ def make_optimizer(model, args):
     does not learn there (README, Departures: measured), so lr 0.5 is read as 0.5e-3; --optimizer sgd
     is the other reading."""
     if args.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), args.lr, betas=(args.momentum, 0.999), weight_decay=args.weight_decay)
+        opt = torch.optim.Adam(model.parameters(), args.lr, betas=(MOMENTUM, 0.999), weight_decay=WEIGHT_DECAY)
     else:
-        opt = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        opt = torch.optim.SGD(model.parameters(), args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     return opt, torch.optim.lr_scheduler.MultiStepLR(opt, scale_milestones(args.milestones, args.epochs), 0.1)
-
-
-def train_epoch(model, data, optimizer, device, args, flips=None, after_step=None):
-    """One pass over the training split with Eq. 7 -> (mean CE, mean MSE or None). The losses stay on
-    the device. flips: the epoch's torch.Generator for the random horizontal flips (augmentation);
-    after_step(step, steps, loss, images): the run's bookkeeping (TrainRun.after_step)."""
-    model.train()
-    sums, has_mask = torch.zeros(2, device=device), False  # CE, MSE
-    for step, batch in enumerate(data):
-        x, M, y = to_device(batch, device, flips)  # faces (B, 3, H, W), hull masks M (B, 1, H, W), labels (B,)
-        with autocast(device):
-            logits, m = model(x)
-        ce, mse = loss_terms(logits, m, y, M)
-        loss = add_loss(ce, mse, args.mask_weight)  # Eq. 7 (Table V without L_MSE: --mask-weight 0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        has_mask = mse is not None
-        sums += torch.stack([ce.detach(), mse.detach() if has_mask else torch.zeros_like(ce)])
-        if after_step:
-            after_step(step, len(data), loss, len(x))
-    ce, mse = (sums / max(1, len(data))).tolist()
-    return ce, mse if has_mask else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +179,7 @@ def video_level(probs, labels, videos):
 def equal_error_rate(labels, probs):
     """EER: the error rate where the ROC's false-positive rate equals its false-negative rate,
     linearly interpolated between the two ROC points around the crossing."""
-    from sklearn.metrics import roc_curve  # imported where used: ~1 s of every start that never scores (search.py)
+    from sklearn.metrics import roc_curve  # imported where used: ~1 s of every start that never scores
     fpr, tpr, _ = roc_curve(labels, probs)
     gap = (1 - tpr) - fpr  # FNR - FPR, decreasing along the curve from 1 to -1
     i = int(np.argmax(gap <= 0))
@@ -224,13 +201,13 @@ def scores(labels, probs, threshold=0.5):
     return out
 
 
-def evaluate(model, loader, device, threshold=0.5):
+def evaluate(model, loader, device):
     """-> (metrics: frames, videos, frame_* and video_* scores, ce, mse; per-frame outputs)."""
     out, videos = frame_scores(model, loader, device)
     video_probs, video_labels = video_level(out["p"], out["label"], videos)
     metrics = dict(frames=len(out["p"]), videos=len(video_labels),  # ACC and AUC, per frame and per video
-                   **{f"frame_{k}": v for k, v in scores(out["label"], out["p"], threshold).items()},
-                   **{f"video_{k}": v for k, v in scores(video_labels, video_probs, threshold).items()},
+                   **{f"frame_{k}": v for k, v in scores(out["label"], out["p"]).items()},
+                   **{f"video_{k}": v for k, v in scores(video_labels, video_probs).items()},
                    ce=float(out["ce"].mean()), mse=None if out["mse"] is None else float(out["mse"].mean()))
     return metrics, dict(out, videos=videos)
 
@@ -258,159 +235,127 @@ def test_split(args):
             f"{test_data}:{','.join(methods)}")
 
 
-def fit(args, rank, world, local_world, device):
-    """Sec. IV-B's training: --epochs passes of Eq. 7 (Adam: make_optimizer), the lr / 10 at the milestones, the
-    network validated after each epoch; the test split is evaluated once, at the end, with the epoch
-    of the best validation AUC. Resume, DDP, checkpoints, stop signals and logs are TrainRun's."""
-    args, state = resumed(args, rank, local_world)  # --resume: the saved configuration and state
+def fit(args, state, rank, world, device):
+    """Sec. IV-B's training: --epochs passes of Eq. 7 (Adam: make_optimizer), the lr / 10 at the
+    milestones, the network validated after each epoch; the test split is evaluated once, at the end,
+    with the epoch of the best validation AUC. Stops, progress and the vote of several processes:
+    add.Run; the epoch's end (validation, checkpoints, the log): end_epoch, below the divider."""
     genotype = (genotype_from_dict(state["genotype"], "checkpoint") if state and state["genotype"]
                 else load_genotype(args.genotype) if args.arch == "add" else None)
     (train_set, val_set), (test_set, test_name) = datasets(args), test_split(args)
     model = prepare_model(sync_batchnorm(build_model(vars(args), genotype), args, world, device), device, args.compile,
                           args.deterministic)
     optimizer, scheduler = make_optimizer(model, args)
-    run = TrainRun(args, model, (optimizer, scheduler), genotype, state, rank, world, device)
-    train_data, val_data, test_data = run.data(train_set, val_set, test_set, test_name)
-    with run:
-        for epoch in run.epochs():
-            losses = train_epoch(run.net, train_data, optimizer, device, args, run.flips, run.after_step)
+    start, best = begin(args, state, dict(model=model, optimizer=optimizer, scheduler=scheduler), rank)
+    net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) if world > 1 else model
+    sampler, data = training_loaders(args, (train_set, val_set, test_set), test_name, model, rank, world, device)
+    train_data, steps, params = data[0], len(data[0]), list(net.parameters())
+    with Run(device, data, (args.epochs - start) * steps, dist.new_group(backend="gloo") if world > 1 else None, rank, world,
+             "the last good checkpoint is intact: lower --lr, or --resume from it") as run:
+        for epoch in range(start, args.epochs):
+            sampler.set_epoch(epoch)  # an epoch's order depends on (seed, epoch) only: resumable
+            net.train()
+            tic, lr, sums = time.time(), optimizer.param_groups[0]["lr"], torch.zeros(3, device=device)
+            flips = epoch_generator(args.seed, epoch, rank)  # random flips, the same in a resumed run
+            for step, batch in enumerate(train_data):
+                terms = gradient_step(net, optimizer, params, batch, device, args.mask_weight, flips)  # Eq. 7 (Table V: --mask-weight 0)
+                sums += terms  # (CE, MSE, loss) on the device
+                if run.step(terms[2], len(batch[2]), epoch, step, steps) and step + 1 < steps:
+                    raise Stopped(stopped(args, run.signal, f"in epoch {epoch + 1}, after step {step + 1} of {steps}", epoch))
             scheduler.step()
-            run.after_epoch(epoch, losses, val_data)  # validation, best.pt / last.pt, the log line
+            if rank == 0:
+                best = end_epoch(args, (model, optimizer, scheduler, genotype), epoch, (sums / steps).tolist(), lr, tic,
+                                 data[1], best, steps * args.batch_size, device)
+            if run.vote(run.signal)[0]:  # came in its last step, or during the validation
+                raise Stopped(stopped(args, run.signal, f"at the end of epoch {epoch + 1}", epoch + 1))
         if rank == 0:
-            run.stop.stop_now(run.stopped("during the final test", args.epochs))
-            return test(args, model, val_data, (test_set, test_data, test_name), device)
+            run.stop_now(stopped(args, "{}", "during the final test", args.epochs))
+            return test(args, model, data[1], (test_set, data[2], test_name), device)
 
 
 # ==============================================================================================
-# Below: not the paper's method. Settings, the bookkeeping of a run, reports and pictures,
+# Below: not the paper's method. Settings, the epoch's end, DDP, reports and pictures,
 # --eval-only, --predict, --compare, --benchmark, the command line.
 
 # Settings that differ between a real dataset (the paper's, Sec. IV-B, but for the lr: README, Departures) and the
 # built-in synthetic data (a demo sized for 2 CPU cores). Flags override both.
-REAL_DATA = dict(image_size=256, stem_reductions=3, channels=48, cells_per_block=4, batch_size=96, lr=5e-4, epochs=300,
-                 milestones=[80, 140], small_input=False)
-DEMO = dict(image_size=64, stem_reductions=2, channels=16, cells_per_block=1, batch_size=32, lr=1e-3, epochs=12,
-            milestones=[200, 280], videos=160, frames=4, small_input=True)
-# Options added after some checkpoints were written, with the value such a checkpoint stands for
-ADDED = dict(compare=None, genotype_origin=None, no_flips=False, small_input=False, data_seed=0)
-RUN_KEYS = ("resume", "workers", "device", "log_every", "check_every", "out", "deterministic")  # a resumed run may change
-MODEL_KEYS = ("arch", "channels", "blocks", "cells_per_block", "stem_reductions", "image_size", "mask_weight",
-              "small_input")  # to rebuild it
-# --eval-only: the checkpoint's run's unless given (the same batches give bit-identical metrics)
+REAL_DATA = dict(PAPER_SIZE, image_size=256, batch_size=96, lr=5e-4, epochs=300, milestones=[80, 140])
+DEMO = dict(DEMO_SIZE, image_size=64, batch_size=32, lr=1e-3, epochs=12, milestones=[200, 280], videos=160, frames=4)
+DEFAULTS = dict(arch="add", mask_weight=1.0, optimizer="adam", seed=0, device="auto")
+SMALL_INPUT_BELOW = 128  # px: ImageNet's strides (32x) would end a smaller face below 4x4 (--small-input's default)
+FIG9_FACES = 8  # test faces in masks.png (Fig. 9)
+THRESHOLD = 0.5  # p(fake) above which --predict calls an input fake
+# Options of earlier versions that this one builds in: a checkpoint that set them otherwise cannot resume
+BUILT_IN = dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, grad_clip=5.0, no_flips=False, blocks=BLOCKS)
+MODEL_KEYS = ("arch", "channels", "cells_per_block", "stem_reductions", "image_size", "mask_weight", "small_input")
+# --eval-only and --predict: the checkpoint's run's unless given (the same batches give bit-identical metrics)
 CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", "batch_size", "synthetic", "data_seed")
 
 
-class TrainRun(StoppableRun):
-    """The bookkeeping around the training loop, so that fit() shows the training alone: resume (the
-    model, optimizer and scheduler states, the epoch, the best AUC), the distributed wrapper and the
-    loaders, then each step's non-finite check, progress line and stop signals (SIGTERM, SIGINT: the
-    run ends after the step with one line naming the last checkpoint), and each epoch's validation,
-    checkpoints (best.pt by validation frame AUC, last.pt), log line and curves.png, on rank 0."""
-    def __init__(self, args, model, optimizers, genotype, state, rank, world, device):
-        self.args, self.model, self.optimizers, self.genotype = args, model, optimizers, genotype
-        self.rank, self.world, self.device = rank, world, device
-        self.start, self.best = (state["epoch"], state["best_auc"]) if state else (0, -1.0)
-        if state:
-            restore(state, dict(model=model, optimizer=optimizers[0], scheduler=optimizers[1]), os.path.join(args.out, "last.pt"))
-            print(f"resumed {os.path.join(args.out, 'last.pt')} at epoch {self.start}")
-        if self.start == args.epochs and rank == 0:
-            print(f"training is complete (epoch {self.start} of {args.epochs}): the test runs")
-        self.net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) \
-            if world > 1 else model
-        self.group = dist.new_group(backend="gloo") if world > 1 else None  # where the ranks agree to stop (CPU)
-
-    def data(self, train_set, val_set, test_set, test_name):
-        """The training loader (an epoch's order depends on (seed, epoch) only: resumable; each process
-        its share of the global batch), the validation and the test loader; the header line, config.json."""
-        args = self.args
-        self.sampler = DistributedSampler(train_set, self.world, self.rank, shuffle=True, seed=args.seed, drop_last=True)
-        train_data = loader(train_set, args.batch_size // self.world, args.workers, self.sampler, True)
-        if not len(train_data):
-            raise InputError(f"--batch-size {args.batch_size}: the train split has only {len(train_set)} samples "
-                             f"({len(train_set) // self.world} per process)")
-        if self.rank == 0:
-            print(f"{args.arch}: {count_parameters(self.model) / 1e6:.2f} M parameters; train {len(train_set)}, "
-                  f"val {len(val_set)}, test {len(test_set)} ({test_name}) samples; {self.world} process(es) on {self.device}")
-            atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
-        self.progress = Progress((args.epochs - self.start) * len(train_data), args.log_every if self.rank == 0 else 0,
-                                 self.world)
-        self.images = len(train_data) * args.batch_size  # training images an epoch, all processes
-        self.loaders = (train_data, *(loader(s, args.batch_size, args.workers) for s in (val_set, test_set)))
-        return self.loaders
-
-    def epochs(self):
-        for epoch in range(self.start, self.args.epochs):
-            self.sampler.set_epoch(epoch)
-            self.epoch, self.tic, self.lr = epoch, time.time(), self.optimizers[0].param_groups[0]["lr"]
-            self.flips = None if self.args.no_flips else epoch_generator(self.args.seed, epoch, self.rank)  # resumable
-            self.check = FiniteCheck(self.device, self.args.check_every,
-                                     "the last good checkpoint is intact: lower --lr, or --resume from it")
-            yield epoch
-
-    def after_step(self, step, steps, loss, images):
-        """loss: the step's 0-dim loss on the device, read every --check-every steps."""
-        last, epoch = step + 1 == steps, self.epoch
-        self.check.add(loss, step, last, f"epoch {epoch + 1}")
-        self.progress.step(epoch, step, steps, loss.detach(), images)  # .item() only when it prints
-        if not last and self.stop.agreed(self.group):  # the last step's signal: after the epoch's checkpoint
-            raise Stopped(self.stopped(f"in epoch {epoch + 1}, after step {step + 1} of {steps}", epoch, True))
-
-    def stopped(self, where, held, now=False):
-        """The one line a stop ends with; now=False: "{}" where the signal's name goes (StopSignals.stop_now)."""
-        out = self.args.out
-        if not held:
-            line = "no checkpoint yet (one is written at each epoch's end)"
-        else:
-            line = f"the last checkpoint, {os.path.join(out, 'last.pt')}, holds epoch {held}: " + (
-                f"python train.py --resume --out {out} runs the test" if held == self.args.epochs else
-                f"continue with python train.py --resume --out {out}")
-        name = (self.stop.name or "a signal to another process") if now else "{}"
-        return f"stopped by {name} {where}; {line}"
-
-    def after_epoch(self, epoch, losses, val_data):
-        """Rank 0: validation, log.jsonl (its line before the checkpoint: add.trim_log), best.pt when the
-        validation frame AUC is the best so far, last.pt, curves.png, the epoch's line."""
-        if self.rank == 0:
-            train_seconds, tic = time.time() - self.tic, self.tic
-            val, _ = evaluate(self.model, val_data, self.device)
-            auc = val["frame_auc"] if val["frame_auc"] is not None else val["frame_acc"]
-            improved, (train_ce, train_mse), (optimizer, scheduler) = auc > self.best, losses, self.optimizers
-            self.best, seconds, out = max(self.best, auc), time.time() - tic, self.args.out
-            line = dict(epoch=epoch + 1, train_ce=train_ce, train_mse=train_mse, val_ce=val["ce"], val_mse=val["mse"],
-                        lr=self.lr, seconds=seconds, train_seconds=train_seconds,
-                        train_images=self.images, val=val)
-            with open(os.path.join(out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(line) + "\n")
-            state = dict(model=self.model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         epoch=epoch + 1, rng=torch.get_rng_state(), config=vars(self.args),
-                         genotype=genotype_dict(self.genotype), best_auc=self.best)
-            if improved:
-                save_checkpoint(state, os.path.join(out, "best.pt"))
-            save_checkpoint(state, os.path.join(out, "last.pt"))
-            plot_curves(os.path.join(out, "log.jsonl"), os.path.join(out, "curves.png"))
-            mse = lambda v: "" if v is None else f" MSE {v:.4f}"
-            print(f"epoch {epoch + 1}/{self.args.epochs}  train CE {train_ce:.4f}{mse(train_mse)}  val CE {val['ce']:.4f}"
-                  f"{mse(val['mse'])}  ACC {val['frame_acc']:.4f} AUC {val['frame_auc'] or float('nan'):.4f}  "
-                  f"{seconds:.1f} s" + ("  (best)" if improved else ""), flush=True)
-        if self.world > 1:
-            dist.barrier()
-        if self.stop.agreed(self.group):  # came in its last step, or during the validation
-            raise Stopped(self.stopped(f"at the end of epoch {epoch + 1}", epoch + 1, True))
-
-
-def resumed(args, rank, local_world):
-    """--resume: the configuration saved in OUT/last.pt (but for RUN_KEYS) and that state; else (args,
-    None). Also the loader workers, and the configuration printed."""
+def begin(args, state, modules, rank):
+    """A resumed run's state (the model, optimizer and scheduler, the generator) -> (first epoch, best
+    validation AUC so far)."""
+    if not state:
+        return 0, -1.0
     path = os.path.join(args.out, "last.pt")
-    state = load_checkpoint(path) if args.resume else None
-    if state:
-        args = resumed_config(state, args, RUN_KEYS, path, ("optimizer", "scheduler", "epoch", "best_auc"), ADDED)
-        if rank == 0:
-            trim_log(os.path.join(args.out, "log.jsonl"), state["epoch"])
-    args.workers = loader_workers(args.data, local_world) if args.workers is None else args.workers
+    restore(state, modules, path)
     if rank == 0:
-        print_config(args)
-    return args, state
+        print(f"resumed {path} at epoch {state['epoch']}")
+        if state["epoch"] == args.epochs:
+            print(f"training is complete (epoch {state['epoch']} of {args.epochs}): the test runs")
+    return state["epoch"], state["best_auc"]
+
+
+def training_loaders(args, sets, test_name, model, rank, world, device):
+    """The training loader (each process its share of the global batch; DistributedSampler's order
+    depends on (seed, epoch) only), the validation and the test loader; the header line."""
+    train_set, val_set, test_set = sets
+    workers = loader_workers(args.data, int(os.environ.get("LOCAL_WORLD_SIZE", world))) if args.workers is None else args.workers
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    train_data = loader(train_set, args.batch_size // world, workers, sampler, True)
+    if not len(train_data):
+        raise InputError(f"--batch-size {args.batch_size}: the train split has only {len(train_set)} samples "
+                         f"({len(train_set) // world} per process)")
+    if rank == 0:
+        print(f"{args.arch}: {count_parameters(model) / 1e6:.2f} M parameters; train {len(train_set)}, val {len(val_set)}, "
+              f"test {len(test_set)} ({test_name}) samples; {world} process(es) on {device}")
+    return sampler, (train_data, *(loader(s, args.batch_size, workers) for s in (val_set, test_set)))
+
+
+def stopped(args, name, where, held):
+    """The one line a stop ends with; held: the epochs the last checkpoint holds."""
+    out = args.out
+    line = "no checkpoint yet (one is written at each epoch's end)" if not held else \
+        f"the last checkpoint, {os.path.join(out, 'last.pt')}, holds epoch {held}: " + (
+            f"python train.py --resume --out {out} runs the test" if held == args.epochs else
+            f"continue with python train.py --resume --out {out}")
+    return f"stopped by {name or 'a signal to another process'} {where}; {line}"
+
+
+def end_epoch(args, parts, epoch, means, lr, tic, val_data, best, images, device):
+    """Rank 0: validation, log.jsonl (its line before the checkpoint: add.trim_log), best.pt when the
+    validation frame AUC is the best so far, last.pt, curves.png, the epoch's line. -> the best AUC."""
+    model, optimizer, scheduler, genotype = parts
+    train_seconds = time.time() - tic
+    val, _ = evaluate(model, val_data, device)
+    auc = val["frame_auc"] if val["frame_auc"] is not None else val["frame_acc"]
+    improved, seconds, out = auc > best, time.time() - tic, args.out
+    train_ce, train_mse = means[0], means[1] if args.arch == "add" and not args.no_mask_branch else None
+    append_log(os.path.join(out, "log.jsonl"), dict(
+        epoch=epoch + 1, train_ce=train_ce, train_mse=train_mse, val_ce=val["ce"], val_mse=val["mse"], lr=lr,
+        seconds=seconds, train_seconds=train_seconds, train_images=images, val=val))
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                 epoch=epoch + 1, rng=torch.get_rng_state(), config=vars(args), genotype=genotype_dict(genotype),
+                 best_auc=max(best, auc))
+    if improved:
+        save_checkpoint(state, os.path.join(out, "best.pt"))
+    save_checkpoint(state, os.path.join(out, "last.pt"))
+    plot_curves(os.path.join(out, "log.jsonl"), os.path.join(out, "curves.png"))
+    mse = lambda v: "" if v is None else f" MSE {v:.4f}"
+    print(f"epoch {epoch + 1}/{args.epochs}  train CE {train_ce:.4f}{mse(train_mse)}  val CE {val['ce']:.4f}"
+          f"{mse(val['mse'])}  ACC {val['frame_acc']:.4f} AUC {val['frame_auc'] or float('nan'):.4f}  "
+          f"{seconds:.1f} s" + ("  (best)" if improved else ""), flush=True)
+    return max(best, auc)
 
 
 def sync_batchnorm(model, args, world, device):
@@ -420,25 +365,11 @@ def sync_batchnorm(model, args, world, device):
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world > 1 else model
 
 
-class Progress:
-    """Prints loss, images/s (all processes together) and the time left every `every` steps."""
-    def __init__(self, total_steps, every, world=1):
-        self.total, self.every, self.world, self.done, self.start = total_steps, every, world, 0, time.time()
-
-    def step(self, epoch, step, steps, loss, images):  # loss: a 0-dim tensor
-        self.done += 1
-        if self.every and self.done % self.every == 0:
-            elapsed = time.time() - self.start
-            left = elapsed / self.done * (self.total - self.done)
-            print(f"  epoch {epoch + 1} step {step + 1}/{steps}  loss {loss.item():.4f}  "
-                  f"{images * self.world * self.done / elapsed:.1f} images/s  {left / 60:.1f} min left", flush=True)
-
-
 def init_distributed(device_name, batch_size):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per GPU (nccl), or per CPU slot (gloo).
-    -> rank, world size, local world size, device. The global batch must divide by the world size."""
+    -> rank, world size, device. The global batch must divide by the world size."""
     if "RANK" not in os.environ:
-        return 0, 1, 1, pick_device(device_name)
+        return 0, 1, pick_device(device_name)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if batch_size % world:
         raise InputError(f"--batch-size {batch_size}: the global batch must divide by the {world} processes "
@@ -448,7 +379,7 @@ def init_distributed(device_name, batch_size):
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), device
+    return rank, world, device
 
 
 def test(args, model, val_data, test, device):
@@ -462,39 +393,33 @@ def test(args, model, val_data, test, device):
 
 def report(args, model, rows, test, device, name, state):
     """Evaluates the test split (test: its dataset, loader and name); writes NAME (metrics, with the
-    checkpoint's epoch and genotype), predictions.csv, roc.png and masks.png."""
+    checkpoint's epoch and genotype), predictions.csv, roc.png and masks.png (Fig. 9)."""
     test_set, test_data, test_name = test
     rows[f"test {test_name}"], out = evaluate(model, test_data, device)
     metrics = dict(arch=args.arch, parameters=count_parameters(model), epoch=state["epoch"], mask_weight=args.mask_weight,
                    genotype=state.get("genotype"), **{k.split()[0]: dict(data=k.split()[1], **v) for k, v in rows.items()})
     atomic_write(os.path.join(args.out, name), lambda f: f.write(json.dumps(metrics, indent=1).encode()))
-    write_predictions(os.path.join(args.out, "predictions.csv"), test_set, out)
+    text = io.StringIO()  # predictions.csv: one row per test frame (it reproduces the metrics)
+    csv.writer(text).writerows([["video", "method", "frame", "label", "p_fake"]] + [
+        [video, method, frame, int(label), f"{p:.6f}"] for (method, video, frame), label, p in
+        zip(test_set.samples, out["label"], out["p"])])
+    atomic_write(os.path.join(args.out, "predictions.csv"), lambda f: f.write(text.getvalue().encode()))
     plot_roc(os.path.join(args.out, "roc.png"), out, test_name)
     print_table(rows)
-    if args.visualize:
-        visualize(model, test_set, args.visualize, os.path.join(args.out, "masks.png"), device)
-    print(f"wrote {args.out}: {name}, predictions.csv, roc.png" + (", masks.png" if args.visualize else ""))
+    visualize(model, test_set, os.path.join(args.out, "masks.png"), device)
+    print(f"wrote {args.out}: {name}, predictions.csv, roc.png, masks.png")
     return metrics
 
 
-def eval_only(args, device):
-    """--eval-only --checkpoint PATH: the checkpoint's network on a test split: by default the one of
-    its own run (data, methods, root, image size); --test-data/--test-methods/--test-root for others.
-    Writes into a new run folder, never into the training run's."""
-    model, cfg, state = model_from_checkpoint(args.checkpoint, device, args.compile)
-    for key in CHECKPOINT_KEYS:
-        if getattr(args, key) is None:
-            setattr(args, key, cfg.get(key, "easy" if key == "synthetic" else None))
-    args.workers = loader_workers(args.data) if args.workers is None else args.workers
-    if args.image_size != cfg["image_size"]:
-        raise InputError(f"--image-size {args.image_size}: {args.checkpoint} was trained at {cfg['image_size']} px")
-    for key in MODEL_KEYS + ("no_mask_branch", "genotype", "epochs", "seed"):  # what the printed config shows is used
-        setattr(args, key, cfg.get(key))
-    print_config(args)
+def eval_only(args, model, state, device):
+    """--eval-only --checkpoint PATH: the checkpoint's network on a test split, by default the one of
+    its own run (configure takes its data settings); --test-data/--test-methods/--test-root for
+    others. Writes into a new run folder, never into the training run's."""
+    write_config(args, os.path.join(args.out, "config.json"))
     test_set, test_name = test_split(args)
-    with StoppableRun() as run:
-        run.loaders = [loader(test_set, args.batch_size, args.workers)]
-        run.stop.stop_now("stopped by {} during the evaluation; nothing is lost: run it again")
+    workers = loader_workers(args.data) if args.workers is None else args.workers
+    with Run(device, [loader(test_set, args.batch_size, workers)]) as run:
+        run.stop_now("stopped by {} during the evaluation; nothing is lost: run it again")
         return report(args, model, {}, (test_set, run.loaders[0], test_name), device, "eval.json", state)
 
 
@@ -507,35 +432,6 @@ def print_table(rows):
         cells = [f"{m[c]:>11d}" if isinstance(m[c], int) else f"{'n/a':>11s}" if m[c] is None else f"{m[c]:>11.4f}"
                  for c in cols]
         print(f"{name:<{width}s}" + "".join(cells))
-
-
-def write_predictions(path, dataset, out):
-    """predictions.csv: video, method, frame, label, p(fake), one row per test frame (reproduces the
-    reported metrics)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["video", "method", "frame", "label", "p_fake"])
-    for (method, video, frame), label, p in zip(dataset.samples, out["label"], out["p"]):
-        writer.writerow([video, method, frame, int(label), f"{p:.6f}"])
-    atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
-
-
-def figure(rows, cols, size):
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no screen
-    import matplotlib.pyplot as plt
-    return plt.subplots(rows, cols, figsize=size, squeeze=False)
-
-
-def save_figure(fig, path, top=1.0):
-    for a in fig.axes:
-        if a.get_xlabel() == "epoch":
-            a.xaxis.get_major_locator().set_params(integer=True)
-    fig.tight_layout(rect=(0, 0, 1, top))
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    fig.clf()
-    import matplotlib.pyplot as plt
-    plt.close(fig)
 
 
 def plot_roc(path, out, name):
@@ -558,45 +454,46 @@ def plot_curves(log_path, path):
     """curves.png from log.jsonl: train and val CE and MSE, and val AUC, per epoch."""
     with open(log_path) as f:
         log = [json.loads(line) for line in f]
-    epochs = [e["epoch"] for e in log]
-    fig, ax = figure(1, 3, (13, 3.6))
-    for k, (key, title) in enumerate((("ce", "cross-entropy (Eq. 6)"), ("mse", "mask MSE (Eq. 5)"))):
-        for split in ("train", "val"):
-            values = [e.get(f"{split}_{key}") for e in log]
+    epochs, fig, ax = [e["epoch"] for e in log], *figure(1, 3, (13, 3.6))
+    curves = [[(f"{s}", [e[f"{s}_{key}"] for e in log]) for s in ("train", "val")] for key in ("ce", "mse")]
+    curves.append([(level, [e["val"][f"{level}_auc"] for e in log]) for level in ("frame", "video")])
+    for a, lines, title in zip(ax[0], curves, ("cross-entropy (Eq. 6)", "mask MSE (Eq. 5)", "validation AUC")):
+        for label, values in lines:
             if any(v is not None for v in values):
-                ax[0, k].plot(epochs, [np.nan if v is None else v for v in values], "o-", label=split)
-        ax[0, k].set(xlabel="epoch", title=title)
-        if ax[0, k].lines:
-            ax[0, k].legend()
-    ax[0, 2].plot(epochs, [np.nan if e["val"]["frame_auc"] is None else e["val"]["frame_auc"] for e in log], "o-",
-                  label="frame")
-    ax[0, 2].plot(epochs, [np.nan if e["val"]["video_auc"] is None else e["val"]["video_auc"] for e in log], "o-",
-                  label="video")
-    ax[0, 2].set(xlabel="epoch", title="validation AUC")
-    ax[0, 2].legend()
+                a.plot(epochs, [np.nan if v is None else v for v in values], "o-", label=label)
+        a.set(xlabel="epoch", title=title)
+        if a.lines:
+            a.legend()
     save_figure(fig, path)
 
 
-def visualize(model, dataset, k, path, device):
-    """Fig. 9: K faces with their predicted mask m, the hull mask M and p(fake), in a grid."""  # Fig. 9
-    idx = np.linspace(0, len(dataset) - 1, k).round().astype(int)
+def draw_faces(path, faces, ms, captions, title=None, hulls=None):
+    """The picture of a row of faces ((K, S, S, 3) uint8): each with the predicted region m over it as
+    a heat map (ms (K, S, S) in [0, 1], or None for a network without one), the hull mask M's outline
+    (hulls, or None) and its caption. masks.png (Fig. 9) and --predict's pictures."""
+    fig, ax = figure(1, len(faces), (2.2 * len(faces), 2.6))
+    for k, a in enumerate(ax[0]):
+        a.imshow(faces[k])
+        if ms is not None:
+            a.imshow(ms[k], cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        if hulls is not None:
+            a.contour(hulls[k], levels=[0.5], colors="white", linewidths=0.8)
+        a.set_title(captions[k], fontsize=9)
+        a.axis("off")
+    save_figure(fig, path, title)
+
+
+def visualize(model, dataset, path, device, k=FIG9_FACES):
+    """masks.png, as Fig. 9: K test faces, evenly spread over the split, with the predicted region m
+    (the hull mask M outlined) and p(fake)."""  # Fig. 9
+    idx = np.linspace(0, len(dataset) - 1, min(k, len(dataset))).round().astype(int)
     x, M, y, _ = (list(t) for t in zip(*(dataset[i] for i in idx)))
     with torch.no_grad():
         logits, m = model.eval()(to_device((torch.stack(x), torch.stack(M), torch.tensor(y)), device)[0])
-    p, tile, font = logits.float().softmax(-1)[:, 1].cpu(), 128, ImageFont.load_default(size=12)
-    columns = 3 if m is not None else 2
-    per_row = max(1, min(4, k))
-    canvas = Image.new("RGB", (per_row * columns * tile, ((k + per_row - 1) // per_row) * (tile + 18)), "white")
-    for i in range(k):
-        tiles = [x[i], *([m[i].float().cpu().mul(255).byte().expand(3, -1, -1)] if m is not None else []),
-                 M[i].mul(255).expand(3, -1, -1)]
-        left, top = (i % per_row) * columns * tile, (i // per_row) * (tile + 18)
-        for j, t in enumerate(tiles):
-            picture = Image.fromarray(t.permute(1, 2, 0).numpy()).resize((tile, tile), Image.NEAREST)
-            canvas.paste(picture, (left + j * tile, top))
-        caption = f"p(fake) {p[i]:.2f}, {'fake' if y[i] else 'real'}" + ("  | m | M" if m is not None else "  | M")
-        ImageDraw.Draw(canvas).text((left + 4, top + tile + 2), caption, fill="black", font=font)
-    atomic_write(path, lambda f: canvas.save(f, format="PNG"))
+    p = logits.float().softmax(-1)[:, 1].cpu()
+    draw_faces(path, torch.stack(x).permute(0, 2, 3, 1).numpy(), None if m is None else m[:, 0].float().cpu().numpy(),
+               [f"p(fake) {p[i]:.2f}, {'fake' if y[i] else 'real'}" for i in range(len(idx))],
+               "predicted region m (heat), hull mask M (outline)", torch.stack(M)[:, 0].numpy())
 
 
 def genotype_dict(genotype):
@@ -613,7 +510,6 @@ def model_from_checkpoint(path, device, compile=False):
     if "alpha_normal" in state["model"]:
         raise InputError(f"{path}: a search checkpoint (search.py's search.pt), not a trained detector; train its "
                          f"genotype first: python train.py --genotype g.json")
-    cfg = {**ADDED, **cfg}  # options added since: the value an older run had
     missing = [k for k in MODEL_KEYS if k not in cfg]
     if missing or "epoch" not in state:
         raise InputError(f"{path}: written by another version of train.py (its configuration has no "
@@ -627,18 +523,18 @@ def model_from_checkpoint(path, device, compile=False):
 # ----------------------------------------------------------------------------------------------
 # --predict: is this video fake? (the preparation of training, then the checkpoint's network)
 
-def score_input(model, path, cfg, args, device):
+def score_input(model, path, args, device):
     """One video, folder of frames or photo -> dict(p_fake, verdict, frames_scored, frames=[...],
     crops, m) or dict(reason=...) when it has no face or cannot be read."""
     try:
-        found = list(read_faces(path, args.frames, 256, args.detect_size))
+        found = list(read_faces(path, args.frames, 256))
     except Exception as e:  # one input's failure is reported on its line; the others still run
         what = "unreadable" if isinstance(e, READ_ERRORS) else "failed"
         return dict(reason=f"{what} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
     faces = [f for f in found if f[1] is not None]
     if not faces:
         return dict(reason=f"no face found in {len(found)} frame(s)" if found else "no frames decoded")
-    s = cfg["image_size"]
+    s = args.image_size
     crops = np.stack([np.asarray(Image.fromarray(c).resize((s, s), Image.BILINEAR)) if s != 256 else c
                       for _, c, _, _ in faces])
     x = torch.from_numpy(crops).permute(0, 3, 1, 2)  # (K, 3, S, S) uint8, as the loaders hand it over
@@ -647,47 +543,34 @@ def score_input(model, path, cfg, args, device):
     p = logits.float().softmax(-1)[:, 1].cpu().numpy()
     frames = [dict(frame=i, p_fake=float(q), box=[round(float(v), 1) for v in box])
               for (i, _, _, box), q in zip(faces, p)]
-    return dict(p_fake=float(p.mean()), verdict="fake" if p.mean() > args.threshold else "real",
+    return dict(p_fake=float(p.mean()), verdict="fake" if p.mean() > THRESHOLD else "real",
                 frames_scored=len(faces), frames_read=len(found), frames=frames, crops=crops,
                 m=None if m is None else m[:, 0].float().cpu().numpy())
 
 
-def draw_prediction(result, name, path, k=8):
-    """Up to K of the scored face crops, each with the predicted m as a heat map over it (none for a
-    baseline) and its p(fake)."""
-    pick = np.linspace(0, len(result["crops"]) - 1, min(k, len(result["crops"]))).round().astype(int)
-    fig, ax = figure(1, len(pick), (2.2 * len(pick), 2.6))
-    for a, j in zip(ax[0], pick):
-        a.imshow(result["crops"][j])
-        if result["m"] is not None:
-            a.imshow(result["m"][j], cmap="jet", alpha=0.4, vmin=0, vmax=1)
-        a.set_title(f"frame {result['frames'][j]['frame']}\np(fake) {result['frames'][j]['p_fake']:.2f}", fontsize=9)
-        a.axis("off")
-    fig.suptitle(f"{name}: p(fake) {result['p_fake']:.3f} ({result['verdict']})", fontsize=10)
-    save_figure(fig, path, top=0.85)
-
-
-def predict_files(args, device):
-    """--predict: one printed line per input, DIR/predictions.json and a picture per input."""
+def predict_files(args, model, device, k=8):
+    """--predict: one printed line per input, OUT/predictions.json, and a picture per input of up to
+    K of its scored crops with the predicted region m over them."""
     missing = [p for p in args.predict if not os.path.exists(p)]
     if missing:
         raise InputError(f"{missing[0]}: no such file or folder (expected a video, a folder of frames or a photo)")
-    model, cfg, _ = model_from_checkpoint(args.checkpoint, device)
-    out, report = new_run_dir(args.out), {}
-    print(f"scoring {len(args.predict)} input(s) with {args.checkpoint} ({cfg['arch']}, {cfg['image_size']} px); "
-          f"writing {out}")
-    with StoppableRun() as run:
-        run.stop.stop_now("stopped by {}: the inputs above were scored, predictions.json was not written")
-        for k, path in enumerate(args.predict):
-            result = score_input(model, path, cfg, args, device)
+    out, report = args.out, {}
+    print(f"scoring {len(args.predict)} input(s) with {args.checkpoint} ({args.arch}, {args.image_size} px); writing {out}")
+    with Run(device) as run:
+        run.stop_now("stopped by {}: the inputs above were scored, predictions.json was not written")
+        for n, path in enumerate(args.predict):
+            result = score_input(model, path, args, device)
             if "reason" in result:
                 print(f"{path}: {result['reason']}")
             else:
-                picture = os.path.join(out, f"{k:03d}_{os.path.basename(os.path.normpath(path))}.png")
-                draw_prediction(result, path, picture)
-                print(f"{path}: p(fake) {result['p_fake']:.4f}  {result['verdict'].upper()} at threshold {args.threshold}  "
+                picture = os.path.join(out, f"{n:03d}_{os.path.basename(os.path.normpath(path))}.png")
+                pick = np.linspace(0, len(result["crops"]) - 1, min(k, len(result["crops"]))).round().astype(int)
+                draw_faces(picture, result["crops"][pick], None if result["m"] is None else result["m"][pick],
+                           [f"frame {result['frames'][j]['frame']}\np(fake) {result['frames'][j]['p_fake']:.2f}" for j in pick],
+                           f"{path}: p(fake) {result['p_fake']:.3f} ({result['verdict']})")
+                print(f"{path}: p(fake) {result['p_fake']:.4f}  {result['verdict'].upper()} at threshold {THRESHOLD}  "
                       f"({result['frames_scored']} of {result['frames_read']} frames scored)  {picture}")
-            report[path] = {k: v for k, v in result.items() if k not in ("crops", "m")}
+            report[path] = {key: v for key, v in result.items() if key not in ("crops", "m")}
     atomic_write(os.path.join(out, "predictions.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
     print(f"wrote {out}/predictions.json")
     return report
@@ -696,38 +579,32 @@ def predict_files(args, device):
 # ----------------------------------------------------------------------------------------------
 # --compare: runs grouped into architectures (all but their seeds the same), the architecture as the unit
 
-COMPARE_IGNORED = ("seed", "data_seed", "out", "resume", "workers", "device", "log_every", "check_every", "visualize",
-                   "compile", "deterministic", "genotype", "eval_only", "checkpoint", "predict", "threshold", "detect_size",
-                   "benchmark", "benchmark_against", "compare")  # what does not change a run's network, data or training
+# What makes a run's network, data and training, but for its seeds and lr (--compare groups by these and the cells)
+COMPARE_KEYS = ("arch", "channels", "cells_per_block", "stem_reductions", "image_size", "small_input", "mask_weight",
+                "no_mask_branch", "data", "methods", "synthetic", "videos", "frames", "batch_size", "epochs", "milestones",
+                "optimizer")
 AT_CHANCE = 0.65  # a training CE at or above this in the last epoch: the network did not train (ln 2 = 0.693)
 
 
 def compare(args):
-    """--compare RUN_DIR...: finished training runs grouped by everything but their seeds (--seed,
-    --data-seed) -> a row a group: parameters, lr, training images/s, test frame and video AUC (mean
-    and standard deviation over its seeds), validation frame AUC; printed, written to compare.csv and
-    drawn as pareto.png. A run whose training CE stayed at chance is marked and left out of the test
-    AUCs (the harness failed it), not of the validation AUC that picks an lr. Then the architecture
-    (a row) is the unit: searched minus random and minus hand-designed, Welch's 95% interval over the
-    rows' means; each searched row against each hand-designed one paired by seed; and, for rows that
-    differ only in lr, the lr of the best mean validation AUC (the pick; pass the runs of other seeds
-    at it for the comparison). -> the rows."""
+    """--compare RUN_DIR...: finished training runs grouped by what makes their network, data and
+    training but their seeds (--seed, --data-seed) -> a row a group: parameters, lr, training
+    images/s, test frame and video AUC (mean and standard deviation over its seeds), validation frame
+    AUC; printed, written to compare.csv and drawn as pareto.png (test AUC against parameters). A run
+    whose training CE stayed at chance is marked and left out of the test AUCs (the harness failed
+    it), not of the validation AUC that picks an lr. Then the verdicts (verdicts). -> the rows."""
     groups = {}
     for run in args.compare:
         cfg, metrics, log = read_run(run)
-        cells = metrics["genotype"] if "genotype" in metrics else load_checkpoint(os.path.join(run, "best.pt")).get("genotype")
-        # (the cells, not the genotype's file name, tell architectures apart)
-        ignored = COMPARE_IGNORED + ("lr",) + (("small_input",) if cfg["arch"] == "add" else ())  # ADD has no such option
-        architecture = json.dumps(dict({k: v for k, v in cfg.items() if k not in ignored}, cells=cells), sort_keys=True)
-        groups.setdefault((architecture, cfg["lr"]), []).append((run, cfg, metrics, log))
-    rows = sorted((dict(compare_row(runs), architecture=key[0]) for key, runs in groups.items()),
+        key = json.dumps(dict({k: cfg.get(k) for k in COMPARE_KEYS}, cells=metrics.get("genotype")), sort_keys=True)
+        groups.setdefault((key, cfg["lr"]), []).append((run, cfg, metrics, log))
+    rows = sorted((dict(compare_row(runs), architecture=key) for (key, _), runs in groups.items()),
                   key=lambda r: (r["parameters"], r["name"], r["lr"]))
-    out = new_run_dir(args.out)
     columns = ["name", "kind", "width", "parameters", "lr", "images_per_s", "frame_auc", "frame_auc_std", "video_auc",
                "video_auc_std", "val_auc", "n", "at_chance", "runs"]
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows([columns] + [[r[c] for c in columns] for r in rows])
-    atomic_write(os.path.join(out, "compare.csv"), lambda f: f.write(text.getvalue().encode()))
+    atomic_write(os.path.join(args.out, "compare.csv"), lambda f: f.write(text.getvalue().encode()))
     print(f"{'name':28s} {'kind':13s} {'width':>7s} {'params':>8s} {'lr':>7s} {'img/s':>7s}  {'test frame AUC':>15s}  "
           f"{'video AUC':>15s}  {'val AUC':>7s}  n")
     for r in rows:
@@ -735,41 +612,50 @@ def compare(args):
               f"{r['images_per_s'] or float('nan'):>7.1f}  {r['frame_auc']:.3f} ± {r['frame_auc_std']:.3f}  "
               f"{r['video_auc']:.3f} ± {r['video_auc_std']:.3f}  {r['val_auc']:>7.3f}  {r['n']}"
               + (f"  ({r['at_chance']} at chance, left out of the test AUCs: {r['failed']})" if r["at_chance"] else ""))
-    compare_architectures(rows)
-    plot_pareto([r for r in rows if r["n"]], os.path.join(out, "pareto.png"))
-    print(f"wrote {out}: compare.csv, pareto.png")
+    verdicts(rows)
+    fig, ax = figure(1, 1, (8, 5.5))
+    for kind, mark in (("searched", "o"), ("random", "s"), ("hand-designed", "^"), ("ADD", "D")):
+        picked = [r for r in rows if r["kind"] == kind and r["n"]]
+        if picked:
+            ax[0, 0].errorbar([r["parameters"] for r in picked], [r["frame_auc"] for r in picked],
+                              [r["frame_auc_std"] for r in picked], fmt=mark, capsize=3, label=kind)
+        for r in picked:
+            ax[0, 0].annotate(f"{r['name']} {r['width'] if r['width'] != '-' else ''}".strip(),
+                              (r["parameters"], r["frame_auc"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax[0, 0].set(xscale="log", xlabel="parameters", ylabel="test frame AUC (mean ± std over seeds)", title="AUC against size")
+    ax[0, 0].legend()
+    save_figure(fig, os.path.join(args.out, "pareto.png"))
+    print(f"wrote {args.out}: compare.csv, pareto.png")
     return rows
 
 
 def compare_row(runs):
-    """One group of runs (the same but for their seeds) -> its row. A run whose training CE ended at
-    chance is counted (at_chance, failed) and left out of the test AUCs, not of the validation AUC
-    that picks the lr."""
+    """One group of runs (the same but for their seeds) -> its row."""
     _, cfg, metrics, _ = runs[0]
-    add = cfg["arch"] == "add"
-    origin = cfg.get("genotype_origin") or ""
+    add, origin = cfg["arch"] == "add", cfg.get("genotype_origin") or ""
     kind = "hand-designed" if not add else "random" if origin == "random" else "searched" if origin.startswith("search") else "ADD"
-    name = os.path.splitext(os.path.basename(cfg.get("genotype") or ""))[0] if add else cfg["arch"]
     failed = [run for run, _, _, log in runs if log[-1]["train_ce"] >= AT_CHANCE]
     kept = [(c, m) for run, c, m, _ in runs if run not in failed]
     frame, video = (np.array([m["test"][f"{level}_auc"] for _, m in kept], dtype=float) for level in ("frame", "video"))
     val = np.array([m["val"]["frame_auc"] for _, _, m, _ in runs], dtype=float)  # all: an lr that fails a seed is worse
     mean, spread = lambda a: float(a.mean()) if len(a) else float("nan"), lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0
     timed = [(e["train_images"], e["train_seconds"]) for _, _, _, log in runs for e in log if "train_seconds" in e]
-    return dict(name=name, kind=kind, width=f"C{cfg['channels']} N{cfg['cells_per_block']}" if add else "-",
-                parameters=metrics["parameters"], lr=cfg["lr"], images_per_s=sum(i for i, _ in timed) / sum(s for _, s in timed) if timed else None,
+    return dict(name=os.path.splitext(os.path.basename(cfg.get("genotype") or ""))[0] if add else cfg["arch"], kind=kind,
+                width=f"C{cfg['channels']} N{cfg['cells_per_block']}" if add else "-", parameters=metrics["parameters"],
+                lr=cfg["lr"], images_per_s=sum(i for i, _ in timed) / sum(s for _, s in timed) if timed else None,
                 frame_auc=mean(frame), frame_auc_std=spread(frame), video_auc=mean(video), video_auc_std=spread(video),
-                val_auc=mean(val), n=len(kept), at_chance=len(failed), failed=" ".join(failed), runs=" ".join(sorted(r for r, *_ in runs)),
+                val_auc=mean(val), n=len(kept), at_chance=len(failed), failed=" ".join(failed),
+                runs=" ".join(sorted(r for r, *_ in runs)),
                 seeds={f"{c['seed']}/{c.get('data_seed', 0)}": m["test"]["frame_auc"] for c, m in kept})
 
 
-def compare_architectures(rows):
-    """The verdicts of Table IV at matched size (pass one size band's runs), the architecture (a row)
-    as the unit: searched minus random and minus hand-designed, Welch's 95% interval over the rows'
-    mean test frame AUC; each searched row minus each hand-designed one paired by seed (the same
-    --seed and --data-seed), Student's 95% interval over the differences. Rows that differ only in lr
-    are a sweep: the lr with the best mean validation AUC is printed instead (runs at it, of other
-    seeds, are then compared)."""
+def verdicts(rows):
+    """The architecture (a row) as the unit: searched minus random and minus hand-designed, Welch's 95%
+    interval over the rows' mean test frame AUC; each searched row minus each hand-designed one paired
+    by seed (the same --seed and --data-seed), Student's 95% interval over the differences. Rows that
+    differ only in lr are a sweep: the lr of the best mean validation AUC is printed instead (runs at
+    it, of other seeds, are then compared)."""
+    from scipy.stats import ttest_1samp, ttest_ind
     sweeps = {}
     for r in rows:
         sweeps.setdefault(r["architecture"], []).append(r)
@@ -779,35 +665,21 @@ def compare_architectures(rows):
             print(f"lr pick, {pick['name']} {pick['width']}: {pick['lr']:g} of {', '.join(f'{lr:g}' for lr in lrs)} (mean "
                   f"validation frame AUC {pick['val_auc']:.3f})" + ("; at the grid's edge: extend it" if pick["lr"] in (lrs[0], lrs[-1]) else ""))
         return print("(an architecture at several lrs: the comparisons take one lr an architecture)")
-    rows = [r for r in rows if r["n"]]
-    kinds = {k: [r for r in rows if r["kind"] == k] for k in ("searched", "random", "hand-designed")}
+    kinds = {k: [r for r in rows if r["kind"] == k and r["n"]] for k in ("searched", "random", "hand-designed")}
     for other in ("random", "hand-designed"):
         a, b = [r["frame_auc"] for r in kinds["searched"]], [r["frame_auc"] for r in kinds[other]]
         if len(a) > 1 and len(b) > 1:
-            d, low, high = welch_interval(a, b)
-            print(f"searched - {other}: {d:+.3f} [{low:+.3f}, {high:+.3f}] test frame AUC (Welch's 95% interval over "
-                  f"architectures: {len(a)} and {len(b)})")
+            ci = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+            print(f"searched - {other}: {np.mean(a) - np.mean(b):+.3f} [{ci.low:+.3f}, {ci.high:+.3f}] test frame AUC "
+                  f"(Welch's 95% interval over architectures: {len(a)} and {len(b)})")
     for s in kinds["searched"]:
         for h in kinds["hand-designed"]:
             seeds = sorted(set(s["seeds"]) & set(h["seeds"]))
             if len(seeds) > 1:
-                d, low, high = paired_interval([s["seeds"][k] - h["seeds"][k] for k in seeds])
-                print(f"  {s['name']} {s['width']} - {h['name']}: {d:+.3f} [{low:+.3f}, {high:+.3f}] (paired by seed, "
-                      f"{len(seeds)} seeds)")
-
-
-def welch_interval(a, b):
-    """mean(a) - mean(b) and its 95% interval by Welch's t (unequal variances) -> (d, low, high)."""
-    from scipy.stats import ttest_ind
-    interval = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
-    return float(np.mean(a) - np.mean(b)), float(interval.low), float(interval.high)
-
-
-def paired_interval(differences):
-    """The mean of paired differences and its 95% interval by Student's t -> (d, low, high)."""
-    from scipy.stats import ttest_1samp
-    interval = ttest_1samp(differences, 0.0).confidence_interval(0.95)
-    return float(np.mean(differences)), float(interval.low), float(interval.high)
+                d = [s["seeds"][k] - h["seeds"][k] for k in seeds]
+                ci = ttest_1samp(d, 0.0).confidence_interval(0.95)
+                print(f"  {s['name']} {s['width']} - {h['name']}: {np.mean(d):+.3f} [{ci.low:+.3f}, {ci.high:+.3f}] "
+                      f"(paired by seed, {len(seeds)} seeds)")
 
 
 def read_run(run):
@@ -827,118 +699,83 @@ def read_run(run):
     return cfg, metrics, log
 
 
-def plot_pareto(rows, path):
-    """pareto.png: test frame AUC (mean, and the standard deviation over seeds as a bar) against the
-    parameters (log scale), one point a group, a mark per kind."""
-    fig, ax = figure(1, 1, (8, 5.5))
-    marks = {"searched": ("o", "tab:blue"), "random": ("s", "tab:orange"), "hand-designed": ("^", "tab:green"),
-             "ADD": ("D", "tab:purple")}
-    for kind, (mark, colour) in marks.items():
-        picked = [r for r in rows if r["kind"] == kind]
-        if picked:
-            ax[0, 0].errorbar([r["parameters"] for r in picked], [r["frame_auc"] for r in picked],
-                              [r["frame_auc_std"] for r in picked], fmt=mark, color=colour, capsize=3, label=kind)
-        for r in picked:
-            ax[0, 0].annotate(f"{r['name']} {r['width'] if r['width'] != '-' else ''}".strip(), (r["parameters"], r["frame_auc"]),
-                              fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax[0, 0].set(xscale="log", xlabel="parameters", ylabel="test frame AUC (mean ± std over seeds)",
-                 title="accuracy against size")
-    ax[0, 0].legend()
-    save_figure(fig, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # --benchmark
 
-def benchmark_timers(args, arch, device, steps):
-    """For one architecture on a random batch: callables timing a training step (forward, Eq. 7,
-    backward, update) and an inference step (BatchNorm folded, as --eval-only and --predict run),
-    each -> (seconds per step, seconds of its 2 warm-up steps: compilation with --compile)."""
-    cfg = dict(vars(args), arch=arch, mask_weight=args.mask_weight if arch == "add" else 0.0)
-    genotype = load_genotype(args.genotype) if arch == "add" else None
-    model = prepare_model(build_model(cfg, genotype), device, args.compile)
-    folded = prepare_model(fold_batchnorm(build_model(cfg, genotype), args.image_size), device, args.compile)
-    optimizer, _ = make_optimizer(model, args)
-    batch, run = random_batch(args.batch_size, args.image_size), argparse.Namespace(**cfg)
-    x = to_device(batch, device)[0]
-
-    def infer():
-        with torch.no_grad():
-            folded(x)
-    train_step = lambda: train_epoch(model, [batch], optimizer, device, run)
-    return [lambda: time_steps(train_step, device, steps), lambda: time_steps(infer, device, steps)], count_parameters(model)
-
-
-def benchmark(args, device, steps=10, rounds=3):
-    """--benchmark: training and inference images/s of --arch on random batches; with
-    --benchmark-against, of that architecture too, timed alternately in this one process (A, B, A, B,
-    ...; best of each), so that their ratio is measured in one run on the same machine."""
-    archs = [args.arch] + [a for a in [args.benchmark_against] if a and a != args.arch]
-    timers = {a: benchmark_timers(args, a, device, steps) for a in archs}
-    best, warm = {a: [math.inf, math.inf] for a in archs}, {a: [0.0, 0.0] for a in archs}
-    for r in range(rounds):
-        for a in archs:
-            for j, timer in enumerate(timers[a][0]):
-                seconds, warm_up = timer()
-                best[a][j], warm[a][j] = min(best[a][j], seconds), warm_up if r == 0 else warm[a][j]
-    b, result = args.batch_size, {}
-    for a in archs:
-        result[a] = dict(train=b / best[a][0], inference=b / best[a][1])
-        print(f"{a} ({timers[a][1] / 1e6:.2f} M parameters), batch {b}, {args.image_size} px, on {device}: training "
-              f"{result[a]['train']:.1f} images/s, inference {result[a]['inference']:.1f} images/s (BatchNorm folded)"
-              + (f"; compilation {warm[a][0]:.0f} s + {warm[a][1]:.0f} s" if args.compile else ""))
-    if len(archs) == 2:
+def benchmark(args, device, calls=10, rounds=3):
+    """--benchmark: training and inference images/s of --arch and of resnet18 (Table IV's pair), on
+    random batches of the configuration, timed alternately in this one process (A, B, A, B, ...;
+    the best of each), so that their ratio is measured in one run on one machine. Inference runs
+    with BatchNorm folded, as --eval-only and --predict do."""
+    steps, sizes = {}, {}
+    for arch in dict.fromkeys((args.arch, "resnet18")):
+        cfg = dict(vars(args), arch=arch, mask_weight=args.mask_weight if arch == "add" else 0.0)
+        genotype = load_genotype(args.genotype) if arch == "add" else None
+        model = prepare_model(build_model(cfg, genotype), device, args.compile)
+        folded = prepare_model(fold_batchnorm(build_model(cfg, genotype), args.image_size), device, args.compile)
+        optimizer, _ = make_optimizer(model, args)
+        params, batch = list(model.parameters()), random_batch(args.batch_size, args.image_size)
+        x = to_device(batch, device)[0]
+        steps[arch, "training"] = lambda m=model, o=optimizer, p=params, b=batch, w=cfg["mask_weight"]: \
+            gradient_step(m.train(), o, p, b, device, w)
+        steps[arch, "inference"] = lambda f=folded, x=x: infer(f, x)
+        sizes[arch] = count_parameters(model)
+    seconds, warm = time_alternately(steps, device, calls, rounds)
+    result = {arch: {kind: args.batch_size / s for (a, kind), s in seconds.items() if a == arch} for arch in sizes}
+    for arch, r in result.items():
+        print(f"{arch} ({sizes[arch] / 1e6:.2f} M parameters), batch {args.batch_size}, {args.image_size} px, on {device}: "
+              f"training {r['training']:.1f} images/s, inference {r['inference']:.1f} images/s (BatchNorm folded)"
+              + (f"; compilation {warm[arch, 'training']:.0f} s + {warm[arch, 'inference']:.0f} s" if args.compile else ""))
+    if len(result) == 2:
         (a, ra), (o, ro) = result.items()
-        print(f"{a} / {o}: training {ra['train'] / ro['train']:.2f}x, inference {ra['inference'] / ro['inference']:.2f}x "
+        print(f"{a} / {o}: training {ra['training'] / ro['training']:.2f}x, inference {ra['inference'] / ro['inference']:.2f}x "
               f"(best of {rounds} alternating rounds); peak memory {peak_memory_mib(device):.0f} MiB")
     return result
 
 
+@torch.no_grad()
+def infer(model, x):
+    return model(x)
+
+
 def parse_args(argv=None):
+    """The command line; every option left unset is None here, filled in by configure."""
     p = Parser(usage="python train.py [options]", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("the paper's network and training (Sec. III-B to III-D, IV-B; on the built-in data: the "
                              "demo's sizes)")
     g.add_argument("--genotype", help="g.json from search.py (needed for --arch add)")
-    g.add_argument("--arch", default="add", choices=("add",) + BASELINES, help="ADD, or a torchvision network trained "
-                   "from scratch in the same harness (Table IV: resnet18, resnet152, vgg16; and small ones of the field)")
+    g.add_argument("--arch", choices=("add",) + BASELINES, help="add (the default), or a torchvision network trained from "
+                   "scratch in the same harness (Table IV: resnet18, resnet152, vgg16, xception; and small ones of the field)")
     g.add_argument("--channels", type=bounded(int, 1), help="C of the first block; 48 gives ~5 M parameters (paper: 5.6 M); "
                    "demo: 16")
     g.add_argument("--cells-per-block", type=bounded(int, 1), help="N normal cells per D^2 block (paper: 4, Sec. IV-D); demo: 1")
-    g.add_argument("--blocks", type=bounded(int, 1), default=3, help="D^2 blocks, a reduction cell between consecutive ones")
-    g.add_argument("--mask-weight", type=bounded(float, 0), default=1.0,
-                   help="alpha of Eq. 7 (paper: 1; 0: Table V's 'alpha = 0', the mask branch kept, m unsupervised)")
+    g.add_argument("--mask-weight", type=bounded(float, 0), help="alpha of Eq. 7 (paper and default: 1; Fig. 5: 0.1, 10; "
+                   "0: Table V's 'alpha = 0', the mask branch kept, m unsupervised)")
     g.add_argument("--batch-size", type=bounded(int, 1), help="global batch (paper: 96; demo: 32)")
-    g.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="paper: Adam with momentum 0.9")
-    g.add_argument("--momentum", type=bounded(float, 0, 1), default=0.9, help="paper: 0.9")
-    g.add_argument("--weight-decay", type=bounded(float, 0), default=5e-4, help="paper: 5e-4")
     g.add_argument("--epochs", type=bounded(int, 1), help="paper: 300; demo: 12")
     g.add_argument("--milestones", type=bounded(int, 1), nargs="+",
                    help="lr / 10 at these epochs of 300, scaled to --epochs (paper: 80 140; demo: 200 280)")
     g.add_argument("--test-data", choices=tuple(METHODS), help="test on another dataset (Table III: celeb-df)")
     g.add_argument("--test-methods", help="test on other manipulations (Table II: FaceSwap)")
+    g.add_argument("--no-mask-branch", action="store_true", help="ADD without the mask branch (Eq. 4 alone)")
     g = p.add_argument_group("departures from the paper (README, Departures)")
     g.add_argument("--lr", type=bounded(float, 0), help="paper: 0.5, read as 0.5e-3 for Adam (real data: 5e-4; demo: 1e-3)")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), help="adam (the paper's, the default), or momentum SGD: the "
+                   "other reading of the paper's lr 0.5")
     g.add_argument("--stem-reductions", type=bounded(int, 0), help="stride-2 stem layers, not described by the paper (3: 256 "
                    "-> 32 px; demo: 2, 64 -> 16 px)")
     g.add_argument("--small-input", action=argparse.BooleanOptionalAction, help="hand-designed networks: the first stride-2 "
-                   "layer at stride 1, a 64 px face ending on 4x4 as in ADD (default: on for the built-in data, off on real)")
-    g.add_argument("--grad-clip", type=bounded(float, 0), default=5.0, help="clip the gradient norm (paper: unstated; "
-                   "DARTS: 5; 0: off)")
-    g.add_argument("--no-flips", action="store_true", help="no random horizontal flips of the training batches (paper: "
-                   "unstated)")
-    g = p.add_argument_group("running: data, device, resume, checkpoints")
+                   f"layer at stride 1, a 64 px face ending on 4x4 as in ADD (default: on below {SMALL_INPUT_BELOW} px)")
+    g = p.add_argument_group("running: data, device, resume")
     add_data_arguments(g)
     g.add_argument("--test-root", help="prepared folder of --test-data (default: data/<name>)")
-    g.add_argument("--seed", type=bounded(int, 0), default=0)
-    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
+    g.add_argument("--seed", type=bounded(int, 0), help="default 0")
+    g.add_argument("--device", help="auto (CUDA if present; the default), cpu, cuda, ...")
     g.add_argument("--out", help="run folder (default runs/train, runs/eval, runs/predict, runs/compare; a new one beside "
                    "it if it exists)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with its saved configuration")
-    g.add_argument("--log-every", type=bounded(int, 0), default=50, help="progress line every N steps (0: per epoch only)")
-    g.add_argument("--check-every", type=bounded(int, 1), default=50, help="read the device's non-finite-loss count every "
-                   "N steps")
-    g.add_argument("--sync-bn", action="store_true", help="DDP: batch norm statistics over all processes")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt: the options given now, else its own")
+    g.add_argument("--sync-bn", action="store_true", help="DDP: batch norm statistics over all processes (CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the network (inductor; minutes of compilation)")
     g.add_argument("--deterministic", action="store_true", help="CUDA: deterministic algorithms, no cuDNN autotuning "
                    "(the CPU is deterministic anyway)")
@@ -946,60 +783,74 @@ def parse_args(argv=None):
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on a test split (its run's by default)")
     g.add_argument("--checkpoint", help="with --eval-only or --predict: a best.pt or last.pt written by train.py")
     g.add_argument("--predict", nargs="+", metavar="PATH", help="score videos, folders of frames or photos with --checkpoint")
-    g.add_argument("--threshold", type=bounded(float, 0, 1), default=0.5, help="--predict: p(fake) above which the verdict "
-                   "is fake")
-    g.add_argument("--detect-size", type=bounded(int, 64), default=640, help="--predict: detect faces on a copy of at most "
-                   "this many px")
-    g.add_argument("--visualize", type=bounded(int, 0), default=8, metavar="K", help="picture of K test faces and masks, as "
-                   "Fig. 9 (0: none)")
-    g.add_argument("--no-mask-branch", action="store_true", help="build ADD without the mask branch (Eq. 4 alone)")
-    g.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="finished runs, grouped by all but their seed: one "
-                   "table (compare.csv) and pareto.png, test AUC against parameters")
-    g.add_argument("--benchmark", action="store_true", help="time training and inference steps and exit")
-    g.add_argument("--benchmark-against", choices=("add",) + BASELINES, help="--benchmark: time this architecture "
-                   "too, alternately in the same process, and print the ratio (e.g. resnet18)")
-    args = p.parse_args(argv)
-    return check_args(resolve_defaults(args, REAL_DATA, DEMO, keep=CHECKPOINT_KEYS if args.eval_only or args.predict else ()))
+    g.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="finished runs, grouped by all but their seeds: one "
+                   "table (compare.csv), the verdicts, and pareto.png, test AUC against parameters")
+    g.add_argument("--benchmark", action="store_true", help="training and inference images/s against resnet18, then exit")
+    return p.parse_args(argv)
 
 
-def check_args(args):
-    if "add" in (args.arch, args.benchmark_against) and not args.genotype and not (args.resume or args.eval_only or
-                                                                                    args.predict or args.compare):
-        raise InputError("--genotype: needed for --arch add; write one with: python search.py --out g.json")
-    if (args.eval_only or args.predict) and not args.checkpoint:
+def configure(args, cfg=None):
+    """The configuration: every option left unset from the demo's settings (built-in data) or the real
+    data's; with a checkpoint's configuration cfg (--eval-only, --predict), its data settings unless
+    given and its network. Then the checks across flags."""
+    mode = "predict" if args.predict else "eval" if args.eval_only else "compare" if args.compare else "train"
+    if mode in ("eval", "predict") and not args.checkpoint:
         raise InputError(f"--{'eval-only' if args.eval_only else 'predict'} needs --checkpoint PATH "
                          f"(a best.pt or last.pt written by train.py)")
+    for key in CHECKPOINT_KEYS if cfg and mode == "eval" else ():
+        if getattr(args, key) is None:
+            setattr(args, key, cfg.get(key, "easy" if key == "synthetic" else None))
+    if mode == "predict":
+        args.frames = args.frames or 32  # evenly spaced frames per video
+    args = resolve_defaults(args, dict(REAL_DATA, **DEFAULTS), dict(DEMO, **DEFAULTS))
+    if cfg:
+        if mode == "eval" and args.image_size != cfg["image_size"]:
+            raise InputError(f"--image-size {args.image_size}: {args.checkpoint} was trained at {cfg['image_size']} px")
+        for key in MODEL_KEYS + ("no_mask_branch", "genotype", "epochs", "seed"):  # what the printed config shows is used
+            setattr(args, key, cfg.get(key))
+    if args.arch == "add" and not args.genotype and mode == "train" and not args.resume:
+        raise InputError("--genotype: needed for --arch add; write one with: python search.py --out g.json")
     if args.arch != "add" or args.no_mask_branch:
         args.mask_weight = 0.0  # no mask branch: nothing for Eq. 5 to supervise
-    if args.predict:
-        args.frames = args.frames or 32  # evenly spaced frames per video
-    mode = "predict" if args.predict else "eval" if args.eval_only else "compare" if args.compare else "train"
+    if args.small_input is None:
+        args.small_input = args.image_size < SMALL_INPUT_BELOW
     args.out = args.out or os.path.join("runs", mode)
     args.genotype_origin = genotype_origin(args.genotype) if args.arch == "add" and args.genotype else None  # --compare's kind
     return args
 
 
-def print_config(args):
-    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
-
-
 def main(argv=None):
-    args = parse_args(argv)
+    given = parse_args(argv)
     torch.set_flush_denormal(True)  # weights decaying to 0 (a run at chance) go subnormal: x86 steps 8x slower
+    args = configure(argparse.Namespace(**vars(given)))
     if args.compare:
+        args.out = new_run_dir(args.out)
         return compare(args)
-    rank, world, local_world, device = init_distributed(args.device, args.batch_size)
+    if args.eval_only or args.predict:  # the checkpoint's network, and its data unless given
+        device = pick_device(args.device)
+        model, cfg, state = model_from_checkpoint(args.checkpoint, device, args.compile)
+        args = configure(argparse.Namespace(**vars(given)), cfg)
+        args.out = new_run_dir(args.out)
+        print(f"run folder: {args.out}", flush=True)
+        return eval_only(args, model, state, device) if args.eval_only else predict_files(args, model, device)
+    rank, world, device = init_distributed(args.device, args.batch_size)
     torch.manual_seed(args.seed)
     try:
         if args.benchmark:
             return benchmark(args, device)
-        if args.predict:
-            return predict_files(args, device)
-        if not args.resume and rank == 0:
+        state = None
+        if args.resume:
+            path = os.path.join(args.out, "last.pt")
+            args, state = resume(path, {k: v for k, v in vars(given).items() if v not in (None, False)}, vars(args),
+                                 ("optimizer", "scheduler", "epoch", "best_auc"), BUILT_IN)
+            if rank == 0:
+                trim_log(os.path.join(args.out, "log.jsonl"), state["epoch"])
+        elif rank == 0:
             args.out = new_run_dir(args.out)
         if rank == 0:
             print(f"run folder: {args.out}", flush=True)
-        return eval_only(args, device) if args.eval_only else fit(args, rank, world, local_world, device)
+            write_config(args, os.path.join(args.out, "config.json"))
+        return fit(args, state, rank, world, device)
     finally:
         if world > 1:
             dist.destroy_process_group()
