@@ -28,10 +28,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental.optimization import fuse
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader
 
-from ops import STEPS, Cell, InputError, atomic_write, genotype_edges, search_edges
+from ops import STEPS, Cell, InputError, atomic_write, genotype_edges, search_edges, usable_cpus
 
 GRAD_CLIP = 5.0  # gradient norm of every w update (DARTS's value; the paper does not say)
 PAPER_SIZE = dict(channels=48, cells_per_block=4, stem_reductions=3)  # the paper's network at 256 px: N 4 (Sec. IV-D), C 48
@@ -173,21 +174,18 @@ PROGRESS_SECONDS = 600  # a progress line at a run's 20th step, then at most eve
 
 class Run:
     """What a run of either loop needs around its steps; a context manager.
-    1) Stop signals: SIGTERM and SIGINT (a scheduler's pre-emption, `timeout`, `scancel`, Ctrl-C; each
-       sent to the whole process group, loader workers included, which ignore them) set a flag that
-       step() reads after each step, so that a run ends at a step boundary with one line instead of
-       a traceback mid-step. Where nothing is left to save, stop_now(line) makes a signal raise
-       Stopped(line) at once.
-    2) The vote: with several processes (torchrun) every step combines each rank's stop flag and
-       whether it saw a non-finite loss (MAX over a CPU group, no GPU work waits for it): all ranks
-       stop after the same step, or all end on a divergence, wherever it falls.
-    3) Non-finite losses are counted on the device and read every CHECK_EVERY steps and at an
-       epoch's last step.
+    1) Stop signals: SIGTERM and SIGINT (a scheduler's pre-emption, `timeout`, Ctrl-C; sent to the whole
+       process group, loader workers included, which ignore them) set a flag that step() reads after
+       each step: a run ends at a step boundary with one line. Where nothing is left to save,
+       stop_now(line) makes a signal raise Stopped(line) at once.
+    2) The vote: with several processes (torchrun) each step combines every rank's stop flag and whether
+       it saw a non-finite loss (MAX over a CPU group): all stop after the same step, or all end on a
+       divergence, wherever it falls.
+    3) Non-finite losses, counted on the device, read every CHECK_EVERY steps and at an epoch's end.
     4) Progress: images/s and the time left, from the time per unit of work so far (a search step
-       that also moves alpha costs 2 units).
-    5) On exit the loaders' worker processes end (left to the interpreter's exit they hang it:
-       multiprocessing sends them SIGTERM, which they ignore, and waits), then the signal handlers
-       are put back, so that a second Ctrl-C while the workers end is still only a flag."""
+       that also moves alpha costs 2).
+    5) On exit the loaders' workers end (left to the interpreter's exit they hang it: they ignore its
+       SIGTERM), then the handlers are put back: a second Ctrl-C meanwhile is still only a flag."""
     def __init__(self, device, loaders=(), total=0, group=None, rank=0, world=1, advice=""):
         self.device, self.loaders, self.total, self.group, self.rank, self.world = device, loaders, total, group, rank, world
         self.advice, self.signal, self.line = advice, None, None
@@ -199,7 +197,10 @@ class Run:
         return self
 
     def __exit__(self, *exc):
-        end_workers(self.loaders)
+        for data in self.loaders:  # persistent workers, once started: ended as DataLoader does
+            if getattr(data, "_iterator", None) is not None:
+                data._iterator._shutdown_workers()
+                data._iterator = None
         for s, handler in self.handlers.items():
             signal.signal(s, handler)
 
@@ -209,8 +210,7 @@ class Run:
             raise Stopped(self.line.replace("{}", self.signal))
 
     def stop_now(self, line):
-        """From here on a signal raises Stopped(line, "{}" replaced by the signal's name); one that came
-        already raises it now."""
+        """From here on a signal raises Stopped(line, "{}" its name); one that came already, now."""
         self.line = line
         if self.signal:
             raise Stopped(line.replace("{}", self.signal))
@@ -224,59 +224,63 @@ class Run:
         return [bool(v) for v in t]
 
     def step(self, loss, images, epoch, step, steps, cost=1):
-        """After a step: loss, its 0-dim loss on the device -> whether to stop now (every rank agrees);
+        """After a step (loss: its 0-dim loss on the device) -> whether to stop now, as every rank;
         a non-finite loss on any rank raises Diverged on all."""
         self.bad += (~torch.isfinite(loss.detach())).int()
         self.unread, self.steps, self.done, self.images = self.unread + 1, self.steps + 1, self.done + cost, self.images + images
-        bad = ((step + 1) % CHECK_EVERY == 0 or step + 1 == steps) and bool(self.bad.item())
-        stop, bad = self.vote(self.signal, bad)
+        check = (step + 1) % CHECK_EVERY == 0 or step + 1 == steps
+        stop, bad = self.vote(self.signal, check and self.bad.item())
         if bad:
             raise Diverged(f"non-finite loss at epoch {epoch + 1}, within steps {step + 2 - self.unread}-{step + 1}; "
                            f"{self.advice}")
-        if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
-            self.unread = 0
+        self.unread *= not check
         if self.rank == 0 and (self.steps == 20 or time.time() - self.printed > PROGRESS_SECONDS):
-            self.progress(loss)
+            sync(self.device)
+            self.printed, elapsed = time.time(), time.time() - self.start
+            left = elapsed / self.done * (self.total - self.done)
+            print(f"  step {self.steps}: loss {loss.item():.4f}, {self.images * self.world / elapsed:.1f} training images/s "
+                  f"on {self.device}; the rest takes about " + (f"{left / 3600:.1f} h" if left >= 7200 else
+                                                               f"{left / 60:.1f} min"), flush=True)
         return stop
-
-    def progress(self, loss):
-        sync(self.device)
-        self.printed, elapsed = time.time(), time.time() - self.start
-        left = elapsed / self.done * (self.total - self.done)
-        print(f"  step {self.steps}: loss {loss.item():.4f}, {self.images * self.world / elapsed:.1f} training images/s on "
-              f"{self.device}; the rest takes about " + (f"{left / 3600:.1f} h" if left >= 7200 else f"{left / 60:.1f} min"),
-              flush=True)
 
 
 def ignore_stop_signals(worker_id=None):
-    """A DataLoader worker's worker_init_fn: the signals that stop a run are the main process's to
-    handle; a worker killed by them would end the run with a traceback instead."""
+    """A loader worker's worker_init_fn: the stop signals are the main process's to handle."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
 
 def loader(dataset, batch_size, workers, sampler=None, drop_last=False):
-    """A DataLoader as both scripts use it: `workers` persistent worker processes that ignore the
-    stop signals and hand over uint8 batches (to_device), pinned for a GPU."""
+    """A DataLoader as both scripts use it: persistent workers that ignore the stop signals and hand
+    over uint8 batches (to_device), pinned for a GPU."""
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
                       worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
-def end_workers(loaders):
-    """Ends the loaders' worker processes now, as DataLoader itself does when its iterator is deleted."""
-    for data in loaders:
-        if getattr(data, "_iterator", None) is not None:  # a persistent loader's workers, once started
-            data._iterator._shutdown_workers()
-            data._iterator = None
+def loader_workers(data, processes_per_node=1):
+    """Loader workers per process: none for the in-memory synthetic data; else the usable CPUs shared
+    by the node's processes, at most 8."""
+    return 0 if data == "synthetic" else min(8, max(1, usable_cpus() // processes_per_node))
+
+
+# ----------------------------------------------------------------------------------------------
+# The configuration, checkpoints and the log
+
+def resolve_defaults(args, real, demo):
+    """Every option left unset (None): the demo's on the built-in data (the default), else the real
+    data's (the paper's but for the departures)."""
+    args.data = args.data or "synthetic"
+    for key, value in dict(demo if args.data == "synthetic" else real, synthetic="easy", data_seed=0).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
 
 
 def save_checkpoint(state, path):
-    """A plain dict of tensors and plain values (loads with weights_only=True), written atomically.
-    Refused (Diverged, the file on disk left as it was) when a floating tensor in it holds a NaN or an
-    infinity: every checkpoint is one a run can continue from. One wait per device (a state mixes
-    devices: on CUDA, Adam's step counts stay on the CPU), not one per tensor."""
-    floats = [(name, t) for name, t in _tensors(state) if t.is_floating_point()]
-    finite = {}
+    """A plain dict of tensors and plain values (loads with weights_only=True), written atomically;
+    refused (Diverged, the file on disk intact) if a floating tensor holds a NaN or an infinity: every
+    checkpoint is one a run can continue from. One wait per device, not one per tensor."""
+    floats, finite = [(name, t) for name, t in _tensors(state) if t.is_floating_point()], {}
     for _, t in floats:
         finite.setdefault(t.device, []).append(torch.isfinite(t).all())
     if not all(torch.stack(v).all().item() for v in finite.values()):
@@ -289,12 +293,8 @@ def _tensors(obj, name=""):
     """(dotted name, tensor) for every tensor in nested dicts, lists and tuples."""
     if torch.is_tensor(obj):
         yield name, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{name}.{k}" if name else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for k, v in enumerate(obj):
-            yield from _tensors(v, f"{name}.{k}")
+    for k, v in obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ():
+        yield from _tensors(v, f"{name}.{k}" if name else str(k))
 
 
 def load_checkpoint(path):
@@ -307,11 +307,11 @@ def load_checkpoint(path):
 
 
 def resume(path, given, expected, needed, built_in):
-    """--resume: the checkpoint at path and the configuration to continue with: the options given on
-    this command line win, else the checkpoint's. expected: the options of a run of this version;
-    needed: the state's keys besides the model; built_in: options this version no longer has, with
-    the value it builds in. A checkpoint of another script, or of a version whose configuration lacks
-    an option or set a built-in one to another value, is an InputError. -> (configuration, state)"""
+    """--resume: the checkpoint at path, and the configuration to continue with: the options given on
+    this command line win, else the checkpoint's (expected: the options of a run of this version;
+    needed: the state's keys besides the model). A checkpoint of another script, or of a version that
+    lacks an option or set one this version builds in (built_in: name -> value) otherwise, is an
+    InputError. -> (configuration, state)"""
     state = load_checkpoint(path)
     saved = state.get("config") if isinstance(state, dict) else None
     lacking = [k for k in ("model", *needed) if k not in state] if isinstance(saved, dict) else ["config"]
@@ -328,9 +328,7 @@ def resume(path, given, expected, needed, built_in):
 
 def restore(state, modules, path):
     """A resumed run: each module's state from state[key] ({key: module}: the network, optimizers,
-    schedulers), and the CPU generator's (state["rng"]). Every random draw of a run comes from the CPU
-    generator or a seeded one (samplers, flips); nothing draws from a CUDA generator (no network here
-    has dropout), so no checkpoint needs its state."""
+    schedulers), and the CPU generator's; nothing draws from a CUDA generator (no dropout)."""
     for key, module in modules.items():
         load_state(module, state[key], path, key)
     torch.set_rng_state(state["rng"])
@@ -341,8 +339,7 @@ def load_state(module, state, path, what="model"):
     try:
         module.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise InputError(f"{path}: the checkpoint's {what} does not match this configuration "
-                         f"({str(e).splitlines()[0][:160]})")
+        raise InputError(f"{path}: the checkpoint's {what} does not match this configuration ({str(e).splitlines()[0][:160]})")
 
 
 def append_log(path, line):
@@ -351,20 +348,18 @@ def append_log(path, line):
 
 
 def trim_log(path, epochs):
-    """log.jsonl of a resumed run: only the lines of the epochs its checkpoint holds. The line of an
-    epoch is written before its checkpoint, so a kill between the two leaves one line too many (or
-    half of one), which this drops: the epoch runs again and writes it again, never twice."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["epoch"] <= epochs:
-                    keep.append(line.rstrip("\n") + "\n")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass  # a line cut short by the kill
-    atomic_write(path, lambda f: f.write("".join(keep).encode()))
+    """log.jsonl of a resumed run: only the lines of the epochs its checkpoint holds. An epoch's line is
+    written before its checkpoint: a kill between the two leaves a line too many (or half of one)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = f.read().splitlines()
+        keep = [line + "\n" for line in lines if _epoch(line) is not None and _epoch(line) <= epochs]
+        atomic_write(path, lambda f: f.write("".join(keep).encode()))
+
+
+def _epoch(line):
+    with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+        return json.loads(line)["epoch"]
 
 
 def new_run_dir(path):
@@ -388,13 +383,12 @@ def scale_milestones(milestones, epochs, paper_epochs=300):
 
 
 # ----------------------------------------------------------------------------------------------
-# Batches and the device
+# Batches, the device, inference
 
 def to_device(batch, device, flips=None):
-    """A loader's (image uint8 (B, 3, H, W), mask uint8 (B, 1, H, W), label (B,), video) -> x float
-    in [0, 1] channels_last, M float in {0, 1}, y, on the device. Workers hand over uint8 (a quarter
-    of float32's bytes through workers, shared and pinned memory); it becomes float here.
-    flips: a torch.Generator for the training augmentation (random_flips), or None."""
+    """A loader's (image uint8 (B, 3, H, W), mask uint8 (B, 1, H, W), label (B,), video) -> x float in
+    [0, 1] channels_last, M float in {0, 1}, y, on the device (uint8 is a quarter of float32's bytes
+    through workers and pinned memory). flips: the training augmentation's generator, or None."""
     x, M, y = batch[0], batch[1], batch[2]
     x = x.to(device, non_blocking=True, memory_format=torch.channels_last).float().div_(255)
     M, y = M.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
@@ -403,8 +397,8 @@ def to_device(batch, device, flips=None):
 
 def random_flips(x, M, generator):
     """Training augmentation (not in the paper): the same horizontal flip of a face and its mask,
-    p = 0.5 per sample, drawn from `generator` (seeded by seed, epoch, ...: epoch_generator), so that
-    a resumed run flips exactly as an uninterrupted one, whatever the number of loader workers."""
+    p = 0.5 per sample, drawn from a seeded generator (epoch_generator): a resumed run flips as an
+    uninterrupted one, whatever the number of loader workers."""
     flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)[:, None, None, None]
     return torch.where(flip, x.flip(-1), x), torch.where(flip, M.flip(-1), M)
 
@@ -415,9 +409,7 @@ def epoch_generator(*key):
 
 
 def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
 
 
 def autocast(device):
@@ -426,16 +418,15 @@ def autocast(device):
 
 
 def sync(device):
-    """Wait for queued GPU work (for timing); nothing to wait for on the CPU."""
+    """Waits for queued GPU work (for timing); nothing to wait for on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def prepare_model(model, device, compile=False, deterministic=False):
-    """The model on the device, channels_last (faster on the CPU too: README, Speed), optionally
-    torch.compile'd (inductor). On CUDA cuDNN picks its fastest kernels for the fixed input size,
-    unless `deterministic`: then cuDNN's and torch's deterministic algorithms (a warning names each
-    operation that has none; the CPU's are already)."""
+    """The model on the device, channels_last (faster on the CPU too), optionally torch.compile'd. On
+    CUDA cuDNN times its kernels for the input size, unless `deterministic`: then deterministic
+    algorithms (a warning names each operation that has none; the CPU's are already)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         if deterministic:
@@ -447,72 +438,28 @@ def prepare_model(model, device, compile=False, deterministic=False):
     return model
 
 
-def fold_batchnorm(model, image_size):
-    """Inference only: a BatchNorm whose input is exactly a convolution's output is folded into that
-    convolution (BN(conv(x)) = conv'(x) with the running statistics), saving a pass over the
-    activation. The pairs are found by running one random image through the model with hooks, so
-    pairs held as attributes (torchvision's ResNet: conv1 -> bn1) fold as well as those in an
-    nn.Sequential. A pair folds only when the BN receives the convolution's output tensor itself,
-    not changed in place since (its version counter: an in-place ReLU or `y += z` between them) and
-    used by nothing else (one consumer in the autograd graph), and both modules run once; any other
-    BN stays as it is. In place; returns the model in eval mode, channels_last."""
+def fold_batchnorm(model):
+    """Inference only: each BatchNorm right after a convolution is folded into it (BN(conv(x)) = conv'(x)
+    with the running statistics), a pass over the activation saved. ADD's pairs are neighbours in an
+    nn.Sequential; a hand-designed network's (torchvision's ResNet holds its own as attributes) are found
+    by torch.fx's tracing. In place; returns the model in eval mode."""
     model.eval()
-    x = torch.rand(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    x = x.to(next(model.parameters()).device).requires_grad_()  # every activation gets a grad_fn
-    conv_outputs, calls, pairs = {}, {}, []
-
-    def after_conv(conv, inputs, out):
-        calls[conv] = calls.get(conv, 0) + 1
-        conv_outputs[id(out)] = (conv, out, out._version)  # holding `out` keeps its id unique during the pass
-
-    def before_bn(bn, inputs):
-        calls[bn] = calls.get(bn, 0) + 1
-        conv, out, version = conv_outputs.get(id(inputs[0]), (None, None, None))
-        if out is inputs[0] and out._version == version:  # that very tensor, untouched
-            pairs.append((conv, bn, out.grad_fn))
-    hooks = [m.register_forward_hook(after_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    hooks += [m.register_forward_pre_hook(before_bn) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    try:
-        with torch.enable_grad():
-            outputs = model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    uses, expected = graph_uses([t for t in outputs if t is not None]), outputs[0].detach()
-    parents = {child: (parent, name) for parent in model.modules() for name, child in parent.named_children()}
-    for conv, bn, node in pairs:
-        if calls[conv] == calls[bn] == 1 and uses.get(node) == 1:
-            setattr(*parents[conv], fuse_conv_bn_eval(conv, bn))
-            setattr(*parents[bn], nn.Identity())
-    with torch.no_grad():
-        if not torch.allclose(model(x)[0], expected, rtol=1e-3, atol=1e-4):
-            raise RuntimeError("fold_batchnorm changed the logits")  # a bug here, not the user's
-    return model.to(memory_format=torch.channels_last)
-
-
-def graph_uses(outputs):
-    """How many autograd nodes take each node's result as an input, over the graph behind `outputs`:
-    a convolution's output used by its BN alone has one use."""
-    uses, seen, stack = {}, set(), [t.grad_fn for t in outputs if t.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for child, _ in node.next_functions:
-            if child is not None:
-                uses[child] = uses.get(child, 0) + 1
-                stack.append(child)
-    return uses
+    if not isinstance(model, ADD):  # train.Baseline
+        model.net = fuse(model.net)
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
+                seq[i], seq[i + 1] = fuse_conv_bn_eval(seq[i], seq[i + 1]), nn.Identity()
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
 # --benchmark's timer, and the one plotting helper
 
 def time_alternately(steps, device, calls=10, rounds=3, warmup=2):
-    """--benchmark: each of `steps` ({name: step()}) timed in turn, A, B, A, B, ... for `rounds`
-    rounds of `calls` calls after `warmup` (allocator, cuDNN autotuning, torch.compile): the best
-    seconds per call of each, measured on one machine in one run, and the first warm-up's seconds."""
+    """--benchmark: each of `steps` ({name: step()}) timed in turn, A, B, A, B, ..., `rounds` rounds of
+    `calls` calls after `warmup` (allocator, cuDNN autotuning, torch.compile) -> the best seconds per
+    call of each, and the seconds of its warm-up: a ratio measured in one run on one machine."""
     best, warm = {name: float("inf") for name in steps}, {}
     for _ in range(rounds):
         for name, step in steps.items():

@@ -5,16 +5,15 @@ Read top to bottom, this file starts with the paper's part of the data (Sec. III
 - hull_mask: M_i, 1 inside the convex hull of the keypoints and 0 outside (Sec. III-C).
 - crop_face, read_faces: the face region cropped and resized to 256x256 (Sec. IV-B).
 Below the divider: reading videos, frame folders and photos; FaceForensics++ and Celeb-DF as their
-owners lay them out (Sec. IV-A); the preparation into PNG crops, masks and a manifest, which
-survives any error or killed worker; the dataset of prepared faces; the built-in synthetic faces
-(the default --data of search.py and train.py, no download); the command line.
+owners lay them out (Sec. IV-A); the preparation into PNG crops, masks and a manifest; the dataset
+of prepared faces; the built-in synthetic faces (no download); the command line.
 
-    python masks.py --show photo.jpg --out overlay.png          # box, landmarks and hull on one photo
     python masks.py --data ff++ --src ~/FaceForensics++         # -> data/ff++/{faces,masks,manifest.csv}
     python masks.py --data celeb-df --src ~/Celeb-DF-v2         # -> data/celeb-df/...
     python masks.py --benchmark [--src video.mp4]               # frames/s of the preparation
 """
 import argparse
+import contextlib
 import csv
 import functools
 import glob
@@ -41,7 +40,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 from scipy.spatial import ConvexHull
 from torch.utils.data import Dataset
 
-from ops import InputError, Parser, atomic_write, bounded
+from ops import InputError, Parser, atomic_write, bounded, usable_cpus
 
 FFPP_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures")
 CELEBDF_REAL, CELEBDF_FAKE = ("Celeb-real", "YouTube-real"), "Celeb-synthesis"
@@ -58,8 +57,7 @@ CROP_SIZE = 256  # px: the face crops (Sec. IV-B: 256x256)
 # 1) Landmarks, the hull mask (Sec. III-C) and the face crop (Sec. IV-B)
 
 def landmark_model_path():
-    """face-recognition-models ships dlib's 68-point model; its package cannot be imported (it needs
-    pkg_resources), so the file is found through the import system instead."""
+    """dlib's 68-point model, from face-recognition-models (found, not imported: it needs pkg_resources)."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None:
         raise InputError("the 68-point landmark model is missing: pip install face-recognition-models")
@@ -80,7 +78,7 @@ class FaceFinder:
 
     @staticmethod
     def small(image):
-        """A gray copy of at most DETECT_SIZE px and its scale (video frames bring their own, faster)."""
+        """A gray copy of at most DETECT_SIZE px and its scale (video frames bring their own)."""
         scale = min(1.0, DETECT_SIZE / max(image.shape[:2]))
         gray = Image.fromarray(image).convert("L")
         size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
@@ -110,10 +108,9 @@ def face_finder():
 
 
 def hull_mask(points, height, width=None):
-    """M of Sec. III-C: 1 inside the convex hull of the points (N, 2) (x, y in pixels, a pixel's
-    centre at integer coordinates, as dlib reports them), 0 outside. -> (height, width) uint8.
-    A pixel is inside when its centre meets every facet's a*x + b*y + c <= 0 (PIL's polygon fill
-    would also paint every pixel the outline touches: half a pixel too large all round)."""
+    """M of Sec. III-C: 1 inside the convex hull of the points (N, 2) (x, y in pixels, as dlib reports
+    them), 0 outside -> (height, width) uint8. A pixel is inside when its centre meets every facet's
+    a*x + b*y + c <= 0 (PIL's polygon fill would paint every pixel the outline touches too)."""
     width = width or height
     facets = ConvexHull(points).equations  # Sec. III-C: the convex hull of the keypoints, (K, 3) facets
     x0, y0 = np.clip(np.floor(points.min(0)).astype(int), 0, [width, height])
@@ -127,8 +124,7 @@ def hull_mask(points, height, width=None):
 
 def crop_face(image, face, size=256, scale=1.3):
     """FaceForensics++'s crop: a square of `scale` x the detection's larger side around its centre,
-    padded with black where it leaves the frame, resized to size x size. Returns the crop (size,
-    size, 3) uint8 and the landmarks in crop pixels."""
+    black where it leaves the frame, resized -> (crop (size, size, 3) uint8, landmarks in crop pixels)."""
     x0, y0, x1, y1 = face.box
     side = scale * max(x1 - x0, y1 - y0)
     left, top = (x0 + x1 - side) / 2, (y0 + y1 - side) / 2
@@ -139,10 +135,9 @@ def crop_face(image, face, size=256, scale=1.3):
 
 
 def read_faces(path, k, size=CROP_SIZE):
-    """The preparation of one input (Sec. IV-B): k evenly spaced frames (iter_frames, below), the
-    largest face, the 1.3x square crop at size x size. Yields (frame index, crop (size, size, 3) uint8, landmarks in crop
-    pixels (68, 2), box in frame pixels), or (frame index, None, None, None) for a frame without a face.
-    Raises what the decoder raises for an input that cannot be read."""
+    """One input prepared (Sec. IV-B): k evenly spaced frames (iter_frames), the largest face, its 1.3x
+    square crop. Yields (frame index, crop (size, size, 3) uint8, landmarks in crop pixels (68, 2), box
+    in frame pixels), or (frame index, None, None, None) without a face; raises what the decoder raises."""
     finder = face_finder()
     for i, rgb, small, scale in iter_frames(path, k):
         faces = finder.faces(rgb, small, scale)
@@ -150,9 +145,8 @@ def read_faces(path, k, size=CROP_SIZE):
 
 
 # ==============================================================================================
-# Below: not the paper's method. Reading videos, frame folders and photos; the datasets as their
-# owners lay them out; the preparation (a pool of workers that survives faults); the datasets of
-# prepared and of built-in synthetic faces; the command line.
+# Below: not the paper's method. Reading inputs; the datasets as their owners lay them out; the
+# preparation; the datasets of prepared and of built-in synthetic faces; the command line.
 
 # ----------------------------------------------------------------------------------------------
 # 2) Reading K evenly spaced frames, one at a time: a video, a folder of frames, or a photo
@@ -168,8 +162,8 @@ def natural_key(name):
 
 
 def load_rgb(path):
-    """An image file -> (H, W, 3) uint8 RGB, upright (EXIF orientation applied). 16-bit and float
-    images are scaled to 8 bits: PIL's convert("RGB") clips a 16-bit PNG to white."""
+    """An image file -> (H, W, 3) uint8 RGB, upright (EXIF), 16-bit and float images scaled to 8 bits
+    (PIL's convert("RGB") clips a 16-bit PNG to white)."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I") or image.mode == "F":
@@ -180,9 +174,8 @@ def load_rgb(path):
 
 
 def iter_frames(path, k):
-    """Yields (frame index, RGB (H, W, 3) uint8, gray copy of at most DETECT_SIZE px, its scale) for
-    k evenly spaced frames of a video file or a folder of frames (natural order), or the one frame
-    of a photo: one full-resolution frame in memory at a time."""
+    """(frame index, RGB (H, W, 3) uint8, a gray copy of at most DETECT_SIZE px, its scale) for k evenly
+    spaced frames of a video or a folder of frames (natural order), or a photo's one: one at a time."""
     if os.path.isdir(path):
         files = sorted((f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)), key=natural_key)
         for i in even_indices(len(files), k):
@@ -196,9 +189,8 @@ def iter_frames(path, k):
 
 
 def _video_frames(path, k, seek_gap=250):
-    """Decodes front to back and converts only the wanted frames; when the next wanted frame is more
-    than seek_gap frames ahead (a long video), seeks to the keyframe before it instead. Frames are
-    turned upright by the stream's display rotation (phone footage)."""
+    """Decodes front to back, converting only the wanted frames; seeks to the keyframe before a wanted
+    frame more than seek_gap frames ahead (a long video). Frames turned upright (phone footage)."""
     with av.open(path) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
@@ -251,8 +243,8 @@ def _video_path(folder, name):
 
 
 def ffpp_videos(src, compression, methods, splits_dir):
-    """FaceForensics++ as its download script lays it out, with the official split files (each a JSON
-    list of ["A", "B"] pairs: the split holds real videos A and B and the fakes A_B and B_A)."""
+    """FaceForensics++ as its download script lays it out, with the official split files (JSON lists of
+    ["A", "B"] pairs: the split holds real videos A and B and the fakes A_B and B_A)."""
     _need(src, "the FaceForensics++ download root (holding original_sequences/, manipulated_sequences/)")
     real_dir = _need(os.path.join(src, "original_sequences", "youtube", compression, "videos"),  # Table VI: c40
                      f"the real videos (download with -c {compression})")
@@ -283,10 +275,9 @@ def _read_pairs(path):
 
 
 def celebdf_videos(src, val_fraction=0.1):
-    """Celeb-DF (v1 or v2): test = List_of_testing_videos.txt ("<label> <folder>/<file>.mp4", 1 = real,
-    0 = fake), train = the rest (the paper's protocol); validation = about val_fraction of the rest
-    of each class, chosen by identity (_validation_people) so that train and validation share
-    nobody. A swap between a validation and a training identity is left out of both."""
+    """Celeb-DF (v1 or v2): test = List_of_testing_videos.txt, train = the rest (the paper's protocol);
+    validation = about val_fraction of the rest of each class, by identity (_validation_people): train
+    and validation share nobody; a swap between the two sides is left out of both."""
     _need(src, "the Celeb-DF root (holding Celeb-real/, YouTube-real/, Celeb-synthesis/)")
     test = _read_test_list(_need(os.path.join(src, "List_of_testing_videos.txt"), "Celeb-DF's list of test videos"))
     all_videos = [(folder, os.path.splitext(file)[0]) for folder in (*CELEBDF_REAL, CELEBDF_FAKE)
@@ -317,10 +308,9 @@ def _read_test_list(path):
 
 
 def _validation_people(videos, ids, fraction):
-    """The identities held out for validation. Fakes first: grow a group of swapped identities, each
-    time adding the one that completes the most swaps inside the group (ties: fewest swaps cut
-    between group and rest, then name), until the group's swaps are `fraction` of the fakes; then
-    identities without swaps (YouTube-real videos, one each) until the reals reach theirs too."""
+    """The identities held out: a group grown by the identity that completes the most swaps inside it
+    (ties: fewest swaps cut, then name) until its swaps are `fraction` of the fakes; then identities
+    without swaps (YouTube-real videos) until the reals reach their fraction too."""
     fakes = [ids[v] for v in videos if v[0] == CELEBDF_FAKE]
     reals = [ids[v] for v in videos if v[0] != CELEBDF_FAKE]
     inside = lambda group, members: sum(m <= group for m in members)
@@ -355,12 +345,9 @@ def _record_path(root, video):
 
 def prepare_video(video, root, settings):
     """One video -> crops and masks under root, then its record, written last: a video with a record
-    is finished (a restart skips it); one with frames and no record was cut short (its frames are
-    removed and it is prepared again). Nothing raised inside stops the others: a video that cannot be
-    read (missing, a partial download, a network mount) is recorded with retry=True and tried again
-    by the next run; any other failure (degenerate landmarks, a decompression bomb, dlib) and a video
-    without faces are recorded with their reason. If even the record cannot be written (a full
-    disk), the video has none and the next run prepares it again."""
+    is finished, one without is prepared again. Nothing raised inside stops the others: an unreadable
+    video (missing, a partial download) is recorded with retry=True, tried again by the next run; any
+    other failure and a video without faces are recorded with their reason."""
     record = dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], reason="", retry=False)
     seen, size = 0, settings["size"]
     os.makedirs(os.path.join(root, "faces", video.method, video.name), exist_ok=True)  # the attempt began (_started)
@@ -380,24 +367,26 @@ def prepare_video(video, root, settings):
         record["reason"] = f"failed ({type(e).__name__}: {e})"
     if not record["reason"] and not record["frames"]:
         record["reason"] = f"no face in any of its {seen} frames" if seen else "no frames decoded"
-    try:
-        atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
-    except OSError as e:
-        record.update(reason=f"not recorded ({type(e).__name__}: {e})", retry=True)
+    atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
     return record
 
 
 def _started(root, video):
-    """An attempt at the video began (its folder of faces exists, made by its first frame or by
-    prepare) and did not end (no record)."""
+    """An attempt at the video began (its folder of faces exists) and did not end (no record)."""
     return os.path.isdir(os.path.join(root, "faces", video.method, video.name)) and not os.path.exists(_record_path(root, video))
 
 
+def _dead_worker(video, root, settings):
+    record = dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], retry=False,
+                  reason="failed (the process preparing it died: killed by a signal, out of memory, or a crash in native code)")
+    atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
+    return record
+
+
 def _run_jobs(jobs, workers):
-    """Yields each job's record, `workers` videos at a time. A worker that dies (killed by a signal,
-    the OOM killer, a crash in native code) breaks its pool: the videos then in flight (_started) are
-    tried again one at a time, each in a pool of its own, so that the one that kills its worker again
-    is recorded as failed; the others go on in a new pool."""
+    """Each job's record, `workers` videos at a time. A worker that dies (a signal, out of memory, a crash
+    in native code) breaks its pool: the videos then in flight are tried again each in a pool of its
+    own, so that the one that kills its worker again is recorded as failed; the rest go on."""
     if workers == 1:  # in this process (a crash here stops the run; the videos finished stay finished)
         yield from (prepare_video(*job) for job in jobs)
         return
@@ -416,33 +405,26 @@ def _run_jobs(jobs, workers):
                 try:
                     yield pool.submit(prepare_video, *job).result()
                 except BrokenProcessPool:
-                    video, root, settings = job
-                    record = dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], retry=False,
-                                  reason="failed (the process preparing it died: killed by a signal, out of memory, or "
-                                         "a crash in native code)")
-                    atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
-                    yield record
+                    yield _dead_worker(*job)
         pending = [job for job in left if not _started(job[1], job[0]) and not os.path.exists(_record_path(job[1], job[0]))]
 
 
 def prepare(videos, root, settings, workers, redo=False):
-    """Prepare every video not finished yet, in parallel; then rebuild the manifest and the report
-    from all records under root (so both cover earlier runs too). Tried again: videos recorded with
-    retry (unreadable last time) and videos whose attempt was cut short; with redo, all. Records carry
-    the settings: preparing into a root made with other settings is an error."""
+    """Prepares every video without a record (or recorded with retry; with redo, all), in parallel,
+    then the manifest and the report from all records under root. Preparing into a root made with
+    other settings (every record carries them) is an error."""
     records = _records(root)
-    other = next((r for r in records.values() if r.get("settings") != settings), None)
-    if other and not redo:
-        was = _flags(other["settings"]) if other.get("settings") else "an older version of masks.py (records without settings)"
-        raise InputError(f"{root}: prepared with {was}, not {_flags(settings)}; prepare into another --root, "
+    other = next((r.get("settings") for r in records.values() if r.get("settings") != settings), settings)
+    if other != settings and not redo:
+        raise InputError(f"{root}: prepared with {_flags(other)}, not {_flags(settings)}; prepare into another --root, "
                          f"or add --redo to prepare every video again")
     old = [records.get(_record_path(root, v)) for v in videos]
     again = [bool(r) and bool(redo or r.get("retry")) for r in old]
     jobs = [(v, root, settings) for v, r, a in zip(videos, old, again) if a or not r]
     for video, _, _ in jobs:  # an earlier attempt's record and frames go
-        for kind in ("faces", "masks"):
-            shutil.rmtree(os.path.join(root, kind, video.method, video.name), ignore_errors=True)
-        if os.path.exists(_record_path(root, video)):
+        for path in (os.path.join(root, kind, video.method, video.name) for kind in ("faces", "masks")):
+            shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
             os.remove(_record_path(root, video))
     print(f"{len(videos)} videos, {len(videos) - len(jobs)} already prepared, {len(jobs)} to do ({sum(again)} of them "
           f"again), {workers} workers")
@@ -461,8 +443,8 @@ RECORD_KEYS = ("split", "label", "method", "name", "path", "frames", "skipped_fr
 
 
 def _records(root, quiet=False):
-    """Every finished video's record under root, by path. A record that cannot be read (cut short or
-    edited by hand) is reported and left out: its video is prepared again."""
+    """Every video's record under root, by path; one that cannot be read is reported and left out (its
+    video is prepared again)."""
     found = {}
     for path in sorted(glob.glob(os.path.join(root, "records", "*", "*.json"))):
         try:
@@ -478,13 +460,12 @@ def _records(root, quiet=False):
 
 
 def _flags(settings):
-    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (settings or {}).items() if v is not None) or "older settings"
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (settings or {}).items() if v is not None) or "other settings"
 
 
 def write_manifest(root):
-    """manifest.csv (one row per frame: split, label, method, video, frame, image, mask) and
-    report.txt (every skipped video and frame, with the reason), both from the records; prints the
-    videos and frames per split and class."""
+    """manifest.csv (a row a frame: split, label, method, video, frame, image, mask) and report.txt (every
+    skipped video and frame, with the reason) from the records; prints the counts per split and class."""
     rows, skipped, table = [], [], {}
     for r in _records(root, quiet=True).values():
         video = Video(r["split"], r["label"], r["method"], r["name"], r["path"])
@@ -508,15 +489,10 @@ def write_manifest(root):
 # 5) Reading prepared data: (image (3, S, S) float in [0, 1], mask (1, S, S) in {0, 1}, label, video)
 
 class FaceCrops(Dataset):
-    """Frames prepared by masks.py, read through manifest.csv (PNG crops and masks: a person can open
-    any sample; a 256 px crop decodes in ~1.7 ms, a whole sample takes ~2.6 ms, so a few DataLoader
-    workers keep a GPU fed). A sample is uint8 (image (3, S, S), mask (1, S, S) in {0, 1}), label,
-    "method/video"; the training loop normalises and flips on the device (add.to_device).
-    `samples[i]` = (method, video, frame) of sample i, for the per-frame predictions.
-
-    Balance: FF++ has one real video per fake of each method (four fakes per real with all four);
-    in training each real frame is repeated round(#fake / #real) times, so an epoch sees both
-    classes about equally often (different flips on the repeats)."""
+    """Frames prepared by masks.py, through manifest.csv (PNGs a person can open; a sample decodes in
+    ~2.6 ms). A sample: image (3, S, S) and mask (1, S, S) in {0, 1}, uint8; label; "method/video";
+    samples[i] = (method, video, frame). FF++ has four fakes per real video: in training each real
+    frame is repeated round(#fake / #real) times, so that an epoch sees both classes equally often."""
     def __init__(self, root, split, methods, train, image_size):
         manifest = os.path.join(root, "manifest.csv")
         if not os.path.exists(manifest):
@@ -550,11 +526,9 @@ class FaceCrops(Dataset):
 # ----------------------------------------------------------------------------------------------
 # 6) Built-in synthetic faces: drawn, lit and photographed procedurally, then manipulated
 
-# The benchmark's presets (--synthetic), the strength of each artifact (see manipulate). "easy", the
-# demo: every network, resnet18 included, reaches test AUC 0.995+ in the demo's 12 epochs, too easy
-# to tell architectures apart. "hard" (Table VI's low-quality idea): subtler blending (less blur,
-# less colour mismatch, a 2x GAN up-sampling), the fakes re-noised with the camera's noise, every
-# frame JPEG-compressed at quality 40; resnet18's test AUC over 3 training seeds is in the README.
+# The benchmark's presets (--synthetic), each artifact's strength (manipulate). "easy", the demo: every
+# network reaches test AUC 0.99+ in 12 epochs. "hard" (Table VI's low-quality idea), to compare
+# networks: subtler blending, the fakes re-noised, every frame JPEG-compressed at quality 40.
 SYNTHETIC_PRESETS = {"easy": dict(blur=0.5, mismatch=0.3, gan_scale=4, fake_noise=0.0, jpeg=None),
                      "hard": dict(blur=0.3, mismatch=0.15, gan_scale=2, fake_noise=1.0, jpeg=40)}
 
@@ -693,17 +667,12 @@ INNER_FACE = ("eye_y", "eye_dx", "eye_w", "eye_h", "brow_gap", "brow_arch", "nos
 
 
 def manipulate(family, real, pts, idt, ex, pose, scene, size, rng, preset=None):
-    """A fake made from a real frame, as the FF++ families are made from real videos:
-    swap  (FaceSwap/Deepfakes-like): another person's inner face, rendered without the camera's
-          noise, its skin colour only partly matched, blended into the face hull;
-    mouth (NeuralTextures-like): the mouth re-rendered with another expression, blended in;
-    gan   (re-synthesis): the face hull passed through a 4x down/up-sampling (GAN-like up-sampling
-          loses the sensor noise and fine texture), slightly recoloured.
-    preset (SYNTHETIC_PRESETS, default "easy") sets how strong the artifacts are: the extra blur of
-    the rendered content (blur), the share of the donor's skin colour left (mismatch), the GAN's
-    down-sampling factor (gan_scale), and the fraction of the camera's sensor noise the replaced
-    content gets (fake_noise: 0, the lost-noise cue at full strength).
-    -> fake (size, size, 3), its landmarks (68, 2) and the blending weight (size, size) in [0, 1]."""
+    """A fake made from a real frame, as the FF++ families are made from real videos: swap
+    (FaceSwap-like: another person's inner face, its skin colour partly matched), mouth
+    (NeuralTextures-like: the mouth re-rendered), gan (the face through a down/up-sampling, recoloured),
+    blended into the face hull. The preset sets the extra blur (blur), the donor's colour left
+    (mismatch), the GAN's factor (gan_scale) and the camera noise the new content gets (fake_noise).
+    -> fake (size, size, 3), its landmarks (68, 2), the blending weight (size, size) in [0, 1]."""
     p = preset or SYNTHETIC_PRESETS["easy"]
     if family == "swap":
         donor = random_identity(rng)
@@ -737,9 +706,8 @@ def _scaled(points, k, centre):
 
 
 def synthetic_frame(seed, video, frame, size, family=None, preset=None):
-    """One frame of synthetic video `video`: the real frame, and with `family` its fake (made with
-    the preset's artifacts, see manipulate).
-    -> dict(real, real_points, fake, fake_points, weight); images (size, size, 3) float32 in [0, 1]."""
+    """One frame of synthetic video `video` and, with `family`, its fake -> dict(real, real_points,
+    fake, fake_points, weight); images (size, size, 3) float32 in [0, 1]."""
     rng = np.random.default_rng([seed, video])  # the video: person, background, light, camera
     idt, scene = random_identity(rng), random_scene(rng, size)
     rng = np.random.default_rng([seed, video, frame])  # the frame: pose, expression, noise
@@ -761,15 +729,10 @@ def jpeg(image, quality):
 
 
 class SyntheticFaces(Dataset):
-    """The built-in data. A split holds `videos` real videos of `frames` frames; fake video j is real
-    video j with its face manipulated frame by frame (as FF++ makes its fakes), by family
-    methods[j % len(methods)]: the classes are balanced. Deterministic by (seed, split, preset).
-
-    One sample (size 64): image (3, 64, 64) uint8, a face of random identity, pose, skin tone,
-    lighting and background with sensor noise; mask (1, 64, 64) uint8 in {0, 1}, the convex hull of
-    its 68 landmarks (the same hull_mask as real faces); label 0 real / 1 fake; video "swap/0000007".
-    `samples[i]` = (method, video, frame). The whole split is drawn once, into memory: ~3 ms per
-    real/fake pair at 64 px (the demo's training split, 640 pairs, takes 2 s)."""
+    """The built-in data: `videos` real videos of `frames` frames and, for each, the same video faked
+    frame by frame (as FF++ makes its fakes) by family methods[j % len(methods)]; deterministic by
+    (seed, split, preset), drawn into memory (~3 ms a pair at 64 px). A sample as FaceCrops gives it:
+    a face of random identity, pose, lighting and background, the hull mask of its 68 landmarks."""
     def __init__(self, split, methods, videos, frames, size, seed, preset="easy"):
         first = {"train": 0, "val": 1_000_000, "test": 2_000_000}[split]  # disjoint people per split
         quality = SYNTHETIC_PRESETS[preset]["jpeg"]
@@ -832,64 +795,11 @@ def open_split(data, root, split, methods, image_size, train, videos=None, frame
     return FaceCrops(root or os.path.join("data", data), split, methods, train, image_size)
 
 
-def resolve_defaults(args, real, demo):
-    """Fill every option left unset: the small demo configuration on --data synthetic (the default),
-    the real data's on a real dataset (the paper's, but for the departures). Flags given win."""
-    args.data = args.data or "synthetic"
-    for key, value in dict(demo if args.data == "synthetic" else real, synthetic="easy", data_seed=0).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    return args
-
-
-def usable_cpus():
-    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (containers);
-    os.cpu_count() sees neither."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()
-        return n if quota == "max" else max(1, min(n, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        return n
-
-
-def loader_workers(data, processes_per_node=1):
-    """DataLoader workers per process: none for the in-memory synthetic data; else the usable CPUs
-    shared by the node's processes, at most 8."""
-    return 0 if data == "synthetic" else min(8, max(1, usable_cpus() // processes_per_node))
-
-
 # ----------------------------------------------------------------------------------------------
 # 8) Command line
 
-def show(photo, out):
-    """--show: the photo with each face's box, 68 landmarks and a translucent hull mask over it."""
-    try:
-        image = load_rgb(photo)
-    except (FileNotFoundError, IsADirectoryError):
-        raise InputError(f"{photo}: no such image file")
-    except (OSError, Image.DecompressionBombError) as e:
-        raise InputError(f"{photo}: not a readable image ({e})")
-    faces = face_finder().faces(image)
-    if not faces:
-        raise InputError(f"{photo}: no face found (dlib HOG at upsample 0 misses faces under ~80 px)")
-    canvas = Image.fromarray(image).convert("RGBA")
-    for face in faces:
-        tint = Image.new("RGBA", canvas.size, (255, 40, 40, 0))
-        tint.putalpha(Image.fromarray(hull_mask(face.landmarks, *image.shape[:2]) * 90))  # 35% red inside the hull
-        canvas = Image.alpha_composite(canvas, tint)
-        draw, r = ImageDraw.Draw(canvas), max(1, image.shape[1] // 300)
-        draw.rectangle(face.box, outline=(40, 255, 40), width=max(1, r))
-        for x, y in face.landmarks:
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=(255, 255, 0))
-    atomic_write(out, lambda f: canvas.convert("RGB").save(f, format="PNG"))
-    print(f"{photo}: {len(faces)} face(s); wrote {out}")
-
-
 def benchmark(src, frames):
-    """Frames/s of prepare_video on one video (--src), or on a generated 720p clip of the astronaut
-    photo shipped with scikit-image (a face panning across a 1280x720 frame, 300 frames)."""
+    """Frames/s of prepare_video on one video (--src), or on a 720p clip of 300 frames (write_pan_video)."""
     if src and not os.path.isfile(src):
         raise InputError(f"{src}: no such video file")
     with tempfile.TemporaryDirectory() as tmp:
@@ -921,8 +831,6 @@ def write_pan_video(path, n):
 
 def main(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--show", metavar="PHOTO", help="draw the detected faces, landmarks and hull masks of one photo")
-    p.add_argument("--out", default="overlay.png", help="with --show: the picture to write")
     p.add_argument("--data", choices=("ff++", "celeb-df"), help="prepare this dataset from --src")
     p.add_argument("--src", help="the dataset as downloaded (with --benchmark: a video file)")
     p.add_argument("--root", help="where to write the prepared data (default: data/<name>)")
@@ -935,22 +843,15 @@ def main(argv=None):
     p.add_argument("--redo", action="store_true", help="prepare every video again (e.g. with other --frames)")
     p.add_argument("--benchmark", action="store_true", help="time the preparation of one video")
     args = p.parse_args(argv)
-    if args.show:
-        return show(args.show, args.out)
     if args.benchmark:
         return benchmark(args.src, args.frames)
     if not args.data or not args.src:
-        p.error("give --show PHOTO, --benchmark, or --data {ff++,celeb-df} --src DOWNLOAD_ROOT")
-    root = args.root or os.path.join("data", args.data)
-    # the settings every record carries (and a restart must match); the detection size as earlier versions recorded it
-    settings = dict(frames=args.frames, size=CROP_SIZE, detect_size=DETECT_SIZE,
+        p.error("give --data {ff++,celeb-df} --src DOWNLOAD_ROOT, or --benchmark")
+    settings = dict(frames=args.frames, size=CROP_SIZE, detect_size=DETECT_SIZE,  # every record carries them
                     compression=args.compression if args.data == "ff++" else None)
-    if args.data == "ff++":
-        methods = parse_methods("ff++", args.methods)
-        videos = ffpp_videos(args.src, args.compression, methods, args.splits or os.path.join(args.src, "splits"))
-    else:
-        videos = celebdf_videos(args.src)
-    prepare(videos, root, settings, max(1, args.workers or usable_cpus()), args.redo)
+    videos = celebdf_videos(args.src) if args.data == "celeb-df" else ffpp_videos(
+        args.src, args.compression, parse_methods("ff++", args.methods), args.splits or os.path.join(args.src, "splits"))
+    prepare(videos, args.root or os.path.join("data", args.data), settings, args.workers or usable_cpus(), args.redo)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,16 @@ Read top to bottom, this file is the paper's search space:
 - Cell: Eq. 1, four nodes, each the sum of its incoming edges. One wiring serves the search cell
   (every possible edge a MixedOp: search.py) and the derived cell (two chosen edges a node: add.py).
 - Genotype: the architecture found, two cells of (operation, input) pairs.
-Below the divider: PC-DARTS's partial channels, random genotypes (the NAS baseline), the genotype's
-picture (as Fig. 8) and JSON file (g.json), and what every script shares (one-line errors for user
-mistakes, atomic writes).
-
-Conventions follow DARTS (Liu et al., ICLR 2019), which the paper builds on [32]: ReLU-Conv-BN,
-a separable convolution is depthwise + pointwise applied twice, dilated ones use dilation 2, batch
-norm is non-affine during the search. Not in the paper: PC-DARTS's partial channels (MixedOp's
-`partial`, channel_shuffle, node_softmax), which the search uses on real data.
+Below the divider: PC-DARTS's partial channels (the real-data search), random genotypes (the NAS
+baseline), the genotype's JSON file (g.json), and what every script shares (one-line errors for user
+mistakes, atomic writes). Conventions follow DARTS (Liu et al., ICLR 2019), on which the paper
+builds [32]: ReLU-Conv-BN, a separable convolution is depthwise + pointwise applied twice, dilated
+ones use dilation 2, BatchNorm is non-affine during the search.
 
     python -c "import ops; print(ops.PRIMITIVES)"
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,7 +25,6 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 
 STEPS = 4  # intermediate nodes per cell (Sec. III-A calls them blocks)
 
@@ -215,9 +212,8 @@ def genotype_edges(cell):
 
 
 # ==============================================================================================
-# Below: not the paper's method. PC-DARTS's partial channels (the real-data search), random
-# genotypes (the NAS baseline), the genotype's picture (as Fig. 8) and JSON file (g.json), and what
-# every script shares.
+# Below: not the paper's method. PC-DARTS's partial channels, random genotypes, g.json, what every
+# script shares.
 
 def channel_shuffle(x, groups):
     """(B, C, H, W) -> the same channels interleaved: channel g * C/groups + i moves to i * groups + g,
@@ -244,59 +240,6 @@ def random_genotype(seed):
     return Genotype(cell(), cell())
 
 
-def draw_genotype(genotype, path):
-    """g.png: the normal and the reduction cell side by side, as the paper draws them (Fig. 8)."""
-    panels = [_draw_cell(genotype.normal, "normal cell"), _draw_cell(genotype.reduce, "reduction cell")]  # Fig. 8
-    canvas = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
-    for i, panel in enumerate(panels):
-        canvas.paste(panel, (i * panel.width, 0))
-    atomic_write(path, lambda f: canvas.save(f, format="PNG"))
-
-
-def _draw_cell(cell, title, width=620, height=380):
-    """Inputs c_{k-2}, c_{k-1} on the left, nodes 0-3 in the middle, their concat c_{k} on the right;
-    each chosen edge drawn with its operation's name."""
-    image, font = Image.new("RGB", (width, height), "white"), ImageFont.load_default(size=13)
-    draw = ImageDraw.Draw(image)
-    # inputs left, nodes zig-zag (no edge passes through a node), the concat right
-    pos = [(60, 110), (60, 290), (210, 60), (290, 345), (420, 150), (530, 290), (width - 45, 190)]
-    for k in range(STEPS):
-        _arrow(draw, pos[k + 2], pos[-1], (190, 190, 190), 2)
-    edges = [(op, pos[inp], pos[k // 2 + 2], 0.42 + 0.2 * (k % 2)) for k, (op, inp) in enumerate(cell)]
-    for op, a, b, _ in edges:
-        _arrow(draw, a, b, op_colour(op), 3)
-    for op, (x0, y0), (x1, y1), t in edges:  # labels after all lines; a node's two labels staggered
-        tx, ty = x0 + t * (x1 - x0), y0 + t * (y1 - y0) - 8
-        draw.rectangle(draw.textbbox((tx, ty), op, font=font, anchor="mm"), fill="white")
-        draw.text((tx, ty), op, fill=op_colour(op), font=font, anchor="mm")
-    for i, name in enumerate(["c_{k-2}", "c_{k-1}"] + [str(k) for k in range(STEPS)] + ["c_{k}"]):
-        (x, y), r = pos[i], 24
-        fill = (200, 230, 200) if i < 2 else (240, 220, 170) if i == len(pos) - 1 else (180, 205, 240)
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill, outline="black")
-        draw.text((x, y), name, fill="black", font=font, anchor="mm")
-    draw.text((width / 2, 20), title, fill="black", font=ImageFont.load_default(size=18), anchor="mm")
-    return image
-
-
-def _arrow(draw, a, b, fill, width, r=24, head=11):
-    """A line from node a to node b with an arrowhead where it meets b's circle (radius r)."""
-    (x0, y0), (x1, y1) = a, b
-    length = math.hypot(x1 - x0, y1 - y0)
-    ux, uy = (x1 - x0) / length, (y1 - y0) / length
-    tip = (x1 - r * ux, y1 - r * uy)
-    draw.line(a + tip, fill=fill, width=width)
-    back = (tip[0] - head * ux, tip[1] - head * uy)
-    draw.polygon([tip, (back[0] - 0.5 * head * uy, back[1] + 0.5 * head * ux),
-                  (back[0] + 0.5 * head * uy, back[1] - 0.5 * head * ux)], fill=fill)
-
-
-def op_colour(op):
-    """One colour per operation, for the pictures of cells (g.png) and of alpha (alpha.png)."""
-    palette = [(0, 0, 0), (90, 90, 90), (0, 140, 140), (0, 100, 200), (200, 60, 0), (220, 120, 0),
-               (160, 90, 0), (30, 150, 30), (0, 110, 60), (150, 40, 170), (200, 0, 110)]
-    return palette[PRIMITIVES.index(op)]
-
-
 # ----------------------------------------------------------------------------------------------
 def genotype_to_json(genotype, origin=None):
     """One node (two pairs) per line, so a person can read the cell off the file; origin: how it was
@@ -313,14 +256,10 @@ def save_genotype(genotype, path, origin=None):
 
 
 def genotype_origin(path):
-    """The "origin" a genotype file records, or None (none recorded, or not a readable genotype file:
-    load_genotype says why)."""
-    try:
+    """The "origin" a genotype file records, or None (load_genotype says why a file is unreadable)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         with open(path) as f:
-            origin = json.load(f).get("origin")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return origin if isinstance(origin, str) else None
+            return json.load(f).get("origin")
 
 
 def load_genotype(path):
@@ -404,3 +343,15 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def usable_cpus():
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (containers);
+    os.cpu_count() sees neither."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        return n if quota == "max" else max(1, min(n, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        return n

@@ -21,7 +21,6 @@ expected-parameter term, DARTS-PT's selection, pictures, --benchmark, the comman
 import argparse
 import json
 import os
-import random
 import sys
 import time
 
@@ -30,13 +29,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from add import (ADD, DEMO_SIZE, PAPER_SIZE, Diverged, Run, Stopped, autocast, count_parameters, d2_layout,
+from add import (ADD, loader_workers, resolve_defaults, DEMO_SIZE, PAPER_SIZE, Diverged, Run, Stopped, count_parameters, d2_layout,
                  epoch_generator, figure, gradient_step, loader, new_run_dir, peak_memory_mib, pick_device,
                  prepare_model, random_batch, restore, resume, save_checkpoint, save_figure, scale_milestones, sync,
-                 time_alternately, to_device, trim_log, append_log, write_config)
-from masks import add_data_arguments, loader_workers, open_split, parse_methods, resolve_defaults
-from ops import (OPS, PRIMITIVES, STEPS, Genotype, InputError, Parser, bounded, draw_genotype, node_softmax, op_colour,
-                 random_genotype, save_genotype, search_edges)
+                 time_alternately, trim_log, append_log, write_config)
+from masks import add_data_arguments, open_split, parse_methods
+from ops import (OPS, PRIMITIVES, STEPS, Genotype, InputError, Parser, bounded, node_softmax, random_genotype,
+                 save_genotype, search_edges)
 
 CELL_TYPES = ("normal", "reduce")
 
@@ -115,10 +114,11 @@ def search(args, device, state=None):
             first, sums = epoch_start(args, model, (train_loader, val_loader), start, epoch, device)
             tic = time.time()
             for step, (batch, val_batch) in enumerate(zip(train_loader, val_loader), start=first):
-                w = gradient_step(model, w_opt, w_params, batch, device, MASK_WEIGHT, flips(args, epoch, step, 2))  # lines 2-4
+                flips = [epoch_generator(args.seed, epoch, step, k) for k in (2, 3)]  # random flips, the same when resumed
+                w = gradient_step(model, w_opt, w_params, batch, device, MASK_WEIGHT, flips[0])  # Algorithm 1, lines 2-4
                 moves = epoch * steps + step >= warmup  # alpha still in the warm-up (not in the paper)
-                a = gradient_step(model, a_opt, a_params, val_batch, device, alpha_mask_weight, flips(args, epoch, step, 3),
-                                  penalty=penalty, clip=False) if moves else None  # Algorithm 1, lines 5-7
+                a = gradient_step(model, a_opt, a_params, val_batch, device, alpha_mask_weight, flips[1], penalty=penalty,
+                                  clip=False) if moves else None  # Algorithm 1, lines 5-7
                 sums.add("w", w)
                 if a is not None:
                     sums.add("alpha", a)
@@ -133,7 +133,8 @@ def search(args, device, state=None):
             end_epoch(args, model, optimizers, epoch, sums, time.time() - tic)  # g.json by Sec. III-A's rule, log, checkpoint
             if run.signal and epoch + 1 < args.epochs:
                 raise Stopped(stopped(args, run.signal, epoch + 1, 0))
-        finish(args, model, model.genotype())
+        write_genotype(model.genotype(), args.out, "search")
+        print(describe(model.genotype(), args.out))
     return model
 
 
@@ -161,7 +162,6 @@ W_LR_END = 0.01  # w's cosine ends at this fraction of its lr (the paper does no
 MASK_WEIGHT = 1.0  # Eq. 7's alpha in the search (Sec. IV-C: 1)
 PARAM_TARGET = 5.6e6  # the parameter term's target: Table IV's ADD
 CHECKPOINT_EVERY = 100  # steps; also at each epoch's end and at the step a stop signal comes
-NEAR_TIE = 0.01  # a choice whose runner-up is within this much softmax weight (of ~0.1-0.2) is a near-tie
 # Options of earlier versions that this one builds in: a checkpoint that set them otherwise cannot resume
 BUILT_IN = dict(w_optimizer="sgd", momentum=W_MOMENTUM, alpha_lr=ALPHA_LR, weight_decay=WEIGHT_DECAY, w_lr_batch=W_LR_BATCH,
                 w_lr_min=W_LR_END, mask_weight=MASK_WEIGHT, param_target=PARAM_TARGET, grad_clip=5.0, warmup_epochs=None,
@@ -181,12 +181,6 @@ def build(args, device, steps):
     alpha_epochs = args.epochs - warmup // steps  # alpha's schedule spans the epochs in which it moves
     a_sched = torch.optim.lr_scheduler.MultiStepLR(a_opt, scale_milestones(args.alpha_milestones, alpha_epochs), 0.1)
     return model, (w_opt, a_opt, w_sched, a_sched), warmup
-
-
-def flips(args, epoch, step, stream):
-    """The random horizontal flips of a step's batch (add.random_flips), seeded by (seed, epoch, step,
-    stream): a resumed search flips as an uninterrupted one."""
-    return epoch_generator(args.seed, epoch, step, stream)
 
 
 class Sums:
@@ -221,10 +215,9 @@ def begin(args, model, optimizers, state, steps, one_pass, warmup):
         start = {k: state[k] for k in start}
         print(f"resumed {path} at epoch {state['epoch'] + 1}, step {state['step']}")
     total, done = args.epochs * steps, start["epoch"] * steps + start["step"]
-    budget = (f" (--steps-per-epoch {args.steps_per_epoch}; one pass is {one_pass})" if steps < one_pass else
-              f" (one pass over the training split{f', capping --steps-per-epoch {args.steps_per_epoch}' if args.steps_per_epoch else ''})")
+    budget = f"--steps-per-epoch {args.steps_per_epoch}; one pass is {one_pass}" if steps < one_pass else "one pass"
     print(f"search network: {count_parameters(model.net) / 1e6:.2f} M weights, alpha 2 x {tuple(model.alpha_normal.shape)}"
-          f"{', beta 2 x (14,)' if args.partial_channels > 1 else ''}; {args.epochs} epochs x {steps} steps{budget} = "
+          f"{', beta 2 x (14,)' if args.partial_channels > 1 else ''}; {args.epochs} epochs x {steps} steps ({budget}) = "
           f"{total} steps of {args.batch_size} training + {args.batch_size} validation images, alpha still for the first "
           f"{warmup}; {total - done} to do", flush=True)
     return start
@@ -257,13 +250,12 @@ def stopped(args, signal_name, epoch, step):
 
 def end_epoch(args, model, optimizers, epoch, sums, seconds):
     """g.json and g.png; the log line (before the checkpoint: add.trim_log) with the losses, the
-    genotype, the softmax of alpha, beta (K > 1) and the choices' margins; alpha.png; the checkpoint."""
+    genotype, the softmax of alpha and beta (K > 1); alpha.png; the checkpoint."""
     genotype, weights = model.genotype(), dict(zip(CELL_TYPES, model.cell_weights()))
     write_genotype(genotype, args.out, "search")
     losses = sums.losses()
     line = dict(epoch=epoch + 1, **losses, seconds=seconds, primitives=PRIMITIVES, genotype=genotype._asdict(),
-                softmax_alpha={k: w.tolist() for k, (w, _) in weights.items()},
-                margins={k: choice_margins(chosen_by(w, e)) for k, (w, e) in weights.items()})
+                softmax_alpha={k: w.tolist() for k, (w, _) in weights.items()})
     if model.partial > 1:  # the cell is chosen by alpha x beta: both are logged
         line["edge_weights"] = {k: e.tolist() for k, (_, e) in weights.items()}
     log = os.path.join(args.run_dir, "log.jsonl")
@@ -275,39 +267,6 @@ def end_epoch(args, model, optimizers, epoch, sums, seconds):
     print(f"epoch {epoch + 1}/{args.epochs}  train CE {losses['train_ce']:.4f} MSE {losses['train_mse']:.4f}  "
           f"{val}  {seconds:.1f} s  (strongest normal-cell op weight {strongest:.3f})", flush=True)
     print_genotype(genotype)
-
-
-def finish(args, model, genotype):
-    """The last line: the files written, the network's size, and how decisive alpha's choices were."""
-    write_genotype(genotype, args.out, "search")
-    margins = [choice_margins(chosen_by(w, e)) for w, e in model.cell_weights()]
-    ops = sum(m < NEAR_TIE for cell in margins for m in cell["operation"])
-    inputs = sum(m < NEAR_TIE for cell in margins for m in cell["inputs"] if m is not None)
-    print(f"{describe(genotype, args.out)}; alpha's choices: {ops} of 16 operations and {inputs} of 6 input "
-          f"pairs are near-ties (runner-up within {NEAR_TIE} of softmax weight)")
-
-
-def node_edges(node):
-    """The rows of alpha that feed node `node` (its i + 2 incoming edges)."""
-    first = sum(n + 2 for n in range(node))
-    return range(first, first + node + 2)
-
-
-def choice_margins(weights):
-    """How decisive the paper's rule (derive_cell) is on these weights (n_edges, n_ops): per kept edge,
-    its operation's weight minus the runner-up operation's ("operation", 8); per node, its weaker kept
-    edge's strength minus the strongest dropped edge's ("inputs", 4: None for node 0, which has two)."""
-    w = weights.detach().clone()
-    w[:, PRIMITIVES.index("none")] = -1
-    top = w.topk(2, dim=1).values  # (n_edges, 2): each edge's strongest two operations
-    margins = dict(operation=[], inputs=[])
-    for node in range(STEPS):
-        rows = list(node_edges(node))
-        strength = top[rows, 0]
-        order = strength.argsort(descending=True).tolist()
-        margins["operation"] += [float(top[rows[k], 0] - top[rows[k], 1]) for k in sorted(order[:2])]
-        margins["inputs"].append(float(strength[order[1]] - strength[order[2]]) if node else None)
-    return margins
 
 
 class EpochOrder(Sampler):
@@ -399,9 +358,33 @@ def expected_parameters(weights, costs):
 # The genotype's files and size (its picture, Fig. 8: ops.draw_genotype), alpha's picture (alpha.png)
 
 def write_genotype(genotype, path, origin):
-    """g.json and its picture, g.png."""
+    """g.json and its picture, g.png, as Fig. 8: per cell the inputs c_{k-2}, c_{k-1} left, nodes 0-3,
+    their concatenation c_{k} right, each chosen edge coloured and labelled with its operation."""
     save_genotype(genotype, path, origin)
-    draw_genotype(genotype, os.path.splitext(path)[0] + ".png")
+    pos = [(0.1, 0.71), (0.1, 0.24), (0.34, 0.84), (0.47, 0.09), (0.68, 0.61), (0.85, 0.24), (0.95, 0.5)]  # no edge crosses a node
+    fig, ax = figure(1, 2, (12.4, 3.8))
+    for a, cell, title in zip(ax[0], genotype, ("normal cell", "reduction cell")):  # Fig. 8
+        arrow = lambda start, end, colour, width: a.annotate("", pos[end], pos[start], arrowprops=dict(
+            arrowstyle="-|>", color=colour, lw=width, shrinkA=16, shrinkB=16))
+        for node in range(STEPS):
+            arrow(node + 2, -1, "0.75", 1)
+        for k, (op, inp) in enumerate(cell):
+            arrow(inp, k // 2 + 2, colour(op), 2)
+            t, (x0, y0), (x1, y1) = 0.42 + 0.2 * (k % 2), pos[inp], pos[k // 2 + 2]  # a node's two labels apart
+            a.text(x0 + t * (x1 - x0), y0 + t * (y1 - y0), op, color=colour(op), ha="center", va="center", fontsize=8,
+                   bbox=dict(fc="white", ec="none", pad=0.3))
+        a.scatter(*zip(*pos), s=900, c=["#c8e6c8"] * 2 + ["#b4cdf0"] * STEPS + ["#f0dcaa"], edgecolors="black", zorder=3)
+        for (x, y), name in zip(pos, ["c_{k-2}", "c_{k-1}", "0", "1", "2", "3", "c_{k}"]):
+            a.text(x, y, name, ha="center", va="center", fontsize=8, zorder=4)
+        a.set(title=title, xlim=(0, 1.03), ylim=(-0.05, 1))
+        a.axis("off")
+    save_figure(fig, os.path.splitext(path)[0] + ".png")
+
+
+def colour(op):
+    """One colour per operation, in g.png and alpha.png."""
+    return ["black", "dimgray", "teal", "tab:blue", "orangered", "darkorange", "saddlebrown", "tab:green", "seagreen",
+            "purple", "crimson"][PRIMITIVES.index(op)]
 
 
 def describe(genotype, path):
@@ -422,27 +405,17 @@ def print_genotype(genotype):
 
 def draw_alpha(log_path, path):
     """alpha.png from log.jsonl: each operation's softmax weight (mean over a cell's 14 edges) per
-    epoch, for the normal and the reduction cell; with partial channels (K > 1) a second row: each
-    edge's normalised beta (PC-DARTS's edge weight, a softmax over each node's inputs)."""
+    epoch, for the normal and the reduction cell."""
     with open(log_path) as f:
         log = [json.loads(line) for line in f]
-    epochs, beta = [e["epoch"] for e in log], "edge_weights" in log[0]
-    fig, ax = figure(2 if beta else 1, 2, (12, 8 if beta else 4))
+    epochs, (fig, ax) = [e["epoch"] for e in log], figure(1, 2, (12, 4))
     for a, kind in zip(ax[0], CELL_TYPES):
         weights = torch.tensor([e["softmax_alpha"][kind] for e in log]).mean(1)  # (epochs, ops)
         for j, op in enumerate(PRIMITIVES):
-            a.plot(epochs, weights[:, j], marker="o", color=[c / 255 for c in op_colour(op)], label=op,
+            a.plot(epochs, weights[:, j], marker="o", color=colour(op), label=op,
                    linestyle="--" if j % 2 else "-")
         a.set(xlabel="epoch", ylabel="softmax(alpha), mean over edges", title=f"{kind} cell")
     ax[0, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-    if beta:
-        names = [f"{node}<-{inp}" for node, inp, _ in search_edges()]
-        for a, kind in zip(ax[1], CELL_TYPES):
-            weights = torch.tensor([e["edge_weights"][kind] for e in log])  # (epochs, edges)
-            for k, name in enumerate(names):
-                a.plot(epochs, weights[:, k], marker=".", label=name, linestyle="--" if k % 2 else "-")
-            a.set(xlabel="epoch", ylabel="edge weight (beta, softmax over a node's inputs)", title=f"{kind} cell: edges")
-        ax[1, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5), ncol=2)
     save_figure(fig, path)
 
 

@@ -1,16 +1,14 @@
 """Train and evaluate ADD (Sec. III-B to III-D, IV-B, IV-C), and point a trained detector at videos.
 
 Read top to bottom, this file is the paper's training and evaluation:
-- build_model: ADD from a searched genotype (add.py, Fig. 2), or a hand-designed baseline (Table IV).
+- build_model: ADD from a searched genotype (add.py, Fig. 2), or a hand-designed network (Table IV).
 - make_optimizer: Sec. IV-B's optimizer and schedule.
-- frame_scores, video_level, scores, evaluate: ACC and AUC (Sec. IV-B) per frame and per video, with
-  the field's balanced ACC, AP and EER beside them.
+- frame_scores, scores, evaluate: ACC and AUC (Sec. IV-B) per frame and per video, and the field's
+  balanced ACC, AP and EER.
 - datasets, test_split: the splits (Sec. IV-A) and the protocols of Tables I-III.
-- fit: the whole training, Eq. 7 step by step (add.gradient_step); the epoch of the best validation
-  AUC is tested once, at the end.
-Below the divider, what the paper does not describe: the settings, the epoch's end (validation,
-checkpoints, the log), DDP, reports and pictures (Fig. 9's masks), --eval-only, --predict (is this
-video fake?), --compare, --benchmark and the command line.
+- fit: the training, Eq. 7 step by step; the epoch of the best validation AUC is tested at the end.
+Below the divider: the settings, the epoch's end, DDP, reports and pictures (Fig. 9), --eval-only,
+--predict (is this video fake?), --compare, --benchmark and the command line.
 
     python train.py --genotype g.json                                       # built-in synthetic data (demo)
     python train.py --genotype g.json --data ff++ --methods Face2Face       # inner-dataset (Table I)
@@ -42,12 +40,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from add import (ADD, DEMO_SIZE, PAPER_SIZE, Diverged, Run, Stopped, append_log, count_parameters, d2_layout,
+from add import (ADD, loader_workers, resolve_defaults, DEMO_SIZE, PAPER_SIZE, Diverged, Run, Stopped, append_log, count_parameters, d2_layout,
                  epoch_generator, figure, fold_batchnorm, gradient_step, load_checkpoint, load_state, loader,
                  new_run_dir, peak_memory_mib, pick_device, prepare_model, random_batch, restore, resume,
                  save_checkpoint, save_figure, scale_milestones, time_alternately, to_device, trim_log, write_config)
-from masks import (METHODS, READ_ERRORS, add_data_arguments, loader_workers, open_split, parse_methods, read_faces,
-                   resolve_defaults)
+from masks import METHODS, READ_ERRORS, add_data_arguments, open_split, parse_methods, read_faces
 from ops import InputError, Parser, atomic_write, bounded, genotype_from_dict, genotype_origin, load_genotype
 
 # Table IV's hand-designed networks (XceptionNet: below), and the small ones the field uses (DeepfakeBench's
@@ -60,14 +57,11 @@ MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # Sec. IV-B: "Adam with a momentum value of 
 
 class Baseline(nn.Module):
     """A hand-designed classifier from scratch (nothing is downloaded) in ADD's harness (Table IV),
-    returning (logits, None): it trains with Eq. 4 alone. The rule is ADD's, for every network:
-    BatchNorm momentum 0.1 (torchvision's mnasnet keeps 0.0003: its running statistics would still
-    be ~87% at their start after 480 steps), no dropout or stochastic depth (ADD has none), the
-    classifier's last layer initialised as torch's nn.Linear, to its inputs (mnasnet's and
-    efficientnet's scale with 1/classes: at 2 classes their first logits have a standard deviation
-    of 2-3, the CE starts at 3.8), and, by make_optimizer, Adam with weight decay on every parameter.
-    small_input: the first stride-2 layer at stride 1 (removed if a pool), as CIFAR variants do, so
-    that a 64 px face ends on a 4x4 map as in ADD, not on ImageNet's 2x2."""
+    returning (logits, None): Eq. 4 alone. ADD's rule for every network: BatchNorm momentum 0.1
+    (torchvision's mnasnet keeps 0.0003), no dropout or stochastic depth (ADD has none), the last layer
+    initialised as nn.Linear (mnasnet's and efficientnet's scale with 1/classes: the CE would start at
+    3.8), Adam with weight decay on every parameter (make_optimizer). small_input: the first stride-2
+    layer at stride 1 (a pool removed), as CIFAR variants do: a 64 px face ends on 4x4, as in ADD."""
     def __init__(self, arch, small_input=False):
         super().__init__()
         if arch == "xception":
@@ -152,9 +146,8 @@ def make_optimizer(model, args):
 
 @torch.no_grad()
 def frame_scores(model, loader, device):
-    """Every sample of the loader, in order, in fp32 (no autocast: scores must not tie) -> dict of
-    arrays p (fake probability), label, ce, mse (None without a mask branch), and the video ids.
-    Results stay on the device and are copied to the host once, at the end."""
+    """Every sample of the loader, in order, in fp32 (scores must not tie) -> arrays p (p(fake)), label,
+    ce, mse (None without a mask branch), copied to the host once; the video ids."""
     model.eval()
     out, videos = dict(p=[], label=[], ce=[], mse=[]), []
     for batch in loader:
@@ -236,10 +229,9 @@ def test_split(args):
 
 
 def fit(args, state, rank, world, device):
-    """Sec. IV-B's training: --epochs passes of Eq. 7 (Adam: make_optimizer), the lr / 10 at the
-    milestones, the network validated after each epoch; the test split is evaluated once, at the end,
-    with the epoch of the best validation AUC. Stops, progress and the vote of several processes:
-    add.Run; the epoch's end (validation, checkpoints, the log): end_epoch, below the divider."""
+    """Sec. IV-B's training: --epochs passes of Eq. 7, the lr / 10 at the milestones, validation after
+    each epoch; the epoch of the best validation AUC is tested at the end. Stops, progress and the vote
+    of several processes: add.Run; the epoch's end (checkpoints, the log): end_epoch."""
     genotype = (genotype_from_dict(state["genotype"], "checkpoint") if state and state["genotype"]
                 else load_genotype(args.genotype) if args.arch == "add" else None)
     (train_set, val_set), (test_set, test_name) = datasets(args), test_split(args)
@@ -274,11 +266,10 @@ def fit(args, state, rank, world, device):
 
 
 # ==============================================================================================
-# Below: not the paper's method. Settings, the epoch's end, DDP, reports and pictures,
-# --eval-only, --predict, --compare, --benchmark, the command line.
+# Below: not the paper's method.
 
-# Settings that differ between a real dataset (the paper's, Sec. IV-B, but for the lr: README, Departures) and the
-# built-in synthetic data (a demo sized for 2 CPU cores). Flags override both.
+# The settings on a real dataset (the paper's, Sec. IV-B, but for the lr: README, Departures) and on the built-in
+# data (a demo sized for 2 CPU cores); flags override both.
 REAL_DATA = dict(PAPER_SIZE, image_size=256, batch_size=96, lr=5e-4, epochs=300, milestones=[80, 140])
 DEMO = dict(DEMO_SIZE, image_size=64, batch_size=32, lr=1e-3, epochs=12, milestones=[200, 280], videos=160, frames=4)
 DEFAULTS = dict(arch="add", mask_weight=1.0, optimizer="adam", seed=0, device="auto")
@@ -293,8 +284,7 @@ CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", 
 
 
 def begin(args, state, modules, rank):
-    """A resumed run's state (the model, optimizer and scheduler, the generator) -> (first epoch, best
-    validation AUC so far)."""
+    """A resumed run's state (model, optimizer, scheduler, generator) -> (first epoch, best AUC so far)."""
     if not state:
         return 0, -1.0
     path = os.path.join(args.out, "last.pt")
@@ -307,8 +297,8 @@ def begin(args, state, modules, rank):
 
 
 def training_loaders(args, sets, test_name, model, rank, world, device):
-    """The training loader (each process its share of the global batch; DistributedSampler's order
-    depends on (seed, epoch) only), the validation and the test loader; the header line."""
+    """The loaders (in training each process its share of the global batch, in an order that depends on
+    (seed, epoch) only) and the header line."""
     train_set, val_set, test_set = sets
     workers = loader_workers(args.data, int(os.environ.get("LOCAL_WORLD_SIZE", world))) if args.workers is None else args.workers
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
@@ -333,8 +323,8 @@ def stopped(args, name, where, held):
 
 
 def end_epoch(args, parts, epoch, means, lr, tic, val_data, best, images, device):
-    """Rank 0: validation, log.jsonl (its line before the checkpoint: add.trim_log), best.pt when the
-    validation frame AUC is the best so far, last.pt, curves.png, the epoch's line. -> the best AUC."""
+    """Rank 0: validation, log.jsonl (its line before the checkpoint: add.trim_log), best.pt (the best
+    validation frame AUC so far), last.pt, curves.png, the epoch's line -> the best AUC."""
     model, optimizer, scheduler, genotype = parts
     train_seconds = time.time() - tic
     val, _ = evaluate(model, val_data, device)
@@ -366,8 +356,8 @@ def sync_batchnorm(model, args, world, device):
 
 
 def init_distributed(device_name, batch_size):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per GPU (nccl), or per CPU slot (gloo).
-    -> rank, world size, device. The global batch must divide by the world size."""
+    """torchrun's RANK, WORLD_SIZE, LOCAL_RANK: a process per GPU (nccl) or CPU slot (gloo) -> rank, world
+    size, device."""
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_name)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -392,14 +382,14 @@ def test(args, model, val_data, test, device):
 
 
 def report(args, model, rows, test, device, name, state):
-    """Evaluates the test split (test: its dataset, loader and name); writes NAME (metrics, with the
-    checkpoint's epoch and genotype), predictions.csv, roc.png and masks.png (Fig. 9)."""
+    """The test split evaluated (test: its dataset, loader, name) -> NAME (metrics, with the checkpoint's
+    epoch and genotype), predictions.csv (a row a frame: it reproduces them), roc.png, masks.png."""
     test_set, test_data, test_name = test
     rows[f"test {test_name}"], out = evaluate(model, test_data, device)
     metrics = dict(arch=args.arch, parameters=count_parameters(model), epoch=state["epoch"], mask_weight=args.mask_weight,
                    genotype=state.get("genotype"), **{k.split()[0]: dict(data=k.split()[1], **v) for k, v in rows.items()})
     atomic_write(os.path.join(args.out, name), lambda f: f.write(json.dumps(metrics, indent=1).encode()))
-    text = io.StringIO()  # predictions.csv: one row per test frame (it reproduces the metrics)
+    text = io.StringIO()
     csv.writer(text).writerows([["video", "method", "frame", "label", "p_fake"]] + [
         [video, method, frame, int(label), f"{p:.6f}"] for (method, video, frame), label, p in
         zip(test_set.samples, out["label"], out["p"])])
@@ -412,9 +402,8 @@ def report(args, model, rows, test, device, name, state):
 
 
 def eval_only(args, model, state, device):
-    """--eval-only --checkpoint PATH: the checkpoint's network on a test split, by default the one of
-    its own run (configure takes its data settings); --test-data/--test-methods/--test-root for
-    others. Writes into a new run folder, never into the training run's."""
+    """--eval-only: the checkpoint's network on a test split, its own run's unless --test-data,
+    --test-methods or --test-root say otherwise, into a new run folder (never the training run's)."""
     write_config(args, os.path.join(args.out, "config.json"))
     test_set, test_name = test_split(args)
     workers = loader_workers(args.data) if args.workers is None else args.workers
@@ -468,9 +457,8 @@ def plot_curves(log_path, path):
 
 
 def draw_faces(path, faces, ms, captions, title=None, hulls=None):
-    """The picture of a row of faces ((K, S, S, 3) uint8): each with the predicted region m over it as
-    a heat map (ms (K, S, S) in [0, 1], or None for a network without one), the hull mask M's outline
-    (hulls, or None) and its caption. masks.png (Fig. 9) and --predict's pictures."""
+    """A row of faces ((K, S, S, 3) uint8), each with the predicted region m over it as a heat map (ms
+    (K, S, S) or None), the hull mask M's outline (hulls or None) and a caption: masks.png, --predict's."""
     fig, ax = figure(1, len(faces), (2.2 * len(faces), 2.6))
     for k, a in enumerate(ax[0]):
         a.imshow(faces[k])
@@ -484,8 +472,7 @@ def draw_faces(path, faces, ms, captions, title=None, hulls=None):
 
 
 def visualize(model, dataset, path, device, k=FIG9_FACES):
-    """masks.png, as Fig. 9: K test faces, evenly spread over the split, with the predicted region m
-    (the hull mask M outlined) and p(fake)."""  # Fig. 9
+    """masks.png, as Fig. 9: K test faces spread over the split, with m, M and p(fake)."""  # Fig. 9
     idx = np.linspace(0, len(dataset) - 1, min(k, len(dataset))).round().astype(int)
     x, M, y, _ = (list(t) for t in zip(*(dataset[i] for i in idx)))
     with torch.no_grad():
@@ -501,8 +488,7 @@ def genotype_dict(genotype):
 
 
 def model_from_checkpoint(path, device, compile=False):
-    """A train.py checkpoint -> (its network for inference on the device: eval mode, BatchNorm folded
-    into the convolutions; its configuration; its state)."""
+    """A train.py checkpoint -> (its network for inference: BatchNorm folded; its configuration; its state)."""
     state = load_checkpoint(path)
     cfg = state.get("config") if isinstance(state, dict) else None
     if not isinstance(cfg, dict) or "model" not in state:
@@ -517,15 +503,15 @@ def model_from_checkpoint(path, device, compile=False):
     genotype = genotype_from_dict(state["genotype"], path) if state.get("genotype") else None
     model = build_model(cfg, genotype)
     load_state(model, state["model"], path)
-    return prepare_model(fold_batchnorm(model, cfg["image_size"]), device, compile).eval(), cfg, state
+    return prepare_model(fold_batchnorm(model), device, compile).eval(), cfg, state
 
 
 # ----------------------------------------------------------------------------------------------
 # --predict: is this video fake? (the preparation of training, then the checkpoint's network)
 
 def score_input(model, path, args, device):
-    """One video, folder of frames or photo -> dict(p_fake, verdict, frames_scored, frames=[...],
-    crops, m) or dict(reason=...) when it has no face or cannot be read."""
+    """A video, folder of frames or photo -> dict(p_fake, verdict, frames_scored, frames, crops, m), or
+    dict(reason) when it has no face or cannot be read."""
     try:
         found = list(read_faces(path, args.frames, 256))
     except Exception as e:  # one input's failure is reported on its line; the others still run
@@ -549,8 +535,7 @@ def score_input(model, path, args, device):
 
 
 def predict_files(args, model, device, k=8):
-    """--predict: one printed line per input, OUT/predictions.json, and a picture per input of up to
-    K of its scored crops with the predicted region m over them."""
+    """--predict: a line an input, OUT/predictions.json, and a picture of up to K of each input's crops."""
     missing = [p for p in args.predict if not os.path.exists(p)]
     if missing:
         raise InputError(f"{missing[0]}: no such file or folder (expected a video, a folder of frames or a photo)")
@@ -587,12 +572,11 @@ AT_CHANCE = 0.65  # a training CE at or above this in the last epoch: the networ
 
 
 def compare(args):
-    """--compare RUN_DIR...: finished training runs grouped by what makes their network, data and
-    training but their seeds (--seed, --data-seed) -> a row a group: parameters, lr, training
-    images/s, test frame and video AUC (mean and standard deviation over its seeds), validation frame
-    AUC; printed, written to compare.csv and drawn as pareto.png (test AUC against parameters). A run
-    whose training CE stayed at chance is marked and left out of the test AUCs (the harness failed
-    it), not of the validation AUC that picks an lr. Then the verdicts (verdicts). -> the rows."""
+    """--compare RUN_DIR...: finished runs grouped by all but their seeds (--seed, --data-seed) -> a row a
+    group (parameters, lr, images/s, test frame and video AUC: mean and standard deviation over the
+    seeds, validation AUC), printed, in compare.csv and pareto.png (AUC against size); then verdicts.
+    A run whose training CE stayed at chance is marked and left out of the test AUCs, not of the
+    validation AUC that picks an lr."""
     groups = {}
     for run in args.compare:
         cfg, metrics, log = read_run(run)
@@ -703,16 +687,14 @@ def read_run(run):
 # --benchmark
 
 def benchmark(args, device, calls=10, rounds=3):
-    """--benchmark: training and inference images/s of --arch and of resnet18 (Table IV's pair), on
-    random batches of the configuration, timed alternately in this one process (A, B, A, B, ...;
-    the best of each), so that their ratio is measured in one run on one machine. Inference runs
-    with BatchNorm folded, as --eval-only and --predict do."""
+    """--benchmark: training and inference images/s of --arch and of resnet18 (Table IV's pair) on random
+    batches, timed alternately (add.time_alternately); inference with BatchNorm folded, as --predict."""
     steps, sizes = {}, {}
     for arch in dict.fromkeys((args.arch, "resnet18")):
         cfg = dict(vars(args), arch=arch, mask_weight=args.mask_weight if arch == "add" else 0.0)
         genotype = load_genotype(args.genotype) if arch == "add" else None
         model = prepare_model(build_model(cfg, genotype), device, args.compile)
-        folded = prepare_model(fold_batchnorm(build_model(cfg, genotype), args.image_size), device, args.compile)
+        folded = prepare_model(fold_batchnorm(build_model(cfg, genotype)), device, args.compile)
         optimizer, _ = make_optimizer(model, args)
         params, batch = list(model.parameters()), random_batch(args.batch_size, args.image_size)
         x = to_device(batch, device)[0]
@@ -790,9 +772,8 @@ def parse_args(argv=None):
 
 
 def configure(args, cfg=None):
-    """The configuration: every option left unset from the demo's settings (built-in data) or the real
-    data's; with a checkpoint's configuration cfg (--eval-only, --predict), its data settings unless
-    given and its network. Then the checks across flags."""
+    """Every option left unset from the demo's or the real data's settings; with a checkpoint's
+    configuration cfg, its network and (--eval-only) its data unless given; the checks across flags."""
     mode = "predict" if args.predict else "eval" if args.eval_only else "compare" if args.compare else "train"
     if mode in ("eval", "predict") and not args.checkpoint:
         raise InputError(f"--{'eval-only' if args.eval_only else 'predict'} needs --checkpoint PATH "
