@@ -1,22 +1,18 @@
 """The ADD network (Fig. 2), its two heads, its loss and its update (Sec. III-B to III-D; Eq. 3-7).
 
-Read top to bottom, this file is the paper's network:
-- d2_layout, ADD: a stem, then D^2 blocks of N normal cells with a reduction cell between
-  consecutive blocks, all built from a genotype (ops.Cell). With genotype=None every edge is a
-  MixedOp: the search network of Algorithm 1 (search.py) is this same class plus alpha.
-- Heads: on the last features f, the mask head (1x1 conv -> one channel -> m, bilinearly up-sampled
-  to the input: Sec. III-C) and the classifier (1x1 conv, two FC -> 2 logits) fed with f (Eq. 4) or,
-  with the mask branch, f * m (Eq. 6, with m at f's resolution, before the up-sampling).
-- loss_terms, add_loss: Eq. 5, 6 and 7, CE' + alpha * MSE (this alpha weighs the mask loss: the
-  paper reuses the letter of the architecture's alpha; the flag is --mask-weight).
-- gradient_step: one update on that loss: the search's w and alpha steps (Algorithm 1, Eq. 3) and
-  every training step.
-Below the divider: how search.py and train.py run, written once for both: Run (stop signals, the
-vote of several processes, non-finite losses, progress), checkpoints and resume, loaders and
-batches, the device, BatchNorm folding for inference, the benchmark's timer, the plotting helper.
+- d2_layout, ADD: a stem, then D^2 blocks of N normal cells, a reduction cell between blocks, built
+  from a genotype (ops.Cell); with genotype=None every edge is a MixedOp: the search network.
+- Heads: the mask head (m, Sec. III-C) and the classifier fed with f (Eq. 4) or f * m (Eq. 6).
+- loss_terms, add_loss: Eq. 5-7, CE' + alpha * MSE (this alpha weighs the mask loss: the paper reuses
+  the architecture's letter; the flag is --mask-weight).
+- gradient_step: one update on that loss: the search's w and alpha steps (Eq. 3), a training step.
+Below the divider, written once for both scripts: Table IV's networks, Run (stop signals, the vote
+of several processes, non-finite losses, progress), the data, checkpoints and resume, the device,
+BatchNorm folding, the benchmark's timer, the plotting helper.
 """
 import argparse
 import contextlib
+import csv
 import json
 import os
 import resource
@@ -30,9 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.experimental.optimization import fuse
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torch.utils.data import DataLoader
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
-from ops import STEPS, Cell, InputError, atomic_write, genotype_edges, search_edges, usable_cpus
+from masks import FFPP_METHODS, METHODS, SYNTHETIC_METHODS, SYNTHETIC_PRESETS, hull_mask, jpeg, synthetic_frame
+from ops import STEPS, Cell, InputError, atomic_write, bounded, genotype_edges, search_edges, usable_cpus
 
 GRAD_CLIP = 5.0  # gradient norm of every w update (DARTS's value; the paper does not say)
 PAPER_SIZE = dict(channels=48, cells_per_block=4, stem_reductions=3)  # the paper's network at 256 px: N 4 (Sec. IV-D), C 48
@@ -61,13 +59,9 @@ def stem(C_out, reductions):
 
 
 class Heads(nn.Module):
-    """The two heads on the last features f (B, c, h', w') (Sec. III-B, III-C).
-
-    Mask: m' = sigmoid(1x1 conv(f)) at f's resolution (B, 1, h', w'); bilinear up-sampling of m' to
-    the input size gives m (B, 1, H, W), compared with the hull mask M by Eq. 5. The classifier sees
-    f * m' (Eq. 6: the product needs one resolution, and f's is the only one f has), then a 1x1 conv,
-    global average pooling and two FC layers -> 2 logits. mask=False: Eq. 4 alone, no mask branch.
-    """
+    """The two heads on the last features f (Sec. III-B, III-C). Mask: m' = sigmoid(1x1 conv(f)) at f's
+    resolution, bilinearly up-sampled to the input's: m, compared with the hull mask M by Eq. 5. The
+    classifier: f * m' (Eq. 6), a 1x1 conv, global average pooling, two FC layers. mask=False: Eq. 4."""
     def __init__(self, C_in, hidden, mask):
         super().__init__()
         self.mask = nn.Conv2d(C_in, 1, 1) if mask else None
@@ -158,6 +152,78 @@ def count_parameters(model):
 # ==============================================================================================
 # Below: not the paper's method. How search.py and train.py run, written once for both.
 
+# Table IV's hand-designed networks in ADD's harness (XceptionNet written here), and the small ones the field uses
+# (DeepfakeBench's EfficientNets, mobile networks)
+BASELINES = ("resnet18", "resnet152", "vgg16", "xception", "efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small",
+             "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "mnasnet0_5")
+
+
+class Baseline(nn.Module):
+    """A hand-designed classifier from scratch (nothing is downloaded) in ADD's harness (Table IV),
+    returning (logits, None): Eq. 4 alone. ADD's rule for every network: BatchNorm momentum 0.1
+    (torchvision's mnasnet keeps 0.0003), no dropout or stochastic depth (ADD has none), the last layer
+    initialised as nn.Linear (mnasnet's and efficientnet's scale with 1/classes: the CE would start at
+    3.8), Adam with weight decay on every parameter (make_optimizer). small_input: the first stride-2
+    layer at stride 1 (a pool removed), as CIFAR variants do: a 64 px face ends on 4x4, as in ADD."""
+    def __init__(self, arch, small_input=False):
+        super().__init__()
+        if arch == "xception":
+            self.net = xception()
+        else:
+            import torchvision  # here, not at the top: 1.2 s at every start that an ADD run does not need
+            self.net = getattr(torchvision.models, arch)(weights=None, num_classes=2)
+        for m in self.net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1
+            if isinstance(m, nn.Dropout) or type(m).__name__ == "StochasticDepth":  # torchvision.ops.StochasticDepth
+                m.p = 0.0
+        [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1].reset_parameters()  # the classifier's last layer
+        if small_input:  # the first in definition order, which is the order they run in: the stem
+            first = next(m for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and m.stride in (2, (2, 2)))
+            first.stride = 1
+            if isinstance(first, nn.MaxPool2d):  # VGG's first pool: a pool of 1, none (at stride 1, 64 px would shrink to 63)
+                first.kernel_size = 1
+
+    def forward(self, x):
+        return self.net(x), None
+
+
+def xception_unit(C_in, C_out):
+    """Xception's unit: ReLU, a separable 3x3 convolution (depthwise, then pointwise), BatchNorm."""
+    return [nn.ReLU(), nn.Conv2d(C_in, C_in, 3, 1, 1, groups=C_in, bias=False), nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm2d(C_out)]
+
+
+class XceptionBlock(nn.Module):
+    """`units` Xception units, the first changing the width (grow_first; else the last), then a 3x3
+    max-pool of `stride`, plus the block's input (a 1x1 conv-BN where the shape changes)."""
+    def __init__(self, C_in, C_out, units, stride, relu_first=True, grow_first=True):
+        super().__init__()
+        widths = [C_in] + [C_out] * units if grow_first else [C_in] * units + [C_out]
+        layers = [layer for a, b in zip(widths, widths[1:]) for layer in xception_unit(a, b)][0 if relu_first else 1:]
+        self.body = nn.Sequential(*layers, *[nn.MaxPool2d(3, stride, 1)] * (stride > 1))
+        self.skip = nn.Identity() if stride == 1 and C_in == C_out else \
+            nn.Sequential(nn.Conv2d(C_in, C_out, 1, stride, bias=False), nn.BatchNorm2d(C_out))
+
+    def forward(self, x):
+        return self.body(x) + self.skip(x)
+
+
+def xception(classes=2):
+    """XceptionNet (Chollet, CVPR 2017), FaceForensics++'s detector and Table IV's fourth network:
+    entry flow, a middle flow of 8 blocks at 728 channels, exit flow; 22.86 M parameters at ImageNet's
+    1000 classes (Table IV's 23 M), 20.81 M at 2. torchvision has none, hence here."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, 2, bias=False), nn.BatchNorm2d(32), nn.ReLU(),  # entry flow
+        nn.Conv2d(32, 64, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        XceptionBlock(64, 128, 2, 2, relu_first=False), XceptionBlock(128, 256, 2, 2), XceptionBlock(256, 728, 2, 2),
+        *[XceptionBlock(728, 728, 3, 1) for _ in range(8)],  # middle flow
+        XceptionBlock(728, 1024, 2, 2, grow_first=False),  # exit flow
+        *xception_unit(1024, 1536)[1:], nn.ReLU(), *xception_unit(1536, 2048)[1:], nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, classes))
+
+
+
 class Diverged(Exception):
     """A non-finite loss or state: the run stops, its last checkpoint stays as it was."""
 
@@ -174,18 +240,15 @@ PROGRESS_SECONDS = 600  # a progress line at a run's 20th step, then at most eve
 
 class Run:
     """What a run of either loop needs around its steps; a context manager.
-    1) Stop signals: SIGTERM and SIGINT (a scheduler's pre-emption, `timeout`, Ctrl-C; sent to the whole
-       process group, loader workers included, which ignore them) set a flag that step() reads after
-       each step: a run ends at a step boundary with one line. Where nothing is left to save,
-       stop_now(line) makes a signal raise Stopped(line) at once.
-    2) The vote: with several processes (torchrun) each step combines every rank's stop flag and whether
-       it saw a non-finite loss (MAX over a CPU group): all stop after the same step, or all end on a
-       divergence, wherever it falls.
+    1) SIGTERM and SIGINT (`timeout`, a scheduler, Ctrl-C: sent to the process group; loader workers
+       ignore them) set a flag step() reads after each step: a run ends at a step boundary, in one
+       line. stop_now(line): from there on a signal raises Stopped(line) at once.
+    2) The vote: with several processes each step combines every rank's stop flag and whether it saw
+       a non-finite loss (MAX over a CPU group): all stop, or all end on a divergence, together.
     3) Non-finite losses, counted on the device, read every CHECK_EVERY steps and at an epoch's end.
-    4) Progress: images/s and the time left, from the time per unit of work so far (a search step
-       that also moves alpha costs 2).
-    5) On exit the loaders' workers end (left to the interpreter's exit they hang it: they ignore its
-       SIGTERM), then the handlers are put back: a second Ctrl-C meanwhile is still only a flag."""
+    4) Progress: images/s and the time left (a search step that also moves alpha costs 2 units).
+    5) On exit the loaders' workers end (they would hang the interpreter's exit), then the handlers
+       are put back: a second Ctrl-C meanwhile is still only a flag."""
     def __init__(self, device, loaders=(), total=0, group=None, rank=0, world=1, advice=""):
         self.device, self.loaders, self.total, self.group, self.rank, self.world = device, loaders, total, group, rank, world
         self.advice, self.signal, self.line = advice, None, None
@@ -261,6 +324,99 @@ def loader_workers(data, processes_per_node=1):
     """Loader workers per process: none for the in-memory synthetic data; else the usable CPUs shared
     by the node's processes, at most 8."""
     return 0 if data == "synthetic" else min(8, max(1, usable_cpus() // processes_per_node))
+
+
+# ----------------------------------------------------------------------------------------------
+# The data both scripts open, and its options
+
+class FaceCrops(Dataset):
+    """Frames prepared by masks.py, through manifest.csv (PNGs a person can open; a sample decodes in
+    ~2.6 ms). A sample: image (3, S, S) and mask (1, S, S) in {0, 1}, uint8; label; "method/video";
+    samples[i] = (method, video, frame). FF++ has four fakes per real video: in training each real
+    frame is repeated round(#fake / #real) times, so that an epoch sees both classes equally often."""
+    def __init__(self, root, split, methods, train, image_size):
+        manifest = os.path.join(root, "manifest.csv")
+        if not os.path.exists(manifest):
+            raise InputError(f"{root}: no prepared data ({manifest} is missing); run masks.py first, "
+                             f"e.g. python masks.py --data ff++ --src DOWNLOAD_ROOT --root {root}")
+        with open(manifest) as f:
+            rows = [r for r in csv.DictReader(f) if r["split"] == split and (r["label"] == "0" or r["method"] in methods)]
+        fakes = sum(r["label"] == "1" for r in rows)
+        if not fakes or fakes == len(rows):
+            raise InputError(f"{manifest}: the {split} split has {len(rows) - fakes} real and {fakes} fake frames "
+                             f"of methods {','.join(methods)}; both classes are needed")
+        repeat = max(1, round(fakes / (len(rows) - fakes))) if train else 1
+        self.rows = [r for r in rows for _ in range(repeat if r["label"] == "0" else 1)]
+        self.root, self.size = root, image_size
+        self.labels = [int(r["label"]) for r in self.rows]
+        self.samples = [(r["method"], r["video"], int(r["frame"])) for r in self.rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        image, mask = Image.open(os.path.join(self.root, r["image"])), Image.open(os.path.join(self.root, r["mask"]))
+        if image.size != (self.size, self.size):
+            image, mask = image.resize((self.size,) * 2, Image.BILINEAR), mask.resize((self.size,) * 2, Image.NEAREST)
+        image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, S, S) uint8
+        mask = torch.from_numpy(np.asarray(mask) > 127).to(torch.uint8)[None]  # (1, S, S) in {0, 1}
+        return image, mask, self.labels[i], f"{r['method']}/{r['video']}"
+
+
+class SyntheticFaces(Dataset):
+    """The built-in data: `videos` real videos of `frames` frames and, for each, the same video faked
+    frame by frame (as FF++ makes its fakes) by family methods[j % len(methods)]; deterministic by
+    (seed, split, preset), drawn into memory (~3 ms a pair at 64 px). A sample as FaceCrops gives it:
+    a face of random identity, pose, lighting and background, the hull mask of its 68 landmarks."""
+    def __init__(self, split, methods, videos, frames, size, seed, preset="easy"):
+        first = {"train": 0, "val": 1_000_000, "test": 2_000_000}[split]  # disjoint people per split
+        quality = SYNTHETIC_PRESETS[preset]["jpeg"]
+        items = []
+        for v in range(first, first + videos):
+            family = methods[v % len(methods)]
+            for t in range(frames):
+                s = synthetic_frame(seed, v, t, size, family, SYNTHETIC_PRESETS[preset])
+                items += [(s["real"], s["real_points"], 0, "real", v, t), (s["fake"], s["fake_points"], 1, family, v, t)]
+        images = [np.uint8(np.round(255 * i[0])) for i in items]
+        images = [jpeg(i, quality) for i in images] if quality else images
+        self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        self.masks = torch.from_numpy(np.stack([hull_mask(i[1], size) for i in items]))[:, None]
+        self.labels = [i[2] for i in items]
+        self.samples = [(i[3], f"{i[4]:07d}", i[5]) for i in items]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        method, video, _ = self.samples[i]
+        return self.images[i], self.masks[i], self.labels[i], f"{method}/{video}"
+
+
+
+def add_data_arguments(p):
+    p.add_argument("--data", choices=tuple(METHODS),
+                   help="synthetic (built in, the default), ff++ or celeb-df (prepared by masks.py)")
+    p.add_argument("--root", help="prepared data folder (default: data/<name>)")
+    p.add_argument("--methods", help="manipulations to use, comma-separated (default: all; ff++: "
+                   + ",".join(FFPP_METHODS) + "; synthetic: " + ",".join(SYNTHETIC_METHODS) + ")")
+    p.add_argument("--image-size", type=bounded(int, 8), help="input size (paper: 256, Sec. IV-B; synthetic demo: 64)")
+    p.add_argument("--synthetic", choices=tuple(SYNTHETIC_PRESETS), help="synthetic only: the "
+                   "benchmark's preset (easy, the default: the demo; hard: JPEG-compressed, re-noised fakes, to compare networks)")
+    p.add_argument("--videos", type=bounded(int, 2), help="synthetic only: real videos in the train split (val, test: half)")
+    p.add_argument("--frames", type=bounded(int, 1), help="frames per video: synthetic data (default 4), --predict (default 32)")
+    p.add_argument("--data-seed", type=bounded(int, 0), help="synthetic only: the seed its people, scenes and fakes are drawn "
+                   "with (default 0)")
+    p.add_argument("--workers", type=bounded(int, 0), help="DataLoader workers per process (default: 0 on synthetic data, "
+                   "else the CPUs this process may use / processes per node, at most 8)")
+
+
+def open_split(data, root, split, methods, image_size, train, videos=None, frames=4, preset="easy", data_seed=0):
+    """The dataset of one split: (image, mask, label, video) samples from any of the three sources."""
+    if data == "synthetic":
+        n = videos if split == "train" else max(2, videos // 2)
+        return SyntheticFaces(split, methods, n, frames, image_size, data_seed, preset)
+    return FaceCrops(root or os.path.join("data", data), split, methods, train, image_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,16 +506,11 @@ def append_log(path, line):
 def trim_log(path, epochs):
     """log.jsonl of a resumed run: only the lines of the epochs its checkpoint holds. An epoch's line is
     written before its checkpoint: a kill between the two leaves a line too many (or half of one)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = f.read().splitlines()
-        keep = [line + "\n" for line in lines if _epoch(line) is not None and _epoch(line) <= epochs]
-        atomic_write(path, lambda f: f.write("".join(keep).encode()))
-
-
-def _epoch(line):
-    with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
-        return json.loads(line)["epoch"]
+    keep = []
+    for line in open(path).read().splitlines() if os.path.exists(path) else []:
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+            keep += [line + "\n"] if json.loads(line)["epoch"] <= epochs else []
+    atomic_write(path, lambda f: f.write("".join(keep).encode()))
 
 
 def new_run_dir(path):
@@ -423,15 +574,10 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def prepare_model(model, device, compile=False, deterministic=False):
-    """The model on the device, channels_last (faster on the CPU too), optionally torch.compile'd. On
-    CUDA cuDNN times its kernels for the input size, unless `deterministic`: then deterministic
-    algorithms (a warning names each operation that has none; the CPU's are already)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not deterministic
-        if deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode
-            torch.use_deterministic_algorithms(True, warn_only=True)
+def prepare_model(model, device, compile=False):
+    """The model on the device, channels_last (faster on the CPU too), optionally torch.compile'd; on
+    CUDA cuDNN times its kernels for the fixed input size."""
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     model = model.to(device, memory_format=torch.channels_last)
     if compile:
         model.compile()  # in place: its calls run the compiled forward, its state_dict keys stay as they are

@@ -1,16 +1,13 @@
 """Face data for ADD: the potential manipulation region's ground truth, faces, and the datasets.
 
-Read top to bottom, this file starts with the paper's part of the data (Sec. III-C, IV-B):
 - FaceFinder: a light face detector and its facial keypoints (dlib's HOG detector, 68 landmarks).
 - hull_mask: M_i, 1 inside the convex hull of the keypoints and 0 outside (Sec. III-C).
 - crop_face, read_faces: the face region cropped and resized to 256x256 (Sec. IV-B).
-Below the divider: reading videos, frame folders and photos; FaceForensics++ and Celeb-DF as their
-owners lay them out (Sec. IV-A); the preparation into PNG crops, masks and a manifest; the dataset
-of prepared faces; the built-in synthetic faces (no download); the command line.
+Below the divider: reading inputs; FaceForensics++ and Celeb-DF as their owners lay them out (Sec.
+IV-A); the preparation into PNG crops, masks and a manifest; the built-in synthetic faces; the CLI.
 
     python masks.py --data ff++ --src ~/FaceForensics++         # -> data/ff++/{faces,masks,manifest.csv}
     python masks.py --data celeb-df --src ~/Celeb-DF-v2         # -> data/celeb-df/...
-    python masks.py --benchmark [--src video.mp4]               # frames/s of the preparation
 """
 import argparse
 import contextlib
@@ -26,7 +23,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -35,10 +31,8 @@ from typing import NamedTuple
 import av
 import dlib
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 from scipy.spatial import ConvexHull
-from torch.utils.data import Dataset
 
 from ops import InputError, Parser, atomic_write, bounded, usable_cpus
 
@@ -56,14 +50,6 @@ CROP_SIZE = 256  # px: the face crops (Sec. IV-B: 256x256)
 # ----------------------------------------------------------------------------------------------
 # 1) Landmarks, the hull mask (Sec. III-C) and the face crop (Sec. IV-B)
 
-def landmark_model_path():
-    """dlib's 68-point model, from face-recognition-models (found, not imported: it needs pkg_resources)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None:
-        raise InputError("the 68-point landmark model is missing: pip install face-recognition-models")
-    return os.path.join(spec.submodule_search_locations[0], "models", "shape_predictor_68_face_landmarks.dat")
-
-
 class Face(NamedTuple):
     box: tuple  # (x0, y0, x1, y1) of the detection, in image pixels
     landmarks: np.ndarray  # (68, 2) x, y in dlib's index layout
@@ -73,8 +59,12 @@ class FaceFinder:
     """dlib's HOG face detector at upsample 0 (faces of ~80 px and up) on a copy of at most
     DETECT_SIZE px, boxes mapped back; the 68 landmarks are then found at full resolution."""
     def __init__(self):
+        spec = importlib.util.find_spec("face_recognition_models")  # dlib's 68-point model (found: importing needs pkg_resources)
+        if spec is None:
+            raise InputError("the 68-point landmark model is missing: pip install face-recognition-models")
         self.detector = dlib.get_frontal_face_detector()
-        self.predictor = dlib.shape_predictor(landmark_model_path())
+        self.predictor = dlib.shape_predictor(os.path.join(spec.submodule_search_locations[0], "models",
+                                                           "shape_predictor_68_face_landmarks.dat"))
 
     @staticmethod
     def small(image):
@@ -92,13 +82,11 @@ class FaceFinder:
         rects = self.detector(small, 0)  # Sec. III-C: "a light-weighted face detector"
         if not rects and scale < 1:
             rects, scale = self.detector(image, 0), 1.0
-        faces = [self._landmarks(image, [r.left() / scale, r.top() / scale, r.right() / scale,
-                                         r.bottom() / scale]) for r in rects]
+        faces = []
+        for box in ((r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale) for r in rects):
+            shape = self.predictor(image, dlib.rectangle(*(int(round(v)) for v in box)))  # Sec. III-C: the keypoints
+            faces.append(Face(box, np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)))
         return sorted(faces, key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
-
-    def _landmarks(self, image, box):
-        shape = self.predictor(image, dlib.rectangle(*(int(round(v)) for v in box)))  # Sec. III-C: the keypoints
-        return Face(tuple(box), np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32))
 
 
 @functools.cache
@@ -156,11 +144,6 @@ def even_indices(n, k):
     return list(range(n)) if n <= k else [int((i + 0.5) * n / k) for i in range(k)]
 
 
-def natural_key(name):
-    """Frame files in natural order: 2.png before 10.png (text order puts 10 first)."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
-
-
 def load_rgb(path):
     """An image file -> (H, W, 3) uint8 RGB, upright (EXIF), 16-bit and float images scaled to 8 bits
     (PIL's convert("RGB") clips a 16-bit PNG to white)."""
@@ -177,7 +160,8 @@ def iter_frames(path, k):
     """(frame index, RGB (H, W, 3) uint8, a gray copy of at most DETECT_SIZE px, its scale) for k evenly
     spaced frames of a video or a folder of frames (natural order), or a photo's one: one at a time."""
     if os.path.isdir(path):
-        files = sorted((f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)), key=natural_key)
+        files = sorted((f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)),  # 2.png before 10.png
+                       key=lambda name: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)])
         for i in even_indices(len(files), k):
             rgb = load_rgb(os.path.join(path, files[i]))
             yield (i, rgb, *FaceFinder.small(rgb))
@@ -263,15 +247,11 @@ def ffpp_videos(src, compression, methods, splits_dir):
 
 
 def _read_pairs(path):
-    try:
-        with open(path) as f:
-            pairs = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e}); expected a list of [\"A\", \"B\"] pairs")
-    if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and
-                                            all(isinstance(v, str) for v in p) for p in pairs)):
-        raise InputError(f"{path}: expected a JSON list of [\"A\", \"B\"] pairs of video ids, like [[\"071\", \"054\"], ...]")
-    return pairs
+    with open(path) as f, contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+        pairs = json.load(f)
+        if isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, str) for v in p) for p in pairs):
+            return pairs
+    raise InputError(f"{path}: expected a JSON list of [\"A\", \"B\"] pairs of video ids, like [[\"071\", \"054\"], ...]")
 
 
 def celebdf_videos(src, val_fraction=0.1):
@@ -333,6 +313,16 @@ def _identities(folder, name):
 
 # ----------------------------------------------------------------------------------------------
 # 4) Preparation: per video, K frames -> largest face -> 1.3x square crop, hull mask, record; the manifest
+
+def parse_methods(data, text):
+    if not text:
+        return list(METHODS[data])
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS[data]:
+            raise InputError(f"--methods: unknown {data} method {m!r}; expected some of {','.join(METHODS[data])}")
+    return methods
+
 
 def _files(video, frame):
     stem = os.path.join(video.method, video.name, f"{frame:04d}.png")
@@ -486,45 +476,7 @@ def write_manifest(root):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5) Reading prepared data: (image (3, S, S) float in [0, 1], mask (1, S, S) in {0, 1}, label, video)
-
-class FaceCrops(Dataset):
-    """Frames prepared by masks.py, through manifest.csv (PNGs a person can open; a sample decodes in
-    ~2.6 ms). A sample: image (3, S, S) and mask (1, S, S) in {0, 1}, uint8; label; "method/video";
-    samples[i] = (method, video, frame). FF++ has four fakes per real video: in training each real
-    frame is repeated round(#fake / #real) times, so that an epoch sees both classes equally often."""
-    def __init__(self, root, split, methods, train, image_size):
-        manifest = os.path.join(root, "manifest.csv")
-        if not os.path.exists(manifest):
-            raise InputError(f"{root}: no prepared data ({manifest} is missing); run masks.py first, "
-                             f"e.g. python masks.py --data ff++ --src DOWNLOAD_ROOT --root {root}")
-        with open(manifest) as f:
-            rows = [r for r in csv.DictReader(f) if r["split"] == split and (r["label"] == "0" or r["method"] in methods)]
-        fakes = sum(r["label"] == "1" for r in rows)
-        if not fakes or fakes == len(rows):
-            raise InputError(f"{manifest}: the {split} split has {len(rows) - fakes} real and {fakes} fake frames "
-                             f"of methods {','.join(methods)}; both classes are needed")
-        repeat = max(1, round(fakes / (len(rows) - fakes))) if train else 1
-        self.rows = [r for r in rows for _ in range(repeat if r["label"] == "0" else 1)]
-        self.root, self.size = root, image_size
-        self.labels = [int(r["label"]) for r in self.rows]
-        self.samples = [(r["method"], r["video"], int(r["frame"])) for r in self.rows]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        r = self.rows[i]
-        image, mask = Image.open(os.path.join(self.root, r["image"])), Image.open(os.path.join(self.root, r["mask"]))
-        if image.size != (self.size, self.size):
-            image, mask = image.resize((self.size,) * 2, Image.BILINEAR), mask.resize((self.size,) * 2, Image.NEAREST)
-        image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, S, S) uint8
-        mask = torch.from_numpy(np.asarray(mask) > 127).to(torch.uint8)[None]  # (1, S, S) in {0, 1}
-        return image, mask, self.labels[i], f"{r['method']}/{r['video']}"
-
-
-# ----------------------------------------------------------------------------------------------
-# 6) Built-in synthetic faces: drawn, lit and photographed procedurally, then manipulated
+# 5) Built-in synthetic faces: drawn, lit and photographed procedurally, then manipulated
 
 # The benchmark's presets (--synthetic), each artifact's strength (manipulate). "easy", the demo: every
 # network reaches test AUC 0.99+ in 12 epochs. "hard" (Table VI's low-quality idea), to compare
@@ -544,11 +496,6 @@ def random_identity(rng):
                 lip_up=u(0.018, 0.035), lip_low=u(0.025, 0.045), skin=skin,
                 lips=skin * np.array([u(0.75, 0.95), u(0.45, 0.6), u(0.5, 0.65)]),
                 iris=rng.uniform(0.05, 0.6, 3), hair=rng.uniform(0.02, 0.5) * np.array([1, u(0.6, 0.9), u(0.3, 0.7)]))
-
-
-def random_expression(rng):
-    return dict(mouth_open=rng.uniform(0, 0.02) if rng.random() < 0.6 else rng.uniform(0.02, 0.07),
-                smile=rng.uniform(-0.01, 0.03), brow_raise=rng.uniform(0, 0.02))
 
 
 def face_points(idt, ex):
@@ -578,11 +525,6 @@ def _lips(idt, ex, angles, width, thickness):
     reach = ex["mouth_open"] / 2 + np.where(s > 0, thickness[0], thickness[1])
     y = idt["mouth_y"] - reach * s - ex["smile"] * c ** 2  # corners rise with a smile
     return np.stack([width * idt["mouth_w"] * c, y], 1)
-
-
-def random_pose(rng, size):
-    return dict(x=size * rng.uniform(0.46, 0.54), y=size * rng.uniform(0.46, 0.54), scale=size * rng.uniform(0.52, 0.62),
-                roll=rng.uniform(-0.2, 0.2), yaw=rng.uniform(-0.35, 0.35))
 
 
 def project(points, pose, turn):
@@ -616,8 +558,7 @@ def render_face(idt, ex, pose, scene, size, noise_rng=None, blur=0.0):
     pts = project(face_points(idt, ex), pose2, np.r_[np.zeros(17), np.ones(51)])
     image = scene["background"].copy()
     draw = ImageDraw.Draw(image)
-    _draw_head(draw, idt, pose2, pts)
-    _draw_features(draw, idt, pts, ss)
+    _draw_face(draw, idt, pose2, pts, ss)
     lit = np.asarray(image.resize((size, size), Image.BOX).filter(ImageFilter.GaussianBlur(scene["blur"] + blur)),
                      dtype=np.float32) / 255
     yy, xx = np.mgrid[0:size, 0:size] / size
@@ -632,8 +573,8 @@ def _rgb(colour, k=1.0):
     return tuple(int(255 * min(1.0, max(0.0, v * k))) for v in colour)
 
 
-def _draw_head(draw, idt, pose2, pts):
-    """Hair, neck and the skin of the face (jaw line closed by the forehead)."""
+def _draw_face(draw, idt, pose2, pts, ss):
+    """Hair, neck, the skin of the face (the jaw line closed by the forehead), brows, nose, eyes, lips."""
     a = np.linspace(np.pi, 2 * np.pi, 15)
     top = idt["eye_y"] + 0.04
     forehead = np.stack([idt["jaw_w"] * np.cos(a), top + 0.55 * np.sin(a)], 1)
@@ -645,9 +586,6 @@ def _draw_head(draw, idt, pose2, pts):
     draw.polygon([tuple(p) for p in project(neck, pose2, np.zeros(4)).tolist()], fill=_rgb(idt["skin"], 0.8))
     face = np.concatenate([pts[:17], project(forehead, pose2, zero)[::-1][1:-1]])
     draw.polygon([tuple(p) for p in face.tolist()], fill=_rgb(idt["skin"]))
-
-
-def _draw_features(draw, idt, pts, ss):
     line = max(1, int(ss * 0.012))
     for brow in (pts[17:22], pts[22:27]):
         draw.line([tuple(p) for p in brow.tolist()], fill=_rgb(idt["hair"], 0.8), width=2 * line)
@@ -680,17 +618,17 @@ def manipulate(family, real, pts, idt, ex, pose, scene, size, rng, preset=None):
         k = p["mismatch"]  # the colour only partly corrected
         mixed["skin"], mixed["lips"] = (1 - k) * idt["skin"] + k * donor["skin"], donor["lips"]
         content, fake_pts = render_face(mixed, ex, pose, scene, size, blur=p["blur"])
-        region = _scaled(fake_pts, 0.92, fake_pts[30])
+        region = (fake_pts - fake_pts[30]) * 0.92 + fake_pts[30]
     elif family == "mouth":
         ex2 = dict(ex, mouth_open=ex["mouth_open"] + rng.uniform(0.02, 0.05), smile=rng.uniform(-0.01, 0.04))
         content, fake_pts = render_face(idt, ex2, pose, scene, size, blur=p["blur"])
         both = np.concatenate([pts[48:68], fake_pts[48:68]])
-        region = _scaled(both, 1.6, both.mean(0))
+        region = (both - both.mean(0)) * 1.6 + both.mean(0)
     elif family == "gan":
         small = Image.fromarray(np.uint8(real * 255)).resize((round(size / p["gan_scale"]),) * 2, Image.BOX)
         content = np.asarray(small.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
         content, fake_pts = np.clip(content * rng.uniform(0.92, 1.08, 3), 0, 1), pts
-        region = _scaled(pts, 0.95, pts[30])
+        region = (pts - pts[30]) * 0.95 + pts[30]
     else:
         raise ValueError(f"unknown synthetic manipulation {family!r}")
     if p["fake_noise"]:
@@ -701,17 +639,16 @@ def manipulate(family, real, pts, idt, ex, pose, scene, size, rng, preset=None):
     return real * (1 - weight) + content * weight, fake_pts, weight[..., 0]
 
 
-def _scaled(points, k, centre):
-    return (points - centre) * k + centre
-
-
 def synthetic_frame(seed, video, frame, size, family=None, preset=None):
     """One frame of synthetic video `video` and, with `family`, its fake -> dict(real, real_points,
     fake, fake_points, weight); images (size, size, 3) float32 in [0, 1]."""
     rng = np.random.default_rng([seed, video])  # the video: person, background, light, camera
     idt, scene = random_identity(rng), random_scene(rng, size)
     rng = np.random.default_rng([seed, video, frame])  # the frame: pose, expression, noise
-    pose, ex = random_pose(rng, size), random_expression(rng)
+    pose = dict(x=size * rng.uniform(0.46, 0.54), y=size * rng.uniform(0.46, 0.54), scale=size * rng.uniform(0.52, 0.62),
+                roll=rng.uniform(-0.2, 0.2), yaw=rng.uniform(-0.35, 0.35))
+    ex = dict(mouth_open=rng.uniform(0, 0.02) if rng.random() < 0.6 else rng.uniform(0.02, 0.07),
+              smile=rng.uniform(-0.01, 0.03), brow_raise=rng.uniform(0, 0.02))
     real, pts = render_face(idt, ex, pose, scene, size, noise_rng=rng)
     out = dict(real=real, real_points=pts)
     if family:
@@ -728,111 +665,13 @@ def jpeg(image, quality):
     return np.asarray(Image.open(buffer).convert("RGB"))
 
 
-class SyntheticFaces(Dataset):
-    """The built-in data: `videos` real videos of `frames` frames and, for each, the same video faked
-    frame by frame (as FF++ makes its fakes) by family methods[j % len(methods)]; deterministic by
-    (seed, split, preset), drawn into memory (~3 ms a pair at 64 px). A sample as FaceCrops gives it:
-    a face of random identity, pose, lighting and background, the hull mask of its 68 landmarks."""
-    def __init__(self, split, methods, videos, frames, size, seed, preset="easy"):
-        first = {"train": 0, "val": 1_000_000, "test": 2_000_000}[split]  # disjoint people per split
-        quality = SYNTHETIC_PRESETS[preset]["jpeg"]
-        items = []
-        for v in range(first, first + videos):
-            family = methods[v % len(methods)]
-            for t in range(frames):
-                s = synthetic_frame(seed, v, t, size, family, SYNTHETIC_PRESETS[preset])
-                items += [(s["real"], s["real_points"], 0, "real", v, t), (s["fake"], s["fake_points"], 1, family, v, t)]
-        images = [np.uint8(np.round(255 * i[0])) for i in items]
-        images = [jpeg(i, quality) for i in images] if quality else images
-        self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-        self.masks = torch.from_numpy(np.stack([hull_mask(i[1], size) for i in items]))[:, None]
-        self.labels = [i[2] for i in items]
-        self.samples = [(i[3], f"{i[4]:07d}", i[5]) for i in items]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        method, video, _ = self.samples[i]
-        return self.images[i], self.masks[i], self.labels[i], f"{method}/{video}"
-
-
 # ----------------------------------------------------------------------------------------------
-# 7) The data options search.py and train.py share
-
-def add_data_arguments(p):
-    p.add_argument("--data", choices=tuple(METHODS),
-                   help="synthetic (built in, the default), ff++ or celeb-df (prepared by masks.py)")
-    p.add_argument("--root", help="prepared data folder (default: data/<name>)")
-    p.add_argument("--methods", help="manipulations to use, comma-separated (default: all; ff++: "
-                   + ",".join(FFPP_METHODS) + "; synthetic: " + ",".join(SYNTHETIC_METHODS) + ")")
-    p.add_argument("--image-size", type=bounded(int, 8), help="input size (paper: 256, Sec. IV-B; synthetic demo: 64)")
-    p.add_argument("--synthetic", choices=tuple(SYNTHETIC_PRESETS), help="synthetic only: the "
-                   "benchmark's preset (easy, the default: the demo; hard: JPEG-compressed, re-noised fakes, to compare networks)")
-    p.add_argument("--videos", type=bounded(int, 2), help="synthetic only: real videos in the train split (val, test: half)")
-    p.add_argument("--frames", type=bounded(int, 1), help="frames per video: synthetic data (default 4), --predict (default 32)")
-    p.add_argument("--data-seed", type=bounded(int, 0), help="synthetic only: the seed its people, scenes and fakes are drawn "
-                   "with (default 0)")
-    p.add_argument("--workers", type=bounded(int, 0), help="DataLoader workers per process (default: 0 on synthetic data, "
-                   "else the CPUs this process may use / processes per node, at most 8)")
-
-
-def parse_methods(data, text):
-    if not text:
-        return list(METHODS[data])
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS[data]:
-            raise InputError(f"--methods: unknown {data} method {m!r}; expected some of {','.join(METHODS[data])}")
-    return methods
-
-
-def open_split(data, root, split, methods, image_size, train, videos=None, frames=4, preset="easy", data_seed=0):
-    """The dataset of one split: (image, mask, label, video) samples from any of the three sources."""
-    if data == "synthetic":
-        n = videos if split == "train" else max(2, videos // 2)
-        return SyntheticFaces(split, methods, n, frames, image_size, data_seed, preset)
-    return FaceCrops(root or os.path.join("data", data), split, methods, train, image_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# 8) Command line
-
-def benchmark(src, frames):
-    """Frames/s of prepare_video on one video (--src), or on a 720p clip of 300 frames (write_pan_video)."""
-    if src and not os.path.isfile(src):
-        raise InputError(f"{src}: no such video file")
-    with tempfile.TemporaryDirectory() as tmp:
-        if not src:
-            src = os.path.join(tmp, "astronaut_720p.mp4")
-            write_pan_video(src, 300)
-        face_finder()  # load the models before timing
-        start = time.time()
-        record = prepare_video(Video("test", 0, "bench", "video", src), tmp, dict(frames=frames, size=CROP_SIZE))
-        elapsed = time.time() - start
-    n = len(record["frames"])
-    print(f"{src if 'astronaut' not in src else '720p astronaut clip (300 frames)'}: {n} of {frames} frames "
-          f"prepared in {elapsed:.2f} s: {n / elapsed:.1f} frames/s on one core (decode, detect, landmarks, crop, PNGs)")
-
-
-def write_pan_video(path, n):
-    """A 1280x720 H.264 clip of n frames: scikit-image's astronaut photo panning across a grey frame."""
-    from skimage.data import astronaut  # a real face photo that ships with scikit-image
-    face = Image.fromarray(astronaut()).resize((720, 720))
-    with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=25, options={"crf": "23"})
-        stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
-        for t in range(n):
-            canvas = Image.new("RGB", (1280, 720), (40, 40, 40))
-            canvas.paste(face, (int(100 + 1.5 * t), 0))
-            container.mux(stream.encode(av.VideoFrame.from_image(canvas)))
-        container.mux(stream.encode())
-
+# 6) Command line
 
 def main(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", choices=("ff++", "celeb-df"), help="prepare this dataset from --src")
-    p.add_argument("--src", help="the dataset as downloaded (with --benchmark: a video file)")
+    p.add_argument("--data", choices=("ff++", "celeb-df"), required=True, help="the dataset to prepare")
+    p.add_argument("--src", required=True, help="the dataset as downloaded")
     p.add_argument("--root", help="where to write the prepared data (default: data/<name>)")
     p.add_argument("--compression", default="c23", choices=("raw", "c23", "c40"), help="ff++: quality (paper: c23, HQ; "
                    "Table VI: c40)")
@@ -841,12 +680,7 @@ def main(argv=None):
     p.add_argument("--frames", type=bounded(int, 1), default=32, help="evenly spaced frames per video (default 32)")
     p.add_argument("--workers", type=bounded(int, 1), help="parallel videos (default: the CPUs this process may use)")
     p.add_argument("--redo", action="store_true", help="prepare every video again (e.g. with other --frames)")
-    p.add_argument("--benchmark", action="store_true", help="time the preparation of one video")
     args = p.parse_args(argv)
-    if args.benchmark:
-        return benchmark(args.src, args.frames)
-    if not args.data or not args.src:
-        p.error("give --data {ff++,celeb-df} --src DOWNLOAD_ROOT, or --benchmark")
     settings = dict(frames=args.frames, size=CROP_SIZE, detect_size=DETECT_SIZE,  # every record carries them
                     compression=args.compression if args.data == "ff++" else None)
     videos = celebdf_videos(args.src) if args.data == "celeb-df" else ffpp_videos(

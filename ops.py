@@ -1,18 +1,12 @@
 """The ADD search space and its cell (Sec. III-A, III-B): OP_df, Eq. 2's mixed edge, Eq. 1's cell.
 
-Read top to bottom, this file is the paper's search space:
 - OPS / PRIMITIVES: OP_df of Sec. III-B, its 11 operations, as data (name -> constructor).
 - MixedOp: Eq. 2, an edge of the search cell: the softmax(alpha)-weighted sum of every operation.
-- Cell: Eq. 1, four nodes, each the sum of its incoming edges. One wiring serves the search cell
-  (every possible edge a MixedOp: search.py) and the derived cell (two chosen edges a node: add.py).
+- Cell: Eq. 1, four nodes, each the sum of its incoming edges: one wiring for the search cell
+  (every edge a MixedOp: search.py) and the derived cell (two chosen edges a node: add.py).
 - Genotype: the architecture found, two cells of (operation, input) pairs.
-Below the divider: PC-DARTS's partial channels (the real-data search), random genotypes (the NAS
-baseline), the genotype's JSON file (g.json), and what every script shares (one-line errors for user
-mistakes, atomic writes). Conventions follow DARTS (Liu et al., ICLR 2019), on which the paper
-builds [32]: ReLU-Conv-BN, a separable convolution is depthwise + pointwise applied twice, dilated
-ones use dilation 2, BatchNorm is non-affine during the search.
-
-    python -c "import ops; print(ops.PRIMITIVES)"
+Below the divider: PC-DARTS's partial channels, random genotypes, g.json, and what every script
+shares. Conventions are DARTS's [32]: ReLU-Conv-BN, a separable convolution twice, dilation 2.
 """
 import argparse
 import contextlib
@@ -54,10 +48,9 @@ class SepConv(nn.Sequential):
 
 
 class FactorizedReduce(nn.Module):
-    """Halves H, W with two 1x1 convs on pixel grids offset by one (no pixel is dropped): DARTS's
-    1x1 stride-2 convs, written as subsampling then a stride-1 conv (the same sums): torch 2.14's
-    oneDNN kernel for a strided 1x1 conv's backward on channels_last inputs of 2-4 channels corrupts
-    the heap on AVX2-only processors (test_add.py reproduces it with ONEDNN_MAX_CPU_ISA=AVX2)."""
+    """Halves H, W with two 1x1 convs on pixel grids offset by one: DARTS's 1x1 stride-2 convs, written as
+    subsampling, then a stride-1 conv (torch 2.14's strided 1x1 backward on channels_last inputs of 2-4
+    channels corrupts the heap on AVX2-only processors)."""
     def __init__(self, C_in, C_out, affine):
         super().__init__()
         self.relu = nn.ReLU()
@@ -101,19 +94,12 @@ assert PRIMITIVES[0] == "none"  # MixedOp skips it by position
 
 
 class MixedOp(nn.Module):
-    """An edge of the search cell (Eq. 2): every operation of OP_df applied to the edge's input and
-    weighted by the softmax of the edge's row of alpha (computed once a step for all edges: search.py).
-
-    What Eq. 2's line does not show: the zero operation (PRIMITIVES[0]) adds w * 0 = 0, so it is
-    neither built nor run; pooling gets a non-affine BN (as in DARTS) so that its scale matches the
-    convolutions'; the seven convolutions all start with ReLU(x), computed once an edge (the search
-    step 1.25x faster); the sum is taken in fp32 (under bf16 autocast, ten outputs weighted ~0.1 in
-    bf16 lose bits).
-
-    partial = K > 1: PC-DARTS's partial channels (Xu et al., ICLR 2020; not in the paper): only the
-    first C/K channels go through the operations, the others bypass the edge (max-pooled where it
-    strides), and the channels are shuffled so that the next edge operates on others. K = 1 is the
-    paper's DARTS edge."""
+    """An edge of the search cell (Eq. 2): every operation of OP_df on the edge's input, weighted by the
+    softmax of the edge's row of alpha. Not in Eq. 2's line: zero (PRIMITIVES[0]) adds nothing, so it
+    is not built; pooling gets a non-affine BN (DARTS) to match the convolutions' scale; the seven
+    convolutions share one ReLU(x) (a search step 1.25x faster); the sum is in fp32 (bf16 loses bits).
+    partial = K > 1: PC-DARTS's partial channels (not in the paper): the first C/K channels go through
+    the operations, the rest bypass the edge (max-pooled where it strides), then a channel shuffle."""
     def __init__(self, C, stride, partial=1):
         super().__init__()
         self.partial = partial

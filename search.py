@@ -1,15 +1,11 @@
 """Architecture search for ADD: Algorithm 1 (Sec. III-A, III-B), first-order DARTS.
 
-Read top to bottom, this file is the paper's search:
-- SearchNetwork: ADD with every edge a MixedOp (Eq. 2) and the architecture alpha, one row of
-  weights per edge and one column per operation of OP_df.
+- SearchNetwork: ADD with every edge a MixedOp (Eq. 2) and alpha, a row an edge, a column an operation.
 - derive_cell: the cell chosen after the search (end of Sec. III-A): the strongest operations.
-- search: Algorithm 1's loop, a w step (lines 2-4) and an alpha step (lines 5-7) on the loss of
-  Eq. 3, which is the network's own, Eq. 7 (add.gradient_step); each epoch it derives the cell
-  and writes it to g.json with a picture as in Fig. 8.
-Below the divider: the settings (the paper's, and the departures from them: README, Departures)
-and what the paper does not describe: data with a step budget, the checkpoint and the log, the
-expected-parameter term, DARTS-PT's selection, pictures, --benchmark, the command line.
+- search: Algorithm 1's loop, a w step (lines 2-4) and an alpha step (lines 5-7) on Eq. 3's loss,
+  the network's own Eq. 7; each epoch the cell goes to g.json and g.png (as Fig. 8).
+Below the divider: the settings (the paper's and the departures: README) and what the paper does
+not describe: a step budget, the checkpoint and the log, the parameter term, pictures, the CLI.
 
     python search.py                      # built-in synthetic data, demo configuration (~5 min, 2 CPU cores)
     python search.py --data ff++          # real data: 256 px, batch 8, 300 epochs of at most 200 steps
@@ -29,11 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from add import (ADD, loader_workers, resolve_defaults, DEMO_SIZE, PAPER_SIZE, Diverged, Run, Stopped, count_parameters, d2_layout,
-                 epoch_generator, figure, gradient_step, loader, new_run_dir, peak_memory_mib, pick_device,
-                 prepare_model, random_batch, restore, resume, save_checkpoint, save_figure, scale_milestones, sync,
-                 time_alternately, trim_log, append_log, write_config)
-from masks import add_data_arguments, open_split, parse_methods
+from add import (ADD, DEMO_SIZE, PAPER_SIZE, Diverged, Run, Stopped, add_data_arguments, append_log, count_parameters,
+                 d2_layout, epoch_generator, figure, gradient_step, loader, loader_workers, new_run_dir, open_split,
+                 peak_memory_mib, pick_device, prepare_model, random_batch, resolve_defaults, restore, resume,
+                 save_checkpoint, save_figure, scale_milestones, sync, time_alternately, trim_log, write_config)
+from masks import parse_methods
 from ops import (OPS, PRIMITIVES, STEPS, Genotype, InputError, Parser, bounded, node_softmax, random_genotype,
                  save_genotype, search_edges)
 
@@ -41,11 +37,9 @@ CELL_TYPES = ("normal", "reduce")
 
 
 class SearchNetwork(nn.Module):
-    """The one-shot network of Algorithm 1: ADD with every edge a MixedOp, reduction cells at 1/3
-    and 2/3 of the depth, and the architecture alpha (one row per edge, one column per operation;
-    shared by all normal cells, and by all reduction cells). With partial channels (K > 1, PC-DARTS;
-    not in the paper) also beta, one weight per edge, normalised over each node's inputs. alpha and
-    beta are nn.Parameters, so state_dict and the checkpoint carry them."""
+    """The one-shot network of Algorithm 1: ADD with every edge a MixedOp, reductions at 1/3 and 2/3 of the
+    depth, and alpha (shared by all normal cells, and by all reduction cells); with partial channels
+    (PC-DARTS) also beta, a weight an edge. Both are nn.Parameters: the checkpoint carries them."""
     def __init__(self, C, cells, stem_reductions, mask=True, partial=1):
         super().__init__()
         layout = [i in (cells // 3, 2 * cells // 3) for i in range(cells)]
@@ -72,13 +66,7 @@ class SearchNetwork(nn.Module):
 
     def genotype(self):
         """The cells by the paper's rule (derive_cell); with beta, on alpha x beta (PC-DARTS)."""
-        return Genotype(*(derive_cell(chosen_by(w, e)) for w, e in self.cell_weights()))
-
-
-def chosen_by(w, e):
-    """The weights a cell is chosen by: the softmax of alpha (n_edges, n_ops); with partial channels
-    times the normalised beta (n_edges,), as PC-DARTS."""
-    return w if e is None else w * e[:, None]
+        return Genotype(*(derive_cell(w if e is None else w * e[:, None]) for w, e in self.cell_weights()))
 
 
 def derive_cell(weights):
@@ -139,15 +127,13 @@ def search(args, device, state=None):
 
 
 # ==============================================================================================
-# Below: not the paper's method. Settings and departures, data, the checkpoint and the log, the
-# parameter term, DARTS-PT, pictures, --benchmark, the command line (with --random-genotype).
+# Below: not the paper's method.
 
 # The paper's own search (Sec. IV-B; DARTS's network where the paper is silent): --paper.
 PAPER = dict(image_size=256, stem_reductions=3, channels=16, cells=8, batch_size=8, epochs=300, alpha_milestones=[60, 150],
              w_lr=0.8, warmup=0.0, alpha_betas=[0.9, 0.999], partial_channels=1, steps_per_epoch=0, param_weight=0.0)
-# The defaults on real data: the paper's, but for the departures that make the search learn and fit a day
-# (README, Departures: DARTS's w rate, PC-DARTS's warm-up and partial channels, a budget of steps, the parameter
-# term); --paper sets these keys back to the paper's.
+# The defaults on real data: the paper's, but for the departures that make the search learn and fit a day (README,
+# Departures); --paper sets these keys back to the paper's.
 REAL_DATA = dict(PAPER, w_lr=0.025, warmup=0.3, alpha_betas=[0.5, 0.999], partial_channels=4, steps_per_epoch=200,
                  param_weight=0.1)
 DEPARTURES = [k for k in PAPER if PAPER[k] != REAL_DATA[k]]
@@ -171,8 +157,7 @@ BUILT_IN = dict(w_optimizer="sgd", momentum=W_MOMENTUM, alpha_lr=ALPHA_LR, weigh
 def build(args, device, steps):
     """The search network, the two optimizers and their schedulers (Sec. IV-B and the departures),
     and the warm-up in steps: the first --warmup of all steps (never all of them)."""
-    model = prepare_model(SearchNetwork(args.channels, args.cells, args.stem_reductions, True, args.partial_channels), device,
-                          deterministic=args.deterministic)
+    model = prepare_model(SearchNetwork(args.channels, args.cells, args.stem_reductions, True, args.partial_channels), device)
     w_lr = args.w_lr * (args.batch_size / W_LR_BATCH)
     w_opt = torch.optim.SGD(model.net.parameters(), w_lr, momentum=W_MOMENTUM, weight_decay=WEIGHT_DECAY)
     a_opt = torch.optim.Adam(model.arch_parameters(), ALPHA_LR, betas=tuple(args.alpha_betas), weight_decay=WEIGHT_DECAY)
@@ -448,8 +433,7 @@ def benchmark(args, device, calls=10):
 
 def parse_args(argv=None):
     """The command line; every option left unset is None here, filled in by main (defaults)."""
-    p = Parser(usage="python search.py [options]", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(usage="python search.py [options]", description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("the paper's search (Algorithm 1, Sec. IV-B; on the built-in data: the demo's sizes)")
     g.add_argument("--epochs", type=bounded(int, 1), help="paper: 300; demo: 5")
     g.add_argument("--batch-size", type=bounded(int, 1), help="paper: 8; demo: 32")
@@ -482,8 +466,6 @@ def parse_args(argv=None):
                    "exists, unless --resume)")
     g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/search.pt: the options "
                    "given now, else its own (--resume --select pt --out g-pt.json: choose a finished search's cell again)")
-    g.add_argument("--deterministic", action="store_true", help="CUDA: deterministic algorithms, no cuDNN "
-                   "autotuning (the CPU is deterministic anyway)")
     g = p.add_argument_group("extras")
     g.add_argument("--random-genotype", type=bounded(int, 0), metavar="SEED", help="write a random genotype (no search) "
                    "and exit")

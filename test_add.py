@@ -79,7 +79,7 @@ def genotype_file(tmp_path):
 
 
 def tiny_batch(n=8, size=32, videos=4):
-    ds = masks.SyntheticFaces("train", list(masks.SYNTHETIC_METHODS), videos, 1, size, seed=0)
+    ds = add.SyntheticFaces("train", list(masks.SYNTHETIC_METHODS), videos, 1, size, seed=0)
     idx = torch.arange(n) % len(ds)
     return ds.images[idx], ds.masks[idx], torch.tensor(ds.labels)[idx], None
 
@@ -512,7 +512,7 @@ def test_paper_sets_exactly_the_departures_its_help_names_and_flags_still_win(mo
     ("train", ["--lr", "nan"], "argument --lr: expected a number >= 0, got 'nan'"),
     ("train", ["--milestones", "80", "0"], "argument --milestones: expected a whole number >= 1, got '0'"),
     ("train", ["--eval-only"], "--eval-only needs --checkpoint PATH"),
-    ("masks", ["--benchmark", "--frames", "0"], "argument --frames: expected a whole number >= 1, got '0'"),
+    ("masks", ["--data", "ff++", "--src", "x", "--frames", "0"], "argument --frames: expected a whole number >= 1, got '0'"),
 ])
 def test_bad_flag_values_are_one_line_errors(script, argv, expected):
     with pytest.raises(ops.InputError) as e:
@@ -533,7 +533,7 @@ def test_hull_mask_area_equals_the_polygon_area():
     assert abs(mask.sum() - area) / area < 0.01 and set(np.unique(mask)) == {0, 1}
 
 
-def test_a_real_photo_gives_one_face_a_mask_covering_it_and_an_overlay(tmp_path):
+def test_a_real_photo_gives_one_face_and_a_mask_covering_it():
     image = astronaut()
     faces = masks.FaceFinder().faces(image)
     assert len(faces) == 1
@@ -542,15 +542,6 @@ def test_a_real_photo_gives_one_face_a_mask_covering_it_and_an_overlay(tmp_path)
     assert mask[int(y0):int(y1), int(x0):int(x1)].mean() > 0.5 and mask.sum() < 2 * (x1 - x0) * (y1 - y0)  # the face
     crop, points = masks.crop_face(image, faces[0], size=128)
     assert crop.shape == (128, 128, 3) and 0.25 < masks.hull_mask(points, 128).mean() < 0.75
-    photo, out, blank = str(tmp_path / "a.png"), str(tmp_path / "o.png"), str(tmp_path / "blank.png")
-    Image.fromarray(image).save(photo)
-    masks.main(["--show", photo, "--out", out])
-    overlay = np.asarray(Image.open(out), dtype=float)
-    blend = image[mask > 0] * (1 - 90 / 255) + np.array([255, 40, 40]) * 90 / 255  # translucent red
-    assert np.median(np.abs(overlay[mask > 0] - blend)) <= 1.0  # the face shows through the tint (dots aside)
-    Image.new("RGB", (300, 300), (90, 90, 90)).save(blank)
-    with pytest.raises(ops.InputError, match="no face found"):
-        masks.main(["--show", blank, "--out", out])
 
 
 def write_video(path, frames):
@@ -640,13 +631,11 @@ def test_ffpp_prepares_to_the_right_counts_and_a_restart_skips_finished_videos(f
     (["--methods", "Deepfake"], "--methods: unknown ff++ method 'Deepfake'"),
     (["--splits", "/tmp/no-splits"], "/tmp/no-splits/train.json: not found; expected FaceForensics++'s official split file"),
     (["--compression", "c40"], "original_sequences/youtube/c40/videos: not found"),
-    (["--benchmark", "--src", "/no/such/video.mp4"], "/no/such/video.mp4: no such video file"),
 ])
 def test_bad_preparation_input_is_a_one_line_error(ffpp, argv, expected):
     src, root = ffpp
-    if argv[0] != "--benchmark":
-        flags = {"--src": src, "--methods": "Deepfakes", "--root": root, **dict(zip(argv[::2], argv[1::2]))}
-        argv = ["--data", "ff++", *[v for kv in flags.items() for v in kv]]
+    flags = {"--src": src, "--methods": "Deepfakes", "--root": root, **dict(zip(argv[::2], argv[1::2]))}
+    argv = ["--data", "ff++", *[v for kv in flags.items() for v in kv]]
     with pytest.raises(ops.InputError, match=re.escape(expected)):
         masks.main(argv)
 
@@ -812,7 +801,7 @@ def test_celebdf_split_follows_the_test_list_and_keeps_identities_apart(celebdf)
 
 def test_prepared_frames_read_as_balanced_uint8_samples_and_flip_with_their_masks(ffpp, monkeypatch):
     _, root = ffpp
-    train_set = masks.FaceCrops(root, "train", ["Deepfakes", "FaceSwap"], train=True, image_size=64)
+    train_set = add.FaceCrops(root, "train", ["Deepfakes", "FaceSwap"], train=True, image_size=64)
     assert len(train_set) == 4 * 2 + 6  # 4 real frames repeated round(6/4) = 2 times
     image, mask, label, video = train_set[0]
     assert image.shape == (3, 64, 64) and mask.shape == (1, 64, 64) and set(mask.unique().tolist()) <= {0, 1}
@@ -831,7 +820,7 @@ def test_prepared_frames_read_as_balanced_uint8_samples_and_flip_with_their_mask
     assert 0 < sum(mirrored) < 8 and all(m or torch.equal(fx[i], x[i]) for i, m in enumerate(mirrored))
     assert torch.equal(add.to_device(batch, CPU, add.epoch_generator(0, 3))[0], fx)  # the same key: the same flips
     with pytest.raises(ops.InputError, match="run masks.py first"):
-        masks.FaceCrops("/no/such/root", "train", ["Deepfakes"], True, 64)
+        add.FaceCrops("/no/such/root", "train", ["Deepfakes"], True, 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})  # pinned to one core of many: one loader worker
     assert ops.usable_cpus() == 1 and add.loader_workers("ff++") == 1 and add.loader_workers("synthetic") == 0
 
@@ -852,7 +841,7 @@ def test_synthetic_fakes_differ_from_their_source_only_in_and_near_the_face(fami
 @pytest.mark.parametrize("preset, digest", [("easy", "37e5a03ddda5d445"), ("hard", "dec8522aa3af3de5")])
 def test_the_built_in_data_are_the_same_bits_and_the_data_seed_draws_others(preset, digest):
     # every experiment in README ran on these data: a change to the generator would void its numbers
-    ds = masks.SyntheticFaces("train", list(masks.SYNTHETIC_METHODS), 3, 2, 64, 0, preset)
+    ds = add.SyntheticFaces("train", list(masks.SYNTHETIC_METHODS), 3, 2, 64, 0, preset)
     assert hashlib.sha256(ds.images.numpy().tobytes() + ds.masks.numpy().tobytes() + bytes(ds.labels)).hexdigest()[:16] == digest
     args = train.configure(train.parse_args(["--genotype", "g.json", "--videos", "3", "--frames", "2", "--synthetic", preset,
                                              "--data-seed", "3"]))
@@ -884,7 +873,7 @@ def test_add_outputs_logits_and_a_mask_in_unit_range_in_either_memory_format():
 @pytest.mark.parametrize("arch", ["add", "resnet18"])
 def test_folded_batchnorm_gives_the_same_logits_with_no_batchnorm_left_after_a_conv(arch):
     torch.manual_seed(0)
-    model = add.ADD(GENOTYPE, 8, add.d2_layout(2, 1), 2) if arch == "add" else train.Baseline(arch)
+    model = add.ADD(GENOTYPE, 8, add.d2_layout(2, 1), 2) if arch == "add" else add.Baseline(arch)
     x = torch.rand(3, 3, 32, 32)
     plain = random_batchnorm(model).eval()(x)
     folded = add.fold_batchnorm(model)
@@ -988,8 +977,7 @@ def test_a_training_writes_its_reports_and_checkpoints(trained):
     assert metrics["test"]["data"] == "synthetic:mouth,gan" and metrics["val"]["data"] == "synthetic:swap"  # Table II
     assert base["parameters"] > 11e6 and base["mask_weight"] == 0.0
     for run in (trained["add"], trained["r18"]):  # every run folder: metrics, per-frame predictions, pictures
-        for picture in ("roc.png", "curves.png", "masks.png"):
-            assert Image.open(os.path.join(run, picture)).size[0] > 100
+        assert Image.open(os.path.join(run, "masks.png")).size[0] > 100
     log = [json.loads(line) for line in open(os.path.join(trained["add"], "log.jsonl"))]
     assert [e["epoch"] for e in log] == [1, 2] and all(e["train_mse"] > 0 and e["val_mse"] > 0 for e in log)
     assert all(e["train_mse"] is None and e["val_mse"] is None for e in map(json.loads, open(os.path.join(trained["r18"], "log.jsonl"))))
@@ -1088,7 +1076,7 @@ def test_the_hand_designed_networks_train_in_the_harness_of_add(arch):
     args = train.configure(train.parse_args(["--arch", arch, "--lr", "1e-3"]))
     assert args.mask_weight == 0.0 and args.genotype_origin is None and args.small_input  # Eq. 4 alone; 64 px: small
     model = train.build_model(vars(args), None)
-    assert last_map(model) == 4 and last_map(train.Baseline(arch)) == 2  # a 64 px face: 4x4 as in ADD, not ImageNet's 2x2
+    assert last_map(model) == 4 and last_map(add.Baseline(arch)) == 2  # a 64 px face: 4x4 as in ADD, not ImageNet's 2x2
     if arch in ("resnet18", "vgg16"):
         return
     assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))  # mnasnet's: 0.0003
@@ -1100,7 +1088,7 @@ def test_the_hand_designed_networks_train_in_the_harness_of_add(arch):
     ce, mse, _ = add.gradient_step(model.train(), optimizer, list(model.parameters()), tiny_batch(4, 32), CPU, 0.0).tolist()
     assert math.isfinite(ce) and mse == 0 and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     if arch == "xception":  # Keras's Xception: 22,855,952 parameters at 1000 classes; a 2-class head has 998 x 2049 fewer
-        assert add.count_parameters(train.xception(1000)) == 22_855_952 == add.count_parameters(model) + 998 * 2049
+        assert add.count_parameters(add.xception(1000)) == 22_855_952 == add.count_parameters(model) + 998 * 2049
 
 
 def last_map(net):
@@ -1167,7 +1155,7 @@ def test_compare_takes_the_architecture_as_the_unit(tmp_path, capsys):
     diffs = [auc[0, s] - auc[5, s] for s in range(3)]  # the first searched cell against mobilenet_v3_small, seed by seed
     d, half = statistics.mean(diffs), scipy.stats.t.ppf(0.975, 2) * statistics.stdev(diffs) / math.sqrt(3)
     assert f"  s1 C16 N1 - mobilenet_v3_small: {d:+.3f} [{d - half:+.3f}, {d + half:+.3f}] (paired by seed, 3 seeds)" in out
-    assert len(list(csv.DictReader(open(tmp_path / "cmp" / "compare.csv")))) == 7 and Image.open(tmp_path / "cmp" / "pareto.png")
+    assert Image.open(tmp_path / "cmp" / "pareto.png").size[0] > 500
     sweep = []  # an lr sweep of one network on two selection seeds: the pick by mean validation AUC
     for lr, val in (("1e-3", (0.80, 0.84)), ("3e-3", (0.86, 0.85)), ("1e-2", (0.50, 0.90))):  # 1e-2's first at chance:
         for seed, v in zip((100, 101), val):  # it counts in the pick (mean 0.70), or 1e-2 would win by its other run
@@ -1223,8 +1211,6 @@ def test_compile_runs_a_training_step():
 def test_training_checks_its_batch_a_new_run_never_overwrites_an_earlier_one(tmp_path, genotype_file, capsys, monkeypatch):
     with pytest.raises(ops.InputError, match="--batch-size 64: the train split has only 12 samples"):
         train.main(TINY_TRAIN + ["--genotype", genotype_file, "--batch-size", "64", "--out", str(tmp_path / "x")])
-    with pytest.raises(ops.InputError, match="--sync-bn: torch's SyncBatchNorm runs on CUDA devices only"):
-        train.main(TINY_TRAIN + ["--genotype", genotype_file, "--sync-bn", "--device", "cpu", "--out", str(tmp_path / "x")])
     monkeypatch.setenv("RANK", "0")  # as torchrun starts it, 2 processes
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")

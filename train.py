@@ -1,14 +1,11 @@
 """Train and evaluate ADD (Sec. III-B to III-D, IV-B, IV-C), and point a trained detector at videos.
 
-Read top to bottom, this file is the paper's training and evaluation:
-- build_model: ADD from a searched genotype (add.py, Fig. 2), or a hand-designed network (Table IV).
-- make_optimizer: Sec. IV-B's optimizer and schedule.
-- frame_scores, scores, evaluate: ACC and AUC (Sec. IV-B) per frame and per video, and the field's
-  balanced ACC, AP and EER.
+- build_model, make_optimizer: ADD from a genotype (Fig. 2) or a Table IV network; Sec. IV-B's optimizer.
+- frame_scores, scores, evaluate: ACC and AUC (Sec. IV-B) per frame and video, with balanced ACC, AP, EER.
 - datasets, test_split: the splits (Sec. IV-A) and the protocols of Tables I-III.
 - fit: the training, Eq. 7 step by step; the epoch of the best validation AUC is tested at the end.
-Below the divider: the settings, the epoch's end, DDP, reports and pictures (Fig. 9), --eval-only,
---predict (is this video fake?), --compare, --benchmark and the command line.
+Below the divider: settings, the epoch's end, DDP, reports, Fig. 9, --eval-only, --predict, --compare,
+--benchmark, the command line.
 
     python train.py --genotype g.json                                       # built-in synthetic data (demo)
     python train.py --genotype g.json --data ff++ --methods Face2Face       # inner-dataset (Table I)
@@ -22,7 +19,7 @@ Below the divider: the settings, the epoch's end, DDP, reports and pictures (Fig
     torchrun --nproc_per_node 4 train.py --genotype g.json --data ff++      # several GPUs (DDP)
     python train.py --genotype g.json --benchmark                           # images/s against resnet18
 A run folder (--out; a new one beside it when it exists, unless --resume) holds config.json,
-log.jsonl, last.pt, best.pt, metrics.json, predictions.csv, roc.png, curves.png and masks.png.
+log.jsonl, last.pt, best.pt, metrics.json, predictions.csv and masks.png.
 """
 import argparse
 import csv
@@ -40,84 +37,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from add import (ADD, loader_workers, resolve_defaults, DEMO_SIZE, PAPER_SIZE, Diverged, Run, Stopped, append_log, count_parameters, d2_layout,
-                 epoch_generator, figure, fold_batchnorm, gradient_step, load_checkpoint, load_state, loader,
-                 new_run_dir, peak_memory_mib, pick_device, prepare_model, random_batch, restore, resume,
-                 save_checkpoint, save_figure, scale_milestones, time_alternately, to_device, trim_log, write_config)
-from masks import METHODS, READ_ERRORS, add_data_arguments, open_split, parse_methods, read_faces
+from add import (ADD, BASELINES, DEMO_SIZE, PAPER_SIZE, Baseline, Diverged, Run, Stopped, add_data_arguments, append_log,
+                 count_parameters, d2_layout, epoch_generator, figure, fold_batchnorm, gradient_step, load_checkpoint,
+                 load_state, loader, loader_workers, new_run_dir, open_split, peak_memory_mib, pick_device, prepare_model,
+                 random_batch, resolve_defaults, restore, resume, save_checkpoint, save_figure, scale_milestones,
+                 time_alternately, to_device, trim_log, write_config)
+from masks import METHODS, READ_ERRORS, parse_methods, read_faces
 from ops import InputError, Parser, atomic_write, bounded, genotype_from_dict, genotype_origin, load_genotype
 
-# Table IV's hand-designed networks (XceptionNet: below), and the small ones the field uses (DeepfakeBench's
-# EfficientNets, mobile networks)
-BASELINES = ("resnet18", "resnet152", "vgg16", "xception", "efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small",
-             "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "mnasnet0_5")
 BLOCKS = 3  # D^2 blocks (Fig. 2)
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # Sec. IV-B: "Adam with a momentum value of 0.9 and a weight decay of 0.0005"
-
-
-class Baseline(nn.Module):
-    """A hand-designed classifier from scratch (nothing is downloaded) in ADD's harness (Table IV),
-    returning (logits, None): Eq. 4 alone. ADD's rule for every network: BatchNorm momentum 0.1
-    (torchvision's mnasnet keeps 0.0003), no dropout or stochastic depth (ADD has none), the last layer
-    initialised as nn.Linear (mnasnet's and efficientnet's scale with 1/classes: the CE would start at
-    3.8), Adam with weight decay on every parameter (make_optimizer). small_input: the first stride-2
-    layer at stride 1 (a pool removed), as CIFAR variants do: a 64 px face ends on 4x4, as in ADD."""
-    def __init__(self, arch, small_input=False):
-        super().__init__()
-        if arch == "xception":
-            self.net = xception()
-        else:
-            import torchvision  # here, not at the top: 1.2 s at every start that an ADD run does not need
-            self.net = getattr(torchvision.models, arch)(weights=None, num_classes=2)
-        for m in self.net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = 0.1
-            if isinstance(m, nn.Dropout) or type(m).__name__ == "StochasticDepth":  # torchvision.ops.StochasticDepth
-                m.p = 0.0
-        [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1].reset_parameters()  # the classifier's last layer
-        if small_input:  # the first in definition order, which is the order they run in: the stem
-            first = next(m for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and m.stride in (2, (2, 2)))
-            first.stride = 1
-            if isinstance(first, nn.MaxPool2d):  # VGG's first pool: a pool of 1, none (at stride 1, 64 px would shrink to 63)
-                first.kernel_size = 1
-
-    def forward(self, x):
-        return self.net(x), None
-
-
-def xception_unit(C_in, C_out):
-    """Xception's unit: ReLU, a separable 3x3 convolution (depthwise, then pointwise), BatchNorm."""
-    return [nn.ReLU(), nn.Conv2d(C_in, C_in, 3, 1, 1, groups=C_in, bias=False), nn.Conv2d(C_in, C_out, 1, bias=False),
-            nn.BatchNorm2d(C_out)]
-
-
-class XceptionBlock(nn.Module):
-    """`units` Xception units, the first changing the width (grow_first; else the last), then a 3x3
-    max-pool of `stride`, plus the block's input (a 1x1 conv-BN where the shape changes)."""
-    def __init__(self, C_in, C_out, units, stride, relu_first=True, grow_first=True):
-        super().__init__()
-        widths = [C_in] + [C_out] * units if grow_first else [C_in] * units + [C_out]
-        layers = [layer for a, b in zip(widths, widths[1:]) for layer in xception_unit(a, b)][0 if relu_first else 1:]
-        self.body = nn.Sequential(*layers, *[nn.MaxPool2d(3, stride, 1)] * (stride > 1))
-        self.skip = nn.Identity() if stride == 1 and C_in == C_out else \
-            nn.Sequential(nn.Conv2d(C_in, C_out, 1, stride, bias=False), nn.BatchNorm2d(C_out))
-
-    def forward(self, x):
-        return self.body(x) + self.skip(x)
-
-
-def xception(classes=2):
-    """XceptionNet (Chollet, CVPR 2017), FaceForensics++'s detector and Table IV's fourth network:
-    entry flow, a middle flow of 8 blocks at 728 channels, exit flow; 22.86 M parameters at ImageNet's
-    1000 classes (Table IV's 23 M), 20.81 M at 2. torchvision has none, hence here."""
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, 2, bias=False), nn.BatchNorm2d(32), nn.ReLU(),  # entry flow
-        nn.Conv2d(32, 64, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-        XceptionBlock(64, 128, 2, 2, relu_first=False), XceptionBlock(128, 256, 2, 2), XceptionBlock(256, 728, 2, 2),
-        *[XceptionBlock(728, 728, 3, 1) for _ in range(8)],  # middle flow
-        XceptionBlock(728, 1024, 2, 2, grow_first=False),  # exit flow
-        *xception_unit(1024, 1536)[1:], nn.ReLU(), *xception_unit(1536, 2048)[1:], nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, classes))
 
 
 def build_model(cfg, genotype):
@@ -235,10 +164,11 @@ def fit(args, state, rank, world, device):
     genotype = (genotype_from_dict(state["genotype"], "checkpoint") if state and state["genotype"]
                 else load_genotype(args.genotype) if args.arch == "add" else None)
     (train_set, val_set), (test_set, test_name) = datasets(args), test_split(args)
-    model = prepare_model(sync_batchnorm(build_model(vars(args), genotype), args, world, device), device, args.compile,
-                          args.deterministic)
+    model = prepare_model(build_model(vars(args), genotype), device, args.compile)
     optimizer, scheduler = make_optimizer(model, args)
-    start, best = begin(args, state, dict(model=model, optimizer=optimizer, scheduler=scheduler), rank)
+    start, best = (state["epoch"], state["best_auc"]) if state else (0, -1.0)
+    if state:  # a resumed run: the model, optimizer, scheduler and generator as they were
+        restore(state, dict(model=model, optimizer=optimizer, scheduler=scheduler), os.path.join(args.out, "last.pt"))
     net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) if world > 1 else model
     sampler, data = training_loaders(args, (train_set, val_set, test_set), test_name, model, rank, world, device)
     train_data, steps, params = data[0], len(data[0]), list(net.parameters())
@@ -277,23 +207,10 @@ SMALL_INPUT_BELOW = 128  # px: ImageNet's strides (32x) would end a smaller face
 FIG9_FACES = 8  # test faces in masks.png (Fig. 9)
 THRESHOLD = 0.5  # p(fake) above which --predict calls an input fake
 # Options of earlier versions that this one builds in: a checkpoint that set them otherwise cannot resume
-BUILT_IN = dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, grad_clip=5.0, no_flips=False, blocks=BLOCKS)
+BUILT_IN = dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, grad_clip=5.0, no_flips=False, blocks=BLOCKS, sync_bn=False)
 MODEL_KEYS = ("arch", "channels", "cells_per_block", "stem_reductions", "image_size", "mask_weight", "small_input")
 # --eval-only and --predict: the checkpoint's run's unless given (the same batches give bit-identical metrics)
 CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", "batch_size", "synthetic", "data_seed")
-
-
-def begin(args, state, modules, rank):
-    """A resumed run's state (model, optimizer, scheduler, generator) -> (first epoch, best AUC so far)."""
-    if not state:
-        return 0, -1.0
-    path = os.path.join(args.out, "last.pt")
-    restore(state, modules, path)
-    if rank == 0:
-        print(f"resumed {path} at epoch {state['epoch']}")
-        if state["epoch"] == args.epochs:
-            print(f"training is complete (epoch {state['epoch']} of {args.epochs}): the test runs")
-    return state["epoch"], state["best_auc"]
 
 
 def training_loaders(args, sets, test_name, model, rank, world, device):
@@ -314,17 +231,16 @@ def training_loaders(args, sets, test_name, model, rank, world, device):
 
 def stopped(args, name, where, held):
     """The one line a stop ends with; held: the epochs the last checkpoint holds."""
-    out = args.out
-    line = "no checkpoint yet (one is written at each epoch's end)" if not held else \
-        f"the last checkpoint, {os.path.join(out, 'last.pt')}, holds epoch {held}: " + (
-            f"python train.py --resume --out {out} runs the test" if held == args.epochs else
-            f"continue with python train.py --resume --out {out}")
-    return f"stopped by {name or 'a signal to another process'} {where}; {line}"
+    resume = f"python train.py --resume --out {args.out}"
+    return f"stopped by {name or 'a signal to another process'} {where}; " + (
+        "no checkpoint yet (one is written at each epoch's end)" if not held else
+        f"the last checkpoint, {os.path.join(args.out, 'last.pt')}, holds epoch {held}: "
+        + (f"{resume} runs the test" if held == args.epochs else f"continue with {resume}"))
 
 
 def end_epoch(args, parts, epoch, means, lr, tic, val_data, best, images, device):
     """Rank 0: validation, log.jsonl (its line before the checkpoint: add.trim_log), best.pt (the best
-    validation frame AUC so far), last.pt, curves.png, the epoch's line -> the best AUC."""
+    validation frame AUC so far), last.pt, the epoch's line -> the best AUC."""
     model, optimizer, scheduler, genotype = parts
     train_seconds = time.time() - tic
     val, _ = evaluate(model, val_data, device)
@@ -340,19 +256,11 @@ def end_epoch(args, parts, epoch, means, lr, tic, val_data, best, images, device
     if improved:
         save_checkpoint(state, os.path.join(out, "best.pt"))
     save_checkpoint(state, os.path.join(out, "last.pt"))
-    plot_curves(os.path.join(out, "log.jsonl"), os.path.join(out, "curves.png"))
     mse = lambda v: "" if v is None else f" MSE {v:.4f}"
     print(f"epoch {epoch + 1}/{args.epochs}  train CE {train_ce:.4f}{mse(train_mse)}  val CE {val['ce']:.4f}"
           f"{mse(val['mse'])}  ACC {val['frame_acc']:.4f} AUC {val['frame_auc'] or float('nan'):.4f}  "
           f"{seconds:.1f} s" + ("  (best)" if improved else ""), flush=True)
     return max(best, auc)
-
-
-def sync_batchnorm(model, args, world, device):
-    """--sync-bn: batch statistics over all processes (CUDA only)."""
-    if args.sync_bn and device.type != "cuda":
-        raise InputError("--sync-bn: torch's SyncBatchNorm runs on CUDA devices only")
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world > 1 else model
 
 
 def init_distributed(device_name, batch_size):
@@ -373,7 +281,7 @@ def init_distributed(device_name, batch_size):
 
 
 def test(args, model, val_data, test, device):
-    """Best checkpoint -> metrics.json (val and test), predictions.csv, roc.png, the table, masks.png."""
+    """Best checkpoint -> metrics.json (val and test), predictions.csv, the table, masks.png."""
     best = load_checkpoint(os.path.join(args.out, "best.pt"))
     load_state(model, best["model"], os.path.join(args.out, "best.pt"))
     val, _ = evaluate(model, val_data, device)
@@ -383,7 +291,7 @@ def test(args, model, val_data, test, device):
 
 def report(args, model, rows, test, device, name, state):
     """The test split evaluated (test: its dataset, loader, name) -> NAME (metrics, with the checkpoint's
-    epoch and genotype), predictions.csv (a row a frame: it reproduces them), roc.png, masks.png."""
+    epoch and genotype), predictions.csv (a row a frame: it reproduces them), masks.png."""
     test_set, test_data, test_name = test
     rows[f"test {test_name}"], out = evaluate(model, test_data, device)
     metrics = dict(arch=args.arch, parameters=count_parameters(model), epoch=state["epoch"], mask_weight=args.mask_weight,
@@ -394,10 +302,9 @@ def report(args, model, rows, test, device, name, state):
         [video, method, frame, int(label), f"{p:.6f}"] for (method, video, frame), label, p in
         zip(test_set.samples, out["label"], out["p"])])
     atomic_write(os.path.join(args.out, "predictions.csv"), lambda f: f.write(text.getvalue().encode()))
-    plot_roc(os.path.join(args.out, "roc.png"), out, test_name)
     print_table(rows)
     visualize(model, test_set, os.path.join(args.out, "masks.png"), device)
-    print(f"wrote {args.out}: {name}, predictions.csv, roc.png, masks.png")
+    print(f"wrote {args.out}: {name}, predictions.csv, masks.png")
     return metrics
 
 
@@ -421,39 +328,6 @@ def print_table(rows):
         cells = [f"{m[c]:>11d}" if isinstance(m[c], int) else f"{'n/a':>11s}" if m[c] is None else f"{m[c]:>11.4f}"
                  for c in cols]
         print(f"{name:<{width}s}" + "".join(cells))
-
-
-def plot_roc(path, out, name):
-    """roc.png: the frame- and video-level ROC of the test split, AUC in the legend."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-    fig, ax = figure(1, 1, (5, 5))
-    video_probs, video_labels = video_level(out["p"], out["label"], out["videos"])
-    for level, labels, probs in (("frame", out["label"], out["p"]), ("video", video_labels, video_probs)):
-        if len(np.unique(labels)) == 2:
-            fpr, tpr, _ = roc_curve(labels, probs)
-            ax[0, 0].plot(fpr, tpr, label=f"{level} level, AUC {roc_auc_score(labels, probs):.4f}")
-    ax[0, 0].plot([0, 1], [0, 1], ":", color="gray")
-    ax[0, 0].set(xlabel="false-positive rate (reals called fake)", ylabel="true-positive rate (fakes caught)",
-                 title=f"ROC, {name}")
-    ax[0, 0].legend(loc="lower right")
-    save_figure(fig, path)
-
-
-def plot_curves(log_path, path):
-    """curves.png from log.jsonl: train and val CE and MSE, and val AUC, per epoch."""
-    with open(log_path) as f:
-        log = [json.loads(line) for line in f]
-    epochs, fig, ax = [e["epoch"] for e in log], *figure(1, 3, (13, 3.6))
-    curves = [[(f"{s}", [e[f"{s}_{key}"] for e in log]) for s in ("train", "val")] for key in ("ce", "mse")]
-    curves.append([(level, [e["val"][f"{level}_auc"] for e in log]) for level in ("frame", "video")])
-    for a, lines, title in zip(ax[0], curves, ("cross-entropy (Eq. 6)", "mask MSE (Eq. 5)", "validation AUC")):
-        for label, values in lines:
-            if any(v is not None for v in values):
-                a.plot(epochs, [np.nan if v is None else v for v in values], "o-", label=label)
-        a.set(xlabel="epoch", title=title)
-        if a.lines:
-            a.legend()
-    save_figure(fig, path)
 
 
 def draw_faces(path, faces, ms, captions, title=None, hulls=None):
@@ -496,12 +370,11 @@ def model_from_checkpoint(path, device, compile=False):
     if "alpha_normal" in state["model"]:
         raise InputError(f"{path}: a search checkpoint (search.py's search.pt), not a trained detector; train its "
                          f"genotype first: python train.py --genotype g.json")
-    missing = [k for k in MODEL_KEYS if k not in cfg]
-    if missing or "epoch" not in state:
-        raise InputError(f"{path}: written by another version of train.py (its configuration has no "
-                         f"{', '.join('--' + k.replace('_', '-') for k in missing) or 'epoch'}); train it again")
-    genotype = genotype_from_dict(state["genotype"], path) if state.get("genotype") else None
-    model = build_model(cfg, genotype)
+    missing = [f"--{k.replace('_', '-')}" for k in MODEL_KEYS if k not in cfg] + ["epoch"] * ("epoch" not in state)
+    if missing:
+        raise InputError(f"{path}: written by another version of train.py (its configuration has no {', '.join(missing)}); "
+                         f"train it again")
+    model = build_model(cfg, genotype_from_dict(state["genotype"], path) if state.get("genotype") else None)
     load_state(model, state["model"], path)
     return prepare_model(fold_batchnorm(model), device, compile).eval(), cfg, state
 
@@ -520,15 +393,12 @@ def score_input(model, path, args, device):
     faces = [f for f in found if f[1] is not None]
     if not faces:
         return dict(reason=f"no face found in {len(found)} frame(s)" if found else "no frames decoded")
-    s = args.image_size
-    crops = np.stack([np.asarray(Image.fromarray(c).resize((s, s), Image.BILINEAR)) if s != 256 else c
-                      for _, c, _, _ in faces])
-    x = torch.from_numpy(crops).permute(0, 3, 1, 2)  # (K, 3, S, S) uint8, as the loaders hand it over
+    s = args.image_size  # the 256 px crop resized as the loaders resize prepared faces
+    crops = np.stack([np.asarray(Image.fromarray(c).resize((s, s), Image.BILINEAR)) if s != 256 else c for _, c, _, _ in faces])
     with torch.no_grad():
-        logits, m = model(to_device((x, torch.zeros(len(x), 1, s, s), torch.zeros(len(x))), device)[0])
+        logits, m = model(torch.from_numpy(crops).permute(0, 3, 1, 2).to(device, memory_format=torch.channels_last).float() / 255)
     p = logits.float().softmax(-1)[:, 1].cpu().numpy()
-    frames = [dict(frame=i, p_fake=float(q), box=[round(float(v), 1) for v in box])
-              for (i, _, _, box), q in zip(faces, p)]
+    frames = [dict(frame=i, p_fake=float(q), box=[round(float(v), 1) for v in box]) for (i, _, _, box), q in zip(faces, p)]
     return dict(p_fake=float(p.mean()), verdict="fake" if p.mean() > THRESHOLD else "real",
                 frames_scored=len(faces), frames_read=len(found), frames=frames, crops=crops,
                 m=None if m is None else m[:, 0].float().cpu().numpy())
@@ -574,7 +444,7 @@ AT_CHANCE = 0.65  # a training CE at or above this in the last epoch: the networ
 def compare(args):
     """--compare RUN_DIR...: finished runs grouped by all but their seeds (--seed, --data-seed) -> a row a
     group (parameters, lr, images/s, test frame and video AUC: mean and standard deviation over the
-    seeds, validation AUC), printed, in compare.csv and pareto.png (AUC against size); then verdicts.
+    seeds, validation AUC), printed and drawn as pareto.png (AUC against size); then the verdicts.
     A run whose training CE stayed at chance is marked and left out of the test AUCs, not of the
     validation AUC that picks an lr."""
     groups = {}
@@ -584,11 +454,6 @@ def compare(args):
         groups.setdefault((key, cfg["lr"]), []).append((run, cfg, metrics, log))
     rows = sorted((dict(compare_row(runs), architecture=key) for (key, _), runs in groups.items()),
                   key=lambda r: (r["parameters"], r["name"], r["lr"]))
-    columns = ["name", "kind", "width", "parameters", "lr", "images_per_s", "frame_auc", "frame_auc_std", "video_auc",
-               "video_auc_std", "val_auc", "n", "at_chance", "runs"]
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows([columns] + [[r[c] for c in columns] for r in rows])
-    atomic_write(os.path.join(args.out, "compare.csv"), lambda f: f.write(text.getvalue().encode()))
     print(f"{'name':28s} {'kind':13s} {'width':>7s} {'params':>8s} {'lr':>7s} {'img/s':>7s}  {'test frame AUC':>15s}  "
           f"{'video AUC':>15s}  {'val AUC':>7s}  n")
     for r in rows:
@@ -609,7 +474,7 @@ def compare(args):
     ax[0, 0].set(xscale="log", xlabel="parameters", ylabel="test frame AUC (mean ± std over seeds)", title="AUC against size")
     ax[0, 0].legend()
     save_figure(fig, os.path.join(args.out, "pareto.png"))
-    print(f"wrote {args.out}: compare.csv, pareto.png")
+    print(f"wrote {args.out}/pareto.png")
     return rows
 
 
@@ -669,18 +534,12 @@ def verdicts(rows):
 def read_run(run):
     """A finished train.py run folder -> (config, metrics, log lines); a one-line error otherwise."""
     try:
-        with open(os.path.join(run, "config.json")) as f:
-            cfg = json.load(f)
-        with open(os.path.join(run, "metrics.json")) as f:
-            metrics = json.load(f)
-        with open(os.path.join(run, "log.jsonl")) as f:
-            log = [json.loads(line) for line in f]
+        cfg, metrics = (json.load(open(os.path.join(run, name))) for name in ("config.json", "metrics.json"))
+        if isinstance(cfg, dict) and "arch" in cfg and isinstance(metrics, dict) and isinstance(metrics.get("test"), dict):
+            return cfg, metrics, [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
     except (OSError, ValueError) as e:
-        raise InputError(f"{run}: not a finished train.py run folder (config.json, metrics.json, log.jsonl: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0][:100]})")
-    if not isinstance(cfg, dict) or "arch" not in cfg or not isinstance(metrics.get("test"), dict):
-        raise InputError(f"{run}: not a finished train.py run folder (its config.json or metrics.json is another file)")
-    return cfg, metrics, log
+        raise InputError(f"{run}: not a finished train.py run folder ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+    raise InputError(f"{run}: not a finished train.py run folder (its config.json or metrics.json is another file)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,18 +548,15 @@ def read_run(run):
 def benchmark(args, device, calls=10, rounds=3):
     """--benchmark: training and inference images/s of --arch and of resnet18 (Table IV's pair) on random
     batches, timed alternately (add.time_alternately); inference with BatchNorm folded, as --predict."""
-    steps, sizes = {}, {}
+    steps, sizes, batch = {}, {}, random_batch(args.batch_size, args.image_size)
     for arch in dict.fromkeys((args.arch, "resnet18")):
         cfg = dict(vars(args), arch=arch, mask_weight=args.mask_weight if arch == "add" else 0.0)
         genotype = load_genotype(args.genotype) if arch == "add" else None
-        model = prepare_model(build_model(cfg, genotype), device, args.compile)
-        folded = prepare_model(fold_batchnorm(build_model(cfg, genotype)), device, args.compile)
+        model, folded = (prepare_model(f(build_model(cfg, genotype)), device, args.compile) for f in (lambda m: m, fold_batchnorm))
         optimizer, _ = make_optimizer(model, args)
-        params, batch = list(model.parameters()), random_batch(args.batch_size, args.image_size)
-        x = to_device(batch, device)[0]
-        steps[arch, "training"] = lambda m=model, o=optimizer, p=params, b=batch, w=cfg["mask_weight"]: \
-            gradient_step(m.train(), o, p, b, device, w)
-        steps[arch, "inference"] = lambda f=folded, x=x: infer(f, x)
+        steps[arch, "training"] = lambda m=model, o=optimizer, w=cfg["mask_weight"]: \
+            gradient_step(m.train(), o, list(m.parameters()), batch, device, w)
+        steps[arch, "inference"] = lambda f=torch.no_grad()(folded), x=to_device(batch, device)[0]: f(x)
         sizes[arch] = count_parameters(model)
     seconds, warm = time_alternately(steps, device, calls, rounds)
     result = {arch: {kind: args.batch_size / s for (a, kind), s in seconds.items() if a == arch} for arch in sizes}
@@ -715,29 +571,21 @@ def benchmark(args, device, calls=10, rounds=3):
     return result
 
 
-@torch.no_grad()
-def infer(model, x):
-    return model(x)
-
-
 def parse_args(argv=None):
     """The command line; every option left unset is None here, filled in by configure."""
-    p = Parser(usage="python train.py [options]", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("the paper's network and training (Sec. III-B to III-D, IV-B; on the built-in data: the "
-                             "demo's sizes)")
+    p = Parser(usage="python train.py [options]", description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("the paper's network and training (Sec. III-B to IV-B; on the built-in data: the demo's sizes)")
     g.add_argument("--genotype", help="g.json from search.py (needed for --arch add)")
     g.add_argument("--arch", choices=("add",) + BASELINES, help="add (the default), or a torchvision network trained from "
                    "scratch in the same harness (Table IV: resnet18, resnet152, vgg16, xception; and small ones of the field)")
-    g.add_argument("--channels", type=bounded(int, 1), help="C of the first block; 48 gives ~5 M parameters (paper: 5.6 M); "
-                   "demo: 16")
+    g.add_argument("--channels", type=bounded(int, 1), help="C of the first block (48: ~5 M parameters, paper: 5.6 M; demo: 16)")
     g.add_argument("--cells-per-block", type=bounded(int, 1), help="N normal cells per D^2 block (paper: 4, Sec. IV-D); demo: 1")
     g.add_argument("--mask-weight", type=bounded(float, 0), help="alpha of Eq. 7 (paper and default: 1; Fig. 5: 0.1, 10; "
                    "0: Table V's 'alpha = 0', the mask branch kept, m unsupervised)")
     g.add_argument("--batch-size", type=bounded(int, 1), help="global batch (paper: 96; demo: 32)")
     g.add_argument("--epochs", type=bounded(int, 1), help="paper: 300; demo: 12")
-    g.add_argument("--milestones", type=bounded(int, 1), nargs="+",
-                   help="lr / 10 at these epochs of 300, scaled to --epochs (paper: 80 140; demo: 200 280)")
+    g.add_argument("--milestones", type=bounded(int, 1), nargs="+", help="lr / 10 at these epochs of 300, scaled to --epochs "
+                   "(paper: 80 140; demo: 200 280)")
     g.add_argument("--test-data", choices=tuple(METHODS), help="test on another dataset (Table III: celeb-df)")
     g.add_argument("--test-methods", help="test on other manipulations (Table II: FaceSwap)")
     g.add_argument("--no-mask-branch", action="store_true", help="ADD without the mask branch (Eq. 4 alone)")
@@ -754,19 +602,15 @@ def parse_args(argv=None):
     g.add_argument("--test-root", help="prepared folder of --test-data (default: data/<name>)")
     g.add_argument("--seed", type=bounded(int, 0), help="default 0")
     g.add_argument("--device", help="auto (CUDA if present; the default), cpu, cuda, ...")
-    g.add_argument("--out", help="run folder (default runs/train, runs/eval, runs/predict, runs/compare; a new one beside "
-                   "it if it exists)")
+    g.add_argument("--out", help="run folder (default runs/train, runs/eval, ...; a new one beside it if it exists)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt: the options given now, else its own")
-    g.add_argument("--sync-bn", action="store_true", help="DDP: batch norm statistics over all processes (CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the network (inductor; minutes of compilation)")
-    g.add_argument("--deterministic", action="store_true", help="CUDA: deterministic algorithms, no cuDNN autotuning "
-                   "(the CPU is deterministic anyway)")
     g = p.add_argument_group("extras: evaluation, prediction, comparison, speed")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on a test split (its run's by default)")
     g.add_argument("--checkpoint", help="with --eval-only or --predict: a best.pt or last.pt written by train.py")
     g.add_argument("--predict", nargs="+", metavar="PATH", help="score videos, folders of frames or photos with --checkpoint")
-    g.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="finished runs, grouped by all but their seeds: one "
-                   "table (compare.csv), the verdicts, and pareto.png, test AUC against parameters")
+    g.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="finished runs grouped by all but their seeds: a "
+                   "table (compare.csv), the verdicts, pareto.png (AUC against size)")
     g.add_argument("--benchmark", action="store_true", help="training and inference images/s against resnet18, then exit")
     return p.parse_args(argv)
 
@@ -826,6 +670,7 @@ def main(argv=None):
                                  ("optimizer", "scheduler", "epoch", "best_auc"), BUILT_IN)
             if rank == 0:
                 trim_log(os.path.join(args.out, "log.jsonl"), state["epoch"])
+                print(f"resumed {path} at epoch {state['epoch']}" + (" (complete: the test runs)" if state["epoch"] == args.epochs else ""))
         elif rank == 0:
             args.out = new_run_dir(args.out)
         if rank == 0:
