@@ -152,9 +152,8 @@ def count_parameters(model):
 # ==============================================================================================
 # Below: not the paper's method. How search.py and train.py run, written once for both.
 
-# Table IV's hand-designed networks in ADD's harness (XceptionNet written here), and the small ones the field uses
-# (DeepfakeBench's EfficientNets, mobile networks)
-BASELINES = ("resnet18", "resnet152", "vgg16", "xception", "efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small",
+# Table IV's hand-designed networks (torchvision has no XceptionNet) and the small ones of the field, in ADD's harness
+BASELINES = ("resnet18", "resnet152", "vgg16", "efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small",
              "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "mnasnet0_5")
 
 
@@ -167,11 +166,8 @@ class Baseline(nn.Module):
     layer at stride 1 (a pool removed), as CIFAR variants do: a 64 px face ends on 4x4, as in ADD."""
     def __init__(self, arch, small_input=False):
         super().__init__()
-        if arch == "xception":
-            self.net = xception()
-        else:
-            import torchvision  # here, not at the top: 1.2 s at every start that an ADD run does not need
-            self.net = getattr(torchvision.models, arch)(weights=None, num_classes=2)
+        import torchvision  # here, not at the top: 1.2 s at every start that an ADD run does not need
+        self.net = getattr(torchvision.models, arch)(weights=None, num_classes=2)
         for m in self.net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = 0.1
@@ -188,49 +184,12 @@ class Baseline(nn.Module):
         return self.net(x), None
 
 
-def xception_unit(C_in, C_out):
-    """Xception's unit: ReLU, a separable 3x3 convolution (depthwise, then pointwise), BatchNorm."""
-    return [nn.ReLU(), nn.Conv2d(C_in, C_in, 3, 1, 1, groups=C_in, bias=False), nn.Conv2d(C_in, C_out, 1, bias=False),
-            nn.BatchNorm2d(C_out)]
-
-
-class XceptionBlock(nn.Module):
-    """`units` Xception units, the first changing the width (grow_first; else the last), then a 3x3
-    max-pool of `stride`, plus the block's input (a 1x1 conv-BN where the shape changes)."""
-    def __init__(self, C_in, C_out, units, stride, relu_first=True, grow_first=True):
-        super().__init__()
-        widths = [C_in] + [C_out] * units if grow_first else [C_in] * units + [C_out]
-        layers = [layer for a, b in zip(widths, widths[1:]) for layer in xception_unit(a, b)][0 if relu_first else 1:]
-        self.body = nn.Sequential(*layers, *[nn.MaxPool2d(3, stride, 1)] * (stride > 1))
-        self.skip = nn.Identity() if stride == 1 and C_in == C_out else \
-            nn.Sequential(nn.Conv2d(C_in, C_out, 1, stride, bias=False), nn.BatchNorm2d(C_out))
-
-    def forward(self, x):
-        return self.body(x) + self.skip(x)
-
-
-def xception(classes=2):
-    """XceptionNet (Chollet, CVPR 2017), FaceForensics++'s detector and Table IV's fourth network:
-    entry flow, a middle flow of 8 blocks at 728 channels, exit flow; 22.86 M parameters at ImageNet's
-    1000 classes (Table IV's 23 M), 20.81 M at 2. torchvision has none, hence here."""
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, 2, bias=False), nn.BatchNorm2d(32), nn.ReLU(),  # entry flow
-        nn.Conv2d(32, 64, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-        XceptionBlock(64, 128, 2, 2, relu_first=False), XceptionBlock(128, 256, 2, 2), XceptionBlock(256, 728, 2, 2),
-        *[XceptionBlock(728, 728, 3, 1) for _ in range(8)],  # middle flow
-        XceptionBlock(728, 1024, 2, 2, grow_first=False),  # exit flow
-        *xception_unit(1024, 1536)[1:], nn.ReLU(), *xception_unit(1536, 2048)[1:], nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, classes))
-
-
-
 class Diverged(Exception):
     """A non-finite loss or state: the run stops, its last checkpoint stays as it was."""
 
 
 class Stopped(BaseException):
-    """A stop from outside (SIGTERM, SIGINT): the run ends with this one line, a non-zero exit. A
-    BaseException, as KeyboardInterrupt: no `except Exception` (one input's failure) swallows it."""
+    """A stop from outside: the run ends with this one line (no `except Exception` swallows it)."""
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -321,8 +280,7 @@ def loader(dataset, batch_size, workers, sampler=None, drop_last=False):
 
 
 def loader_workers(data, processes_per_node=1):
-    """Loader workers per process: none for the in-memory synthetic data; else the usable CPUs shared
-    by the node's processes, at most 8."""
+    """Loader workers a process: none for the in-memory synthetic data, else its share of the CPUs, at most 8."""
     return 0 if data == "synthetic" else min(8, max(1, usable_cpus() // processes_per_node))
 
 
@@ -393,7 +351,6 @@ class SyntheticFaces(Dataset):
         return self.images[i], self.masks[i], self.labels[i], f"{method}/{video}"
 
 
-
 def add_data_arguments(p):
     p.add_argument("--data", choices=tuple(METHODS),
                    help="synthetic (built in, the default), ff++ or celeb-df (prepared by masks.py)")
@@ -462,13 +419,13 @@ def load_checkpoint(path):
         raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
 
 
-def resume(path, given, expected, needed, built_in):
+def resume(path, given, expected, needed, built_in, trim=True):
     """--resume: the checkpoint at path, and the configuration to continue with: the options given on
     this command line win, else the checkpoint's (expected: the options of a run of this version;
     needed: the state's keys besides the model). A checkpoint of another script, or of a version that
     lacks an option or set one this version builds in (built_in: name -> value) otherwise, is an
-    InputError. -> (configuration, state)"""
-    state = load_checkpoint(path)
+    InputError. The log beside it is trimmed to its epochs (trim_log). -> (configuration, state)"""
+    state, given = load_checkpoint(path), {k: v for k, v in vars(given).items() if v not in (None, False)}
     saved = state.get("config") if isinstance(state, dict) else None
     lacking = [k for k in ("model", *needed) if k not in state] if isinstance(saved, dict) else ["config"]
     if lacking:
@@ -479,6 +436,8 @@ def resume(path, given, expected, needed, built_in):
     if missing or changed:
         why = f"its configuration has no {', '.join(missing[:3])}" if missing else f"it ran with {', '.join(changed)}"
         raise InputError(f"{path}: written by another version of this script ({why}); start a new run")
+    if trim:
+        trim_log(os.path.join(os.path.dirname(path), "log.jsonl"), state["epoch"])
     return argparse.Namespace(**{**{k: saved.get(k) for k in expected}, **given}), state
 
 
@@ -574,14 +533,11 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def prepare_model(model, device, compile=False):
-    """The model on the device, channels_last (faster on the CPU too), optionally torch.compile'd; on
-    CUDA cuDNN times its kernels for the fixed input size."""
+def prepare_model(model, device):
+    """The model on the device, channels_last (faster on the CPU too); on CUDA cuDNN times its kernels
+    for the fixed input size."""
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    model = model.to(device, memory_format=torch.channels_last)
-    if compile:
-        model.compile()  # in place: its calls run the compiled forward, its state_dict keys stay as they are
-    return model
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def fold_batchnorm(model):
@@ -604,22 +560,20 @@ def fold_batchnorm(model):
 
 def time_alternately(steps, device, calls=10, rounds=3, warmup=2):
     """--benchmark: each of `steps` ({name: step()}) timed in turn, A, B, A, B, ..., `rounds` rounds of
-    `calls` calls after `warmup` (allocator, cuDNN autotuning, torch.compile) -> the best seconds per
-    call of each, and the seconds of its warm-up: a ratio measured in one run on one machine."""
-    best, warm = {name: float("inf") for name in steps}, {}
-    for _ in range(rounds):
+    `calls` calls after `warmup` (the allocator, cuDNN autotuning) -> the best seconds per call of each:
+    a ratio measured in one run on one machine."""
+    best = {name: float("inf") for name in steps}
+    for r in range(rounds):
         for name, step in steps.items():
-            tic = time.time()
-            for _ in range(warmup if name not in warm else 0):
+            for _ in range(warmup if r == 0 else 0):
                 step()
             sync(device)
-            warm.setdefault(name, time.time() - tic)
             tic = time.time()
             for _ in range(calls):
                 step()
             sync(device)
             best[name] = min(best[name], (time.time() - tic) / calls)
-    return best, warm
+    return best
 
 
 def random_batch(batch_size, size):
@@ -645,9 +599,6 @@ def figure(rows, cols, size):
 
 def save_figure(fig, path, title=None):
     import matplotlib.pyplot as plt
-    for a in fig.axes:
-        if a.get_xlabel() == "epoch":
-            a.xaxis.get_major_locator().set_params(integer=True)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.85 if title else 1.0))

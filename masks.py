@@ -133,8 +133,7 @@ def read_faces(path, k, size=CROP_SIZE):
 
 
 # ==============================================================================================
-# Below: not the paper's method. Reading inputs; the datasets as their owners lay them out; the
-# preparation; the datasets of prepared and of built-in synthetic faces; the command line.
+# Below: not the paper's method.
 
 # ----------------------------------------------------------------------------------------------
 # 2) Reading K evenly spaced frames, one at a time: a video, a folder of frames, or a photo

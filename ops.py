@@ -198,14 +198,11 @@ def genotype_edges(cell):
 
 
 # ==============================================================================================
-# Below: not the paper's method. PC-DARTS's partial channels, random genotypes, g.json, what every
-# script shares.
+# Below: not the paper's method.
 
 def channel_shuffle(x, groups):
-    """(B, C, H, W) -> the same channels interleaved: channel g * C/groups + i moves to i * groups + g,
-    so the operated quarter (K = 4) of one edge is spread over the next edge's quarters (PC-DARTS).
-    One strided copy into a tensor of x's memory format (a reshape would turn channels_last into
-    NCHW, and every operation after it would pay for the mixed formats)."""
+    """(B, C, H, W) -> channel g * C/groups + i moved to i * groups + g (PC-DARTS), in one strided copy that
+    keeps x's memory format (a reshape would turn channels_last into NCHW)."""
     B, C, H, W = x.shape
     out = torch.empty_like(x)
     out.view(B, C // groups, groups, H, W).copy_(x.view(B, groups, C // groups, H, W).transpose(1, 2))
@@ -219,17 +216,15 @@ def node_softmax(beta):
 
 
 def random_genotype(seed):
-    """The random baseline of NAS (Li & Talwalkar 2019; Yang et al. 2020): uniform over the search space: per node two distinct inputs among its predecessors, each edge
-    one of the ten non-zero operations; the normal and the reduction cell drawn independently."""
+    """NAS's random baseline (Li & Talwalkar 2019): per node two distinct inputs among its predecessors,
+    each edge one of the ten non-zero operations, uniformly; the two cells drawn independently."""
     rng, ops = random.Random(seed), [p for p in PRIMITIVES if p != "none"]
     cell = lambda: tuple((rng.choice(ops), inp) for node in range(STEPS) for inp in sorted(rng.sample(range(node + 2), 2)))
     return Genotype(cell(), cell())
 
 
-# ----------------------------------------------------------------------------------------------
 def genotype_to_json(genotype, origin=None):
-    """One node (two pairs) per line, so a person can read the cell off the file; origin: how it was
-    found ("search", "search (DARTS-PT)", "random"), for train.py --compare."""
+    """A node (two pairs) a line, to read the cell off the file; origin ("search", "random") for --compare."""
     def cell(pairs):
         rows = [f"    {json.dumps(list(a))}, {json.dumps(list(b))}" for a, b in zip(pairs[::2], pairs[1::2])]
         return "[\n" + ",\n".join(rows) + "\n  ]"
@@ -303,20 +298,16 @@ def bounded(kind, low, high=None):
     expected = f"{'a whole number' if kind is int else 'a number'} >= {low}" + (f" and < {high}" if high is not None else "")
 
     def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or not low <= value or (high is not None and not value < high):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
+        with contextlib.suppress(ValueError):
+            if math.isfinite(value := kind(text)) and low <= value and (high is None or value < high):
+                return value
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return parse
 
 
 def atomic_write(path, write):
-    """Write a file through write(f) into a temporary name, flush it to disk, then rename: a killed
-    run or a crashed machine never leaves a half-written file, and the previous version stays intact
-    until the new one is complete. A failed write (a full disk) removes its temporary file."""
+    """write(f) into a temporary file, flushed to disk, then renamed: a kill or a crash never leaves a
+    half-written file, the previous one stays until the new one is complete."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -332,8 +323,7 @@ def atomic_write(path, write):
 
 
 def usable_cpus():
-    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (containers);
-    os.cpu_count() sees neither."""
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 quota (os.cpu_count() sees neither)."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
         with open("/sys/fs/cgroup/cpu.max") as f:

@@ -15,7 +15,6 @@ not describe: a step budget, the checkpoint and the log, the parameter term, pic
     python search.py --benchmark          # ms per search step, peak memory, operator calls
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from torch.utils.data import Sampler
 from add import (ADD, DEMO_SIZE, PAPER_SIZE, Diverged, Run, Stopped, add_data_arguments, append_log, count_parameters,
                  d2_layout, epoch_generator, figure, gradient_step, loader, loader_workers, new_run_dir, open_split,
                  peak_memory_mib, pick_device, prepare_model, random_batch, resolve_defaults, restore, resume,
-                 save_checkpoint, save_figure, scale_milestones, sync, time_alternately, trim_log, write_config)
+                 save_checkpoint, save_figure, scale_milestones, sync, time_alternately, write_config)
 from masks import parse_methods
 from ops import (OPS, PRIMITIVES, STEPS, Genotype, InputError, Parser, bounded, node_softmax, random_genotype,
                  save_genotype, search_edges)
@@ -132,13 +131,11 @@ def search(args, device, state=None):
 # The paper's own search (Sec. IV-B; DARTS's network where the paper is silent): --paper.
 PAPER = dict(image_size=256, stem_reductions=3, channels=16, cells=8, batch_size=8, epochs=300, alpha_milestones=[60, 150],
              w_lr=0.8, warmup=0.0, alpha_betas=[0.9, 0.999], partial_channels=1, steps_per_epoch=0, param_weight=0.0)
-# The defaults on real data: the paper's, but for the departures that make the search learn and fit a day (README,
-# Departures); --paper sets these keys back to the paper's.
+# Real data: the paper's, but for the departures that make the search learn and fit a day (README, Departures)
 REAL_DATA = dict(PAPER, w_lr=0.025, warmup=0.3, alpha_betas=[0.5, 0.999], partial_channels=4, steps_per_epoch=200,
                  param_weight=0.1)
 DEPARTURES = [k for k in PAPER if PAPER[k] != REAL_DATA[k]]
-# The built-in synthetic data: a demo sized for 2 CPU cores, the departures of real data but for partial channels
-# and the budget (the demo's milestones are late: scaled to 3 epochs the paper's would cut alpha's lr at once)
+# The built-in data: a demo for 2 CPU cores (late milestones: scaled to 3 epochs the paper's would cut alpha's lr at once)
 DEMO = dict(REAL_DATA, image_size=64, stem_reductions=2, channels=8, cells=5, batch_size=32, epochs=5,
             alpha_milestones=[200, 280], videos=160, frames=4, warmup=0.4, partial_channels=1, steps_per_epoch=0)
 DEFAULTS = dict(seed=0, device="auto", out="g.json", run_dir="runs/search", alpha_loss="eq7")
@@ -235,7 +232,7 @@ def stopped(args, signal_name, epoch, step):
 
 def end_epoch(args, model, optimizers, epoch, sums, seconds):
     """g.json and g.png; the log line (before the checkpoint: add.trim_log) with the losses, the
-    genotype, the softmax of alpha and beta (K > 1); alpha.png; the checkpoint."""
+    genotype, the softmax of alpha and beta (K > 1); the checkpoint."""
     genotype, weights = model.genotype(), dict(zip(CELL_TYPES, model.cell_weights()))
     write_genotype(genotype, args.out, "search")
     losses = sums.losses()
@@ -243,21 +240,17 @@ def end_epoch(args, model, optimizers, epoch, sums, seconds):
                 softmax_alpha={k: w.tolist() for k, (w, _) in weights.items()})
     if model.partial > 1:  # the cell is chosen by alpha x beta: both are logged
         line["edge_weights"] = {k: e.tolist() for k, (_, e) in weights.items()}
-    log = os.path.join(args.run_dir, "log.jsonl")
-    append_log(log, line)
-    draw_alpha(log, os.path.join(args.run_dir, "alpha.png"))
+    append_log(os.path.join(args.run_dir, "log.jsonl"), line)
     save(args, model, optimizers, epoch + 1, 0, None)
     strongest = weights["normal"][0].max().item()
     val = "alpha still (warm-up)" if losses["val_ce"] is None else f"val CE {losses['val_ce']:.4f} MSE {losses['val_mse']:.4f}"
     print(f"epoch {epoch + 1}/{args.epochs}  train CE {losses['train_ce']:.4f} MSE {losses['train_mse']:.4f}  "
           f"{val}  {seconds:.1f} s  (strongest normal-cell op weight {strongest:.3f})", flush=True)
-    print_genotype(genotype)
 
 
 class EpochOrder(Sampler):
-    """The samples of one epoch, in an order that depends on (seed, epoch, stream) only: permutations
-    of the split, as many as `length` needs, cut to it (with a step budget: a fresh random subset
-    each epoch), from position `start` on (a resumed epoch continues where its checkpoint was)."""
+    """An epoch's samples in an order that depends on (seed, epoch, stream) only: permutations of the split
+    cut to `length` (a step budget: a fresh random subset each epoch), from `start` on (a resumed epoch)."""
     def __init__(self, n, length, seed, stream):
         self.n, self.length, self.seed, self.stream, self.epoch, self.start = n, length, seed, stream, 0, 0
 
@@ -274,10 +267,8 @@ class EpochOrder(Sampler):
 
 
 def loaders(args):
-    """Training split for w, validation split for alpha (Algorithm 1: D_train, D_val), one batch of
-    each per step, both balanced as training is (FF++'s real frames repeated); an epoch is one pass
-    over the training split, or --steps-per-epoch steps of it if fewer (a fresh random subset each
-    epoch). -> (train loader, val loader), steps per epoch, steps of one pass."""
+    """Training split for w, validation split for alpha (Algorithm 1: D_train, D_val), a batch of each a
+    step; an epoch is one pass, or --steps-per-epoch steps if fewer -> loaders, steps, steps of a pass."""
     methods = parse_methods(args.data, args.methods)
     sets = [open_split(args.data, args.root, s, methods, args.image_size, True, args.videos, args.frames,
                        args.synthetic, args.data_seed) for s in ("train", "val")]
@@ -295,8 +286,8 @@ def loaders(args):
 # The expected size of the network a genotype makes: a term of alpha's loss (--param-weight; not in the paper)
 
 def parameter_penalty(args, model):
-    """The --param-weight term of alpha's loss: weight * max(0, E[parameters] / target - 1), E at
-    the paper's size (expected_parameters): zero once the expected network is within the target."""
+    """The --param-weight term of alpha's loss: weight * max(0, E[parameters] / target - 1), E at the
+    paper's size: zero once the expected network is within the target."""
     base, tables = parameter_costs()
     costs = base, {kind: table.to(next(model.parameters()).device) for kind, table in tables.items()}
     return lambda: args.param_weight * F.relu(expected_parameters(model.cell_weights(), costs) / PARAM_TARGET - 1)
@@ -340,7 +331,7 @@ def expected_parameters(weights, costs):
 
 
 # ----------------------------------------------------------------------------------------------
-# The genotype's files and size (its picture, Fig. 8: ops.draw_genotype), alpha's picture (alpha.png)
+# The genotype's files and size
 
 def write_genotype(genotype, path, origin):
     """g.json and its picture, g.png, as Fig. 8: per cell the inputs c_{k-2}, c_{k-1} left, nodes 0-3,
@@ -367,41 +358,18 @@ def write_genotype(genotype, path, origin):
 
 
 def colour(op):
-    """One colour per operation, in g.png and alpha.png."""
+    """One colour per operation, in g.png."""
     return ["black", "dimgray", "teal", "tab:blue", "orangered", "darkorange", "saddlebrown", "tab:green", "seagreen",
             "purple", "crimson"][PRIMITIVES.index(op)]
 
 
 def describe(genotype, path):
-    """The line that names the files and the sizes of the network the genotype makes, at the paper's
-    size and at the demo's."""
+    """The line naming the files and the sizes of the network the genotype makes (the paper's, the demo's)."""
     paper, demo = (count_parameters(ADD(genotype, c["channels"], d2_layout(3, c["cells_per_block"]), c["stem_reductions"]))
                    for c in (PAPER_SIZE, DEMO_SIZE))
     return (f"wrote {path} and {os.path.splitext(path)[0]}.png: an ADD network of {paper / 1e6:.2f} M parameters at "
             f"the paper's size (C {PAPER_SIZE['channels']}, N {PAPER_SIZE['cells_per_block']}), {demo / 1e6:.2f} M "
             f"at the demo's (C {DEMO_SIZE['channels']}, N {DEMO_SIZE['cells_per_block']})")
-
-
-def print_genotype(genotype):
-    for name in CELL_TYPES:
-        cell = getattr(genotype, name)
-        print(f"  {name:6s} " + "  ".join(f"{k // 2}<-{inp}:{op}" for k, (op, inp) in enumerate(cell)))
-
-
-def draw_alpha(log_path, path):
-    """alpha.png from log.jsonl: each operation's softmax weight (mean over a cell's 14 edges) per
-    epoch, for the normal and the reduction cell."""
-    with open(log_path) as f:
-        log = [json.loads(line) for line in f]
-    epochs, (fig, ax) = [e["epoch"] for e in log], figure(1, 2, (12, 4))
-    for a, kind in zip(ax[0], CELL_TYPES):
-        weights = torch.tensor([e["softmax_alpha"][kind] for e in log]).mean(1)  # (epochs, ops)
-        for j, op in enumerate(PRIMITIVES):
-            a.plot(epochs, weights[:, j], marker="o", color=colour(op), label=op,
-                   linestyle="--" if j % 2 else "-")
-        a.set(xlabel="epoch", ylabel="softmax(alpha), mean over edges", title=f"{kind} cell")
-    ax[0, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-    save_figure(fig, path)
 
 
 def benchmark(args, device, calls=10):
@@ -416,10 +384,9 @@ def benchmark(args, device, calls=10):
         gradient_step(model, w_opt, w_params, batch, device, MASK_WEIGHT)
         gradient_step(model, a_opt, a_params, batch, device, MASK_WEIGHT, clip=False)
     before = peak_memory_mib(device)  # the model's, optimisers' and the batch's
-    seconds = time_alternately(dict(step=step), device, calls, rounds=1)[0]["step"]
+    seconds = time_alternately(dict(step=step), device, calls, rounds=1)["step"]
     b, peak = args.batch_size, peak_memory_mib(device)
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile() as prof:
         step()
         sync(device)
     events = prof.key_averages()
@@ -462,10 +429,10 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=bounded(int, 0), help="default 0")
     g.add_argument("--device", help="auto (CUDA if present; the default), cpu, cuda, cuda:1, ...")
     g.add_argument("--out", help="the genotype to write (and its picture, .png; default g.json)")
-    g.add_argument("--run-dir", help="checkpoint, log.jsonl, alpha.png (default runs/search; a new one beside it if it "
-                   "exists, unless --resume)")
+    g.add_argument("--run-dir", help="checkpoint and log.jsonl (default runs/search; a new one beside it if it exists, "
+                   "unless --resume)")
     g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/search.pt: the options "
-                   "given now, else its own (--resume --select pt --out g-pt.json: choose a finished search's cell again)")
+                   "given now, else its own")
     g = p.add_argument_group("extras")
     g.add_argument("--random-genotype", type=bounded(int, 0), metavar="SEED", help="write a random genotype (no search) "
                    "and exit")
@@ -500,10 +467,8 @@ def main(argv=None):
         return benchmark(args, device)
     state = None
     if args.resume:  # the saved configuration, but for the options given now
-        path = os.path.join(args.run_dir, "search.pt")
-        args, state = resume(path, {k: v for k, v in vars(given).items() if v not in (None, False)}, vars(args),
+        args, state = resume(os.path.join(args.run_dir, "search.pt"), given, vars(args),
                              ("epoch", "step", "means", "w_opt", "a_opt"), BUILT_IN)
-        trim_log(os.path.join(args.run_dir, "log.jsonl"), state["epoch"])
     else:
         args.run_dir = new_run_dir(args.run_dir)
     print(f"run folder: {args.run_dir}")

@@ -1069,7 +1069,7 @@ def test_predict_scores_videos_photos_and_folders_and_reports_the_rest(trained, 
         train.main(["--predict", str(tmp_path / "missing.mp4"), "--checkpoint", os.path.join(trained["add"], "best.pt")])
 
 
-@pytest.mark.parametrize("arch", ["xception", "efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5",
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5",
                                   "shufflenet_v2_x1_0", "mnasnet0_5", "resnet18", "vgg16"])
 def test_the_hand_designed_networks_train_in_the_harness_of_add(arch):
     torch.manual_seed(0)
@@ -1087,8 +1087,6 @@ def test_the_hand_designed_networks_train_in_the_harness_of_add(arch):
     optimizer, _ = train.make_optimizer(model, args)
     ce, mse, _ = add.gradient_step(model.train(), optimizer, list(model.parameters()), tiny_batch(4, 32), CPU, 0.0).tolist()
     assert math.isfinite(ce) and mse == 0 and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    if arch == "xception":  # Keras's Xception: 22,855,952 parameters at 1000 classes; a 2-class head has 998 x 2049 fewer
-        assert add.count_parameters(add.xception(1000)) == 22_855_952 == add.count_parameters(model) + 998 * 2049
 
 
 def last_map(net):
@@ -1195,17 +1193,6 @@ def test_the_benchmarks_time_add_against_resnet18_and_a_search_step(genotype_fil
     out = capsys.readouterr().out
     assert set(result) == {"add", "resnet18"} and all(v["training"] > 0 and v["inference"] > 0 for v in result.values())
     assert "add / resnet18: training " in out and re.search(r"search step .* ms, .* peak memory .* \d+ operator calls", out)
-
-
-@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="torch.compile needs a C compiler")
-def test_compile_runs_a_training_step():
-    # the smallest ADD: one cell of identity edges (still the stem, the cell's 1x1 convolutions, both heads):
-    # inductor compiles its training step in ~10 s on 2 cores
-    cheap = ops.Genotype(*[tuple(("skip_connect", i) for node in range(4) for i in (0, 1))] * 2)
-    model = add.prepare_model(add.ADD(cheap, 4, add.d2_layout(1, 1), 2), CPU, compile=True)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-    terms = [add.gradient_step(model, optimizer, list(model.parameters()), tiny_batch(4, 32), CPU, 1.0) for _ in range(2)]
-    assert all(torch.isfinite(t).all() for t in terms) and terms[1][2] != terms[0][2]
 
 
 def test_training_checks_its_batch_a_new_run_never_overwrites_an_earlier_one(tmp_path, genotype_file, capsys, monkeypatch):

@@ -41,7 +41,7 @@ from add import (ADD, BASELINES, DEMO_SIZE, PAPER_SIZE, Baseline, Diverged, Run,
                  count_parameters, d2_layout, epoch_generator, figure, fold_batchnorm, gradient_step, load_checkpoint,
                  load_state, loader, loader_workers, new_run_dir, open_split, peak_memory_mib, pick_device, prepare_model,
                  random_batch, resolve_defaults, restore, resume, save_checkpoint, save_figure, scale_milestones,
-                 time_alternately, to_device, trim_log, write_config)
+                 time_alternately, to_device, write_config)
 from masks import METHODS, READ_ERRORS, parse_methods, read_faces
 from ops import InputError, Parser, atomic_write, bounded, genotype_from_dict, genotype_origin, load_genotype
 
@@ -164,7 +164,7 @@ def fit(args, state, rank, world, device):
     genotype = (genotype_from_dict(state["genotype"], "checkpoint") if state and state["genotype"]
                 else load_genotype(args.genotype) if args.arch == "add" else None)
     (train_set, val_set), (test_set, test_name) = datasets(args), test_split(args)
-    model = prepare_model(build_model(vars(args), genotype), device, args.compile)
+    model = prepare_model(build_model(vars(args), genotype), device)
     optimizer, scheduler = make_optimizer(model, args)
     start, best = (state["epoch"], state["best_auc"]) if state else (0, -1.0)
     if state:  # a resumed run: the model, optimizer, scheduler and generator as they were
@@ -198,8 +198,7 @@ def fit(args, state, rank, world, device):
 # ==============================================================================================
 # Below: not the paper's method.
 
-# The settings on a real dataset (the paper's, Sec. IV-B, but for the lr: README, Departures) and on the built-in
-# data (a demo sized for 2 CPU cores); flags override both.
+# Real data: the paper's settings (Sec. IV-B) but for the lr (README, Departures); the built-in data: a demo for 2 cores
 REAL_DATA = dict(PAPER_SIZE, image_size=256, batch_size=96, lr=5e-4, epochs=300, milestones=[80, 140])
 DEMO = dict(DEMO_SIZE, image_size=64, batch_size=32, lr=1e-3, epochs=12, milestones=[200, 280], videos=160, frames=4)
 DEFAULTS = dict(arch="add", mask_weight=1.0, optimizer="adam", seed=0, device="auto")
@@ -321,13 +320,12 @@ def eval_only(args, model, state, device):
 
 def print_table(rows):
     """rows: {name: metrics} -> one line each."""
-    cols = ["frames", "videos"] + [f"{u}_{k}" for u in ("frame", "video") for k in ("acc", "bacc", "auc", "ap", "eer")]
-    width = max(len(name) for name in rows) + 2
+    cols, width = ["frames", "videos"] + [f"{u}_{k}" for u in ("frame", "video") for k in ("acc", "bacc", "auc", "ap", "eer")], \
+        max(len(name) for name in rows) + 2
     print(" " * width + "".join(f"{c:>11s}" for c in cols))
     for name, m in rows.items():
-        cells = [f"{m[c]:>11d}" if isinstance(m[c], int) else f"{'n/a':>11s}" if m[c] is None else f"{m[c]:>11.4f}"
-                 for c in cols]
-        print(f"{name:<{width}s}" + "".join(cells))
+        print(f"{name:<{width}s}" + "".join(f"{m[c]:>11d}" if isinstance(m[c], int) else f"{'n/a':>11s}" if m[c] is None
+                                            else f"{m[c]:>11.4f}" for c in cols))
 
 
 def draw_faces(path, faces, ms, captions, title=None, hulls=None):
@@ -361,7 +359,7 @@ def genotype_dict(genotype):
     return None if genotype is None else {k: [list(p) for p in v] for k, v in genotype._asdict().items()}
 
 
-def model_from_checkpoint(path, device, compile=False):
+def model_from_checkpoint(path, device):
     """A train.py checkpoint -> (its network for inference: BatchNorm folded; its configuration; its state)."""
     state = load_checkpoint(path)
     cfg = state.get("config") if isinstance(state, dict) else None
@@ -376,7 +374,7 @@ def model_from_checkpoint(path, device, compile=False):
                          f"train it again")
     model = build_model(cfg, genotype_from_dict(state["genotype"], path) if state.get("genotype") else None)
     load_state(model, state["model"], path)
-    return prepare_model(fold_batchnorm(model), device, compile).eval(), cfg, state
+    return prepare_model(fold_batchnorm(model), device).eval(), cfg, state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,9 +430,7 @@ def predict_files(args, model, device, k=8):
 
 
 # ----------------------------------------------------------------------------------------------
-# --compare: runs grouped into architectures (all but their seeds the same), the architecture as the unit
-
-# What makes a run's network, data and training, but for its seeds and lr (--compare groups by these and the cells)
+# --compare: runs grouped by what makes their network, data and training (but seeds and lr), and their cells
 COMPARE_KEYS = ("arch", "channels", "cells_per_block", "stem_reductions", "image_size", "small_input", "mask_weight",
                 "no_mask_branch", "data", "methods", "synthetic", "videos", "frames", "batch_size", "epochs", "milestones",
                 "optimizer")
@@ -500,10 +496,8 @@ def compare_row(runs):
 
 def verdicts(rows):
     """The architecture (a row) as the unit: searched minus random and minus hand-designed, Welch's 95%
-    interval over the rows' mean test frame AUC; each searched row minus each hand-designed one paired
-    by seed (the same --seed and --data-seed), Student's 95% interval over the differences. Rows that
-    differ only in lr are a sweep: the lr of the best mean validation AUC is printed instead (runs at
-    it, of other seeds, are then compared)."""
+    interval over the rows' mean test AUC; each searched row minus each hand-designed one paired by seed
+    (Student's 95% interval). Rows that differ only in lr are a sweep: its pick (best validation AUC)."""
     from scipy.stats import ttest_1samp, ttest_ind
     sweeps = {}
     for r in rows:
@@ -552,18 +546,17 @@ def benchmark(args, device, calls=10, rounds=3):
     for arch in dict.fromkeys((args.arch, "resnet18")):
         cfg = dict(vars(args), arch=arch, mask_weight=args.mask_weight if arch == "add" else 0.0)
         genotype = load_genotype(args.genotype) if arch == "add" else None
-        model, folded = (prepare_model(f(build_model(cfg, genotype)), device, args.compile) for f in (lambda m: m, fold_batchnorm))
+        model, folded = (prepare_model(f(build_model(cfg, genotype)), device) for f in (lambda m: m, fold_batchnorm))
         optimizer, _ = make_optimizer(model, args)
         steps[arch, "training"] = lambda m=model, o=optimizer, w=cfg["mask_weight"]: \
             gradient_step(m.train(), o, list(m.parameters()), batch, device, w)
         steps[arch, "inference"] = lambda f=torch.no_grad()(folded), x=to_device(batch, device)[0]: f(x)
         sizes[arch] = count_parameters(model)
-    seconds, warm = time_alternately(steps, device, calls, rounds)
+    seconds = time_alternately(steps, device, calls, rounds)
     result = {arch: {kind: args.batch_size / s for (a, kind), s in seconds.items() if a == arch} for arch in sizes}
     for arch, r in result.items():
         print(f"{arch} ({sizes[arch] / 1e6:.2f} M parameters), batch {args.batch_size}, {args.image_size} px, on {device}: "
-              f"training {r['training']:.1f} images/s, inference {r['inference']:.1f} images/s (BatchNorm folded)"
-              + (f"; compilation {warm[arch, 'training']:.0f} s + {warm[arch, 'inference']:.0f} s" if args.compile else ""))
+              f"training {r['training']:.1f} images/s, inference {r['inference']:.1f} images/s (BatchNorm folded)")
     if len(result) == 2:
         (a, ra), (o, ro) = result.items()
         print(f"{a} / {o}: training {ra['training'] / ro['training']:.2f}x, inference {ra['inference'] / ro['inference']:.2f}x "
@@ -577,7 +570,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("the paper's network and training (Sec. III-B to IV-B; on the built-in data: the demo's sizes)")
     g.add_argument("--genotype", help="g.json from search.py (needed for --arch add)")
     g.add_argument("--arch", choices=("add",) + BASELINES, help="add (the default), or a torchvision network trained from "
-                   "scratch in the same harness (Table IV: resnet18, resnet152, vgg16, xception; and small ones of the field)")
+                   "scratch in the same harness (Table IV: resnet18, resnet152, vgg16; and small ones of the field)")
     g.add_argument("--channels", type=bounded(int, 1), help="C of the first block (48: ~5 M parameters, paper: 5.6 M; demo: 16)")
     g.add_argument("--cells-per-block", type=bounded(int, 1), help="N normal cells per D^2 block (paper: 4, Sec. IV-D); demo: 1")
     g.add_argument("--mask-weight", type=bounded(float, 0), help="alpha of Eq. 7 (paper and default: 1; Fig. 5: 0.1, 10; "
@@ -604,7 +597,6 @@ def parse_args(argv=None):
     g.add_argument("--device", help="auto (CUDA if present; the default), cpu, cuda, ...")
     g.add_argument("--out", help="run folder (default runs/train, runs/eval, ...; a new one beside it if it exists)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt: the options given now, else its own")
-    g.add_argument("--compile", action="store_true", help="torch.compile the network (inductor; minutes of compilation)")
     g = p.add_argument_group("extras: evaluation, prediction, comparison, speed")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on a test split (its run's by default)")
     g.add_argument("--checkpoint", help="with --eval-only or --predict: a best.pt or last.pt written by train.py")
@@ -653,7 +645,7 @@ def main(argv=None):
         return compare(args)
     if args.eval_only or args.predict:  # the checkpoint's network, and its data unless given
         device = pick_device(args.device)
-        model, cfg, state = model_from_checkpoint(args.checkpoint, device, args.compile)
+        model, cfg, state = model_from_checkpoint(args.checkpoint, device)
         args = configure(argparse.Namespace(**vars(given)), cfg)
         args.out = new_run_dir(args.out)
         print(f"run folder: {args.out}", flush=True)
@@ -666,10 +658,8 @@ def main(argv=None):
         state = None
         if args.resume:
             path = os.path.join(args.out, "last.pt")
-            args, state = resume(path, {k: v for k, v in vars(given).items() if v not in (None, False)}, vars(args),
-                                 ("optimizer", "scheduler", "epoch", "best_auc"), BUILT_IN)
+            args, state = resume(path, given, vars(args), ("optimizer", "scheduler", "epoch", "best_auc"), BUILT_IN, rank == 0)
             if rank == 0:
-                trim_log(os.path.join(args.out, "log.jsonl"), state["epoch"])
                 print(f"resumed {path} at epoch {state['epoch']}" + (" (complete: the test runs)" if state["epoch"] == args.epochs else ""))
         elif rank == 0:
             args.out = new_run_dir(args.out)
