@@ -35,6 +35,7 @@ from ops import STEPS, Cell, InputError, atomic_write, bounded, genotype_edges, 
 GRAD_CLIP = 5.0  # gradient norm of every w update (DARTS's value; the paper does not say)
 PAPER_SIZE = dict(channels=48, cells_per_block=4, stem_reductions=3)  # the paper's network at 256 px: N 4 (Sec. IV-D), C 48
 DEMO_SIZE = dict(channels=16, cells_per_block=1, stem_reductions=2)  # the demo's at 64 px
+BLOCKS = 3  # D^2 blocks (Fig. 2)
 
 
 def d2_layout(blocks, cells_per_block):
@@ -122,17 +123,15 @@ def add_loss(ce, mse, mask_weight):
     return ce if mse is None else ce + mask_weight * mse  # Eq. 7
 
 
-def gradient_step(model, optimizer, params, batch, device, mask_weight, flips=None, weights=None, penalty=None,
-                  clip=True):
+def gradient_step(model, optimizer, params, batch, device, mask_weight, flips=None, penalty=None, clip=True):
     """One update of `params` on one batch with the loss of Eq. 7 -> the detached (CE, MSE, loss) on
     the device (MSE 0 without a mask branch). In the search it is Eq. 3's L(y; F(x, alpha, w)): w on
     a training batch (Algorithm 1, lines 2-4) or alpha on a validation batch (lines 5-7), and only
-    the gradients of `params` are computed, so the alpha step does not pay for w's. weights: the
-    architecture's (None: the network's own); penalty: a term added to the loss (search.py's
-    parameter term); clip: the gradient norm to GRAD_CLIP (w's updates)."""
+    the gradients of `params` are computed, so the alpha step does not pay for w's. penalty: a term
+    added to the loss (search.py's parameter term); clip: the gradient norm to GRAD_CLIP (w's updates)."""
     x, M, y = to_device(batch, device, flips)  # faces (B, 3, H, W), hull masks M (B, 1, H, W), labels (B,)
     with autocast(device):
-        logits, m = model(x) if weights is None else model(x, weights)
+        logits, m = model(x)
     ce, mse = loss_terms(logits, m, y, M)
     loss = add_loss(ce, mse, mask_weight)  # Eq. 3: L(y; F(x, alpha, w)), the network's own loss (Eq. 7)
     if penalty:
@@ -162,7 +161,7 @@ class Baseline(nn.Module):
     returning (logits, None): Eq. 4 alone. ADD's rule for every network: BatchNorm momentum 0.1
     (torchvision's mnasnet keeps 0.0003), no dropout or stochastic depth (ADD has none), the last layer
     initialised as nn.Linear (mnasnet's and efficientnet's scale with 1/classes: the CE would start at
-    3.8), Adam with weight decay on every parameter (make_optimizer). small_input: the first stride-2
+    3.8), Adam with weight decay on every parameter (train.make_optimizer). small_input: the first stride-2
     layer at stride 1 (a pool removed), as CIFAR variants do: a 64 px face ends on 4x4, as in ADD."""
     def __init__(self, arch, small_input=False):
         super().__init__()
@@ -419,13 +418,14 @@ def load_checkpoint(path):
         raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
 
 
-def resume(path, given, expected, needed, built_in, trim=True):
+def resume(path, given, expected, needed, built_in, schedule, trim=True):
     """--resume: the checkpoint at path, and the configuration to continue with: the options given on
     this command line win, else the checkpoint's (expected: the options of a run of this version;
     needed: the state's keys besides the model). A checkpoint of another script, or of a version that
     lacks an option or set one this version builds in (built_in: name -> value) otherwise, is an
-    InputError. The log beside it is trimmed to its epochs (trim_log). -> (configuration, state)"""
-    state, given = load_checkpoint(path), {k: v for k, v in vars(given).items() if v not in (None, False)}
+    InputError; so is a change to an option the restored optimizers and schedules hold (schedule).
+    The log beside it is trimmed to its epochs (trim_log). -> (configuration, state)"""
+    state, given = load_checkpoint(path), {k: v for k, v in vars(given).items() if v is not None and v is not False}
     saved = state.get("config") if isinstance(state, dict) else None
     lacking = [k for k in ("model", *needed) if k not in state] if isinstance(saved, dict) else ["config"]
     if lacking:
@@ -436,6 +436,10 @@ def resume(path, given, expected, needed, built_in, trim=True):
     if missing or changed:
         why = f"its configuration has no {', '.join(missing[:3])}" if missing else f"it ran with {', '.join(changed)}"
         raise InputError(f"{path}: written by another version of this script ({why}); start a new run")
+    kept = [k for k in schedule if k in given and given[k] != saved.get(k)]
+    if kept:
+        raise InputError(f"{path}: its optimizer and schedule hold --{kept[0].replace('_', '-')} {saved.get(kept[0])}, "
+                         "and a resumed run keeps them; start a new run to change it")
     if trim:
         trim_log(os.path.join(os.path.dirname(path), "log.jsonl"), state["epoch"])
     return argparse.Namespace(**{**{k: saved.get(k) for k in expected}, **given}), state
@@ -499,9 +503,8 @@ def to_device(batch, device, flips=None):
     """A loader's (image uint8 (B, 3, H, W), mask uint8 (B, 1, H, W), label (B,), video) -> x float in
     [0, 1] channels_last, M float in {0, 1}, y, on the device (uint8 is a quarter of float32's bytes
     through workers and pinned memory). flips: the training augmentation's generator, or None."""
-    x, M, y = batch[0], batch[1], batch[2]
-    x = x.to(device, non_blocking=True, memory_format=torch.channels_last).float().div_(255)
-    M, y = M.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
+    x = batch[0].to(device, non_blocking=True, memory_format=torch.channels_last).float().div_(255)
+    M, y = batch[1].to(device, non_blocking=True).float(), batch[2].to(device, non_blocking=True)
     return (*random_flips(x, M, flips), y) if flips is not None else (x, M, y)
 
 
@@ -546,7 +549,7 @@ def fold_batchnorm(model):
     nn.Sequential; a hand-designed network's (torchvision's ResNet holds its own as attributes) are found
     by torch.fx's tracing. In place; returns the model in eval mode."""
     model.eval()
-    if not isinstance(model, ADD):  # train.Baseline
+    if not isinstance(model, ADD):  # a Baseline
         model.net = fuse(model.net)
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         for i in range(len(seq) - 1):

@@ -95,22 +95,21 @@ def face_finder():
     return FaceFinder()
 
 
-def hull_mask(points, height, width=None):
+def hull_mask(points, size):
     """M of Sec. III-C: 1 inside the convex hull of the points (N, 2) (x, y in pixels, as dlib reports
-    them), 0 outside -> (height, width) uint8. A pixel is inside when its centre meets every facet's
+    them), 0 outside -> (size, size) uint8. A pixel is inside when its centre meets every facet's
     a*x + b*y + c <= 0 (PIL's polygon fill would paint every pixel the outline touches too)."""
-    width = width or height
     facets = ConvexHull(points).equations  # Sec. III-C: the convex hull of the keypoints, (K, 3) facets
-    x0, y0 = np.clip(np.floor(points.min(0)).astype(int), 0, [width, height])
-    x1, y1 = np.clip(np.ceil(points.max(0)).astype(int) + 1, 0, [width, height])
+    x0, y0 = np.clip(np.floor(points.min(0)).astype(int), 0, size)
+    x1, y1 = np.clip(np.ceil(points.max(0)).astype(int) + 1, 0, size)
     ys, xs = np.mgrid[y0:y1, x0:x1]
     inside = (xs[..., None] * facets[:, 0] + ys[..., None] * facets[:, 1] + facets[:, 2] <= 1e-6).all(-1)
-    mask = np.zeros((height, width), np.uint8)
+    mask = np.zeros((size, size), np.uint8)
     mask[y0:y1, x0:x1] = inside
     return mask
 
 
-def crop_face(image, face, size=256, scale=1.3):
+def crop_face(image, face, size=CROP_SIZE, scale=1.3):
     """FaceForensics++'s crop: a square of `scale` x the detection's larger side around its centre,
     black where it leaves the frame, resized -> (crop (size, size, 3) uint8, landmarks in crop pixels)."""
     x0, y0, x1, y1 = face.box
@@ -351,9 +350,9 @@ def prepare_video(video, root, settings):
             atomic_write(mask_file, lambda f: Image.fromarray(hull_mask(points, size) * 255).save(f, "PNG"))
             record["frames"].append(i)
     except READ_ERRORS as e:
-        record.update(reason=f"unreadable video ({type(e).__name__}: {e})", retry=True)
+        record.update(reason=f"unreadable video ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})", retry=True)
     except Exception as e:  # one video's failure, whatever it is, is that video's recorded reason
-        record["reason"] = f"failed ({type(e).__name__}: {e})"
+        record["reason"] = f"failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
     if not record["reason"] and not record["frames"]:
         record["reason"] = f"no face in any of its {seen} frames" if seen else "no frames decoded"
     atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))

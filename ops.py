@@ -61,7 +61,7 @@ class FactorizedReduce(nn.Module):
     def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, ceil(H/2), ceil(W/2))
         x = self.relu(x)
         even, odd = x[:, :, ::2, ::2], x[:, :, 1::2, 1::2]  # the grid a stride-2 conv reads, and the one offset by one
-        odd = F.pad(odd, (0, even.shape[3] - odd.shape[3], 0, even.shape[2] - odd.shape[2]))  # odd H, W: zeros, as before
+        odd = F.pad(odd, (0, even.shape[3] - odd.shape[3], 0, even.shape[2] - odd.shape[2]))  # odd H, W: a zero row/column
         return self.bn(torch.cat([self.conv1(even), self.conv2(odd)], dim=1))
 
 

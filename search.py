@@ -7,7 +7,7 @@
 Below the divider: the settings (the paper's and the departures: README) and what the paper does
 not describe: a step budget, the checkpoint and the log, the parameter term, pictures, the CLI.
 
-    python search.py                      # built-in synthetic data, demo configuration (~5 min, 2 CPU cores)
+    python search.py                      # built-in synthetic data, demo configuration (~3.5 min, 2 CPU cores)
     python search.py --data ff++          # real data: 256 px, batch 8, 300 epochs of at most 200 steps
     python search.py --data ff++ --paper  # the paper's own settings (Sec. IV-B)
     python search.py --resume             # continue a stopped search from runs/search/search.pt, at its step
@@ -24,10 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from add import (ADD, DEMO_SIZE, PAPER_SIZE, Diverged, Run, Stopped, add_data_arguments, append_log, count_parameters,
-                 d2_layout, epoch_generator, figure, gradient_step, loader, loader_workers, new_run_dir, open_split,
-                 peak_memory_mib, pick_device, prepare_model, random_batch, resolve_defaults, restore, resume,
-                 save_checkpoint, save_figure, scale_milestones, sync, time_alternately, write_config)
+from add import (ADD, BLOCKS, DEMO_SIZE, GRAD_CLIP, PAPER_SIZE, Diverged, Run, Stopped, add_data_arguments, append_log,
+                 count_parameters, d2_layout, epoch_generator, figure, gradient_step, loader, loader_workers,
+                 new_run_dir, open_split, peak_memory_mib, pick_device, prepare_model, random_batch, resolve_defaults,
+                 restore, resume, save_checkpoint, save_figure, scale_milestones, sync, time_alternately, write_config)
 from masks import parse_methods
 from ops import (OPS, PRIMITIVES, STEPS, Genotype, InputError, Parser, bounded, node_softmax, random_genotype,
                  save_genotype, search_edges)
@@ -39,10 +39,10 @@ class SearchNetwork(nn.Module):
     """The one-shot network of Algorithm 1: ADD with every edge a MixedOp, reductions at 1/3 and 2/3 of the
     depth, and alpha (shared by all normal cells, and by all reduction cells); with partial channels
     (PC-DARTS) also beta, a weight an edge. Both are nn.Parameters: the checkpoint carries them."""
-    def __init__(self, C, cells, stem_reductions, mask=True, partial=1):
+    def __init__(self, C, cells, stem_reductions, partial=1):
         super().__init__()
         layout = [i in (cells // 3, 2 * cells // 3) for i in range(cells)]
-        self.net = ADD(None, C, layout, stem_reductions, mask, partial=partial)
+        self.net = ADD(None, C, layout, stem_reductions, True, partial=partial)
         shape = (len(search_edges()), len(PRIMITIVES))  # (14, 11)
         self.alpha_normal = nn.Parameter(1e-3 * torch.randn(shape))
         self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(shape))
@@ -57,8 +57,8 @@ class SearchNetwork(nn.Module):
         return tuple((getattr(self, f"alpha_{kind}").softmax(-1),
                       node_softmax(getattr(self, f"beta_{kind}")) if self.partial > 1 else None) for kind in CELL_TYPES)
 
-    def forward(self, x, weights=None):
-        return self.net(x, self.cell_weights() if weights is None else weights)
+    def forward(self, x):
+        return self.net(x, self.cell_weights())
 
     def arch_parameters(self):
         return [p for name, p in self.named_parameters() if name.startswith(("alpha_", "beta_"))]
@@ -140,21 +140,23 @@ DEMO = dict(REAL_DATA, image_size=64, stem_reductions=2, channels=8, cells=5, ba
             alpha_milestones=[200, 280], videos=160, frames=4, warmup=0.4, partial_channels=1, steps_per_epoch=0)
 DEFAULTS = dict(seed=0, device="auto", out="g.json", run_dir="runs/search", alpha_loss="eq7")
 W_LR_BATCH = 64  # --w-lr is for batches of 64 and scales linearly to --batch-size (DARTS's 0.025 per 64)
-W_MOMENTUM, ALPHA_LR, WEIGHT_DECAY = 0.9, 0.02, 5e-4  # Sec. IV-B: momentum SGD for w, Adam at 0.02 for alpha, both 5e-4
+W_MOMENTUM, ALPHA_LR, WEIGHT_DECAY = 0.9, 0.02, 5e-4  # Sec. IV-B: momentum SGD for w, Adam at 0.02 for alpha; DARTS's decay
 W_LR_END = 0.01  # w's cosine ends at this fraction of its lr (the paper does not say; DARTS: 0.04)
 MASK_WEIGHT = 1.0  # Eq. 7's alpha in the search (Sec. IV-C: 1)
 PARAM_TARGET = 5.6e6  # the parameter term's target: Table IV's ADD
+OPTIMIZERS = ("w_opt", "a_opt", "w_sched", "a_sched")  # their keys in search.pt
 CHECKPOINT_EVERY = 100  # steps; also at each epoch's end and at the step a stop signal comes
-# Options of earlier versions that this one builds in: a checkpoint that set them otherwise cannot resume
+# Options that are constants here: a checkpoint that set them otherwise cannot resume
+SCHEDULE = ("w_lr", "batch_size", "alpha_betas", "epochs", "warmup", "steps_per_epoch", "paper")  # the restored ones'
 BUILT_IN = dict(w_optimizer="sgd", momentum=W_MOMENTUM, alpha_lr=ALPHA_LR, weight_decay=WEIGHT_DECAY, w_lr_batch=W_LR_BATCH,
-                w_lr_min=W_LR_END, mask_weight=MASK_WEIGHT, param_target=PARAM_TARGET, grad_clip=5.0, warmup_epochs=None,
+                w_lr_min=W_LR_END, mask_weight=MASK_WEIGHT, param_target=PARAM_TARGET, grad_clip=GRAD_CLIP, warmup_epochs=None,
                 no_flips=False, no_mask_branch=False, compile=False)
 
 
 def build(args, device, steps):
     """The search network, the two optimizers and their schedulers (Sec. IV-B and the departures),
     and the warm-up in steps: the first --warmup of all steps (never all of them)."""
-    model = prepare_model(SearchNetwork(args.channels, args.cells, args.stem_reductions, True, args.partial_channels), device)
+    model = prepare_model(SearchNetwork(args.channels, args.cells, args.stem_reductions, args.partial_channels), device)
     w_lr = args.w_lr * (args.batch_size / W_LR_BATCH)
     w_opt = torch.optim.SGD(model.net.parameters(), w_lr, momentum=W_MOMENTUM, weight_decay=WEIGHT_DECAY)
     a_opt = torch.optim.Adam(model.arch_parameters(), ALPHA_LR, betas=tuple(args.alpha_betas), weight_decay=WEIGHT_DECAY)
@@ -193,7 +195,7 @@ def begin(args, model, optimizers, state, steps, one_pass, warmup):
     start = dict(epoch=0, step=0, means=None)
     path = os.path.join(args.run_dir, "search.pt")
     if state:
-        restore(state, dict(zip(("model", "w_opt", "a_opt", "w_sched", "a_sched"), (model, *optimizers))), path)
+        restore(state, dict(zip(("model", *OPTIMIZERS), (model, *optimizers))), path)
         start = {k: state[k] for k in start}
         print(f"resumed {path} at epoch {state['epoch'] + 1}, step {state['step']}")
     total, done = args.epochs * steps, start["epoch"] * steps + start["step"]
@@ -208,20 +210,17 @@ def begin(args, model, optimizers, state, steps, one_pass, warmup):
 def epoch_start(args, model, loaders, start, epoch, device):
     """The epoch's first step (the saved one in the resumed epoch; its batches depend on (seed, epoch)
     only) and its running sums."""
-    resumed = epoch == start["epoch"]
-    first = start["step"] if resumed else 0
+    first, means = (start["step"], start["means"]) if epoch == start["epoch"] else (0, None)
     for data in loaders:
         data.sampler.set_epoch(epoch, first * args.batch_size)
     model.train()
-    return first, Sums(device, start["means"] if resumed else None)
+    return first, Sums(device, means)
 
 
 def save(args, model, optimizers, epoch, step, sums):
     """search.pt: everything a resumed search needs to continue at (epoch, step) as if never stopped."""
-    w_opt, a_opt, w_sched, a_sched = optimizers
-    save_checkpoint(dict(model=model.state_dict(), w_opt=w_opt.state_dict(), a_opt=a_opt.state_dict(),
-                         w_sched=w_sched.state_dict(), a_sched=a_sched.state_dict(), epoch=epoch, step=step,
-                         means=sums.state() if sums else None, rng=torch.get_rng_state(), config=vars(args)),
+    save_checkpoint(dict(model=model.state_dict(), **{k: o.state_dict() for k, o in zip(OPTIMIZERS, optimizers)}, epoch=epoch,
+                         step=step, means=sums.state() if sums else None, rng=torch.get_rng_state(), config=vars(args)),
                     os.path.join(args.run_dir, "search.pt"))
 
 
@@ -298,7 +297,7 @@ def parameter_costs(cfg=PAPER_SIZE):
     5.6 M), split into what every genotype has (stem, the cells' 1x1 pre-processing, the heads) and,
     per cell type, a table (n_edges, n_ops): what operation o on search edge k adds, summed over the
     cells of that type. -> (base, {"normal": table, "reduce": table})."""
-    layout = d2_layout(3, cfg["cells_per_block"])
+    layout = d2_layout(BLOCKS, cfg["cells_per_block"])
     empty = Genotype(*[(("none", 0), ("none", 1)) * STEPS] * 2)  # no operation on any edge
     base = count_parameters(ADD(empty, cfg["channels"], layout, cfg["stem_reductions"]))
     sizes, tables = {}, {kind: torch.zeros(len(search_edges()), len(PRIMITIVES)) for kind in CELL_TYPES}
@@ -365,7 +364,7 @@ def colour(op):
 
 def describe(genotype, path):
     """The line naming the files and the sizes of the network the genotype makes (the paper's, the demo's)."""
-    paper, demo = (count_parameters(ADD(genotype, c["channels"], d2_layout(3, c["cells_per_block"]), c["stem_reductions"]))
+    paper, demo = (count_parameters(ADD(genotype, c["channels"], d2_layout(BLOCKS, c["cells_per_block"]), c["stem_reductions"]))
                    for c in (PAPER_SIZE, DEMO_SIZE))
     return (f"wrote {path} and {os.path.splitext(path)[0]}.png: an ADD network of {paper / 1e6:.2f} M parameters at "
             f"the paper's size (C {PAPER_SIZE['channels']}, N {PAPER_SIZE['cells_per_block']}), {demo / 1e6:.2f} M "
@@ -468,7 +467,7 @@ def main(argv=None):
     state = None
     if args.resume:  # the saved configuration, but for the options given now
         args, state = resume(os.path.join(args.run_dir, "search.pt"), given, vars(args),
-                             ("epoch", "step", "means", "w_opt", "a_opt"), BUILT_IN)
+                             ("epoch", "step", "means", "w_opt", "a_opt"), BUILT_IN, SCHEDULE)
     else:
         args.run_dir = new_run_dir(args.run_dir)
     print(f"run folder: {args.run_dir}")

@@ -37,15 +37,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from add import (ADD, BASELINES, DEMO_SIZE, PAPER_SIZE, Baseline, Diverged, Run, Stopped, add_data_arguments, append_log,
-                 count_parameters, d2_layout, epoch_generator, figure, fold_batchnorm, gradient_step, load_checkpoint,
-                 load_state, loader, loader_workers, new_run_dir, open_split, peak_memory_mib, pick_device, prepare_model,
-                 random_batch, resolve_defaults, restore, resume, save_checkpoint, save_figure, scale_milestones,
-                 time_alternately, to_device, write_config)
-from masks import METHODS, READ_ERRORS, parse_methods, read_faces
+from add import (ADD, BASELINES, BLOCKS, DEMO_SIZE, GRAD_CLIP, PAPER_SIZE, Baseline, Diverged, Run, Stopped,
+                 add_data_arguments, append_log, count_parameters, d2_layout, epoch_generator, figure, fold_batchnorm,
+                 gradient_step, load_checkpoint, load_state, loader, loader_workers, new_run_dir, open_split,
+                 peak_memory_mib, pick_device, prepare_model, random_batch, resolve_defaults, restore, resume,
+                 save_checkpoint, save_figure, scale_milestones, time_alternately, to_device, write_config)
+from masks import CROP_SIZE, METHODS, READ_ERRORS, parse_methods, read_faces
 from ops import InputError, Parser, atomic_write, bounded, genotype_from_dict, genotype_origin, load_genotype
 
-BLOCKS = 3  # D^2 blocks (Fig. 2)
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # Sec. IV-B: "Adam with a momentum value of 0.9 and a weight decay of 0.0005"
 
 
@@ -109,12 +108,12 @@ def equal_error_rate(labels, probs):
     return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1])) if i > 0 else float(fpr[0])
 
 
-def scores(labels, probs, threshold=0.5):
+def scores(labels, probs):
     """ACC and AUC (Sec. IV-B): ACC at the threshold, ROC AUC; beside them balanced ACC (the mean of
     the per-class accuracies: FF++'s test split is 1 real to 4 fakes), AP (fake = positive) and EER.
     The ranking metrics are None when one class is missing."""
     from sklearn.metrics import average_precision_score, roc_auc_score
-    labels, correct = np.asarray(labels).round(), (np.asarray(probs) > threshold) == np.asarray(labels).round()
+    labels, correct = np.asarray(labels).round(), (np.asarray(probs) > THRESHOLD) == np.asarray(labels).round()
     out = dict(acc=float(correct.mean()), bacc=float(np.mean([correct[labels == c].mean() for c in np.unique(labels)])))  # ACC
     two = len(np.unique(labels)) == 2
     out.update(auc=float(roc_auc_score(labels, probs)) if two else None,  # AUC (Sec. IV-B)
@@ -161,7 +160,7 @@ def fit(args, state, rank, world, device):
     """Sec. IV-B's training: --epochs passes of Eq. 7, the lr / 10 at the milestones, validation after
     each epoch; the epoch of the best validation AUC is tested at the end. Stops, progress and the vote
     of several processes: add.Run; the epoch's end (checkpoints, the log): end_epoch."""
-    genotype = (genotype_from_dict(state["genotype"], "checkpoint") if state and state["genotype"]
+    genotype = (genotype_from_dict(state["genotype"], os.path.join(args.out, "last.pt")) if state and state["genotype"]
                 else load_genotype(args.genotype) if args.arch == "add" else None)
     (train_set, val_set), (test_set, test_name) = datasets(args), test_split(args)
     model = prepare_model(build_model(vars(args), genotype), device)
@@ -205,8 +204,9 @@ DEFAULTS = dict(arch="add", mask_weight=1.0, optimizer="adam", seed=0, device="a
 SMALL_INPUT_BELOW = 128  # px: ImageNet's strides (32x) would end a smaller face below 4x4 (--small-input's default)
 FIG9_FACES = 8  # test faces in masks.png (Fig. 9)
 THRESHOLD = 0.5  # p(fake) above which --predict calls an input fake
-# Options of earlier versions that this one builds in: a checkpoint that set them otherwise cannot resume
-BUILT_IN = dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, grad_clip=5.0, no_flips=False, blocks=BLOCKS, sync_bn=False)
+# Options that are constants here: a checkpoint that set them otherwise cannot resume
+BUILT_IN = dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, no_flips=False, blocks=BLOCKS, sync_bn=False)
+SCHEDULE = ("lr", "optimizer", "epochs", "milestones")  # what the restored optimizer and scheduler hold
 MODEL_KEYS = ("arch", "channels", "cells_per_block", "stem_reductions", "image_size", "mask_weight", "small_input")
 # --eval-only and --predict: the checkpoint's run's unless given (the same batches give bit-identical metrics)
 CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", "batch_size", "synthetic", "data_seed")
@@ -384,15 +384,15 @@ def score_input(model, path, args, device):
     """A video, folder of frames or photo -> dict(p_fake, verdict, frames_scored, frames, crops, m), or
     dict(reason) when it has no face or cannot be read."""
     try:
-        found = list(read_faces(path, args.frames, 256))
+        found = list(read_faces(path, args.frames))
     except Exception as e:  # one input's failure is reported on its line; the others still run
         what = "unreadable" if isinstance(e, READ_ERRORS) else "failed"
         return dict(reason=f"{what} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
     faces = [f for f in found if f[1] is not None]
     if not faces:
         return dict(reason=f"no face found in {len(found)} frame(s)" if found else "no frames decoded")
-    s = args.image_size  # the 256 px crop resized as the loaders resize prepared faces
-    crops = np.stack([np.asarray(Image.fromarray(c).resize((s, s), Image.BILINEAR)) if s != 256 else c for _, c, _, _ in faces])
+    s = args.image_size  # the CROP_SIZE crop resized as the loaders resize prepared faces
+    crops = np.stack([np.asarray(Image.fromarray(c).resize((s, s), Image.BILINEAR)) if s != CROP_SIZE else c for _, c, _, _ in faces])
     with torch.no_grad():
         logits, m = model(torch.from_numpy(crops).permute(0, 3, 1, 2).to(device, memory_format=torch.channels_last).float() / 255)
     p = logits.float().softmax(-1)[:, 1].cpu().numpy()
@@ -402,8 +402,8 @@ def score_input(model, path, args, device):
                 m=None if m is None else m[:, 0].float().cpu().numpy())
 
 
-def predict_files(args, model, device, k=8):
-    """--predict: a line an input, OUT/predictions.json, and a picture of up to K of each input's crops."""
+def predict_files(args, model, device):
+    """--predict: a line an input, OUT/predictions.json, and a picture of up to FIG9_FACES of each input's crops."""
     missing = [p for p in args.predict if not os.path.exists(p)]
     if missing:
         raise InputError(f"{missing[0]}: no such file or folder (expected a video, a folder of frames or a photo)")
@@ -417,7 +417,7 @@ def predict_files(args, model, device, k=8):
                 print(f"{path}: {result['reason']}")
             else:
                 picture = os.path.join(out, f"{n:03d}_{os.path.basename(os.path.normpath(path))}.png")
-                pick = np.linspace(0, len(result["crops"]) - 1, min(k, len(result["crops"]))).round().astype(int)
+                pick = np.linspace(0, len(result["crops"]) - 1, min(FIG9_FACES, len(result["crops"]))).round().astype(int)
                 draw_faces(picture, result["crops"][pick], None if result["m"] is None else result["m"][pick],
                            [f"frame {result['frames'][j]['frame']}\np(fake) {result['frames'][j]['p_fake']:.2f}" for j in pick],
                            f"{path}: p(fake) {result['p_fake']:.3f} ({result['verdict']})")
@@ -478,7 +478,7 @@ def compare_row(runs):
     """One group of runs (the same but for their seeds) -> its row."""
     _, cfg, metrics, _ = runs[0]
     add, origin = cfg["arch"] == "add", cfg.get("genotype_origin") or ""
-    kind = "hand-designed" if not add else "random" if origin == "random" else "searched" if origin.startswith("search") else "ADD"
+    kind = "hand-designed" if not add else "random" if origin == "random" else "searched" if origin == "search" else "ADD"
     failed = [run for run, _, _, log in runs if log[-1]["train_ce"] >= AT_CHANCE]
     kept = [(c, m) for run, c, m, _ in runs if run not in failed]
     frame, video = (np.array([m["test"][f"{level}_auc"] for _, m in kept], dtype=float) for level in ("frame", "video"))
@@ -595,7 +595,7 @@ def parse_args(argv=None):
     g.add_argument("--test-root", help="prepared folder of --test-data (default: data/<name>)")
     g.add_argument("--seed", type=bounded(int, 0), help="default 0")
     g.add_argument("--device", help="auto (CUDA if present; the default), cpu, cuda, ...")
-    g.add_argument("--out", help="run folder (default runs/train, runs/eval, ...; a new one beside it if it exists)")
+    g.add_argument("--out", help="run folder (default runs/train, runs/eval, ...; a new one beside it if it exists, unless --resume)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt: the options given now, else its own")
     g = p.add_argument_group("extras: evaluation, prediction, comparison, speed")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on a test split (its run's by default)")
@@ -629,8 +629,7 @@ def configure(args, cfg=None):
         raise InputError("--genotype: needed for --arch add; write one with: python search.py --out g.json")
     if args.arch != "add" or args.no_mask_branch:
         args.mask_weight = 0.0  # no mask branch: nothing for Eq. 5 to supervise
-    if args.small_input is None:
-        args.small_input = args.image_size < SMALL_INPUT_BELOW
+    args.small_input = args.image_size < SMALL_INPUT_BELOW if args.small_input is None else args.small_input
     args.out = args.out or os.path.join("runs", mode)
     args.genotype_origin = genotype_origin(args.genotype) if args.arch == "add" and args.genotype else None  # --compare's kind
     return args
@@ -658,7 +657,7 @@ def main(argv=None):
         state = None
         if args.resume:
             path = os.path.join(args.out, "last.pt")
-            args, state = resume(path, given, vars(args), ("optimizer", "scheduler", "epoch", "best_auc"), BUILT_IN, rank == 0)
+            args, state = resume(path, given, vars(args), ("optimizer", "scheduler", "epoch", "best_auc"), BUILT_IN, SCHEDULE, rank == 0)
             if rank == 0:
                 print(f"resumed {path} at epoch {state['epoch']}" + (" (complete: the test runs)" if state["epoch"] == args.epochs else ""))
         elif rank == 0:
