@@ -1,4 +1,4 @@
-"""Face data for ADD: the potential manipulation region's ground truth, faces, and the datasets.
+"""Face data for ADD: the potential manipulation region's ground truth and the faces.
 
 - FaceFinder: a light face detector and its facial keypoints (dlib's HOG detector, 68 landmarks).
 - hull_mask: M_i, 1 inside the convex hull of the keypoints and 0 outside (Sec. III-C).

@@ -146,8 +146,8 @@ MASK_WEIGHT = 1.0  # Eq. 7's alpha in the search (Sec. IV-C: 1)
 PARAM_TARGET = 5.6e6  # the parameter term's target: Table IV's ADD
 OPTIMIZERS = ("w_opt", "a_opt", "w_sched", "a_sched")  # their keys in search.pt
 CHECKPOINT_EVERY = 100  # steps; also at each epoch's end and at the step a stop signal comes
-# Options that are constants here: a checkpoint that set them otherwise cannot resume
 SCHEDULE = ("w_lr", "batch_size", "alpha_betas", "epochs", "warmup", "steps_per_epoch", "paper")  # the restored ones'
+# Options that are constants here: a checkpoint that set them otherwise cannot resume
 BUILT_IN = dict(w_optimizer="sgd", momentum=W_MOMENTUM, alpha_lr=ALPHA_LR, weight_decay=WEIGHT_DECAY, w_lr_batch=W_LR_BATCH,
                 w_lr_min=W_LR_END, mask_weight=MASK_WEIGHT, param_target=PARAM_TARGET, grad_clip=GRAD_CLIP, warmup_epochs=None,
                 no_flips=False, no_mask_branch=False, compile=False)

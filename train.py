@@ -202,8 +202,8 @@ REAL_DATA = dict(PAPER_SIZE, image_size=256, batch_size=96, lr=5e-4, epochs=300,
 DEMO = dict(DEMO_SIZE, image_size=64, batch_size=32, lr=1e-3, epochs=12, milestones=[200, 280], videos=160, frames=4)
 DEFAULTS = dict(arch="add", mask_weight=1.0, optimizer="adam", seed=0, device="auto")
 SMALL_INPUT_BELOW = 128  # px: ImageNet's strides (32x) would end a smaller face below 4x4 (--small-input's default)
-FIG9_FACES = 8  # test faces in masks.png (Fig. 9)
-THRESHOLD = 0.5  # p(fake) above which --predict calls an input fake
+FIG9_FACES = 8  # faces in masks.png (Fig. 9) and in --predict's picture
+THRESHOLD = 0.5  # p(fake) above which an input is called fake (ACC, --predict)
 # Options that are constants here: a checkpoint that set them otherwise cannot resume
 BUILT_IN = dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, no_flips=False, blocks=BLOCKS, sync_bn=False)
 SCHEDULE = ("lr", "optimizer", "epochs", "milestones")  # what the restored optimizer and scheduler hold
@@ -548,8 +548,8 @@ def benchmark(args, device, calls=10, rounds=3):
         genotype = load_genotype(args.genotype) if arch == "add" else None
         model, folded = (prepare_model(f(build_model(cfg, genotype)), device) for f in (lambda m: m, fold_batchnorm))
         optimizer, _ = make_optimizer(model, args)
-        steps[arch, "training"] = lambda m=model, o=optimizer, w=cfg["mask_weight"]: \
-            gradient_step(m.train(), o, list(m.parameters()), batch, device, w)
+        steps[arch, "training"] = lambda m=model, o=optimizer, p=list(model.parameters()), w=cfg["mask_weight"]: \
+            gradient_step(m.train(), o, p, batch, device, w)
         steps[arch, "inference"] = lambda f=torch.no_grad()(folded), x=to_device(batch, device)[0]: f(x)
         sizes[arch] = count_parameters(model)
     seconds = time_alternately(steps, device, calls, rounds)
@@ -602,7 +602,7 @@ def parse_args(argv=None):
     g.add_argument("--checkpoint", help="with --eval-only or --predict: a best.pt or last.pt written by train.py")
     g.add_argument("--predict", nargs="+", metavar="PATH", help="score videos, folders of frames or photos with --checkpoint")
     g.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="finished runs grouped by all but their seeds: a "
-                   "table (compare.csv), the verdicts, pareto.png (AUC against size)")
+                   "table, the verdicts, pareto.png (AUC against size)")
     g.add_argument("--benchmark", action="store_true", help="training and inference images/s against resnet18, then exit")
     return p.parse_args(argv)
 
