@@ -3,8 +3,8 @@
 - d2_layout, ADD: a stem, then D^2 blocks of N normal cells, a reduction cell between blocks, built
   from a genotype (ops.Cell); with genotype=None every edge is a MixedOp: the search network.
 - Heads: the mask head (m, Sec. III-C) and the classifier fed with f (Eq. 4) or f * m (Eq. 6).
-- loss_terms, add_loss: Eq. 5-7, CE' + alpha * MSE (this alpha weighs the mask loss: the paper reuses
-  the architecture's letter; the flag is --mask-weight).
+- loss_terms, add_loss: Eq. 5-7, CE' + alpha * MSE (this alpha weighs the mask loss: the paper
+  reuses the architecture's letter; the flag is --mask-weight).
 - gradient_step: one update on that loss: the search's w and alpha steps (Eq. 3), a training step.
 Below the divider, written once for both scripts: Table IV's networks, Run (stop signals, the vote
 of several processes, non-finite losses, progress), the data, checkpoints and resume, the device,
@@ -29,63 +29,77 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from masks import FFPP_METHODS, METHODS, SYNTHETIC_METHODS, SYNTHETIC_PRESETS, hull_mask, jpeg, synthetic_frame
-from ops import STEPS, Cell, InputError, atomic_write, bounded, genotype_edges, search_edges, usable_cpus
+from masks import (FFPP_METHODS, METHODS, SYNTHETIC_METHODS, SYNTHETIC_PRESETS, hull_mask, jpeg,
+                   synthetic_frame)
+from ops import (STEPS, Cell, InputError, atomic_write, bounded, genotype_edges, reason,
+                 search_edges, usable_cpus)
 
 GRAD_CLIP = 5.0  # gradient norm of every w update (DARTS's value; the paper does not say)
-PAPER_SIZE = dict(channels=48, cells_per_block=4, stem_reductions=3)  # the paper's network at 256 px: N 4 (Sec. IV-D), C 48
+# the paper's network at 256 px: N 4 (Sec. IV-D), C 48
+PAPER_SIZE = dict(channels=48, cells_per_block=4, stem_reductions=3)
 DEMO_SIZE = dict(channels=16, cells_per_block=1, stem_reductions=2)  # the demo's at 64 px
 BLOCKS = 3  # D^2 blocks (Fig. 2)
 
 
 def d2_layout(blocks, cells_per_block):
-    """Fig. 2(a): `blocks` D^2 blocks of N normal cells, a reduction cell between consecutive blocks.
-    d2_layout(3, 4) -> 4 normal, reduce, 4 normal, reduce, 4 normal (True marks a reduction cell)."""
+    """Fig. 2(a): `blocks` D^2 blocks of N normal cells, a reduction cell between consecutive
+    blocks. d2_layout(3, 4) -> 4 normal, reduce, 4 normal, reduce, 4 normal (True marks a reduction
+    cell)."""
     layout = []
     for b in range(blocks):
-        layout += [True] * (b > 0) + [False] * cells_per_block  # Fig. 2: a reduction cell, then a D^2 block
+        # a reduction cell, then a D^2 block
+        layout += [True] * (b > 0) + [False] * cells_per_block  # Fig. 2
     return layout
 
 
 def stem(C_out, reductions):
     """3x3 conv-BN(-ReLU) layers, one per halving (stride 2): 256 px faces -> 32x32 features with 3
     reductions; with 0, one stride-1 layer (3 -> C_out channels at full size). The paper does not
-    describe its stem: one chain ending at 3C channels (DARTS's stem multiplier), a layer a halving."""
+    describe its stem: one chain ending at 3C channels (DARTS's stem multiplier), a layer a
+    halving."""
     layers, C_in, n = [], 3, max(1, reductions)
     for i in range(n):
         C = C_out if i == n - 1 else C_out // 2
-        layers += [nn.Conv2d(C_in, C, 3, 2 if reductions else 1, 1, bias=False), nn.BatchNorm2d(C), nn.ReLU()]
+        layers += [nn.Conv2d(C_in, C, 3, 2 if reductions else 1, 1, bias=False), nn.BatchNorm2d(C),
+                   nn.ReLU()]
         C_in = C
     return nn.Sequential(*layers[:-1])  # the cells' ReLU-Conv-BN start with their own ReLU
 
 
 class Heads(nn.Module):
-    """The two heads on the last features f (Sec. III-B, III-C). Mask: m' = sigmoid(1x1 conv(f)) at f's
-    resolution, bilinearly up-sampled to the input's: m, compared with the hull mask M by Eq. 5. The
-    classifier: f * m' (Eq. 6), a 1x1 conv, global average pooling, two FC layers. mask=False: Eq. 4."""
+    """The two heads on the last features f (Sec. III-B, III-C). Mask: m' = sigmoid(1x1 conv(f)) at
+    f's resolution, bilinearly up-sampled to the input's: m, compared with the hull mask M by Eq. 5.
+    The
+    classifier: f * m' (Eq. 6), a 1x1 conv, global average pooling, two FC layers. mask=False: Eq.
+    4."""
     def __init__(self, C_in, hidden, mask):
         super().__init__()
         self.mask = nn.Conv2d(C_in, 1, 1) if mask else None
-        self.conv = nn.Sequential(nn.Conv2d(C_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.conv = nn.Sequential(nn.Conv2d(C_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
+                                  nn.ReLU())
         self.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
 
-    def forward(self, f, size):  # f (B, c, h', w'); size: the input's (H, W) -> logits (B, 2), m (B, 1, H, W) or None
-        # in fp32 even under bf16 autocast: bf16 logits (8 bits of mantissa) tie in blocks and bias AUC
+    # f (B, c, h', w'); size: the input's (H, W) -> logits (B, 2), m (B, 1, H, W) or None
+    def forward(self, f, size):
+        # in fp32 even under bf16 autocast: bf16 logits (8 bits of mantissa) tie in blocks and bias
+        # AUC
         with torch.autocast(f.device.type, enabled=False):
             f = f.float()
             if self.mask is None:
                 return self.classify(f), None  # Eq. 4: FC(f)
             m = torch.sigmoid(self.mask(f))  # (B, 1, h', w') in [0, 1]
             logits = self.classify(f * m)  # Eq. 6: FC(f * m), m at f's resolution (B, 1, h', w')
-            return logits, F.interpolate(m, size=size, mode="bilinear", align_corners=False)  # m at the input's size
+            # m at the input's size
+            return logits, F.interpolate(m, size=size, mode="bilinear", align_corners=False)
 
-    def classify(self, f):  # (B, c, h', w') -> (B, 2): 1x1 conv, global average pooling, two FC layers
+    # (B, c, h', w') -> (B, 2): 1x1 conv, global average pooling, two FC layers
+    def classify(self, f):
         return self.fc(self.conv(f).mean((2, 3)))
 
 
 class ADD(nn.Module):
-    """Fig. 2: stem -> cells (layout from d2_layout) -> heads. Returns (logits (B, 2), m (B, 1, H, W)
-    or None). Channels double at each reduction cell; each cell outputs STEPS * C channels.
+    """Fig. 2: stem -> cells (layout from d2_layout) -> heads. Returns (logits (B, 2), m (B, 1, H,
+    W) or None). Channels double at each reduction cell; each cell outputs STEPS * C channels.
     partial: the search network's partial channels (ops.MixedOp), unused with a genotype."""
     def __init__(self, genotype, C, layout, stem_reductions=3, mask=True, hidden=256, partial=1):
         super().__init__()
@@ -97,11 +111,13 @@ class ADD(nn.Module):
             C_cur *= 2 if reduction else 1
             cell = None if genotype is None else genotype.reduce if reduction else genotype.normal
             edges = search_edges() if cell is None else genotype_edges(cell)
-            self.cells.append(Cell(edges, C_pp, C_p, C_cur, reduction, reduction_prev, genotype is not None, partial))
+            self.cells.append(Cell(edges, C_pp, C_p, C_cur, reduction, reduction_prev,
+                                   genotype is not None, partial))
             C_pp, C_p, reduction_prev = C_p, STEPS * C_cur, reduction
         self.heads = Heads(C_p, hidden, mask)
 
-    def forward(self, x, weights=None):  # x (B, 3, H, W); weights: (normal, reduce), each as Cell.forward takes it
+    # x (B, 3, H, W); weights: (normal, reduce), each as Cell.forward takes it
+    def forward(self, x, weights=None):
         s0 = s1 = self.stem(x)  # (B, 3C, H/2^r, W/2^r)
         for cell in self.cells:
             w = None if weights is None else weights[1] if cell.reduction else weights[0]
@@ -114,7 +130,8 @@ def loss_terms(logits, m, labels, M):
     of logits computed from f * m, and MSE (Eq. 5), the mean over pixels of (M - m)^2 averaged over
     the batch (None without a mask branch: m is None)."""
     ce = F.cross_entropy(logits.float(), labels)  # Eq. 6 (Eq. 4 without a mask branch)
-    mse = None if m is None else F.mse_loss(m.float(), M)  # Eq. 5: mean over pixels and batch of (M - m)^2
+    # mean over pixels and batch of (M - m)^2
+    mse = None if m is None else F.mse_loss(m.float(), M)  # Eq. 5
     return ce, mse
 
 
@@ -123,24 +140,29 @@ def add_loss(ce, mse, mask_weight):
     return ce if mse is None else ce + mask_weight * mse  # Eq. 7
 
 
-def gradient_step(model, optimizer, params, batch, device, mask_weight, flips=None, penalty=None, clip=True):
+def gradient_step(
+        model, optimizer, params, batch, device, mask_weight, flips=None, penalty=None, clip=True):
     """One update of `params` on one batch with the loss of Eq. 7 -> the detached (CE, MSE, loss) on
     the device (MSE 0 without a mask branch). In the search it is Eq. 3's L(y; F(x, alpha, w)): w on
     a training batch (Algorithm 1, lines 2-4) or alpha on a validation batch (lines 5-7), and only
     the gradients of `params` are computed, so the alpha step does not pay for w's. penalty: a term
-    added to the loss (search.py's parameter term); clip: the gradient norm to GRAD_CLIP (w's updates)."""
-    x, M, y = to_device(batch, device, flips)  # faces (B, 3, H, W), hull masks M (B, 1, H, W), labels (B,)
+    added to the loss (search.py's parameter term); clip: the gradient norm to GRAD_CLIP (w's
+    updates)."""
+    # faces (B, 3, H, W), hull masks M (B, 1, H, W), labels (B,)
+    x, M, y = to_device(batch, device, flips)
     with autocast(device):
         logits, m = model(x)
     ce, mse = loss_terms(logits, m, y, M)
-    loss = add_loss(ce, mse, mask_weight)  # Eq. 3: L(y; F(x, alpha, w)), the network's own loss (Eq. 7)
+    # L(y; F(x, alpha, w)), the network's own loss (Eq. 7)
+    loss = add_loss(ce, mse, mask_weight)  # Eq. 3
     if penalty:
         loss = loss + penalty()
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=params)
     if clip:
         nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-    optimizer.step()  # w = w - grad_w L (line 4), or alpha = alpha - grad_alpha L (line 7), by the optimizer's rule
+    # w = w - grad_w L (line 4), or alpha = alpha - grad_alpha L (line 7), by the optimizer's rule
+    optimizer.step()
     return torch.stack([ce, ce * 0 if mse is None else mse, loss]).detach()
 
 
@@ -151,32 +173,40 @@ def count_parameters(model):
 # ==============================================================================================
 # Below: not the paper's method. How search.py and train.py run, written once for both.
 
-# Table IV's hand-designed networks (torchvision has no XceptionNet) and the small ones of the field, in ADD's harness
-BASELINES = ("resnet18", "resnet152", "vgg16", "efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small",
+# Table IV's hand-designed networks (torchvision has no XceptionNet) and the small ones of the
+# field, in ADD's harness
+BASELINES = ("resnet18", "resnet152", "vgg16", "efficientnet_b0", "mobilenet_v2",
+             "mobilenet_v3_small",
              "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "mnasnet0_5")
 
 
 class Baseline(nn.Module):
     """A hand-designed classifier from scratch (nothing is downloaded) in ADD's harness (Table IV),
     returning (logits, None): Eq. 4 alone. ADD's rule for every network: BatchNorm momentum 0.1
-    (torchvision's mnasnet keeps 0.0003), no dropout or stochastic depth (ADD has none), the last layer
-    initialised as nn.Linear (mnasnet's and efficientnet's scale with 1/classes: the CE would start at
-    3.8), Adam with weight decay on every parameter (train.make_optimizer). small_input: the first stride-2
-    layer at stride 1 (a pool removed), as CIFAR variants do: a 64 px face ends on 4x4, as in ADD."""
+    (torchvision's mnasnet keeps 0.0003), no dropout or stochastic depth (ADD has none), the last
+    layer initialised as nn.Linear (mnasnet's and efficientnet's scale with 1/classes: the CE would
+    start at 3.8), Adam with weight decay on every parameter (train.make_optimizer). small_input:
+    the first stride-2 layer at stride 1 (a pool removed), as CIFAR variants do: a 64 px face ends
+    on 4x4, as in ADD."""
     def __init__(self, arch, small_input=False):
         super().__init__()
-        import torchvision  # here, not at the top: 1.2 s at every start that an ADD run does not need
+        # here, not at the top: 1.2 s at every start that an ADD run does not need
+        import torchvision
         self.net = getattr(torchvision.models, arch)(weights=None, num_classes=2)
         for m in self.net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = 0.1
-            if isinstance(m, nn.Dropout) or type(m).__name__ == "StochasticDepth":  # torchvision.ops.StochasticDepth
+            # torchvision.ops.StochasticDepth
+            if isinstance(m, nn.Dropout) or type(m).__name__ == "StochasticDepth":
                 m.p = 0.0
-        [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1].reset_parameters()  # the classifier's last layer
+        # the classifier's last layer
+        [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1].reset_parameters()
         if small_input:  # the first in definition order, which is the order they run in: the stem
-            first = next(m for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and m.stride in (2, (2, 2)))
+            first = next(m for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d))
+                         and m.stride in (2, (2, 2)))
             first.stride = 1
-            if isinstance(first, nn.MaxPool2d):  # VGG's first pool: a pool of 1, none (at stride 1, 64 px would shrink to 63)
+            # VGG's first pool: a pool of 1, none (at stride 1, 64 px would shrink to 63)
+            if isinstance(first, nn.MaxPool2d):
                 first.kernel_size = 1
 
     def forward(self, x):
@@ -192,7 +222,8 @@ class Stopped(BaseException):
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-CHECK_EVERY = 50  # steps between reads of the device's count of non-finite losses: one host sync a window
+# steps between reads of the device's count of non-finite losses: one host sync a window
+CHECK_EVERY = 50
 PROGRESS_SECONDS = 600  # a progress line at a run's 20th step, then at most every 10 minutes
 
 
@@ -208,9 +239,20 @@ class Run:
     5) On exit the loaders' workers end (they would hang the interpreter's exit), then the handlers
        are put back: a second Ctrl-C meanwhile is still only a flag."""
     def __init__(self, device, loaders=(), total=0, group=None, rank=0, world=1, advice=""):
-        self.device, self.loaders, self.total, self.group, self.rank, self.world = device, loaders, total, group, rank, world
-        self.advice, self.signal, self.line = advice, None, None
-        self.bad, self.unread, self.steps, self.done, self.images = torch.zeros((), dtype=torch.int32, device=device), 0, 0, 0, 0
+        self.device = device
+        self.loaders = loaders
+        self.total = total  # units of work (add.Run.step's cost) this run does
+        self.group = group
+        self.rank = rank
+        self.world = world
+        self.advice = advice  # what the divergence line advises
+        self.signal = None  # the name of a stop signal received
+        self.line = None  # stop_now's line
+        self.bad = torch.zeros((), dtype=torch.int32, device=device)  # non-finite losses seen
+        self.unread = 0  # steps since the last read of self.bad
+        self.steps = 0
+        self.done = 0  # units of work done
+        self.images = 0
         self.start = self.printed = time.time()
 
     def __enter__(self):
@@ -237,7 +279,8 @@ class Run:
             raise Stopped(line.replace("{}", self.signal))
 
     def vote(self, *flags):
-        """Each flag combined over all processes (any rank's True is every rank's); one process: as is."""
+        """Each flag combined over all processes (any rank's True is every rank's); one process:
+        as is."""
         if self.group is None:
             return [bool(f) for f in flags]
         t = torch.tensor([float(bool(f)) for f in flags])
@@ -248,19 +291,26 @@ class Run:
         """After a step (loss: its 0-dim loss on the device) -> whether to stop now, as every rank;
         a non-finite loss on any rank raises Diverged on all."""
         self.bad += (~torch.isfinite(loss.detach())).int()
-        self.unread, self.steps, self.done, self.images = self.unread + 1, self.steps + 1, self.done + cost, self.images + images
+        self.unread += 1
+        self.steps += 1
+        self.done += cost
+        self.images += images
         check = (step + 1) % CHECK_EVERY == 0 or step + 1 == steps
         stop, bad = self.vote(self.signal, check and self.bad.item())
         if bad:
-            raise Diverged(f"non-finite loss at epoch {epoch + 1}, within steps {step + 2 - self.unread}-{step + 1}; "
+            raise Diverged(f"non-finite loss at epoch {epoch + 1}, within steps "
+                           f"{step + 2 - self.unread}-{step + 1}; "
                            f"{self.advice}")
-        self.unread *= not check
+        if check:
+            self.unread = 0
         if self.rank == 0 and (self.steps == 20 or time.time() - self.printed > PROGRESS_SECONDS):
             sync(self.device)
             self.printed, elapsed = time.time(), time.time() - self.start
             left = elapsed / self.done * (self.total - self.done)
-            print(f"  step {self.steps}: loss {loss.item():.4f}, {self.images * self.world / elapsed:.1f} training images/s "
-                  f"on {self.device}; the rest takes about " + (f"{left / 3600:.1f} h" if left >= 7200 else
+            print(f"  step {self.steps}: loss {loss.item():.4f}, "
+                  f"{self.images * self.world / elapsed:.1f} training images/s "
+                  f"on {self.device}; the rest takes about "
+                  + (f"{left / 3600:.1f} h" if left >= 7200 else
                                                                f"{left / 60:.1f} min"), flush=True)
         return stop
 
@@ -274,12 +324,15 @@ def ignore_stop_signals(worker_id=None):
 def loader(dataset, batch_size, workers, sampler=None, drop_last=False):
     """A DataLoader as both scripts use it: persistent workers that ignore the stop signals and hand
     over uint8 batches (to_device), pinned for a GPU."""
-    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
-                      worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last,
+                      num_workers=workers,
+                      worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=workers > 0)
 
 
 def loader_workers(data, processes_per_node=1):
-    """Loader workers a process: none for the in-memory synthetic data, else its share of the CPUs, at most 8."""
+    """Loader workers a process: none for the in-memory synthetic data, else its share of the
+    CPUs, at most 8."""
     return 0 if data == "synthetic" else min(8, max(1, usable_cpus() // processes_per_node))
 
 
@@ -287,20 +340,24 @@ def loader_workers(data, processes_per_node=1):
 # The data both scripts open, and its options
 
 class FaceCrops(Dataset):
-    """Frames prepared by masks.py, through manifest.csv (PNGs a person can open; a sample decodes in
-    ~2.6 ms). A sample: image (3, S, S) and mask (1, S, S) in {0, 1}, uint8; label; "method/video";
-    samples[i] = (method, video, frame). FF++ has four fakes per real video: in training each real
-    frame is repeated round(#fake / #real) times, so that an epoch sees both classes equally often."""
+    """Frames prepared by masks.py, through manifest.csv (PNGs a person can open; a sample decodes
+    in ~2.6 ms). A sample: image (3, S, S) and mask (1, S, S) in {0, 1}, uint8; label;
+    "method/video"; samples[i] = (method, video, frame). FF++ has four fakes per real video: in
+    training each real frame is repeated round(#fake / #real) times, so that an epoch sees both
+    classes equally often."""
     def __init__(self, root, split, methods, train, image_size):
         manifest = os.path.join(root, "manifest.csv")
         if not os.path.exists(manifest):
-            raise InputError(f"{root}: no prepared data ({manifest} is missing); run masks.py first, "
+            raise InputError(f"{root}: no prepared data ({manifest} is missing); run masks.py "
+                             f"first, "
                              f"e.g. python masks.py --data ff++ --src DOWNLOAD_ROOT --root {root}")
         with open(manifest) as f:
-            rows = [r for r in csv.DictReader(f) if r["split"] == split and (r["label"] == "0" or r["method"] in methods)]
+            rows = [r for r in csv.DictReader(f) if r["split"] == split
+                    and (r["label"] == "0" or r["method"] in methods)]
         fakes = sum(r["label"] == "1" for r in rows)
         if not fakes or fakes == len(rows):
-            raise InputError(f"{manifest}: the {split} split has {len(rows) - fakes} real and {fakes} fake frames "
+            raise InputError(f"{manifest}: the {split} split has {len(rows) - fakes} real and "
+                             f"{fakes} fake frames "
                              f"of methods {','.join(methods)}; both classes are needed")
         repeat = max(1, round(fakes / (len(rows) - fakes))) if train else 1
         self.rows = [r for r in rows for _ in range(repeat if r["label"] == "0" else 1)]
@@ -313,28 +370,34 @@ class FaceCrops(Dataset):
 
     def __getitem__(self, i):
         r = self.rows[i]
-        image, mask = Image.open(os.path.join(self.root, r["image"])), Image.open(os.path.join(self.root, r["mask"]))
+        image = Image.open(os.path.join(self.root, r["image"]))
+        mask = Image.open(os.path.join(self.root, r["mask"]))
         if image.size != (self.size, self.size):
-            image, mask = image.resize((self.size,) * 2, Image.BILINEAR), mask.resize((self.size,) * 2, Image.NEAREST)
+            image = image.resize((self.size,) * 2, Image.BILINEAR)
+            mask = mask.resize((self.size,) * 2, Image.NEAREST)
         image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, S, S) uint8
         mask = torch.from_numpy(np.asarray(mask) > 127).to(torch.uint8)[None]  # (1, S, S) in {0, 1}
         return image, mask, self.labels[i], f"{r['method']}/{r['video']}"
 
 
 class SyntheticFaces(Dataset):
-    """The built-in data: `videos` real videos of `frames` frames and, for each, the same video faked
-    frame by frame (as FF++ makes its fakes) by family methods[j % len(methods)]; deterministic by
-    (seed, split, preset), drawn into memory (~3 ms a pair at 64 px). A sample as FaceCrops gives it:
-    a face of random identity, pose, lighting and background, the hull mask of its 68 landmarks."""
+    """The built-in data: `videos` real videos of `frames` frames and, for each, the same video
+    faked frame by frame (as FF++ makes its fakes) by family methods[j % len(methods)];
+    deterministic by (seed, split, preset), drawn into memory (~3 ms a pair at 64 px). A sample as
+    FaceCrops gives
+    it: a face of random identity, pose, lighting and background, the hull mask of its 68
+    landmarks."""
     def __init__(self, split, methods, videos, frames, size, seed, preset="easy"):
-        first = {"train": 0, "val": 1_000_000, "test": 2_000_000}[split]  # disjoint people per split
+        # disjoint people per split
+        first = {"train": 0, "val": 1_000_000, "test": 2_000_000}[split]
         quality = SYNTHETIC_PRESETS[preset]["jpeg"]
         items = []
         for v in range(first, first + videos):
             family = methods[v % len(methods)]
             for t in range(frames):
                 s = synthetic_frame(seed, v, t, size, family, SYNTHETIC_PRESETS[preset])
-                items += [(s["real"], s["real_points"], 0, "real", v, t), (s["fake"], s["fake_points"], 1, family, v, t)]
+                items += [(s["real"], s["real_points"], 0, "real", v, t),
+                          (s["fake"], s["fake_points"], 1, family, v, t)]
         images = [np.uint8(np.round(255 * i[0])) for i in items]
         images = [jpeg(i, quality) for i in images] if quality else images
         self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
@@ -351,24 +414,33 @@ class SyntheticFaces(Dataset):
 
 
 def add_data_arguments(p):
-    p.add_argument("--data", choices=tuple(METHODS),
-                   help="synthetic (built in, the default), ff++ or celeb-df (prepared by masks.py)")
+    p.add_argument("--data", choices=tuple(METHODS), help="synthetic (built in, the default), "
+                   "ff++ or celeb-df (prepared by masks.py)")
     p.add_argument("--root", help="prepared data folder (default: data/<name>)")
     p.add_argument("--methods", help="manipulations to use, comma-separated (default: all; ff++: "
                    + ",".join(FFPP_METHODS) + "; synthetic: " + ",".join(SYNTHETIC_METHODS) + ")")
-    p.add_argument("--image-size", type=bounded(int, 8), help="input size (paper: 256, Sec. IV-B; synthetic demo: 64)")
+    p.add_argument("--image-size", type=bounded(int, 8), help="input size (paper: 256, Sec. IV-B; "
+                                                              "synthetic demo: 64)")
     p.add_argument("--synthetic", choices=tuple(SYNTHETIC_PRESETS), help="synthetic only: the "
-                   "benchmark's preset (easy, the default: the demo; hard: JPEG-compressed, re-noised fakes, to compare networks)")
-    p.add_argument("--videos", type=bounded(int, 2), help="synthetic only: real videos in the train split (val, test: half)")
-    p.add_argument("--frames", type=bounded(int, 1), help="frames per video: synthetic data (default 4), --predict (default 32)")
-    p.add_argument("--data-seed", type=bounded(int, 0), help="synthetic only: the seed its people, scenes and fakes are drawn "
+                   "benchmark's preset (easy, the default: the demo; hard: JPEG-compressed, "
+                   "re-noised fakes, to compare networks)")
+    p.add_argument("--videos", type=bounded(int, 2), help="synthetic only: real videos in the "
+                                                          "train split (val, test: half)")
+    p.add_argument("--frames", type=bounded(int, 1), help="frames per video: synthetic data "
+                                                          "(default 4), --predict (default 32)")
+    p.add_argument("--data-seed", type=bounded(int, 0), help="synthetic only: the seed its people, "
+                                                             "scenes and fakes are drawn "
                    "with (default 0)")
-    p.add_argument("--workers", type=bounded(int, 0), help="DataLoader workers per process (default: 0 on synthetic data, "
+    p.add_argument("--workers", type=bounded(int, 0), help="DataLoader workers per process "
+                                                           "(default: 0 on synthetic data, "
                    "else the CPUs this process may use / processes per node, at most 8)")
 
 
-def open_split(data, root, split, methods, image_size, train, videos=None, frames=4, preset="easy", data_seed=0):
-    """The dataset of one split: (image, mask, label, video) samples from any of the three sources."""
+def open_split(
+        data, root, split, methods, image_size, train, videos=None, frames=4, preset="easy",
+        data_seed=0):
+    """The dataset of one split: (image, mask, label, video) samples from any of the three
+    sources."""
     if data == "synthetic":
         n = videos if split == "train" else max(2, videos // 2)
         return SyntheticFaces(split, methods, n, frames, image_size, data_seed, preset)
@@ -382,7 +454,8 @@ def resolve_defaults(args, real, demo):
     """Every option left unset (None): the demo's on the built-in data (the default), else the real
     data's (the paper's but for the departures)."""
     args.data = args.data or "synthetic"
-    for key, value in dict(demo if args.data == "synthetic" else real, synthetic="easy", data_seed=0).items():
+    for key, value in dict(demo if args.data == "synthetic" else real, synthetic="easy",
+                           data_seed=0).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
@@ -390,14 +463,15 @@ def resolve_defaults(args, real, demo):
 
 def save_checkpoint(state, path):
     """A plain dict of tensors and plain values (loads with weights_only=True), written atomically;
-    refused (Diverged, the file on disk intact) if a floating tensor holds a NaN or an infinity: every
-    checkpoint is one a run can continue from. One wait per device, not one per tensor."""
+    refused (Diverged, the file on disk intact) if a floating tensor holds a NaN or an infinity:
+    every checkpoint is one a run can continue from. One wait per device, not one per tensor."""
     floats, finite = [(name, t) for name, t in _tensors(state) if t.is_floating_point()], {}
     for _, t in floats:
         finite.setdefault(t.device, []).append(torch.isfinite(t).all())
     if not all(torch.stack(v).all().item() for v in finite.values()):
         name = next(name for name, t in floats if not torch.isfinite(t).all())
-        raise Diverged(f"{name} holds a non-finite value: {path} was not written (the one on disk is intact)")
+        raise Diverged(f"{name} holds a non-finite value: {path} was not written (the one on disk "
+                       f"is intact)")
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -405,8 +479,11 @@ def _tensors(obj, name=""):
     """(dotted name, tensor) for every tensor in nested dicts, lists and tuples."""
     if torch.is_tensor(obj):
         yield name, obj
-    for k, v in obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ():
-        yield from _tensors(v, f"{name}.{k}" if name else str(k))
+    if isinstance(obj, (list, tuple)):
+        obj = dict(enumerate(obj))
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{name}.{k}" if name else str(k))
 
 
 def load_checkpoint(path):
@@ -415,30 +492,38 @@ def load_checkpoint(path):
     except FileNotFoundError:
         raise InputError(f"{path}: no such checkpoint")
     except Exception as e:  # torch.load raises many types on a corrupt file; all mean the same here
-        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        raise InputError(f"{path}: not a readable checkpoint ({reason(e)})")
 
 
 def resume(path, given, expected, needed, built_in, schedule, trim=True):
-    """--resume: the checkpoint at path, and the configuration to continue with: the options given on
-    this command line win, else the checkpoint's (expected: the options of a run of this version;
-    needed: the state's keys besides the model). A checkpoint of another script, or of a version that
-    lacks an option or set one this version builds in (built_in: name -> value) otherwise, is an
-    InputError; so is a change to an option the restored optimizers and schedules hold (schedule).
-    The log beside it is trimmed to its epochs (trim_log). -> (configuration, state)"""
-    state, given = load_checkpoint(path), {k: v for k, v in vars(given).items() if v is not None and v is not False}
+    """--resume: the checkpoint at path, and the configuration to continue with: the options given
+    on this command line win, else the checkpoint's (expected: the options of a run of this version;
+    needed: the state's keys besides the model). A checkpoint of another script, or of a version
+    that lacks an option or set one this version builds in (built_in: name -> value) otherwise, is
+    an InputError; so is a change to an option the restored optimizers and schedules hold
+    (schedule). The log beside it is trimmed to its epochs (trim_log). -> (configuration, state)"""
+    state, given = load_checkpoint(path), {k: v for k, v in vars(given).items() if v is not None
+                                           and v is not False}
     saved = state.get("config") if isinstance(state, dict) else None
-    lacking = [k for k in ("model", *needed) if k not in state] if isinstance(saved, dict) else ["config"]
+    lacking = [k for k in ("model", *needed)
+               if k not in state] if isinstance(saved, dict) else ["config"]
     if lacking:
-        raise InputError(f"{path}: not a checkpoint this script can resume (its state has no {lacking[0]}: written by "
+        raise InputError(f"{path}: not a checkpoint this script can resume (its state has no "
+                         f"{lacking[0]}: written by "
                          f"another version, or another script); start a new run")
     missing = [f"--{k.replace('_', '-')}" for k in expected if k not in saved and k not in given]
-    changed = [f"--{k.replace('_', '-')} {saved[k]} (built in here: {v})" for k, v in built_in.items() if saved.get(k, v) != v]
+    changed = [f"--{k.replace('_', '-')} {saved[k]} (built in here: {v})"
+               for k, v in built_in.items() if saved.get(k, v) != v]
     if missing or changed:
-        why = f"its configuration has no {', '.join(missing[:3])}" if missing else f"it ran with {', '.join(changed)}"
-        raise InputError(f"{path}: written by another version of this script ({why}); start a new run")
+        why = f"it ran with {', '.join(changed)}"
+        if missing:
+            why = f"its configuration has no {', '.join(missing[:3])}"
+        raise InputError(f"{path}: written by another version of this script ({why}); "
+                         "start a new run")
     kept = [k for k in schedule if k in given and given[k] != saved.get(k)]
     if kept:
-        raise InputError(f"{path}: its optimizer and schedule hold --{kept[0].replace('_', '-')} {saved.get(kept[0])}, "
+        raise InputError(f"{path}: its optimizer and schedule hold --{kept[0].replace('_', '-')} "
+                         f"{saved.get(kept[0])}, "
                          "and a resumed run keeps them; start a new run to change it")
     if trim:
         trim_log(os.path.join(os.path.dirname(path), "log.jsonl"), state["epoch"])
@@ -458,7 +543,8 @@ def load_state(module, state, path, what="model"):
     try:
         module.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise InputError(f"{path}: the checkpoint's {what} does not match this configuration ({str(e).splitlines()[0][:160]})")
+        raise InputError(f"{path}: the checkpoint's {what} does not match this configuration "
+                         f"({reason(e)})")
 
 
 def append_log(path, line):
@@ -467,8 +553,9 @@ def append_log(path, line):
 
 
 def trim_log(path, epochs):
-    """log.jsonl of a resumed run: only the lines of the epochs its checkpoint holds. An epoch's line is
-    written before its checkpoint: a kill between the two leaves a line too many (or half of one)."""
+    """log.jsonl of a resumed run: only the lines of the epochs its checkpoint holds. An epoch's
+    line is written before its checkpoint: a kill between the two leaves a line too many (or half of
+    one)."""
     keep = []
     for line in open(path).read().splitlines() if os.path.exists(path) else []:
         with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
@@ -477,7 +564,8 @@ def trim_log(path, epochs):
 
 
 def new_run_dir(path):
-    """A fresh run never overwrites an earlier one: PATH if it is new or empty, else PATH-2, PATH-3..."""
+    """A fresh run never overwrites an earlier one: PATH if it is new or empty, else PATH-2,
+    PATH-3..."""
     k, candidate = 1, path
     while os.path.isdir(candidate) and os.listdir(candidate):
         k += 1
@@ -500,9 +588,10 @@ def scale_milestones(milestones, epochs, paper_epochs=300):
 # Batches, the device, inference
 
 def to_device(batch, device, flips=None):
-    """A loader's (image uint8 (B, 3, H, W), mask uint8 (B, 1, H, W), label (B,), video) -> x float in
-    [0, 1] channels_last, M float in {0, 1}, y, on the device (uint8 is a quarter of float32's bytes
-    through workers and pinned memory). flips: the training augmentation's generator, or None."""
+    """A loader's (image uint8 (B, 3, H, W), mask uint8 (B, 1, H, W), label (B,), video) -> x float
+    in [0, 1] channels_last, M float in {0, 1}, y, on the device (uint8 is a quarter of float32's
+    bytes through workers and pinned memory). flips: the training augmentation's generator, or
+    None."""
     x = batch[0].to(device, non_blocking=True, memory_format=torch.channels_last).float().div_(255)
     M, y = batch[1].to(device, non_blocking=True).float(), batch[2].to(device, non_blocking=True)
     return (*random_flips(x, M, flips), y) if flips is not None else (x, M, y)
@@ -517,17 +606,22 @@ def random_flips(x, M, generator):
 
 
 def epoch_generator(*key):
-    """A torch.Generator seeded by a tuple such as (seed, epoch, rank): independent streams per key."""
+    """A torch.Generator seeded by a tuple such as (seed, epoch, rank): independent streams per
+    key."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
 
 
 def pick_device(name):
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def autocast(device):
     """bf16 autocast on CUDA; fp32 on the CPU (bf16 there is slower and gains nothing)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def sync(device):
@@ -537,17 +631,17 @@ def sync(device):
 
 
 def prepare_model(model, device):
-    """The model on the device, channels_last (faster on the CPU too); on CUDA cuDNN times its kernels
-    for the fixed input size."""
+    """The model on the device, channels_last (faster on the CPU too); on CUDA cuDNN times its
+    kernels for the fixed input size."""
     torch.backends.cudnn.benchmark = device.type == "cuda"
     return model.to(device, memory_format=torch.channels_last)
 
 
 def fold_batchnorm(model):
-    """Inference only: each BatchNorm right after a convolution is folded into it (BN(conv(x)) = conv'(x)
-    with the running statistics), a pass over the activation saved. ADD's pairs are neighbours in an
-    nn.Sequential; a hand-designed network's (torchvision's ResNet holds its own as attributes) are found
-    by torch.fx's tracing. In place; returns the model in eval mode."""
+    """Inference only: each BatchNorm right after a convolution is folded into it (BN(conv(x)) =
+    conv'(x) with the running statistics), a pass over the activation saved. ADD's pairs are
+    neighbours in an nn.Sequential; a hand-designed network's (torchvision's ResNet holds its own as
+    attributes) are found by torch.fx's tracing. In place; returns the model in eval mode."""
     model.eval()
     if not isinstance(model, ADD):  # a Baseline
         model.net = fuse(model.net)
@@ -562,9 +656,10 @@ def fold_batchnorm(model):
 # --benchmark's timer, and the one plotting helper
 
 def time_alternately(steps, device, calls=10, rounds=3, warmup=2):
-    """--benchmark: each of `steps` ({name: step()}) timed in turn, A, B, A, B, ..., `rounds` rounds of
-    `calls` calls after `warmup` (the allocator, cuDNN autotuning) -> the best seconds per call of each:
-    a ratio measured in one run on one machine."""
+    """--benchmark: each of `steps` ({name: step()}) timed in turn, A, B, A, B, ..., `rounds` rounds
+    of `calls` calls after `warmup` (the allocator, cuDNN autotuning) -> the best seconds per call
+    of
+    each: a ratio measured in one run on one machine."""
     best = {name: float("inf") for name in steps}
     for r in range(rounds):
         for name, step in steps.items():
@@ -582,7 +677,8 @@ def time_alternately(steps, device, calls=10, rounds=3, warmup=2):
 def random_batch(batch_size, size):
     """A batch shaped like the loaders' (image uint8, mask uint8, label, video), for --benchmark."""
     return (torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8),
-            torch.randint(0, 2, (batch_size, 1, size, size), dtype=torch.uint8), torch.randint(0, 2, (batch_size,)), None)
+            torch.randint(0, 2, (batch_size, 1, size, size), dtype=torch.uint8),
+            torch.randint(0, 2, (batch_size,)), None)
 
 
 def peak_memory_mib(device):
@@ -593,7 +689,8 @@ def peak_memory_mib(device):
 
 
 def figure(rows, cols, size):
-    """The plotting helper, with save_figure: a matplotlib figure of rows x cols panels (files only)."""
+    """The plotting helper, with save_figure: a matplotlib figure of rows x cols panels (files
+    only)."""
     import matplotlib  # here: ~0.5 s at the start of every run that draws nothing
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,7 +6,8 @@
 Below the divider: reading inputs; FaceForensics++ and Celeb-DF as their owners lay them out (Sec.
 IV-A); the preparation into PNG crops, masks and a manifest; the built-in synthetic faces; the CLI.
 
-    python masks.py --data ff++ --src ~/FaceForensics++         # -> data/ff++/{faces,masks,manifest.csv}
+    python masks.py --data ff++ --src ~/FaceForensics++         # ->
+    data/ff++/{faces,masks,manifest.csv}
     python masks.py --data celeb-df --src ~/Celeb-DF-v2         # -> data/celeb-df/...
 """
 import argparse
@@ -34,16 +35,18 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 from scipy.spatial import ConvexHull
 
-from ops import InputError, Parser, atomic_write, bounded, usable_cpus
+from ops import InputError, Parser, atomic_write, bounded, reason, usable_cpus
 
 FFPP_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures")
 CELEBDF_REAL, CELEBDF_FAKE = ("Celeb-real", "YouTube-real"), "Celeb-synthesis"
 SYNTHETIC_METHODS = ("swap", "mouth", "gan")
 METHODS = {"ff++": FFPP_METHODS, "celeb-df": (CELEBDF_FAKE,), "synthetic": SYNTHETIC_METHODS}
 SPLITS = ("train", "val", "test")
-READ_ERRORS = (av.FFmpegError, OSError, UnidentifiedImageError)  # an input that cannot be read (now)
+# an input that cannot be read (now)
+READ_ERRORS = (av.FFmpegError, OSError, UnidentifiedImageError)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-DETECT_SIZE = 640  # px: faces are detected on a copy of at most this size (HOG on a full 1080p frame is ~4x slower)
+# px: faces are detected on a copy of at most this size (HOG on a full 1080p frame is ~4x slower)
+DETECT_SIZE = 640
 CROP_SIZE = 256  # px: the face crops (Sec. IV-B: 256x256)
 
 
@@ -59,11 +62,14 @@ class FaceFinder:
     """dlib's HOG face detector at upsample 0 (faces of ~80 px and up) on a copy of at most
     DETECT_SIZE px, boxes mapped back; the 68 landmarks are then found at full resolution."""
     def __init__(self):
-        spec = importlib.util.find_spec("face_recognition_models")  # dlib's 68-point model (found: importing needs pkg_resources)
+        # dlib's 68-point model (found: importing needs pkg_resources)
+        spec = importlib.util.find_spec("face_recognition_models")
         if spec is None:
-            raise InputError("the 68-point landmark model is missing: pip install face-recognition-models")
+            raise InputError("the 68-point landmark model is missing: pip install "
+                             "face-recognition-models")
         self.detector = dlib.get_frontal_face_detector()
-        self.predictor = dlib.shape_predictor(os.path.join(spec.submodule_search_locations[0], "models",
+        self.predictor = dlib.shape_predictor(os.path.join(spec.submodule_search_locations[0],
+                                                           "models",
                                                            "shape_predictor_68_face_landmarks.dat"))
 
     @staticmethod
@@ -75,16 +81,19 @@ class FaceFinder:
         return np.asarray(gray.resize(size, Image.BILINEAR) if scale < 1 else gray), scale
 
     def faces(self, image, small=None, scale=1.0):
-        """image (H, W, 3) uint8 RGB -> [Face], largest first. Falls back to full resolution when the
-        small copy shows no face (a small face in a large frame)."""
+        """image (H, W, 3) uint8 RGB -> [Face], largest first. Falls back to full resolution when
+        the small copy shows no face (a small face in a large frame)."""
         if small is None:
             small, scale = self.small(image)
         rects = self.detector(small, 0)  # Sec. III-C: "a light-weighted face detector"
         if not rects and scale < 1:
             rects, scale = self.detector(image, 0), 1.0
         faces = []
-        for box in ((r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale) for r in rects):
-            shape = self.predictor(image, dlib.rectangle(*(int(round(v)) for v in box)))  # Sec. III-C: the keypoints
+        for box in ((r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale)
+                    for r in rects):
+            # the keypoints
+            shape = self.predictor(image,
+                                   dlib.rectangle(*(int(round(v)) for v in box)))  # Sec. III-C
             faces.append(Face(box, np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)))
         return sorted(faces, key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
 
@@ -96,14 +105,17 @@ def face_finder():
 
 
 def hull_mask(points, size):
-    """M of Sec. III-C: 1 inside the convex hull of the points (N, 2) (x, y in pixels, as dlib reports
-    them), 0 outside -> (size, size) uint8. A pixel is inside when its centre meets every facet's
-    a*x + b*y + c <= 0 (PIL's polygon fill would paint every pixel the outline touches too)."""
-    facets = ConvexHull(points).equations  # Sec. III-C: the convex hull of the keypoints, (K, 3) facets
+    """M of Sec. III-C: 1 inside the convex hull of the points (N, 2) (x, y in pixels, as dlib
+    reports them), 0 outside -> (size, size) uint8. A pixel is inside when its centre meets every
+    facet's a*x + b*y + c <= 0 (PIL's polygon fill would paint every pixel the outline touches
+    too)."""
+    # the convex hull of the keypoints, (K, 3) facets
+    facets = ConvexHull(points).equations  # Sec. III-C
     x0, y0 = np.clip(np.floor(points.min(0)).astype(int), 0, size)
     x1, y1 = np.clip(np.ceil(points.max(0)).astype(int) + 1, 0, size)
     ys, xs = np.mgrid[y0:y1, x0:x1]
-    inside = (xs[..., None] * facets[:, 0] + ys[..., None] * facets[:, 1] + facets[:, 2] <= 1e-6).all(-1)
+    inside = (xs[..., None] * facets[:, 0] + ys[..., None] * facets[:, 1]
+              + facets[:, 2] <= 1e-6).all(-1)
     mask = np.zeros((size, size), np.uint8)
     mask[y0:y1, x0:x1] = inside
     return mask
@@ -111,20 +123,23 @@ def hull_mask(points, size):
 
 def crop_face(image, face, size=CROP_SIZE, scale=1.3):
     """FaceForensics++'s crop: a square of `scale` x the detection's larger side around its centre,
-    black where it leaves the frame, resized -> (crop (size, size, 3) uint8, landmarks in crop pixels)."""
+    black where it leaves the frame, resized -> (crop (size, size, 3) uint8, landmarks in crop
+    pixels)."""
     x0, y0, x1, y1 = face.box
     side = scale * max(x1 - x0, y1 - y0)
     left, top = (x0 + x1 - side) / 2, (y0 + y1 - side) / 2
     box = tuple(int(round(v)) for v in (left, top, left + side, top + side))
-    crop = Image.fromarray(image).crop(box).resize((size, size), Image.BILINEAR)  # Sec. IV-B: 256x256
+    # 256x256
+    crop = Image.fromarray(image).crop(box).resize((size, size), Image.BILINEAR)  # Sec. IV-B
     k = size / (box[2] - box[0])
     return np.asarray(crop), (face.landmarks - np.array(box[:2], dtype=np.float32)) * k
 
 
 def read_faces(path, k, size=CROP_SIZE):
-    """One input prepared (Sec. IV-B): k evenly spaced frames (iter_frames), the largest face, its 1.3x
-    square crop. Yields (frame index, crop (size, size, 3) uint8, landmarks in crop pixels (68, 2), box
-    in frame pixels), or (frame index, None, None, None) without a face; raises what the decoder raises."""
+    """One input prepared (Sec. IV-B): k evenly spaced frames (iter_frames), the largest face, its
+    1.3x square crop. Yields (frame index, crop (size, size, 3) uint8, landmarks in crop pixels (68,
+    2), box in frame pixels), or (frame index, None, None, None) without a face; raises what the
+    decoder raises."""
     finder = face_finder()
     for i, rgb, small, scale in iter_frames(path, k):
         faces = finder.faces(rgb, small, scale)
@@ -143,8 +158,8 @@ def even_indices(n, k):
 
 
 def load_rgb(path):
-    """An image file -> (H, W, 3) uint8 RGB, upright (EXIF), 16-bit and float images scaled to 8 bits
-    (PIL's convert("RGB") clips a 16-bit PNG to white)."""
+    """An image file -> (H, W, 3) uint8 RGB, upright (EXIF), 16-bit and float images scaled to 8
+    bits (PIL's convert("RGB") clips a 16-bit PNG to white)."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I") or image.mode == "F":
@@ -155,11 +170,14 @@ def load_rgb(path):
 
 
 def iter_frames(path, k):
-    """(frame index, RGB (H, W, 3) uint8, a gray copy of at most DETECT_SIZE px, its scale) for k evenly
-    spaced frames of a video or a folder of frames (natural order), or a photo's one: one at a time."""
+    """(frame index, RGB (H, W, 3) uint8, a gray copy of at most DETECT_SIZE px, its scale) for k
+    evenly spaced frames of a video or a folder of frames (natural order), or a photo's one: one at
+    a time."""
     if os.path.isdir(path):
-        files = sorted((f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)),  # 2.png before 10.png
-                       key=lambda name: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)])
+        # 2.png before 10.png
+        files = sorted((f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)),
+                       key=lambda name: [int(t) if t.isdigit() else t.lower()
+                                         for t in re.split(r"(\d+)", name)])
         for i in even_indices(len(files), k):
             rgb = load_rgb(os.path.join(path, files[i]))
             yield (i, rgb, *FaceFinder.small(rgb))
@@ -171,8 +189,9 @@ def iter_frames(path, k):
 
 
 def _video_frames(path, k, seek_gap=250):
-    """Decodes front to back, converting only the wanted frames; seeks to the keyframe before a wanted
-    frame more than seek_gap frames ahead (a long video). Frames turned upright (phone footage)."""
+    """Decodes front to back, converting only the wanted frames; seeks to the keyframe before a
+    wanted frame more than seek_gap frames ahead (a long video). Frames turned upright (phone
+    footage)."""
     with av.open(path) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
@@ -181,7 +200,8 @@ def _video_frames(path, k, seek_gap=250):
         frames, position = container.decode(stream), -1  # position: index of the last decoded frame
         for target in even_indices(stream.frames or _count_frames(path), k):
             if target - position > seek_gap:
-                container.seek(start + int(target / fps / stream.time_base), stream=stream)  # to the keyframe before
+                # to the keyframe before
+                container.seek(start + int(target / fps / stream.time_base), stream=stream)
                 frames, position = container.decode(stream), None
             for frame in frames:
                 position = position + 1 if position is not None else round((frame.pts - start) * stream.time_base * fps)
@@ -189,14 +209,18 @@ def _video_frames(path, k, seek_gap=250):
                     break
             else:
                 return  # the video ended early (fewer frames than its header says)
-            scale, turns = min(1.0, DETECT_SIZE / max(frame.width, frame.height)), round(frame.rotation / 90) % 4
-            small = frame.reformat(width=round(frame.width * scale), height=round(frame.height * scale), format="gray")
-            yield (position, np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), turns)),
+            scale = min(1.0, DETECT_SIZE / max(frame.width, frame.height))
+            turns = round(frame.rotation / 90) % 4
+            small = frame.reformat(width=round(frame.width * scale),
+                                   height=round(frame.height * scale), format="gray")
+            yield (position,
+                   np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), turns)),
                    np.ascontiguousarray(np.rot90(small.to_ndarray(), turns)), scale)
 
 
 def _count_frames(path):
-    """Frames of a container that does not state its length (counted from the packets, no decoding)."""
+    """Frames of a container that does not state its length (counted from the packets, no
+    decoding)."""
     with av.open(path) as container:
         return sum(1 for packet in container.demux(video=0) if packet.size)
 
@@ -225,47 +249,60 @@ def _video_path(folder, name):
 
 
 def ffpp_videos(src, compression, methods, splits_dir):
-    """FaceForensics++ as its download script lays it out, with the official split files (JSON lists of
-    ["A", "B"] pairs: the split holds real videos A and B and the fakes A_B and B_A)."""
-    _need(src, "the FaceForensics++ download root (holding original_sequences/, manipulated_sequences/)")
-    real_dir = _need(os.path.join(src, "original_sequences", "youtube", compression, "videos"),  # Table VI: c40
+    """FaceForensics++ as its download script lays it out, with the official split files (JSON lists
+    of ["A", "B"] pairs: the split holds real videos A and B and the fakes A_B and B_A)."""
+    _need(src, "the FaceForensics++ download root (holding original_sequences/, "
+               "manipulated_sequences/)")
+    # c40
+    real_dir = _need(os.path.join(src, "original_sequences", "youtube", compression,
+                                  "videos"),  # Table VI
                      f"the real videos (download with -c {compression})")
     fake_dirs = {m: _need(os.path.join(src, "manipulated_sequences", m, compression, "videos"),
-                          f"the {m} videos (download with -d {m} -c {compression})") for m in methods}
+                          f"the {m} videos (download with -d {m} -c {compression})")
+                          for m in methods}
     videos = []
     for split in SPLITS:
         pairs = _read_pairs(_need(os.path.join(splits_dir, f"{split}.json"),
-                                  "FaceForensics++'s official split file (dataset/splits/ of its repository)"))
+                                  "FaceForensics++'s official split file (dataset/splits/ of its "
+                                  "repository)"))
         for name in sorted({a for pair in pairs for a in pair}):
             videos.append(Video(split, 0, "original", name, _video_path(real_dir, name)))
         for m in methods:
             for a, b in pairs:
-                videos += [Video(split, 1, m, n, _video_path(fake_dirs[m], n)) for n in (f"{a}_{b}", f"{b}_{a}")]
+                videos += [Video(split, 1, m, n, _video_path(fake_dirs[m], n))
+                           for n in (f"{a}_{b}", f"{b}_{a}")]
     return videos
 
 
 def _read_pairs(path):
     with open(path) as f, contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
         pairs = json.load(f)
-        if isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, str) for v in p) for p in pairs):
+        if isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2
+                                           and all(isinstance(v, str) for v in p) for p in pairs):
             return pairs
-    raise InputError(f"{path}: expected a JSON list of [\"A\", \"B\"] pairs of video ids, like [[\"071\", \"054\"], ...]")
+    raise InputError(f"{path}: expected a JSON list of [\"A\", \"B\"] pairs of video ids, like "
+                     f"[[\"071\", \"054\"], ...]")
 
 
 def celebdf_videos(src, val_fraction=0.1):
-    """Celeb-DF (v1 or v2): test = List_of_testing_videos.txt, train = the rest (the paper's protocol);
-    validation = about val_fraction of the rest of each class, by identity (_validation_people): train
-    and validation share nobody; a swap between the two sides is left out of both."""
+    """Celeb-DF (v1 or v2): test = List_of_testing_videos.txt, train = the rest (the paper's
+    protocol); validation = about val_fraction of the rest of each class, by identity
+    (_validation_people): train and validation share nobody; a swap between the two sides is left
+    out of both."""
     _need(src, "the Celeb-DF root (holding Celeb-real/, YouTube-real/, Celeb-synthesis/)")
-    test = _read_test_list(_need(os.path.join(src, "List_of_testing_videos.txt"), "Celeb-DF's list of test videos"))
+    test = _read_test_list(_need(os.path.join(src, "List_of_testing_videos.txt"), "Celeb-DF's list "
+                                                                                  "of test videos"))
     all_videos = [(folder, os.path.splitext(file)[0]) for folder in (*CELEBDF_REAL, CELEBDF_FAKE)
-                  for file in sorted(os.listdir(_need(os.path.join(src, folder), f"Celeb-DF's {folder}/ folder")))
+                  for file in sorted(os.listdir(_need(os.path.join(src, folder), f"Celeb-DF's "
+                                                                                 f"{folder}/ folder")))
                   if file.endswith(".mp4") or os.path.isdir(os.path.join(src, folder, file))]
     ids = {v: _identities(*v) for v in all_videos}
-    held_out = _validation_people([v for v in all_videos if f"{v[0]}/{v[1]}.mp4" not in test], ids, val_fraction)
+    held_out = _validation_people([v for v in all_videos if f"{v[0]}/{v[1]}.mp4" not in test], ids,
+                                  val_fraction)
     videos = []
     for folder, name in all_videos:
-        split = ("test" if f"{folder}/{name}.mp4" in test else "val" if ids[folder, name] <= held_out
+        split = ("test" if f"{folder}/{name}.mp4" in test else "val"
+                 if ids[folder, name] <= held_out
                  else "train" if not ids[folder, name] & held_out else None)
         if split:
             videos.append(Video(split, int(folder == CELEBDF_FAKE), folder, name,
@@ -279,23 +316,25 @@ def _read_test_list(path):
         for n, line in enumerate(f, 1):
             fields = line.split()
             if fields and (len(fields) != 2 or fields[0] not in ("0", "1") or "/" not in fields[1]):
-                raise InputError(f"{path}, line {n}: expected '<1 real | 0 fake> <folder>/<file>.mp4', "
+                raise InputError(f"{path}, line {n}: expected '<1 real | 0 fake> "
+                                 f"<folder>/<file>.mp4', "
                                  f"got {line.strip()[:80]!r}")
             test.update(fields[1:])
     return test
 
 
 def _validation_people(videos, ids, fraction):
-    """The identities held out: a group grown by the identity that completes the most swaps inside it
-    (ties: fewest swaps cut, then name) until its swaps are `fraction` of the fakes; then identities
-    without swaps (YouTube-real videos) until the reals reach their fraction too."""
+    """The identities held out: a group grown by the identity that completes the most swaps inside
+    it (ties: fewest swaps cut, then name) until its swaps are `fraction` of the fakes; then
+    identities without swaps (YouTube-real videos) until the reals reach their fraction too."""
     fakes = [ids[v] for v in videos if v[0] == CELEBDF_FAKE]
     reals = [ids[v] for v in videos if v[0] != CELEBDF_FAKE]
     inside = lambda group, members: sum(m <= group for m in members)
     cut = lambda group: sum(bool(m & group) and not m <= group for m in fakes)
     swapped, held = sorted(set().union(*fakes)), set()
     while inside(held, fakes) < fraction * len(fakes) and len(held) < len(swapped):
-        held.add(max((p for p in swapped if p not in held), key=lambda p: (inside(held | {p}, fakes), -cut(held | {p}))))
+        held.add(max((p for p in swapped if p not in held),
+                     key=lambda p: (inside(held | {p}, fakes), -cut(held | {p}))))
     for person in sorted(set().union(*reals) - set(swapped)):
         if inside(held, reals) >= fraction * len(reals):
             break
@@ -310,7 +349,8 @@ def _identities(folder, name):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4) Preparation: per video, K frames -> largest face -> 1.3x square crop, hull mask, record; the manifest
+# 4) Preparation: per video, K frames -> largest face -> 1.3x square crop, hull mask, record; the
+# manifest
 
 def parse_methods(data, text):
     if not text:
@@ -318,7 +358,8 @@ def parse_methods(data, text):
     methods = [m.strip() for m in text.split(",") if m.strip()]
     for m in methods:
         if m not in METHODS[data]:
-            raise InputError(f"--methods: unknown {data} method {m!r}; expected some of {','.join(METHODS[data])}")
+            raise InputError(f"--methods: unknown {data} method {m!r}; expected some of "
+                             f"{','.join(METHODS[data])}")
     return methods
 
 
@@ -333,12 +374,14 @@ def _record_path(root, video):
 
 def prepare_video(video, root, settings):
     """One video -> crops and masks under root, then its record, written last: a video with a record
-    is finished, one without is prepared again. Nothing raised inside stops the others: an unreadable
-    video (missing, a partial download) is recorded with retry=True, tried again by the next run; any
-    other failure and a video without faces are recorded with their reason."""
-    record = dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], reason="", retry=False)
+    is finished, one without is prepared again. Nothing raised inside stops the others: an
+    unreadable video (missing, a partial download) is recorded with retry=True, tried again by the
+    next run; any other failure and a video without faces are recorded with their reason."""
+    record = dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], reason="",
+                  retry=False)
     seen, size = 0, settings["size"]
-    os.makedirs(os.path.join(root, "faces", video.method, video.name), exist_ok=True)  # the attempt began (_started)
+    # the attempt began (_started)
+    os.makedirs(os.path.join(root, "faces", video.method, video.name), exist_ok=True)
     try:
         for i, crop, points, _ in read_faces(video.path, settings["frames"], size):
             seen += 1
@@ -346,13 +389,15 @@ def prepare_video(video, root, settings):
                 record["skipped_frames"].append([i, "no face"])
                 continue
             image_file, mask_file = (os.path.join(root, f) for f in _files(video, i))
-            atomic_write(image_file, lambda f: Image.fromarray(crop).save(f, "PNG", compress_level=1))
-            atomic_write(mask_file, lambda f: Image.fromarray(hull_mask(points, size) * 255).save(f, "PNG"))
+            atomic_write(image_file,
+                         lambda f: Image.fromarray(crop).save(f, "PNG", compress_level=1))
+            atomic_write(mask_file,
+                         lambda f: Image.fromarray(hull_mask(points, size) * 255).save(f, "PNG"))
             record["frames"].append(i)
     except READ_ERRORS as e:
-        record.update(reason=f"unreadable video ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})", retry=True)
+        record.update(reason=f"unreadable video ({reason(e)})", retry=True)
     except Exception as e:  # one video's failure, whatever it is, is that video's recorded reason
-        record["reason"] = f"failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        record["reason"] = f"failed ({reason(e)})"
     if not record["reason"] and not record["frames"]:
         record["reason"] = f"no face in any of its {seen} frames" if seen else "no frames decoded"
     atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
@@ -366,16 +411,19 @@ def _started(root, video):
 
 def _dead_worker(video, root, settings):
     record = dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], retry=False,
-                  reason="failed (the process preparing it died: killed by a signal, out of memory, or a crash in native code)")
+                  reason="failed (the process preparing it died: killed by a signal, out of "
+                         "memory, or a crash in native code)")
     atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
     return record
 
 
 def _run_jobs(jobs, workers):
-    """Each job's record, `workers` videos at a time. A worker that dies (a signal, out of memory, a crash
-    in native code) breaks its pool: the videos then in flight are tried again each in a pool of its
-    own, so that the one that kills its worker again is recorded as failed; the rest go on."""
-    if workers == 1:  # in this process (a crash here stops the run; the videos finished stay finished)
+    """Each job's record, `workers` videos at a time. A worker that dies (a signal, out of memory, a
+    crash in native code) breaks its pool: the videos then in flight are tried again each in a pool
+    of its own, so that the one that kills its worker again is recorded as failed; the rest go
+    on."""
+    # in this process (a crash here stops the run; the videos finished stay finished)
+    if workers == 1:
         yield from (prepare_video(*job) for job in jobs)
         return
     pending = list(jobs)
@@ -394,7 +442,8 @@ def _run_jobs(jobs, workers):
                     yield pool.submit(prepare_video, *job).result()
                 except BrokenProcessPool:
                     yield _dead_worker(*job)
-        pending = [job for job in left if not _started(job[1], job[0]) and not os.path.exists(_record_path(job[1], job[0]))]
+        pending = [job for job in left if not _started(job[1], job[0])
+                   and not os.path.exists(_record_path(job[1], job[0]))]
 
 
 def prepare(videos, root, settings, workers, redo=False):
@@ -402,19 +451,23 @@ def prepare(videos, root, settings, workers, redo=False):
     then the manifest and the report from all records under root. Preparing into a root made with
     other settings (every record carries them) is an error."""
     records = _records(root)
-    other = next((r.get("settings") for r in records.values() if r.get("settings") != settings), settings)
+    other = next((r.get("settings") for r in records.values() if r.get("settings") != settings),
+                 settings)
     if other != settings and not redo:
-        raise InputError(f"{root}: prepared with {_flags(other)}, not {_flags(settings)}; prepare into another --root, "
+        raise InputError(f"{root}: prepared with {_flags(other)}, not {_flags(settings)}; prepare "
+                         f"into another --root, "
                          f"or add --redo to prepare every video again")
     old = [records.get(_record_path(root, v)) for v in videos]
     again = [bool(r) and bool(redo or r.get("retry")) for r in old]
     jobs = [(v, root, settings) for v, r, a in zip(videos, old, again) if a or not r]
     for video, _, _ in jobs:  # an earlier attempt's record and frames go
-        for path in (os.path.join(root, kind, video.method, video.name) for kind in ("faces", "masks")):
+        for path in (os.path.join(root, kind, video.method, video.name)
+                     for kind in ("faces", "masks")):
             shutil.rmtree(path, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             os.remove(_record_path(root, video))
-    print(f"{len(videos)} videos, {len(videos) - len(jobs)} already prepared, {len(jobs)} to do ({sum(again)} of them "
+    print(f"{len(videos)} videos, {len(videos) - len(jobs)} already prepared, {len(jobs)} to do "
+          f"({sum(again)} of them "
           f"again), {workers} workers")
     start, done = time.time(), 0
     for record in _run_jobs(jobs, workers):
@@ -431,8 +484,8 @@ RECORD_KEYS = ("split", "label", "method", "name", "path", "frames", "skipped_fr
 
 
 def _records(root, quiet=False):
-    """Every video's record under root, by path; one that cannot be read is reported and left out (its
-    video is prepared again)."""
+    """Every video's record under root, by path; one that cannot be read is reported and left out
+    (its video is prepared again)."""
     found = {}
     for path in sorted(glob.glob(os.path.join(root, "records", "*", "*.json"))):
         try:
@@ -443,32 +496,40 @@ def _records(root, quiet=False):
             found[path] = record
         except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             if not quiet:
-                print(f"  {path}: not a readable record ({str(e).splitlines()[0][:100]}); its video is prepared again")
+                print(f"  {path}: not a readable record ({reason(e)}); its video is prepared again")
     return found
 
 
 def _flags(settings):
-    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (settings or {}).items() if v is not None) or "other settings"
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (settings or {}).items()
+                    if v is not None) or "other settings"
 
 
 def write_manifest(root):
-    """manifest.csv (a row a frame: split, label, method, video, frame, image, mask) and report.txt (every
-    skipped video and frame, with the reason) from the records; prints the counts per split and class."""
+    """manifest.csv (a row a frame: split, label, method, video, frame, image, mask) and report.txt
+    (every skipped video and frame, with the reason) from the records; prints the counts per split
+    and class."""
     rows, skipped, table = [], [], {}
     for r in _records(root, quiet=True).values():
         video = Video(r["split"], r["label"], r["method"], r["name"], r["path"])
-        rows += [[video.split, video.label, video.method, video.name, i, *_files(video, i)] for i in r["frames"]]
+        rows += [[video.split, video.label, video.method, video.name, i, *_files(video, i)]
+                 for i in r["frames"]]
         skipped += [f"{r['method']}/{r['name']}\tvideo\t{r['reason']}"] * bool(r["reason"])
-        skipped += [f"{r['method']}/{r['name']}\tframe {i}\t{why}" for i, why in r["skipped_frames"]]
+        skipped += [f"{r['method']}/{r['name']}\tframe {i}\t{why}"
+                    for i, why in r["skipped_frames"]]
         counts = table.setdefault((video.split, video.label), [0, 0])
         counts[0], counts[1] = counts[0] + bool(r["frames"]), counts[1] + len(r["frames"])
     text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows([["split", "label", "method", "video", "frame", "image", "mask"]] + rows)
+    csv.writer(text, lineterminator="\n").writerows([["split", "label", "method", "video", "frame",
+                                                      "image", "mask"]] + rows)
     atomic_write(os.path.join(root, "manifest.csv"), lambda f: f.write(text.getvalue().encode()))
     header = f"# {len(rows)} frames prepared; {len(skipped)} videos or frames skipped (name, what, reason)\n"
-    atomic_write(os.path.join(root, "report.txt"), lambda f: f.write((header + "\n".join(skipped) + "\n").encode()))
-    print(f"wrote {root}/manifest.csv ({len(rows)} frames) and {root}/report.txt ({len(skipped)} skipped)")
-    for (split, label), (n_videos, n_frames) in sorted(table.items(), key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1])):
+    atomic_write(os.path.join(root, "report.txt"),
+                 lambda f: f.write((header + "\n".join(skipped) + "\n").encode()))
+    print(f"wrote {root}/manifest.csv ({len(rows)} frames) and {root}/report.txt ({len(skipped)} "
+          f"skipped)")
+    for (split, label), (n_videos, n_frames) in sorted(table.items(),
+                                                       key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1])):
         print(f"  {split:5s} {'fake' if label else 'real'}: {n_videos} videos, {n_frames} frames")
     return rows, skipped
 
@@ -476,7 +537,8 @@ def write_manifest(root):
 # ----------------------------------------------------------------------------------------------
 # 5) Built-in synthetic faces: drawn, lit and photographed procedurally, then manipulated
 
-# The benchmark's presets (--synthetic), each artifact's strength (manipulate). "easy", the demo: every
+# The benchmark's presets (--synthetic), each artifact's strength (manipulate). "easy", the demo:
+# every
 # network reaches test AUC 0.99+ in 12 epochs. "hard" (Table VI's low-quality idea), to compare
 # networks: subtler blending, the fakes re-noised, every frame JPEG-compressed at quality 40.
 SYNTHETIC_PRESETS = {"easy": dict(blur=0.5, mismatch=0.3, gan_scale=4, fake_noise=0.0, jpeg=None),
@@ -488,12 +550,16 @@ def random_identity(rng):
     u = rng.uniform
     skin = np.array([u(0.35, 0.95), 0, 0])
     skin[1:] = skin[0] * np.array([u(0.68, 0.82), u(0.52, 0.70)])
-    return dict(jaw_w=u(0.40, 0.50), jaw_h=u(0.52, 0.66), eye_y=u(-0.20, -0.12), eye_dx=u(0.17, 0.23),
-                eye_w=u(0.065, 0.09), eye_h=u(0.022, 0.036), brow_gap=u(0.07, 0.11), brow_arch=u(0.01, 0.04),
-                nose_len=u(0.17, 0.25), nose_w=u(0.07, 0.11), mouth_y=u(0.24, 0.32), mouth_w=u(0.12, 0.18),
+    return dict(jaw_w=u(0.40, 0.50), jaw_h=u(0.52, 0.66), eye_y=u(-0.20, -0.12),
+                eye_dx=u(0.17, 0.23),
+                eye_w=u(0.065, 0.09), eye_h=u(0.022, 0.036), brow_gap=u(0.07, 0.11),
+                brow_arch=u(0.01, 0.04),
+                nose_len=u(0.17, 0.25), nose_w=u(0.07, 0.11), mouth_y=u(0.24, 0.32),
+                mouth_w=u(0.12, 0.18),
                 lip_up=u(0.018, 0.035), lip_low=u(0.025, 0.045), skin=skin,
                 lips=skin * np.array([u(0.75, 0.95), u(0.45, 0.6), u(0.5, 0.65)]),
-                iris=rng.uniform(0.05, 0.6, 3), hair=rng.uniform(0.02, 0.5) * np.array([1, u(0.6, 0.9), u(0.3, 0.7)]))
+                iris=rng.uniform(0.05, 0.6, 3),
+                hair=rng.uniform(0.02, 0.5) * np.array([1, u(0.6, 0.9), u(0.3, 0.7)]))
 
 
 def face_points(idt, ex):
@@ -530,7 +596,8 @@ def project(points, pose, turn):
     p = points.copy()
     p[:, 0] = p[:, 0] * (1 - pose["yaw"] * np.sign(p[:, 0]) * 0.25 * (1 - turn)) + pose["yaw"] * 0.15 * turn
     c, s = math.cos(pose["roll"]), math.sin(pose["roll"])
-    return np.stack([c * p[:, 0] - s * p[:, 1], s * p[:, 0] + c * p[:, 1]], 1) * pose["scale"] + [pose["x"], pose["y"]]
+    return np.stack([c * p[:, 0] - s * p[:, 1], s * p[:, 0] + c * p[:, 1]],
+                    1) * pose["scale"] + [pose["x"], pose["y"]]
 
 
 def random_scene(rng, size):
@@ -542,15 +609,18 @@ def random_scene(rng, size):
     draw = ImageDraw.Draw(background)
     for _ in range(4):
         x, y, r = rng.uniform(0, ss, 2).tolist() + [rng.uniform(0.05, 0.3) * ss]
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    return dict(background=background.filter(ImageFilter.GaussianBlur(ss / 40)), light=rng.uniform(-0.5, 0.5),
+        draw.ellipse((x - r, y - r, x + r, y + r),
+                     fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return dict(background=background.filter(ImageFilter.GaussianBlur(ss / 40)),
+                light=rng.uniform(-0.5, 0.5),
                 light_angle=rng.uniform(0, 2 * np.pi), blur=rng.uniform(0.3, 0.6) * size / 64,
                 noise=rng.uniform(3, 7) / 255)
 
 
 def render_face(idt, ex, pose, scene, size, noise_rng=None, blur=0.0):
     """Draw one face at 2x size (PIL), downsample (anti-aliasing), light it, blur it by the optics
-    (+ `blur` px) and, with noise_rng, add sensor noise. -> ((size, size, 3) float32, landmarks (68, 2))."""
+    (+ `blur` px) and, with noise_rng, add sensor noise. -> ((size, size, 3) float32, landmarks (68,
+    2))."""
     ss = 2 * size
     pose2 = dict(pose, x=2 * pose["x"], y=2 * pose["y"], scale=2 * pose["scale"])
     pts = project(face_points(idt, ex), pose2, np.r_[np.zeros(17), np.ones(51)])
@@ -572,16 +642,21 @@ def _rgb(colour, k=1.0):
 
 
 def _draw_face(draw, idt, pose2, pts, ss):
-    """Hair, neck, the skin of the face (the jaw line closed by the forehead), brows, nose, eyes, lips."""
+    """Hair, neck, the skin of the face (the jaw line closed by the forehead), brows, nose,
+    eyes, lips."""
     a = np.linspace(np.pi, 2 * np.pi, 15)
     top = idt["eye_y"] + 0.04
     forehead = np.stack([idt["jaw_w"] * np.cos(a), top + 0.55 * np.sin(a)], 1)
-    hair = np.stack([1.18 * idt["jaw_w"] * np.cos(2 * a), top - 0.12 + 0.62 * np.sin(2 * a) * (np.sin(2 * a) < 0)
+    hair = np.stack([1.18 * idt["jaw_w"] * np.cos(2 * a), top - 0.12
+                     + 0.62 * np.sin(2 * a) * (np.sin(2 * a) < 0)
                      + 0.25 * np.sin(2 * a) * (np.sin(2 * a) >= 0)], 1)
-    neck = np.array([[-0.6 * idt["jaw_w"], 0.2], [0.6 * idt["jaw_w"], 0.2], [0.7 * idt["jaw_w"], 2.0], [-0.7 * idt["jaw_w"], 2.0]])
+    neck = np.array([[-0.6 * idt["jaw_w"], 0.2], [0.6 * idt["jaw_w"], 0.2],
+                     [0.7 * idt["jaw_w"], 2.0], [-0.7 * idt["jaw_w"], 2.0]])
     zero = np.zeros(len(a))
-    draw.polygon([tuple(p) for p in project(hair, pose2, np.zeros(len(hair))).tolist()], fill=_rgb(idt["hair"]))
-    draw.polygon([tuple(p) for p in project(neck, pose2, np.zeros(4)).tolist()], fill=_rgb(idt["skin"], 0.8))
+    draw.polygon([tuple(p) for p in project(hair, pose2, np.zeros(len(hair))).tolist()],
+                 fill=_rgb(idt["hair"]))
+    draw.polygon([tuple(p) for p in project(neck, pose2, np.zeros(4)).tolist()],
+                 fill=_rgb(idt["skin"], 0.8))
     face = np.concatenate([pts[:17], project(forehead, pose2, zero)[::-1][1:-1]])
     draw.polygon([tuple(p) for p in face.tolist()], fill=_rgb(idt["skin"]))
     line = max(1, int(ss * 0.012))
@@ -598,17 +673,19 @@ def _draw_face(draw, idt, pose2, pts, ss):
     draw.polygon([tuple(p) for p in pts[60:68].tolist()], fill=(60, 20, 25))
 
 
-INNER_FACE = ("eye_y", "eye_dx", "eye_w", "eye_h", "brow_gap", "brow_arch", "nose_len", "nose_w", "mouth_y",
+INNER_FACE = ("eye_y", "eye_dx", "eye_w", "eye_h", "brow_gap", "brow_arch", "nose_len", "nose_w",
+              "mouth_y",
               "mouth_w", "lip_up", "lip_low", "skin", "lips", "iris")
 
 
 def manipulate(family, real, pts, idt, ex, pose, scene, size, rng, preset=None):
     """A fake made from a real frame, as the FF++ families are made from real videos: swap
     (FaceSwap-like: another person's inner face, its skin colour partly matched), mouth
-    (NeuralTextures-like: the mouth re-rendered), gan (the face through a down/up-sampling, recoloured),
-    blended into the face hull. The preset sets the extra blur (blur), the donor's colour left
-    (mismatch), the GAN's factor (gan_scale) and the camera noise the new content gets (fake_noise).
-    -> fake (size, size, 3), its landmarks (68, 2), the blending weight (size, size) in [0, 1]."""
+    (NeuralTextures-like: the mouth re-rendered), gan (the face through a down/up-sampling,
+    recoloured), blended into the face hull. The preset sets the extra blur (blur), the donor's
+    colour left (mismatch), the GAN's factor (gan_scale) and the camera noise the new content gets
+    (fake_noise). -> fake (size, size, 3), its landmarks (68, 2), the blending weight (size, size)
+    in [0, 1]."""
     p = preset or SYNTHETIC_PRESETS["easy"]
     if family == "swap":
         donor = random_identity(rng)
@@ -618,12 +695,14 @@ def manipulate(family, real, pts, idt, ex, pose, scene, size, rng, preset=None):
         content, fake_pts = render_face(mixed, ex, pose, scene, size, blur=p["blur"])
         region = (fake_pts - fake_pts[30]) * 0.92 + fake_pts[30]
     elif family == "mouth":
-        ex2 = dict(ex, mouth_open=ex["mouth_open"] + rng.uniform(0.02, 0.05), smile=rng.uniform(-0.01, 0.04))
+        ex2 = dict(ex, mouth_open=ex["mouth_open"] + rng.uniform(0.02, 0.05),
+                   smile=rng.uniform(-0.01, 0.04))
         content, fake_pts = render_face(idt, ex2, pose, scene, size, blur=p["blur"])
         both = np.concatenate([pts[48:68], fake_pts[48:68]])
         region = (both - both.mean(0)) * 1.6 + both.mean(0)
     elif family == "gan":
-        small = Image.fromarray(np.uint8(real * 255)).resize((round(size / p["gan_scale"]),) * 2, Image.BOX)
+        small = Image.fromarray(np.uint8(real * 255)).resize((round(size / p["gan_scale"]),) * 2,
+                                                             Image.BOX)
         content = np.asarray(small.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
         content, fake_pts = np.clip(content * rng.uniform(0.92, 1.08, 3), 0, 1), pts
         region = (pts - pts[30]) * 0.95 + pts[30]
@@ -643,7 +722,8 @@ def synthetic_frame(seed, video, frame, size, family=None, preset=None):
     rng = np.random.default_rng([seed, video])  # the video: person, background, light, camera
     idt, scene = random_identity(rng), random_scene(rng, size)
     rng = np.random.default_rng([seed, video, frame])  # the frame: pose, expression, noise
-    pose = dict(x=size * rng.uniform(0.46, 0.54), y=size * rng.uniform(0.46, 0.54), scale=size * rng.uniform(0.52, 0.62),
+    pose = dict(x=size * rng.uniform(0.46, 0.54), y=size * rng.uniform(0.46, 0.54),
+                scale=size * rng.uniform(0.52, 0.62),
                 roll=rng.uniform(-0.2, 0.2), yaw=rng.uniform(-0.35, 0.35))
     ex = dict(mouth_open=rng.uniform(0, 0.02) if rng.random() < 0.6 else rng.uniform(0.02, 0.07),
               smile=rng.uniform(-0.01, 0.03), brow_raise=rng.uniform(0, 0.02))
@@ -657,7 +737,8 @@ def synthetic_frame(seed, video, frame, size, family=None, preset=None):
 
 
 def jpeg(image, quality):
-    """(H, W, 3) uint8 -> the same image after a JPEG round trip at this quality (4:2:0, as video codecs)."""
+    """(H, W, 3) uint8 -> the same image after a JPEG round trip at this quality (4:2:0, as
+    video codecs)."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
     return np.asarray(Image.open(buffer).convert("RGB"))
@@ -667,23 +748,35 @@ def jpeg(image, quality):
 # 6) Command line
 
 def main(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", choices=("ff++", "celeb-df"), required=True, help="the dataset to prepare")
+    p = Parser(description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", choices=("ff++", "celeb-df"), required=True, help="the dataset to "
+                                                                               "prepare")
     p.add_argument("--src", required=True, help="the dataset as downloaded")
     p.add_argument("--root", help="where to write the prepared data (default: data/<name>)")
-    p.add_argument("--compression", default="c23", choices=("raw", "c23", "c40"), help="ff++: quality (paper: c23, HQ; "
+    p.add_argument("--compression", default="c23", choices=("raw", "c23", "c40"), help="ff++: "
+                                                                                       "quality "
+                                                                                       "(paper: "
+                                                                                       "c23, HQ; "
                    "Table VI: c40)")
     p.add_argument("--methods", help="ff++: manipulations, comma-separated (default: all four)")
-    p.add_argument("--splits", help="ff++: folder of train.json, val.json, test.json (default: SRC/splits)")
-    p.add_argument("--frames", type=bounded(int, 1), default=32, help="evenly spaced frames per video (default 32)")
-    p.add_argument("--workers", type=bounded(int, 1), help="parallel videos (default: the CPUs this process may use)")
-    p.add_argument("--redo", action="store_true", help="prepare every video again (e.g. with other --frames)")
+    p.add_argument("--splits", help="ff++: folder of train.json, val.json, test.json (default: "
+                                    "SRC/splits)")
+    p.add_argument("--frames", type=bounded(int, 1), default=32, help="evenly spaced frames per "
+                                                                      "video (default 32)")
+    p.add_argument("--workers", type=bounded(int, 1), help="parallel videos (default: the CPUs "
+                                                           "this process may use)")
+    p.add_argument("--redo", action="store_true", help="prepare every video again (e.g. with other "
+                                                       "--frames)")
     args = p.parse_args(argv)
-    settings = dict(frames=args.frames, size=CROP_SIZE, detect_size=DETECT_SIZE,  # every record carries them
+    # every record carries them
+    settings = dict(frames=args.frames, size=CROP_SIZE, detect_size=DETECT_SIZE,
                     compression=args.compression if args.data == "ff++" else None)
     videos = celebdf_videos(args.src) if args.data == "celeb-df" else ffpp_videos(
-        args.src, args.compression, parse_methods("ff++", args.methods), args.splits or os.path.join(args.src, "splits"))
-    prepare(videos, args.root or os.path.join("data", args.data), settings, args.workers or usable_cpus(), args.redo)
+        args.src, args.compression, parse_methods("ff++", args.methods), args.splits
+        or os.path.join(args.src, "splits"))
+    prepare(videos, args.root or os.path.join("data", args.data), settings, args.workers
+            or usable_cpus(), args.redo)
 
 
 if __name__ == "__main__":

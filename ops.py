@@ -36,21 +36,23 @@ class DilConv(nn.Sequential):
     """ReLU, depthwise conv (optionally dilated), pointwise conv, BN."""
     def __init__(self, C, kernel, stride, dilation, affine):
         padding = dilation * (kernel - 1) // 2
-        super().__init__(nn.ReLU(), nn.Conv2d(C, C, kernel, stride, padding, dilation, groups=C, bias=False),
+        super().__init__(nn.ReLU(),
+                         nn.Conv2d(C, C, kernel, stride, padding, dilation, groups=C, bias=False),
                          nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine))
 
 
 class SepConv(nn.Sequential):
     """Depthwise separable convolution applied twice; only the first one strides. One flat sequence
-    (ReLU, dw, pw, BN, ReLU, dw, pw, BN) so that, like every convolution here, it starts with a ReLU."""
+    (ReLU, dw, pw, BN, ReLU, dw, pw, BN) so that, like every convolution here, it starts with a
+    ReLU."""
     def __init__(self, C, kernel, stride, affine):
         super().__init__(*DilConv(C, kernel, stride, 1, affine), *DilConv(C, kernel, 1, 1, affine))
 
 
 class FactorizedReduce(nn.Module):
-    """Halves H, W with two 1x1 convs on pixel grids offset by one: DARTS's 1x1 stride-2 convs, written as
-    subsampling, then a stride-1 conv (torch 2.14's strided 1x1 backward on channels_last inputs of 2-4
-    channels corrupts the heap on AVX2-only processors)."""
+    """Halves H, W with two 1x1 convs on pixel grids offset by one: DARTS's 1x1 stride-2 convs,
+    written as subsampling, then a stride-1 conv (torch 2.14's strided 1x1 backward on channels_last
+    inputs of 2-4 channels corrupts the heap on AVX2-only processors)."""
     def __init__(self, C_in, C_out, affine):
         super().__init__()
         self.relu = nn.ReLU()
@@ -60,8 +62,10 @@ class FactorizedReduce(nn.Module):
 
     def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, ceil(H/2), ceil(W/2))
         x = self.relu(x)
-        even, odd = x[:, :, ::2, ::2], x[:, :, 1::2, 1::2]  # the grid a stride-2 conv reads, and the one offset by one
-        odd = F.pad(odd, (0, even.shape[3] - odd.shape[3], 0, even.shape[2] - odd.shape[2]))  # odd H, W: a zero row/column
+        even = x[:, :, ::2, ::2]
+        odd = x[:, :, 1::2, 1::2]  # the grid a stride-2 conv reads, and the one offset by one
+        # odd H, W: a zero row/column
+        odd = F.pad(odd, (0, even.shape[3] - odd.shape[3], 0, even.shape[2] - odd.shape[2]))
         return self.bn(torch.cat([self.conv1(even), self.conv2(odd)], dim=1))
 
 
@@ -75,10 +79,12 @@ class Zero(nn.Module):
         return x[:, :, ::self.stride, ::self.stride].mul(0.0)
 
 
-# OP_df, the deepfake search space of Sec. III-B, in the paper's order: name -> constructor(C, stride, affine)
+# OP_df, the deepfake search space of Sec. III-B, in the paper's order: name -> constructor(C,
+# stride, affine)
 OPS = {
     "none": lambda C, stride, affine: Zero(stride),
-    "skip_connect": lambda C, stride, affine: nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine),
+    "skip_connect": lambda C, stride, affine: nn.Identity() if stride == 1
+    else FactorizedReduce(C, C, affine),
     "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(3, stride, 1, count_include_pad=False),
     "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride, 1),
     "conv_3x3": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 1, affine),
@@ -94,18 +100,21 @@ assert PRIMITIVES[0] == "none"  # MixedOp skips it by position
 
 
 class MixedOp(nn.Module):
-    """An edge of the search cell (Eq. 2): every operation of OP_df on the edge's input, weighted by the
-    softmax of the edge's row of alpha. Not in Eq. 2's line: zero (PRIMITIVES[0]) adds nothing, so it
-    is not built; pooling gets a non-affine BN (DARTS) to match the convolutions' scale; the seven
-    convolutions share one ReLU(x) (a search step 1.25x faster); the sum is in fp32 (bf16 loses bits).
-    partial = K > 1: PC-DARTS's partial channels (not in the paper): the first C/K channels go through
-    the operations, the rest bypass the edge (max-pooled where it strides), then a channel shuffle."""
+    """An edge of the search cell (Eq. 2): every operation of OP_df on the edge's input, weighted by
+    the softmax of the edge's row of alpha. Not in Eq. 2's line: zero (PRIMITIVES[0]) adds nothing,
+    so it is not built; pooling gets a non-affine BN (DARTS) to match the convolutions' scale; the
+    seven convolutions share one ReLU(x) (a search step 1.25x faster); the sum is in fp32 (bf16
+    loses bits). partial = K > 1: PC-DARTS's partial channels (not in the paper): the first C/K
+    channels go through the operations, the rest bypass the edge (max-pooled where it strides), then
+    a channel shuffle."""
     def __init__(self, C, stride, partial=1):
         super().__init__()
         self.partial = partial
         built = [self._op(name, C // partial, stride) for name in PRIMITIVES[1:]]  # all but zero
-        self.after_relu = [isinstance(op, nn.Sequential) and isinstance(op[0], nn.ReLU) for op in built]
-        self.ops = nn.ModuleList(nn.Sequential(*list(op)[1:]) if r else op for op, r in zip(built, self.after_relu))
+        self.after_relu = [isinstance(op, nn.Sequential) and isinstance(op[0], nn.ReLU)
+                           for op in built]
+        self.ops = nn.ModuleList(nn.Sequential(*list(op)[1:]) if r else op
+                                 for op, r in zip(built, self.after_relu))
         if partial > 1:
             self.bypass = nn.MaxPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()
 
@@ -114,13 +123,17 @@ class MixedOp(nn.Module):
         op = OPS[name](C, stride, False)
         return nn.Sequential(op, nn.BatchNorm2d(C, affine=False)) if "pool" in name else op
 
-    def forward(self, x, weights):  # x (B, C, H, W); weights (n_ops,): the softmax of this edge's row of alpha
+    # x (B, C, H, W); weights (n_ops,): the softmax of this edge's row of alpha
+    def forward(self, x, weights):
         if self.partial > 1:
-            x, rest = x[:, :x.shape[1] // self.partial], x[:, x.shape[1] // self.partial:]  # (B, C/K, ..), (B, C - C/K, ..)
-        out = sum(w * y for w, y in zip(weights[1:], self.outputs(x)))  # Eq. 2 (weights[0], zero's, adds nothing)
+            # (B, C/K, ..), (B, C - C/K, ..)
+            x, rest = x[:, :x.shape[1] // self.partial], x[:, x.shape[1] // self.partial:]
+        # (weights[0], zero's, adds nothing)
+        out = sum(w * y for w, y in zip(weights[1:], self.outputs(x)))  # Eq. 2
         if self.partial == 1:
             return out
-        return channel_shuffle(torch.cat([out, self.bypass(rest).to(out.dtype)], dim=1), self.partial)
+        return channel_shuffle(torch.cat([out, self.bypass(rest).to(out.dtype)], dim=1),
+                               self.partial)
 
     def outputs(self, x):
         """op(x) for every operation but zero, in PRIMITIVES' order, in fp32, one at a time."""
@@ -152,12 +165,16 @@ class Cell(nn.Module):
         super().__init__()
         self.reduction = reduction
         # s0 is twice the size of s1 after a reduction cell: bring both to (B, C, H, W)
-        self.pre0 = FactorizedReduce(C_pp, C, affine) if reduction_prev else ReLUConvBN(C_pp, C, 1, 1, 0, affine)
+        if reduction_prev:
+            self.pre0 = FactorizedReduce(C_pp, C, affine)
+        else:
+            self.pre0 = ReLUConvBN(C_pp, C, 1, 1, 0, affine)
         self.pre1 = ReLUConvBN(C_p, C, 1, 1, 0, affine)
         self.edges = [(node, inp) for node, inp, _ in edges]
         self.steps = 1 + max(node for node, _ in self.edges)
         self.ops = nn.ModuleList(
-            self._op(name, C, 2 if reduction and inp < 2 else 1, affine, partial) for _, inp, name in edges)
+            self._op(name, C, 2 if reduction and inp < 2 else 1, affine, partial)
+            for _, inp, name in edges)
 
     @staticmethod
     def _op(name, C, stride, affine, partial):
@@ -168,8 +185,9 @@ class Cell(nn.Module):
         edge weights (n_edges,): PC-DARTS's normalised beta, or None)."""
         states = [self.pre0(s0), self.pre1(s1)]  # each (B, C, H, W)
         for node in range(self.steps):
+            # (search cell: Eq. 2's sum over H)
             states.append(sum(self._edge(k, states[inp], weights)
-                              for k, (n, inp) in enumerate(self.edges) if n == node))  # Eq. 1 (search cell: Eq. 2's sum over H)
+                              for k, (n, inp) in enumerate(self.edges) if n == node))  # Eq. 1
         return torch.cat(states[2:], dim=1)  # (B, steps*C, H', W')
 
     def _edge(self, k, h, weights):
@@ -193,7 +211,8 @@ class Genotype(NamedTuple):
 
 
 def genotype_edges(cell):
-    """The chosen edges of a derived cell: [(op, input), ...] two per node -> [(node, input, op)]."""
+    """The chosen edges of a derived cell: [(op, input), ...] two per node -> [(node, input,
+    op)]."""
     return [(k // 2, inp, op) for k, (op, inp) in enumerate(cell)]
 
 
@@ -201,11 +220,12 @@ def genotype_edges(cell):
 # Below: not the paper's method.
 
 def channel_shuffle(x, groups):
-    """(B, C, H, W) -> channel g * C/groups + i moved to i * groups + g (PC-DARTS), in one strided copy that
-    keeps x's memory format (a reshape would turn channels_last into NCHW)."""
+    """(B, C, H, W) -> channel g * C/groups + i moved to i * groups + g (PC-DARTS), in one strided
+    copy that keeps x's memory format (a reshape would turn channels_last into NCHW)."""
     B, C, H, W = x.shape
     out = torch.empty_like(x)
-    out.view(B, C // groups, groups, H, W).copy_(x.view(B, groups, C // groups, H, W).transpose(1, 2))
+    grouped = x.view(B, groups, C // groups, H, W)  # channel g * C/groups + i at [g, i]
+    out.view(B, C // groups, groups, H, W).copy_(grouped.transpose(1, 2))
     return out
 
 
@@ -216,17 +236,21 @@ def node_softmax(beta):
 
 
 def random_genotype(seed):
-    """NAS's random baseline (Li & Talwalkar 2019): per node two distinct inputs among its predecessors,
-    each edge one of the ten non-zero operations, uniformly; the two cells drawn independently."""
+    """NAS's random baseline (Li & Talwalkar 2019): per node two distinct inputs among its
+    predecessors, each edge one of the ten non-zero operations, uniformly; the two cells drawn
+    independently."""
     rng, ops = random.Random(seed), [p for p in PRIMITIVES if p != "none"]
-    cell = lambda: tuple((rng.choice(ops), inp) for node in range(STEPS) for inp in sorted(rng.sample(range(node + 2), 2)))
+    cell = lambda: tuple((rng.choice(ops), inp) for node in range(STEPS)
+                         for inp in sorted(rng.sample(range(node + 2), 2)))
     return Genotype(cell(), cell())
 
 
 def genotype_to_json(genotype, origin=None):
-    """A node (two pairs) a line, to read the cell off the file; origin ("search", "random") for --compare."""
+    """A node (two pairs) a line, to read the cell off the file; origin ("search", "random") for
+    --compare."""
     def cell(pairs):
-        rows = [f"    {json.dumps(list(a))}, {json.dumps(list(b))}" for a, b in zip(pairs[::2], pairs[1::2])]
+        rows = [f"    {json.dumps(list(a))}, {json.dumps(list(b))}"
+                for a, b in zip(pairs[::2], pairs[1::2])]
         return "[\n" + ",\n".join(rows) + "\n  ]"
     return ('{\n  "normal": ' + cell(genotype.normal) + ',\n  "reduce": ' + cell(genotype.reduce)
             + (f',\n  "origin": {json.dumps(origin)}' if origin else "") + "\n}\n")
@@ -237,7 +261,8 @@ def save_genotype(genotype, path, origin=None):
 
 
 def genotype_origin(path):
-    """The "origin" a genotype file records, or None (load_genotype says why a file is unreadable)."""
+    """The "origin" a genotype file records, or None (load_genotype says why a file is
+    unreadable)."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
         with open(path) as f:
             return json.load(f).get("origin")
@@ -249,9 +274,11 @@ def load_genotype(path):
         with open(path) as f:
             obj = json.load(f)
     except FileNotFoundError:
-        raise InputError(f"{path}: no such genotype file (write one with: python search.py --out {path})")
+        raise InputError(f"{path}: no such genotype file (write one with: python search.py --out "
+                         f"{path})")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e}); expected {{\"normal\": [...], \"reduce\": [...]}}")
+        raise InputError(f"{path}: not valid JSON ({e}); expected "
+                         f"{{\"normal\": [...], \"reduce\": [...]}}")
     return genotype_from_dict(obj, path)
 
 
@@ -264,7 +291,9 @@ def genotype_from_dict(obj, source):
 
 def _parse_cell(cell, path, key):
     if not isinstance(cell, list) or len(cell) != 2 * STEPS:
-        got = f"{len(cell)} entries" if isinstance(cell, list) else "missing" if cell is None else type(cell).__name__
+        got = "missing" if cell is None else type(cell).__name__
+        if isinstance(cell, list):
+            got = f"{len(cell)} entries"
         raise InputError(f"{path}: \"{key}\": expected a list of {2 * STEPS} [op, input] pairs "
                          f"(2 per node, {STEPS} nodes), got {got}")
     pairs = []
@@ -272,10 +301,12 @@ def _parse_cell(cell, path, key):
         node, field = k // 2, f'"{key}"[{k}]'
         if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
                 and isinstance(pair[1], int) and not isinstance(pair[1], bool)):
-            raise InputError(f"{path}: {field}: expected [op name, input index], got {json.dumps(pair)}")
+            raise InputError(f"{path}: {field}: expected [op name, input index], got "
+                             f"{json.dumps(pair)}")
         op, inp = pair
         if op not in OPS:
-            raise InputError(f"{path}: {field}: unknown op {op!r}; expected one of {', '.join(PRIMITIVES)}")
+            raise InputError(f"{path}: {field}: unknown op {op!r}; expected one of "
+                             f"{', '.join(PRIMITIVES)}")
         if not 0 <= inp < node + 2:
             raise InputError(f"{path}: {field}: input {inp} does not precede node {node} "
                              f"(expected 0..{node + 1}: the two cell inputs, then earlier nodes)")
@@ -283,8 +314,14 @@ def _parse_cell(cell, path, key):
     return tuple(pairs)
 
 
+def reason(e):
+    """An exception in one line: "ValueError: its first line" (at most 120 characters of it)."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
 class InputError(Exception):
-    """A user mistake (a bad file, flag or dataset): the scripts print it as one line, no traceback."""
+    """A user mistake (a bad file, flag or dataset): the scripts print it as one line, no
+    traceback."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -295,19 +332,22 @@ class Parser(argparse.ArgumentParser):
 
 def bounded(kind, low, high=None):
     """An argparse type: a finite `kind` (int or float) with low <= value (< high when given)."""
-    expected = f"{'a whole number' if kind is int else 'a number'} >= {low}" + (f" and < {high}" if high is not None else "")
+    expected = f"{'a whole number' if kind is int else 'a number'} >= {low}"
+    if high is not None:
+        expected += f" and < {high}"
 
     def parse(text):
         with contextlib.suppress(ValueError):
-            if math.isfinite(value := kind(text)) and low <= value and (high is None or value < high):
+            value = kind(text)
+            if math.isfinite(value) and low <= value and (high is None or value < high):
                 return value
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return parse
 
 
 def atomic_write(path, write):
-    """write(f) into a temporary file, flushed to disk, then renamed: a kill or a crash never leaves a
-    half-written file, the previous one stays until the new one is complete."""
+    """write(f) into a temporary file, flushed to disk, then renamed: a kill or a crash never leaves
+    a half-written file, the previous one stays until the new one is complete."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -323,7 +363,8 @@ def atomic_write(path, write):
 
 
 def usable_cpus():
-    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 quota (os.cpu_count() sees neither)."""
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 quota
+    (os.cpu_count() sees neither)."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
         with open("/sys/fs/cgroup/cpu.max") as f:

@@ -1,16 +1,20 @@
 """Architecture search for ADD: Algorithm 1 (Sec. III-A, III-B), first-order DARTS.
 
-- SearchNetwork: ADD with every edge a MixedOp (Eq. 2) and alpha, a row an edge, a column an operation.
+- SearchNetwork: ADD with every edge a MixedOp (Eq. 2) and alpha, a row an edge, a column an
+  operation.
 - derive_cell: the cell chosen after the search (end of Sec. III-A): the strongest operations.
 - search: Algorithm 1's loop, a w step (lines 2-4) and an alpha step (lines 5-7) on Eq. 3's loss,
   the network's own Eq. 7; each epoch the cell goes to g.json and g.png (as Fig. 8).
 Below the divider: the settings (the paper's and the departures: README) and what the paper does
 not describe: a step budget, the checkpoint and the log, the parameter term, pictures, the CLI.
 
-    python search.py                      # built-in synthetic data, demo configuration (~3.5 min, 2 CPU cores)
-    python search.py --data ff++          # real data: 256 px, batch 8, 300 epochs of at most 200 steps
+    python search.py                      # built-in synthetic data, demo configuration (~3.5 min, 2
+    CPU cores)
+    python search.py --data ff++          # real data: 256 px, batch 8, 300 epochs of at most 200
+    steps
     python search.py --data ff++ --paper  # the paper's own settings (Sec. IV-B)
-    python search.py --resume             # continue a stopped search from runs/search/search.pt, at its step
+    python search.py --resume             # continue a stopped search from runs/search/search.pt, at
+    its step
     python search.py --random-genotype 3 --out r.json    # a random architecture (the NAS baseline)
     python search.py --benchmark          # ms per search step, peak memory, operator calls
 """
@@ -24,21 +28,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from add import (ADD, BLOCKS, DEMO_SIZE, GRAD_CLIP, PAPER_SIZE, Diverged, Run, Stopped, add_data_arguments, append_log,
-                 count_parameters, d2_layout, epoch_generator, figure, gradient_step, loader, loader_workers,
-                 new_run_dir, open_split, peak_memory_mib, pick_device, prepare_model, random_batch, resolve_defaults,
-                 restore, resume, save_checkpoint, save_figure, scale_milestones, sync, time_alternately, write_config)
+from add import (ADD, BLOCKS, DEMO_SIZE, GRAD_CLIP, PAPER_SIZE, Diverged, Run, Stopped,
+                 add_data_arguments, append_log,
+                 count_parameters, d2_layout, epoch_generator, figure, gradient_step, loader,
+                 loader_workers,
+                 new_run_dir, open_split, peak_memory_mib, pick_device, prepare_model, random_batch,
+                 resolve_defaults,
+                 restore, resume, save_checkpoint, save_figure, scale_milestones, sync,
+                 time_alternately, write_config)
 from masks import parse_methods
-from ops import (OPS, PRIMITIVES, STEPS, Genotype, InputError, Parser, bounded, node_softmax, random_genotype,
+from ops import (OPS, PRIMITIVES, STEPS, Genotype, InputError, Parser, bounded, node_softmax,
+                 random_genotype,
                  save_genotype, search_edges)
 
 CELL_TYPES = ("normal", "reduce")
 
 
 class SearchNetwork(nn.Module):
-    """The one-shot network of Algorithm 1: ADD with every edge a MixedOp, reductions at 1/3 and 2/3 of the
-    depth, and alpha (shared by all normal cells, and by all reduction cells); with partial channels
-    (PC-DARTS) also beta, a weight an edge. Both are nn.Parameters: the checkpoint carries them."""
+    """The one-shot network of Algorithm 1: ADD with every edge a MixedOp, reductions at 1/3 and 2/3
+    of the depth, and alpha (shared by all normal cells, and by all reduction cells); with partial
+    channels (PC-DARTS) also beta, a weight an edge. Both are nn.Parameters: the checkpoint carries
+    them."""
     def __init__(self, C, cells, stem_reductions, partial=1):
         super().__init__()
         layout = [i in (cells // 3, 2 * cells // 3) for i in range(cells)]
@@ -55,7 +65,8 @@ class SearchNetwork(nn.Module):
         """(normal, reduce), each (the softmax of alpha (n_edges, n_ops): Eq. 2's weights, the
         normalised beta (n_edges,) or None)."""
         return tuple((getattr(self, f"alpha_{kind}").softmax(-1),
-                      node_softmax(getattr(self, f"beta_{kind}")) if self.partial > 1 else None) for kind in CELL_TYPES)
+                      node_softmax(getattr(self, f"beta_{kind}")) if self.partial > 1 else None)
+                      for kind in CELL_TYPES)
 
     def forward(self, x):
         return self.net(x, self.cell_weights())
@@ -65,7 +76,8 @@ class SearchNetwork(nn.Module):
 
     def genotype(self):
         """The cells by the paper's rule (derive_cell); with beta, on alpha x beta (PC-DARTS)."""
-        return Genotype(*(derive_cell(w if e is None else w * e[:, None]) for w, e in self.cell_weights()))
+        return Genotype(*(derive_cell(w if e is None else w * e[:, None])
+                          for w, e in self.cell_weights()))
 
 
 def derive_cell(weights):
@@ -76,7 +88,8 @@ def derive_cell(weights):
     weights[:, PRIMITIVES.index("none")] = -1  # the zero op never wins
     pairs, row = [], 0
     for node in range(STEPS):
-        strength, best = weights[row:row + node + 2].max(dim=1)  # Sec. III-A: the maximum over each edge's ops
+        # the maximum over each edge's ops
+        strength, best = weights[row:row + node + 2].max(dim=1)  # Sec. III-A
         for inp in sorted(strength.topk(2).indices.tolist()):
             pairs.append((PRIMITIVES[best[inp]], inp))
         row += node + 2
@@ -95,21 +108,28 @@ def search(args, device, state=None):
     alpha_mask_weight = MASK_WEIGHT if args.alpha_loss == "eq7" else 0.0
     penalty = parameter_penalty(args, model) if args.param_weight else None
     start = begin(args, model, optimizers, state, steps, one_pass, warmup)
-    total = sum(1 + (k >= warmup) for k in range(start["epoch"] * steps + start["step"], args.epochs * steps))
-    with Run(device, (train_loader, val_loader), total, advice="the last checkpoint is intact: lower --w-lr") as run:
+    total = sum(1 + (k >= warmup)
+                for k in range(start["epoch"] * steps + start["step"], args.epochs * steps))
+    with Run(device, (train_loader, val_loader), total, advice="the last checkpoint is intact: "
+                                                               "lower --w-lr") as run:
         for epoch in range(start["epoch"], args.epochs):  # Algorithm 1, line 1
             first, sums = epoch_start(args, model, (train_loader, val_loader), start, epoch, device)
             tic = time.time()
             for step, (batch, val_batch) in enumerate(zip(train_loader, val_loader), start=first):
-                flips = [epoch_generator(args.seed, epoch, step, k) for k in (2, 3)]  # random flips, the same when resumed
-                w = gradient_step(model, w_opt, w_params, batch, device, MASK_WEIGHT, flips[0])  # Algorithm 1, lines 2-4
-                moves = epoch * steps + step >= warmup  # alpha still in the warm-up (not in the paper)
-                a = gradient_step(model, a_opt, a_params, val_batch, device, alpha_mask_weight, flips[1], penalty=penalty,
+                # random flips, the same when resumed
+                flips = [epoch_generator(args.seed, epoch, step, k) for k in (2, 3)]
+                w = gradient_step(model, w_opt, w_params, batch, device, MASK_WEIGHT,
+                                  flips[0])  # Algorithm 1, lines 2-4
+                # alpha still in the warm-up (not in the paper)
+                moves = epoch * steps + step >= warmup
+                a = gradient_step(model, a_opt, a_params, val_batch, device, alpha_mask_weight,
+                                  flips[1], penalty=penalty,
                                   clip=False) if moves else None  # Algorithm 1, lines 5-7
                 sums.add("w", w)
                 if a is not None:
                     sums.add("alpha", a)
-                stop = run.step(w[2] + (a[2] if a is not None else 0), args.batch_size, epoch, step, steps, 1 + moves)
+                stop = run.step(w[2] + (a[2] if a is not None else 0), args.batch_size, epoch, step,
+                                steps, 1 + moves)
                 if step + 1 < steps and ((step + 1) % CHECKPOINT_EVERY == 0 or stop):
                     save(args, model, optimizers, epoch, step + 1, sums)
                     if stop:
@@ -117,7 +137,8 @@ def search(args, device, state=None):
             w_sched.step()
             if sums.counts["alpha"]:
                 a_sched.step()
-            end_epoch(args, model, optimizers, epoch, sums, time.time() - tic)  # g.json by Sec. III-A's rule, log, checkpoint
+            # g.json by Sec. III-A's rule, log, checkpoint
+            end_epoch(args, model, optimizers, epoch, sums, time.time() - tic)
             if run.signal and epoch + 1 < args.epochs:
                 raise Stopped(stopped(args, run.signal, epoch + 1, 0))
         write_genotype(model.genotype(), args.out, "search")
@@ -129,47 +150,66 @@ def search(args, device, state=None):
 # Below: not the paper's method.
 
 # The paper's own search (Sec. IV-B; DARTS's network where the paper is silent): --paper.
-PAPER = dict(image_size=256, stem_reductions=3, channels=16, cells=8, batch_size=8, epochs=300, alpha_milestones=[60, 150],
-             w_lr=0.8, warmup=0.0, alpha_betas=[0.9, 0.999], partial_channels=1, steps_per_epoch=0, param_weight=0.0)
-# Real data: the paper's, but for the departures that make the search learn and fit a day (README, Departures)
-REAL_DATA = dict(PAPER, w_lr=0.025, warmup=0.3, alpha_betas=[0.5, 0.999], partial_channels=4, steps_per_epoch=200,
+PAPER = dict(image_size=256, stem_reductions=3, channels=16, cells=8, batch_size=8, epochs=300,
+             alpha_milestones=[60, 150],
+             w_lr=0.8, warmup=0.0, alpha_betas=[0.9, 0.999], partial_channels=1, steps_per_epoch=0,
+             param_weight=0.0)
+# Real data: the paper's, but for the departures that make the search learn and fit a day (README,
+# Departures)
+REAL_DATA = dict(PAPER, w_lr=0.025, warmup=0.3, alpha_betas=[0.5, 0.999], partial_channels=4,
+                 steps_per_epoch=200,
                  param_weight=0.1)
 DEPARTURES = [k for k in PAPER if PAPER[k] != REAL_DATA[k]]
-# The built-in data: a demo for 2 CPU cores (late milestones: scaled to 3 epochs the paper's would cut alpha's lr at once)
-DEMO = dict(REAL_DATA, image_size=64, stem_reductions=2, channels=8, cells=5, batch_size=32, epochs=5,
-            alpha_milestones=[200, 280], videos=160, frames=4, warmup=0.4, partial_channels=1, steps_per_epoch=0)
+# The built-in data: a demo for 2 CPU cores (late milestones: scaled to 3 epochs the paper's would
+# cut alpha's lr at once)
+DEMO = dict(REAL_DATA, image_size=64, stem_reductions=2, channels=8, cells=5, batch_size=32,
+            epochs=5,
+            alpha_milestones=[200, 280], videos=160, frames=4, warmup=0.4, partial_channels=1,
+            steps_per_epoch=0)
 DEFAULTS = dict(seed=0, device="auto", out="g.json", run_dir="runs/search", alpha_loss="eq7")
-W_LR_BATCH = 64  # --w-lr is for batches of 64 and scales linearly to --batch-size (DARTS's 0.025 per 64)
-W_MOMENTUM, ALPHA_LR, WEIGHT_DECAY = 0.9, 0.02, 5e-4  # Sec. IV-B: momentum SGD for w, Adam at 0.02 for alpha; DARTS's decay
+# --w-lr is for batches of 64 and scales linearly to --batch-size (DARTS's 0.025 per 64)
+W_LR_BATCH = 64
+W_MOMENTUM = 0.9
+ALPHA_LR = 0.02
+WEIGHT_DECAY = 5e-4  # Sec. IV-B: momentum SGD for w, Adam at 0.02 for alpha; DARTS's decay
 W_LR_END = 0.01  # w's cosine ends at this fraction of its lr (the paper does not say; DARTS: 0.04)
 MASK_WEIGHT = 1.0  # Eq. 7's alpha in the search (Sec. IV-C: 1)
 PARAM_TARGET = 5.6e6  # the parameter term's target: Table IV's ADD
 OPTIMIZERS = ("w_opt", "a_opt", "w_sched", "a_sched")  # their keys in search.pt
 CHECKPOINT_EVERY = 100  # steps; also at each epoch's end and at the step a stop signal comes
-SCHEDULE = ("w_lr", "batch_size", "alpha_betas", "epochs", "warmup", "steps_per_epoch", "paper")  # the restored ones'
+# the restored ones'
+SCHEDULE = ("w_lr", "batch_size", "alpha_betas", "epochs", "warmup", "steps_per_epoch", "paper")
 # Options that are constants here: a checkpoint that set them otherwise cannot resume
-BUILT_IN = dict(w_optimizer="sgd", momentum=W_MOMENTUM, alpha_lr=ALPHA_LR, weight_decay=WEIGHT_DECAY, w_lr_batch=W_LR_BATCH,
-                w_lr_min=W_LR_END, mask_weight=MASK_WEIGHT, param_target=PARAM_TARGET, grad_clip=GRAD_CLIP, warmup_epochs=None,
+BUILT_IN = dict(w_optimizer="sgd", momentum=W_MOMENTUM, alpha_lr=ALPHA_LR,
+                weight_decay=WEIGHT_DECAY, w_lr_batch=W_LR_BATCH,
+                w_lr_min=W_LR_END, mask_weight=MASK_WEIGHT, param_target=PARAM_TARGET,
+                grad_clip=GRAD_CLIP, warmup_epochs=None,
                 no_flips=False, no_mask_branch=False, compile=False)
 
 
 def build(args, device, steps):
     """The search network, the two optimizers and their schedulers (Sec. IV-B and the departures),
     and the warm-up in steps: the first --warmup of all steps (never all of them)."""
-    model = prepare_model(SearchNetwork(args.channels, args.cells, args.stem_reductions, args.partial_channels), device)
+    model = prepare_model(SearchNetwork(args.channels, args.cells, args.stem_reductions,
+                                        args.partial_channels), device)
     w_lr = args.w_lr * (args.batch_size / W_LR_BATCH)
-    w_opt = torch.optim.SGD(model.net.parameters(), w_lr, momentum=W_MOMENTUM, weight_decay=WEIGHT_DECAY)
-    a_opt = torch.optim.Adam(model.arch_parameters(), ALPHA_LR, betas=tuple(args.alpha_betas), weight_decay=WEIGHT_DECAY)
-    w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, args.epochs, eta_min=w_lr * W_LR_END)
+    w_opt = torch.optim.SGD(model.net.parameters(), w_lr, momentum=W_MOMENTUM,
+                            weight_decay=WEIGHT_DECAY)
+    a_opt = torch.optim.Adam(model.arch_parameters(), ALPHA_LR, betas=tuple(args.alpha_betas),
+                             weight_decay=WEIGHT_DECAY)
+    w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, args.epochs, w_lr * W_LR_END)
     warmup = min(round(args.warmup * args.epochs * steps), args.epochs * steps - 1)
-    alpha_epochs = args.epochs - warmup // steps  # alpha's schedule spans the epochs in which it moves
-    a_sched = torch.optim.lr_scheduler.MultiStepLR(a_opt, scale_milestones(args.alpha_milestones, alpha_epochs), 0.1)
+    # alpha's schedule spans the epochs in which it moves
+    alpha_epochs = args.epochs - warmup // steps
+    milestones = scale_milestones(args.alpha_milestones, alpha_epochs)
+    a_sched = torch.optim.lr_scheduler.MultiStepLR(a_opt, milestones, 0.1)
     return model, (w_opt, a_opt, w_sched, a_sched), warmup
 
 
 class Sums:
-    """The running sums of an epoch's (CE, MSE, loss) on the device (no host sync a step), w's on the
-    training batches and alpha's on the validation batches; state() is the checkpoint's "means"."""
+    """The running sums of an epoch's (CE, MSE, loss) on the device (no host sync a step), w's on
+    the training batches and alpha's on the validation batches; state() is the checkpoint's
+    "means"."""
     def __init__(self, device, saved=None):
         saved = saved or dict(w=torch.zeros(3), alpha=torch.zeros(3), w_steps=0, alpha_steps=0)
         self.sums = {k: saved[k].to(device) for k in ("w", "alpha")}
@@ -180,18 +220,20 @@ class Sums:
         self.counts[kind] += 1
 
     def state(self):
-        return dict(**{k: v.cpu() for k, v in self.sums.items()}, **{f"{k}_steps": n for k, n in self.counts.items()})
+        return dict(**{k: v.cpu() for k, v in self.sums.items()},
+                    **{f"{k}_steps": n for k, n in self.counts.items()})
 
     def losses(self):
-        (train_ce, train_mse, _), moved = (self.sums["w"] / self.counts["w"]).tolist(), self.counts["alpha"]
+        (train_ce, train_mse, _) = (self.sums["w"] / self.counts["w"]).tolist()
+        moved = self.counts["alpha"]
         val_ce, val_mse, _ = (self.sums["alpha"] / max(1, moved)).tolist()
         return dict(train_ce=train_ce, train_mse=train_mse, val_ce=val_ce if moved else None,
                     val_mse=val_mse if moved else None, alpha_steps=moved)
 
 
 def begin(args, model, optimizers, state, steps, one_pass, warmup):
-    """A resumed search's state (the network with alpha and beta, both optimizers and schedulers, the
-    generator), and the plan's line. -> where the run starts: {epoch, step, means}."""
+    """A resumed search's state (the network with alpha and beta, both optimizers and schedulers,
+    the generator), and the plan's line. -> where the run starts: {epoch, step, means}."""
     start = dict(epoch=0, step=0, means=None)
     path = os.path.join(args.run_dir, "search.pt")
     if state:
@@ -199,17 +241,22 @@ def begin(args, model, optimizers, state, steps, one_pass, warmup):
         start = {k: state[k] for k in start}
         print(f"resumed {path} at epoch {state['epoch'] + 1}, step {state['step']}")
     total, done = args.epochs * steps, start["epoch"] * steps + start["step"]
-    budget = f"--steps-per-epoch {args.steps_per_epoch}; one pass is {one_pass}" if steps < one_pass else "one pass"
-    print(f"search network: {count_parameters(model.net) / 1e6:.2f} M weights, alpha 2 x {tuple(model.alpha_normal.shape)}"
-          f"{', beta 2 x (14,)' if args.partial_channels > 1 else ''}; {args.epochs} epochs x {steps} steps ({budget}) = "
-          f"{total} steps of {args.batch_size} training + {args.batch_size} validation images, alpha still for the first "
+    budget = "one pass"
+    if steps < one_pass:
+        budget = f"--steps-per-epoch {args.steps_per_epoch}; one pass is {one_pass}"
+    print(f"search network: {count_parameters(model.net) / 1e6:.2f} M weights, alpha 2 x "
+          f"{tuple(model.alpha_normal.shape)}"
+          f"{', beta 2 x (14,)' if args.partial_channels > 1 else ''}; {args.epochs} epochs x "
+          f"{steps} steps ({budget}) = "
+          f"{total} steps of {args.batch_size} training + {args.batch_size} validation images, "
+          f"alpha still for the first "
           f"{warmup}; {total - done} to do", flush=True)
     return start
 
 
 def epoch_start(args, model, loaders, start, epoch, device):
-    """The epoch's first step (the saved one in the resumed epoch; its batches depend on (seed, epoch)
-    only) and its running sums."""
+    """The epoch's first step (the saved one in the resumed epoch; its batches depend on (seed,
+    epoch) only) and its running sums."""
     first, means = (start["step"], start["means"]) if epoch == start["epoch"] else (0, None)
     for data in loaders:
         data.sampler.set_epoch(epoch, first * args.batch_size)
@@ -218,14 +265,18 @@ def epoch_start(args, model, loaders, start, epoch, device):
 
 
 def save(args, model, optimizers, epoch, step, sums):
-    """search.pt: everything a resumed search needs to continue at (epoch, step) as if never stopped."""
-    save_checkpoint(dict(model=model.state_dict(), **{k: o.state_dict() for k, o in zip(OPTIMIZERS, optimizers)}, epoch=epoch,
-                         step=step, means=sums.state() if sums else None, rng=torch.get_rng_state(), config=vars(args)),
+    """search.pt: everything a resumed search needs to continue at (epoch, step) as if never
+    stopped."""
+    save_checkpoint(dict(model=model.state_dict(),
+                         **{k: o.state_dict() for k, o in zip(OPTIMIZERS, optimizers)}, epoch=epoch,
+                         step=step, means=sums.state() if sums else None, rng=torch.get_rng_state(),
+                         config=vars(args)),
                     os.path.join(args.run_dir, "search.pt"))
 
 
 def stopped(args, signal_name, epoch, step):
-    return (f"stopped by {signal_name} at epoch {epoch + 1}, step {step}; its checkpoint is written: continue "
+    return (f"stopped by {signal_name} at epoch {epoch + 1}, step {step}; its checkpoint is "
+            f"written: continue "
             f"with python search.py --resume --run-dir {args.run_dir}")
 
 
@@ -235,30 +286,41 @@ def end_epoch(args, model, optimizers, epoch, sums, seconds):
     genotype, weights = model.genotype(), dict(zip(CELL_TYPES, model.cell_weights()))
     write_genotype(genotype, args.out, "search")
     losses = sums.losses()
-    line = dict(epoch=epoch + 1, **losses, seconds=seconds, primitives=PRIMITIVES, genotype=genotype._asdict(),
+    line = dict(epoch=epoch + 1, **losses, seconds=seconds, primitives=PRIMITIVES,
+                genotype=genotype._asdict(),
                 softmax_alpha={k: w.tolist() for k, (w, _) in weights.items()})
     if model.partial > 1:  # the cell is chosen by alpha x beta: both are logged
         line["edge_weights"] = {k: e.tolist() for k, (_, e) in weights.items()}
     append_log(os.path.join(args.run_dir, "log.jsonl"), line)
     save(args, model, optimizers, epoch + 1, 0, None)
     strongest = weights["normal"][0].max().item()
-    val = "alpha still (warm-up)" if losses["val_ce"] is None else f"val CE {losses['val_ce']:.4f} MSE {losses['val_mse']:.4f}"
-    print(f"epoch {epoch + 1}/{args.epochs}  train CE {losses['train_ce']:.4f} MSE {losses['train_mse']:.4f}  "
+    val = "alpha still (warm-up)"
+    if losses["val_ce"] is not None:
+        val = f"val CE {losses['val_ce']:.4f} MSE {losses['val_mse']:.4f}"
+    print(f"epoch {epoch + 1}/{args.epochs}  train CE {losses['train_ce']:.4f} MSE "
+          f"{losses['train_mse']:.4f}  "
           f"{val}  {seconds:.1f} s  (strongest normal-cell op weight {strongest:.3f})", flush=True)
 
 
 class EpochOrder(Sampler):
-    """An epoch's samples in an order that depends on (seed, epoch, stream) only: permutations of the split
-    cut to `length` (a step budget: a fresh random subset each epoch), from `start` on (a resumed epoch)."""
+    """An epoch's samples in an order that depends on (seed, epoch, stream) only: permutations of
+    the split cut to `length` (a step budget: a fresh random subset each epoch), from `start` on (a
+    resumed epoch)."""
     def __init__(self, n, length, seed, stream):
-        self.n, self.length, self.seed, self.stream, self.epoch, self.start = n, length, seed, stream, 0, 0
+        self.n = n
+        self.length = length
+        self.seed = seed
+        self.stream = stream
+        self.epoch = 0
+        self.start = 0
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
         g = epoch_generator(self.seed, self.epoch, self.stream)
-        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(-(-self.length // self.n))])
+        order = torch.cat([torch.randperm(self.n, generator=g)
+                           for _ in range(-(-self.length // self.n))])
         return iter(order[self.start:self.length].tolist())
 
     def __len__(self):
@@ -266,29 +328,35 @@ class EpochOrder(Sampler):
 
 
 def loaders(args):
-    """Training split for w, validation split for alpha (Algorithm 1: D_train, D_val), a batch of each a
-    step; an epoch is one pass, or --steps-per-epoch steps if fewer -> loaders, steps, steps of a pass."""
+    """Training split for w, validation split for alpha (Algorithm 1: D_train, D_val), a batch of
+    each a step; an epoch is one pass, or --steps-per-epoch steps if fewer -> loaders, steps, steps
+    of a pass."""
     methods = parse_methods(args.data, args.methods)
-    sets = [open_split(args.data, args.root, s, methods, args.image_size, True, args.videos, args.frames,
+    sets = [open_split(args.data, args.root, s, methods, args.image_size, True, args.videos,
+                       args.frames,
                        args.synthetic, args.data_seed) for s in ("train", "val")]
     for s, name in zip(sets, ("train", "val")):
         if len(s) < args.batch_size:
-            raise InputError(f"--batch-size {args.batch_size}: the {name} split has only {len(s)} samples")
+            raise InputError(f"--batch-size {args.batch_size}: the {name} split has only {len(s)} "
+                             f"samples")
     one_pass = len(sets[0]) // args.batch_size
     steps = min(args.steps_per_epoch, one_pass) if args.steps_per_epoch else one_pass
     workers = loader_workers(args.data) if args.workers is None else args.workers
-    return [loader(s, args.batch_size, workers, EpochOrder(len(s), steps * args.batch_size, args.seed, k), True)
+    return [loader(s, args.batch_size, workers,
+                   EpochOrder(len(s), steps * args.batch_size, args.seed, k), True)
             for k, s in enumerate(sets)], steps, one_pass
 
 
 # ----------------------------------------------------------------------------------------------
-# The expected size of the network a genotype makes: a term of alpha's loss (--param-weight; not in the paper)
+# The expected size of the network a genotype makes: a term of alpha's loss (--param-weight; not in
+# the paper)
 
 def parameter_penalty(args, model):
-    """The --param-weight term of alpha's loss: weight * max(0, E[parameters] / target - 1), E at the
-    paper's size: zero once the expected network is within the target."""
+    """The --param-weight term of alpha's loss: weight * max(0, E[parameters] / target - 1), E at
+    the paper's size: zero once the expected network is within the target."""
     base, tables = parameter_costs()
-    costs = base, {kind: table.to(next(model.parameters()).device) for kind, table in tables.items()}
+    costs = base, {kind: table.to(next(model.parameters()).device)
+                   for kind, table in tables.items()}
     return lambda: args.param_weight * F.relu(expected_parameters(model.cell_weights(), costs) / PARAM_TARGET - 1)
 
 
@@ -300,7 +368,8 @@ def parameter_costs(cfg=PAPER_SIZE):
     layout = d2_layout(BLOCKS, cfg["cells_per_block"])
     empty = Genotype(*[(("none", 0), ("none", 1)) * STEPS] * 2)  # no operation on any edge
     base = count_parameters(ADD(empty, cfg["channels"], layout, cfg["stem_reductions"]))
-    sizes, tables = {}, {kind: torch.zeros(len(search_edges()), len(PRIMITIVES)) for kind in CELL_TYPES}
+    sizes = {}
+    tables = {kind: torch.zeros(len(search_edges()), len(PRIMITIVES)) for kind in CELL_TYPES}
     width = cfg["channels"]
     for reduction in layout:
         width *= 2 if reduction else 1
@@ -320,8 +389,10 @@ def expected_parameters(weights, costs):
     without the zero operation (which is never chosen). Differentiable in alpha; a 0-dim tensor."""
     base, tables = costs
     device = weights[0][0].device
-    chosen = torch.tensor([2 / (node + 2) for node, _, _ in search_edges()], device=device)[:, None]  # (n_edges, 1)
-    nonzero = torch.tensor([name != "none" for name in PRIMITIVES], dtype=torch.float32, device=device)
+    # (n_edges, 1)
+    chosen = torch.tensor([2 / (node + 2) for node, _, _ in search_edges()], device=device)[:, None]
+    nonzero = torch.tensor([name != "none" for name in PRIMITIVES], dtype=torch.float32,
+                           device=device)
     total = torch.tensor(float(base), device=device)
     for (w, _), kind in zip(weights, CELL_TYPES):
         p = w.float() * nonzero
@@ -333,22 +404,30 @@ def expected_parameters(weights, costs):
 # The genotype's files and size
 
 def write_genotype(genotype, path, origin):
-    """g.json and its picture, g.png, as Fig. 8: per cell the inputs c_{k-2}, c_{k-1} left, nodes 0-3,
-    their concatenation c_{k} right, each chosen edge coloured and labelled with its operation."""
+    """g.json and its picture, g.png, as Fig. 8: per cell the inputs c_{k-2}, c_{k-1} left, nodes
+    0-3, their concatenation c_{k} right, each chosen edge coloured and labelled with its
+    operation."""
     save_genotype(genotype, path, origin)
-    pos = [(0.1, 0.71), (0.1, 0.24), (0.34, 0.84), (0.47, 0.09), (0.68, 0.61), (0.85, 0.24), (0.95, 0.5)]  # no edge crosses a node
+    # no edge crosses a node
+    pos = [(0.1, 0.71), (0.1, 0.24), (0.34, 0.84), (0.47, 0.09), (0.68, 0.61), (0.85, 0.24),
+           (0.95, 0.5)]
     fig, ax = figure(1, 2, (12.4, 3.8))
     for a, cell, title in zip(ax[0], genotype, ("normal cell", "reduction cell")):  # Fig. 8
-        arrow = lambda start, end, colour, width: a.annotate("", pos[end], pos[start], arrowprops=dict(
+        arrow = lambda start, end, colour, width: a.annotate("", pos[end], pos[start],
+                                                             arrowprops=dict(
             arrowstyle="-|>", color=colour, lw=width, shrinkA=16, shrinkB=16))
         for node in range(STEPS):
             arrow(node + 2, -1, "0.75", 1)
         for k, (op, inp) in enumerate(cell):
             arrow(inp, k // 2 + 2, colour(op), 2)
-            t, (x0, y0), (x1, y1) = 0.42 + 0.2 * (k % 2), pos[inp], pos[k // 2 + 2]  # a node's two labels apart
-            a.text(x0 + t * (x1 - x0), y0 + t * (y1 - y0), op, color=colour(op), ha="center", va="center", fontsize=8,
+            t = 0.42 + 0.2 * (k % 2)
+            (x0, y0) = pos[inp]
+            (x1, y1) = pos[k // 2 + 2]  # a node's two labels apart
+            a.text(x0 + t * (x1 - x0), y0 + t * (y1 - y0), op, color=colour(op), ha="center",
+                   va="center", fontsize=8,
                    bbox=dict(fc="white", ec="none", pad=0.3))
-        a.scatter(*zip(*pos), s=900, c=["#c8e6c8"] * 2 + ["#b4cdf0"] * STEPS + ["#f0dcaa"], edgecolors="black", zorder=3)
+        a.scatter(*zip(*pos), s=900, c=["#c8e6c8"] * 2 + ["#b4cdf0"] * STEPS + ["#f0dcaa"],
+                  edgecolors="black", zorder=3)
         for (x, y), name in zip(pos, ["c_{k-2}", "c_{k-1}", "0", "1", "2", "3", "c_{k}"]):
             a.text(x, y, name, ha="center", va="center", fontsize=8, zorder=4)
         a.set(title=title, xlim=(0, 1.03), ylim=(-0.05, 1))
@@ -358,23 +437,30 @@ def write_genotype(genotype, path, origin):
 
 def colour(op):
     """One colour per operation, in g.png."""
-    return ["black", "dimgray", "teal", "tab:blue", "orangered", "darkorange", "saddlebrown", "tab:green", "seagreen",
+    return ["black", "dimgray", "teal", "tab:blue", "orangered", "darkorange", "saddlebrown",
+            "tab:green", "seagreen",
             "purple", "crimson"][PRIMITIVES.index(op)]
 
 
 def describe(genotype, path):
-    """The line naming the files and the sizes of the network the genotype makes (the paper's, the demo's)."""
-    paper, demo = (count_parameters(ADD(genotype, c["channels"], d2_layout(BLOCKS, c["cells_per_block"]), c["stem_reductions"]))
+    """The line naming the files and the sizes of the network the genotype makes (the paper's,
+    the demo's)."""
+    paper, demo = (count_parameters(ADD(genotype, c["channels"],
+                                        d2_layout(BLOCKS, c["cells_per_block"]),
+                                        c["stem_reductions"]))
                    for c in (PAPER_SIZE, DEMO_SIZE))
-    return (f"wrote {path} and {os.path.splitext(path)[0]}.png: an ADD network of {paper / 1e6:.2f} M parameters at "
-            f"the paper's size (C {PAPER_SIZE['channels']}, N {PAPER_SIZE['cells_per_block']}), {demo / 1e6:.2f} M "
+    return (f"wrote {path} and {os.path.splitext(path)[0]}.png: an ADD network of "
+            f"{paper / 1e6:.2f} M parameters at "
+            f"the paper's size (C {PAPER_SIZE['channels']}, N {PAPER_SIZE['cells_per_block']}), "
+            f"{demo / 1e6:.2f} M "
             f"at the demo's (C {DEMO_SIZE['channels']}, N {DEMO_SIZE['cells_per_block']})")
 
 
 def benchmark(args, device, calls=10):
-    """--benchmark: full search steps (a w and an alpha step) on a random batch of the configuration:
-    ms per step, peak memory, and torch.profiler's count of operator calls in one more step (a step
-    of many small operators is bound by their per-call cost, not by arithmetic)."""
+    """--benchmark: full search steps (a w and an alpha step) on a random batch of the
+    configuration: ms per step, peak memory, and torch.profiler's count of operator calls in one
+    more step (a step of many small operators is bound by their per-call cost, not by
+    arithmetic)."""
     model, (w_opt, a_opt, _, _), _ = build(args, device, 1)
     w_params, a_params = list(model.net.parameters()), model.arch_parameters()
     batch = random_batch(args.batch_size, args.image_size)
@@ -390,9 +476,12 @@ def benchmark(args, device, calls=10):
         sync(device)
     events = prof.key_averages()
     host, ops = sum(e.self_cpu_time_total for e in events), sum(e.count for e in events)
-    print(f"search step (w + alpha, batch {b}, {args.image_size} px, C={args.channels}, {args.cells} cells, partial channels "
-          f"K={args.partial_channels}) on {device}: {seconds * 1000:.0f} ms, {b / seconds:.1f} training images/s, peak "
-          f"memory {peak:.0f} MiB ({peak - before:.0f} MiB for the steps); {ops} operator calls a step, {host / ops:.1f} us "
+    print(f"search step (w + alpha, batch {b}, {args.image_size} px, C={args.channels}, "
+          f"{args.cells} cells, partial channels "
+          f"K={args.partial_channels}) on {device}: {seconds * 1000:.0f} ms, {b / seconds:.1f} "
+          f"training images/s, peak "
+          f"memory {peak:.0f} MiB ({peak - before:.0f} MiB for the steps); {ops} operator calls a "
+          f"step, {host / ops:.1f} us "
           f"of host time each")
     return seconds
 
@@ -400,40 +489,60 @@ def benchmark(args, device, calls=10):
 def parse_args(argv=None):
     """The command line; every option left unset is None here, filled in by main (defaults)."""
     p = Parser(usage="python search.py [options]", description=__doc__.split("\n\n")[0])
-    g = p.add_argument_group("the paper's search (Algorithm 1, Sec. IV-B; on the built-in data: the demo's sizes)")
+    g = p.add_argument_group("the paper's search (Algorithm 1, Sec. IV-B; on the built-in data: "
+                             "the demo's sizes)")
     g.add_argument("--epochs", type=bounded(int, 1), help="paper: 300; demo: 5")
     g.add_argument("--batch-size", type=bounded(int, 1), help="paper: 8; demo: 32")
-    g.add_argument("--w-lr", type=bounded(float, 0), help=f"lr of w (momentum SGD, cosine) for batches of {W_LR_BATCH}, "
-                   f"scaled linearly to --batch-size (default: DARTS's 0.025; the paper's 0.1 at batch 8 is 0.8)")
-    g.add_argument("--channels", type=bounded(int, 1), help="C of the first cells (DARTS: 16; demo: 8)")
-    g.add_argument("--cells", type=bounded(int, 3), help="search cells, reductions at 1/3 and 2/3 (DARTS: 8; demo: 5)")
+    g.add_argument("--w-lr", type=bounded(float, 0), help=f"lr of w (momentum SGD, cosine) for "
+                                                          f"batches of {W_LR_BATCH}, "
+                   f"scaled linearly to --batch-size (default: DARTS's 0.025; the paper's 0.1 at "
+                   f"batch 8 is 0.8)")
+    g.add_argument("--channels", type=bounded(int, 1), help="C of the first cells (DARTS: 16; "
+                                                            "demo: 8)")
+    g.add_argument("--cells", type=bounded(int, 3), help="search cells, reductions at 1/3 and 2/3 "
+                                                         "(DARTS: 8; demo: 5)")
     g = p.add_argument_group("departures from the paper (README, Departures)")
     g.add_argument("--paper", action="store_true", help="the paper's own values: " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in PAPER.items()
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in PAPER.items()
         if k in DEPARTURES) + " (README: what it costs)")
-    g.add_argument("--warmup", type=bounded(float, 0, 1), help="the first fraction of the steps trains w alone, alpha still "
+    g.add_argument("--warmup", type=bounded(float, 0, 1), help="the first fraction of the steps "
+                                                               "trains w alone, alpha still "
                    "(paper: 0; real data: 0.3, PC-DARTS's 15 of 50 epochs; demo: 0.4)")
-    g.add_argument("--alpha-betas", type=bounded(float, 0, 1), nargs=2, help="Adam betas of alpha (paper: unstated, Adam's "
+    g.add_argument("--alpha-betas", type=bounded(float, 0, 1), nargs=2, help="Adam betas of alpha "
+                                                                             "(paper: unstated, "
+                                                                             "Adam's "
                    "0.9 0.999; default: DARTS's 0.5 0.999)")
-    g.add_argument("--alpha-loss", choices=("eq7", "ce"), help="the loss that moves alpha: Eq. 7 (the network's loss in "
+    g.add_argument("--alpha-loss", choices=("eq7", "ce"), help="the loss that moves alpha: Eq. 7 "
+                                                               "(the network's loss in "
                    "Eq. 3; the default) or its cross-entropy alone")
-    g.add_argument("--partial-channels", type=bounded(int, 1), metavar="K", help="PC-DARTS: 1/K of each edge's channels "
-                   "go through its operations, with edge normalisation (paper: 1; real data: 4; demo: 1)")
-    g.add_argument("--steps-per-epoch", type=bounded(int, 0), help="at most this many steps an epoch, each epoch a fresh "
-                   "random subset, never more than one pass (paper: 0, one pass; real data: 200, 60,000 steps in all)")
-    g.add_argument("--param-weight", type=bounded(float, 0), help="add weight * max(0, E[parameters] / 5.6 M - 1) to "
+    g.add_argument("--partial-channels", type=bounded(int, 1), metavar="K", help="PC-DARTS: 1/K of "
+                                                                                 "each edge's "
+                                                                                 "channels "
+                   "go through its operations, with edge normalisation (paper: 1; real data: 4; "
+                   "demo: 1)")
+    g.add_argument("--steps-per-epoch", type=bounded(int, 0), help="at most this many steps an "
+                                                                   "epoch, each epoch a fresh "
+                   "random subset, never more than one pass (paper: 0, one pass; real data: 200, "
+                   "60,000 steps in all)")
+    g.add_argument("--param-weight", type=bounded(float, 0), help="add weight * max(0, "
+                                                                  "E[parameters] / 5.6 M - 1) to "
                    "alpha's loss, E at the paper's size (paper: 0, no such term; default: 0.1)")
     g = p.add_argument_group("running: data, device, resume")
     add_data_arguments(g)
     g.add_argument("--seed", type=bounded(int, 0), help="default 0")
     g.add_argument("--device", help="auto (CUDA if present; the default), cpu, cuda, cuda:1, ...")
     g.add_argument("--out", help="the genotype to write (and its picture, .png; default g.json)")
-    g.add_argument("--run-dir", help="checkpoint and log.jsonl (default runs/search; a new one beside it if it exists, "
+    g.add_argument("--run-dir", help="checkpoint and log.jsonl (default runs/search; a new one "
+                                     "beside it if it exists, "
                    "unless --resume)")
-    g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/search.pt: the options "
+    g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/search.pt: the "
+                                                         "options "
                    "given now, else its own")
     g = p.add_argument_group("extras")
-    g.add_argument("--random-genotype", type=bounded(int, 0), metavar="SEED", help="write a random genotype (no search) "
+    g.add_argument("--random-genotype", type=bounded(int, 0), metavar="SEED", help="write a random "
+                                                                                   "genotype (no "
+                                                                                   "search) "
                    "and exit")
     g.add_argument("--benchmark", action="store_true", help="time search steps and exit")
     return p.parse_args(argv)
@@ -441,20 +550,25 @@ def parse_args(argv=None):
 
 def configure(args):
     """The configuration of a new run: every option left unset from the demo's settings (built-in
-    data) or the real data's (--paper: the paper's for the departures); then the checks across flags."""
+    data) or the real data's (--paper: the paper's for the departures); then the checks across
+    flags."""
     paper = {k: PAPER[k] for k in DEPARTURES} if args.paper else {}
-    args = resolve_defaults(args, dict(REAL_DATA, **DEFAULTS, **paper), dict(DEMO, **DEFAULTS, **paper))
+    args = resolve_defaults(args, dict(REAL_DATA, **DEFAULTS, **paper),
+                            dict(DEMO, **DEFAULTS, **paper))
     if args.channels % args.partial_channels:
-        raise InputError(f"--partial-channels {args.partial_channels}: must divide --channels {args.channels}")
+        raise InputError(f"--partial-channels {args.partial_channels}: must divide --channels "
+                         f"{args.channels}")
     if args.image_size < 2 ** (args.stem_reductions + 2):
-        raise InputError(f"--image-size {args.image_size}: the stem ({args.stem_reductions} halvings) and the two reduction "
+        raise InputError(f"--image-size {args.image_size}: the stem ({args.stem_reductions} "
+                         f"halvings) and the two reduction "
                          f"cells need at least {2 ** (args.stem_reductions + 2)} px")
     return args
 
 
 def main(argv=None):
     given = parse_args(argv)
-    torch.set_flush_denormal(True)  # weights decaying to 0 (a run at chance) go subnormal: x86 steps 8x slower
+    # weights decaying to 0 (a run at chance) go subnormal: x86 steps 8x slower
+    torch.set_flush_denormal(True)
     args = configure(argparse.Namespace(**vars(given)))
     if args.random_genotype is not None:
         genotype = random_genotype(args.random_genotype)

@@ -1,5 +1,7 @@
-"""Tests of ADD on tiny synthetic data, tiny video trees in the datasets' layouts and a real face photo: the
-paper's equations against independent computations, each guarantee of a run once, as a process. python -m pytest -q"""
+"""Tests of ADD on tiny synthetic data, tiny video trees in the datasets' layouts and a real face
+photo: the paper's equations against independent computations, each guarantee of a run once, as a
+process.
+python -m pytest -q"""
 import collections
 import contextlib
 import csv
@@ -47,16 +49,20 @@ GENOTYPE = ops.Genotype(
             ("sep_conv_3x3", 1), ("dil_conv_3x3", 2), ("sep_conv_5x5", 0), ("dil_conv_5x5", 3)),
     reduce=(("sep_conv_5x5", 0), ("dil_conv_5x5", 1), ("sep_conv_3x3", 0), ("dil_conv_3x3", 2),
             ("max_pool_3x3", 0), ("sep_conv_5x5", 2), ("dil_conv_5x5", 1), ("skip_connect", 3)))
-TINY_SEARCH = ["--videos", "4", "--frames", "1", "--image-size", "32", "--channels", "4", "--cells", "3", "--batch-size", "4", "--warmup", "0"]
-TINY_TRAIN = ["--videos", "6", "--frames", "1", "--image-size", "32", "--channels", "4", "--batch-size", "8"]
+TINY_SEARCH = ["--videos", "4", "--frames", "1", "--image-size", "32", "--channels", "4", "--cells",
+               "3", "--batch-size", "4", "--warmup", "0"]
+TINY_TRAIN = ["--videos", "6", "--frames", "1", "--image-size", "32", "--channels", "4",
+              "--batch-size", "8"]
 CPU = torch.device("cpu")
-# The AVX2 kernels, one thread: where torch 2.14's strided 1x1 conv backward corrupted the heap on 2-4 channels
+# The AVX2 kernels, one thread: where torch 2.14's strided 1x1 conv backward corrupted the heap on
+# 2-4 channels
 AVX2 = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", OMP_NUM_THREADS="1")
 
 
 def run_cli(*args, cwd=HERE, env=None):
     """A script as a user runs it -> (return code, stdout, stderr)."""
-    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=240, env=env)
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
+                       timeout=240, env=env)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -74,7 +80,8 @@ def tiny_batch(n=8, size=32, videos=4):
 
 
 def random_batchnorm(model, seed=0):
-    """BatchNorm statistics and parameters far from their defaults: a fold that dropped one changes the logits."""
+    """BatchNorm statistics and parameters far from their defaults: a fold that dropped one
+    changes the logits."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -88,29 +95,38 @@ def random_batchnorm(model, seed=0):
 
 def test_the_search_space_is_the_papers_eleven_operations_and_a_mixed_edge_is_eq2():
     # Sec. III-B's list, in its order
-    assert ops.PRIMITIVES == ["none", "skip_connect", "avg_pool_3x3", "max_pool_3x3", "conv_3x3", "conv_5x5", "conv_7x7",
+    assert ops.PRIMITIVES == ["none", "skip_connect", "avg_pool_3x3", "max_pool_3x3", "conv_3x3",
+                              "conv_5x5", "conv_7x7",
                               "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"]
-    convs = lambda name: [(m.kernel_size[0], m.dilation[0], m.groups > 1) for m in ops.OPS[name](6, 1, True).modules()
+    convs = lambda name: [(m.kernel_size[0], m.dilation[0], m.groups > 1)
+                          for m in ops.OPS[name](6, 1, True).modules()
                           if isinstance(m, torch.nn.Conv2d)]
-    assert isinstance(ops.OPS["none"](6, 1, True), ops.Zero) and isinstance(ops.OPS["skip_connect"](6, 1, True), torch.nn.Identity)
+    assert isinstance(ops.OPS["none"](6, 1, True), ops.Zero)
+    assert isinstance(ops.OPS["skip_connect"](6, 1, True), torch.nn.Identity)
     assert isinstance(ops.OPS["avg_pool_3x3"](6, 1, True), torch.nn.AvgPool2d)
     assert isinstance(ops.OPS["max_pool_3x3"](6, 1, True), torch.nn.MaxPool2d)
     for k in (3, 5, 7):
         assert convs(f"conv_{k}x{k}") == [(k, 1, False)]  # one dense k x k convolution
     for k in (3, 5):
-        assert convs(f"sep_conv_{k}x{k}") == [(k, 1, True), (1, 1, False)] * 2  # depthwise + pointwise, twice
-        assert convs(f"dil_conv_{k}x{k}") == [(k, 2, True), (1, 1, False)]  # dilated depthwise + pointwise
-    for name in ops.PRIMITIVES:  # each keeps the shape, or halves it at stride 2 (odd sizes rounded up)
+        # depthwise + pointwise, twice
+        assert convs(f"sep_conv_{k}x{k}") == [(k, 1, True), (1, 1, False)] * 2
+        # dilated depthwise + pointwise
+        assert convs(f"dil_conv_{k}x{k}") == [(k, 2, True), (1, 1, False)]
+    # each keeps the shape, or halves it at stride 2 (odd sizes rounded up)
+    for name in ops.PRIMITIVES:
         assert all(ops.OPS[name](6, s, True)(torch.randn(2, 6, 7, 8)).shape == (2, 6, 7 // s + s - 1, 8 // s) for s in (1, 2))
     torch.manual_seed(0)
-    mixed = ops.MixedOp(4, 2).eval()  # eval: BN uses running statistics, so every call is the same function
+    # eval: BN uses running statistics, so every call is the same function
+    mixed = ops.MixedOp(4, 2).eval()
     x, alpha = torch.randn(2, 4, 8, 8), torch.randn(len(ops.PRIMITIVES))
     w = torch.exp(alpha) / torch.exp(alpha).sum()
-    by_hand = sum(w[i] * full_op(mixed, i, 4, 2)(x) for i in range(1, len(ops.PRIMITIVES)))  # zero adds nothing
+    # zero adds nothing
+    by_hand = sum(w[i] * full_op(mixed, i, 4, 2)(x) for i in range(1, len(ops.PRIMITIVES)))
     assert torch.allclose(mixed(x, alpha.softmax(0)), by_hand, atol=1e-6)
     for i, name in enumerate(ops.PRIMITIVES):  # one-hot weights: that operation alone, bit for bit
         out = mixed(x, F.one_hot(torch.tensor(i), len(ops.PRIMITIVES)).float())
-        assert (out.shape == (2, 4, 4, 4) and (out == 0).all()) if name == "none" else torch.equal(out, full_op(mixed, i, 4, 2)(x))
+        assert (out.shape == (2, 4, 4, 4)
+                and (out == 0).all()) if name == "none" else torch.equal(out, full_op(mixed, i, 4, 2)(x))
     assert not any(isinstance(op, ops.Zero) for op in mixed.ops)  # the zero op costs nothing
 
 
@@ -130,32 +146,46 @@ def test_partial_channels_route_a_kth_of_the_channels_through_eq2_and_shuffle_th
     assert all(m.in_channels == C // K for m in mixed.modules() if isinstance(m, torch.nn.Conv2d))
     x, w = torch.randn(2, C, 8, 8), torch.softmax(torch.randn(len(ops.PRIMITIVES)), 0)
     out = mixed(x, w)
-    eq2 = sum(w[i] * full_op(mixed, i, C // K, stride)(x[:, :C // K]) for i in range(1, 11))  # by hand, on C/K channels
+    # by hand, on C/K channels
+    eq2 = sum(w[i] * full_op(mixed, i, C // K, stride)(x[:, :C // K]) for i in range(1, 11))
     rest = x[:, C // K:] if stride == 1 else F.max_pool2d(x[:, C // K:], 2)
     unshuffled = torch.empty_like(out)
     for g in range(K):  # the shuffle puts channel g * C/K + i at i * K + g
         for i in range(C // K):
             unshuffled[:, g * (C // K) + i] = out[:, i * K + g]
-    assert torch.allclose(unshuffled[:, :C // K], eq2, atol=1e-6) and torch.equal(unshuffled[:, C // K:], rest)
-    cl = x.contiguous(memory_format=torch.channels_last)  # the search network's format stays (no silent NCHW)
+    assert torch.allclose(unshuffled[:, :C // K], eq2, atol=1e-6)
+    assert torch.equal(unshuffled[:, C // K:], rest)
+    # the search network's format stays (no silent NCHW)
+    cl = x.contiguous(memory_format=torch.channels_last)
     assert ops.channel_shuffle(cl, K).is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("reduction", [False, True])
-def test_the_search_cell_is_eq1_over_eq2_edges_and_shares_its_wiring_with_the_derived_cell(reduction):
+def test_the_search_cell_is_eq1_over_eq2_edges_and_shares_its_wiring_with_the_derived_cell(
+        reduction):
     torch.manual_seed(0)
-    cell = ops.Cell(ops.search_edges(), 8, 8, 4, reduction, reduction_prev=True, affine=False).eval()
-    assert all(not hasattr(m, "bypass") for m in cell.modules())  # K = 1: no partial-channel machinery
-    s0, s1, weights = torch.randn(2, 8, 16, 16), torch.randn(2, 8, 8, 8), torch.softmax(torch.randn(14, 11), -1)
-    states = [cell.pre0(s0), cell.pre1(s1)]  # DARTS's cell by hand: node i = sum over its edges of Eq. 2's sum
+    cell = ops.Cell(ops.search_edges(), 8, 8, 4, reduction, reduction_prev=True,
+                    affine=False).eval()
+    # K = 1: no partial-channel machinery
+    assert all(not hasattr(m, "bypass") for m in cell.modules())
+    s0 = torch.randn(2, 8, 16, 16)
+    s1 = torch.randn(2, 8, 8, 8)
+    weights = torch.softmax(torch.randn(14, 11), -1)
+    # DARTS's cell by hand: node i = sum over its edges of Eq. 2's sum
+    states = [cell.pre0(s0), cell.pre1(s1)]
     for node in range(4):
-        states.append(sum(sum(weights[k, i] * full_op(cell.ops[k], i, 4, 2 if reduction and inp < 2 else 1)(states[inp])
-                              for i in range(1, 11)) for k, (n, inp) in enumerate(cell.edges) if n == node))
+        states.append(sum(sum(weights[k, i] * full_op(cell.ops[k], i, 4, 2 if reduction and inp < 2
+                                                      else 1)(states[inp])
+                              for i in range(1, 11)) for k, (n, inp) in enumerate(cell.edges)
+                              if n == node))
     assert torch.allclose(cell(s0, s1, (weights, None)), torch.cat(states[2:], 1), atol=1e-5)
-    # alpha one-hot on the genotype's (operation, input) pairs: the derived cell holding the same weights
+    # alpha one-hot on the genotype's (operation, input) pairs: the derived cell holding the same
+    # weights
     genotype_cell = GENOTYPE.reduce if reduction else GENOTYPE.normal
-    derived = ops.Cell(ops.genotype_edges(genotype_cell), 8, 8, 4, reduction, reduction_prev=True, affine=True).eval()
-    one_hot, convs = torch.zeros(14, 11), lambda m: [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+    derived = ops.Cell(ops.genotype_edges(genotype_cell), 8, 8, 4, reduction, reduction_prev=True,
+                       affine=True).eval()
+    one_hot = torch.zeros(14, 11)
+    convs = lambda m: [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
     for j, (op, inp) in enumerate(genotype_cell):
         k, o = ops.search_edges().index((j // 2, inp, None)), ops.PRIMITIVES.index(op)
         one_hot[k, o] = 1.0
@@ -165,25 +195,33 @@ def test_the_search_cell_is_eq1_over_eq2_edges_and_shares_its_wiring_with_the_de
         b.weight.data.copy_(a.weight)
     out = derived(s0, s1)
     assert out.shape == (2, 16, 4 if reduction else 8, 4 if reduction else 8)
-    assert torch.allclose(cell(s0, s1, (one_hot, None)), out, rtol=1e-4, atol=1e-5)  # pooling's BN: 1/sqrt(1 + eps)
+    # pooling's BN: 1/sqrt(1 + eps)
+    assert torch.allclose(cell(s0, s1, (one_hot, None)), out, rtol=1e-4, atol=1e-5)
 
 
-def test_factorized_reduce_is_darts_two_stride_2_convs_and_computes_the_same_with_the_avx2_kernels():
+def test_factorized_reduce_is_darts_two_stride_2_convs_and_computes_the_same_with_the_avx2_kernels(
+        ):
     torch.manual_seed(0)
     op = random_batchnorm(ops.FactorizedReduce(6, 8, True)).eval()
     x = torch.randn(2, 6, 8, 8)
-    r = F.relu(x)  # DARTS, written here on its own: conv_1(x), conv_2(x[:, :, 1:, 1:]), both 1x1 at stride 2
-    darts = torch.cat([F.conv2d(r, op.conv1.weight, stride=2), F.conv2d(r[:, :, 1:, 1:], op.conv2.weight, stride=2)], 1)
+    # DARTS, written here on its own: conv_1(x), conv_2(x[:, :, 1:, 1:]), both 1x1 at stride 2
+    r = F.relu(x)
+    darts = torch.cat([F.conv2d(r, op.conv1.weight, stride=2),
+                       F.conv2d(r[:, :, 1:, 1:], op.conv2.weight, stride=2)], 1)
     assert torch.equal(op(x), op.bn(darts))
-    assert op(torch.randn(2, 6, 7, 9)).shape == (2, 8, 4, 5)  # odd sizes: the offset grid padded with zeros
-    # where the AVX2 kernel corrupted the heap, forward and backward, with the default kernels and the AVX2 ones: the same
+    # odd sizes: the offset grid padded with zeros
+    assert op(torch.randn(2, 6, 7, 9)).shape == (2, 8, 4, 5)
+    # where the AVX2 kernel corrupted the heap, forward and backward, with the default kernels and
+    # the AVX2 ones: the same
     drive = ("import torch, ops\n"
              "torch.manual_seed(0)\n"
              "out = []\n"
              "for C_in, C_out in ((2, 2), (2, 4), (4, 2), (4, 4)):\n"
-             "    op = ops.FactorizedReduce(C_in, C_out, True).to(memory_format=torch.channels_last)\n"
+             "    op = ops.FactorizedReduce(C_in, C_out, "
+             "True).to(memory_format=torch.channels_last)\n"
              "    for _ in range(10):\n"
-             "        x = torch.randn(4, C_in, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()\n"
+             "        x = torch.randn(4, C_in, 8, "
+             "8).contiguous(memory_format=torch.channels_last).requires_grad_()\n"
              "        loss = op(x).square().sum()\n"
              "        loss.backward()\n"
              "        out += [loss.item(), x.grad.abs().sum().item()]\n"
@@ -199,38 +237,53 @@ def test_factorized_reduce_is_darts_two_stride_2_convs_and_computes_the_same_wit
 def test_derivation_follows_the_darts_rule_on_a_hand_worked_alpha():
     P = ops.PRIMITIVES.index
     w = torch.full((14, 11), 0.01)
-    w[0, P("none")], w[0, P("sep_conv_3x3")] = 0.9, 0.05  # node 0: 'none' never wins; sep_conv_3x3 does
+    w[0, P("none")] = 0.9
+    w[0, P("sep_conv_3x3")] = 0.05  # node 0: 'none' never wins; sep_conv_3x3 does
     w[1, P("conv_7x7")] = 0.3
-    w[2, P("skip_connect")], w[3, P("max_pool_3x3")], w[4, P("dil_conv_3x3")] = 0.2, 0.6, 0.4  # node 1
-    w[5, P("conv_3x3")], w[6, P("none")], w[7, P("dil_conv_5x5")], w[8, P("avg_pool_3x3")] = 0.3, 0.9, 0.5, 0.4
-    w[9, P("sep_conv_5x5")], w[13, P("conv_5x5")] = 0.7, 0.2  # node 3: edges from input 0 and node 2
+    w[2, P("skip_connect")] = 0.2
+    w[3, P("max_pool_3x3")] = 0.6
+    w[4, P("dil_conv_3x3")] = 0.4  # node 1
+    w[5, P("conv_3x3")] = 0.3
+    w[6, P("none")] = 0.9
+    w[7, P("dil_conv_5x5")] = 0.5
+    w[8, P("avg_pool_3x3")] = 0.4
+    w[9, P("sep_conv_5x5")] = 0.7
+    w[13, P("conv_5x5")] = 0.2  # node 3: edges from input 0 and node 2
     assert search.derive_cell(w) == (("sep_conv_3x3", 0), ("conv_7x7", 1),  # a node a line
         ("max_pool_3x3", 1), ("dil_conv_3x3", 2),
         ("dil_conv_5x5", 2), ("avg_pool_3x3", 3),
         ("sep_conv_5x5", 0), ("conv_5x5", 4))
-    # with partial channels the cell is chosen on alpha x beta, beta normalised over each node's inputs
+    # with partial channels the cell is chosen on alpha x beta, beta normalised over each node's
+    # inputs
     beta = ops.node_softmax(torch.randn(14))
-    assert [round(float(b.sum()), 6) for b in beta.split([2, 3, 4, 5])] == [1.0] * 4  # node i's i + 2 inputs
+    # node i's i + 2 inputs
+    assert [round(float(b.sum()), 6) for b in beta.split([2, 3, 4, 5])] == [1.0] * 4
     pc = search.SearchNetwork(4, 3, 2, partial=2)
-    with torch.no_grad():  # node 1 (edges 2, 3, 4 from inputs 0, 1, node 0): alpha prefers edges 2 and 3 ...
+    # node 1 (edges 2, 3, 4 from inputs 0, 1, node 0): alpha prefers edges 2 and 3 ...
+    with torch.no_grad():
         pc.alpha_normal.zero_()
         pc.alpha_normal[2, P("sep_conv_3x3")], pc.alpha_normal[3, P("dil_conv_3x3")] = 3.0, 3.2
         pc.alpha_normal[4, P("max_pool_3x3")] = 2.5
         pc.beta_normal.zero_()
-        pc.beta_normal[4] = 2.0  # ... but beta makes edge 4 (node 0 -> node 1) the strongest with it
+        # ... but beta makes edge 4 (node 0 -> node 1) the strongest with it
+        pc.beta_normal[4] = 2.0
     assert search.derive_cell(pc.alpha_normal.softmax(-1))[2:4] == (("sep_conv_3x3", 0), ("dil_conv_3x3", 1))
-    # alpha x beta by hand, the strongest op of each edge: edge 2: e^3 / (e^3 + 10) = 0.667, times beta's
-    # 1 / (2 + e^2) = 0.107: 0.071; edge 3: 0.710 x 0.107 = 0.076; edge 4: 0.549 x e^2 / (2 + e^2) = 0.432
+    # alpha x beta by hand, the strongest op of each edge: edge 2: e^3 / (e^3 + 10) = 0.667, times
+    # beta's
+    # 1 / (2 + e^2) = 0.107: 0.071; edge 3: 0.710 x 0.107 = 0.076; edge 4: 0.549 x e^2 / (2 + e^2) =
+    # 0.432
     assert pc.genotype().normal[2:4] == (("dil_conv_3x3", 1), ("max_pool_3x3", 2))
 
 
 @pytest.mark.parametrize("content, expected", [
     (None, "no such genotype file"),
     ('{"normal": [["sep_conv_3x3", 0]', "not valid JSON"),
-    ('{"normal": [["sep_conv_3x3", 0]], "reduce": []}', '"normal": expected a list of 8 [op, input] pairs'),
+    ('{"normal": [["sep_conv_3x3", 0]], "reduce": []}', '"normal": expected a list of 8 [op, '
+                                                        'input] pairs'),
     (("normal", 3, ["sep_conv_9x9", 1]), "\"normal\"[3]: unknown op 'sep_conv_9x9'"),
     (("reduce", 2, ["conv_3x3", 3]), '"reduce"[2]: input 3 does not precede node 1'),
-    (("normal", 0, ["sep_conv_3x3", "0"]), '"normal"[0]: expected [op name, input index], got ["sep_conv_3x3", "0"]'),
+    (("normal", 0, ["sep_conv_3x3", "0"]), '"normal"[0]: expected [op name, input index], got '
+                                           '["sep_conv_3x3", "0"]'),
 ])
 def test_bad_genotype_files_give_one_line_errors(tmp_path, content, expected):
     if isinstance(content, tuple):  # a good file with one pair spoilt
@@ -242,89 +295,129 @@ def test_bad_genotype_files_give_one_line_errors(tmp_path, content, expected):
         path.write_text(content)
     with pytest.raises(ops.InputError) as e:
         ops.load_genotype(str(path))
-    assert str(e.value).startswith(str(path)) and expected in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith(str(path))
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
-    """One tiny search in this process: partial channels K = 2, 2 epochs of 2 steps, the first the warm-up."""
+    """One tiny search in this process: partial channels K = 2, 2 epochs of 2 steps, the first
+    the warm-up."""
     tmp, out = tmp_path_factory.mktemp("search"), io.StringIO()
     with contextlib.redirect_stdout(out):
-        model = search.main(TINY_SEARCH[:-1] + ["0.5", "--epochs", "2", "--partial-channels", "2", "--out", str(tmp / "g.json"),
+        model = search.main(TINY_SEARCH[:-1]
+                            + ["0.5", "--epochs", "2", "--partial-channels", "2", "--out",
+                               str(tmp / "g.json"),
                                                 "--run-dir", str(tmp / "run")])
     return dict(model=model, g=str(tmp / "g.json"), run=str(tmp / "run"), out=out.getvalue())
 
 
-def test_the_search_writes_its_genotype_log_and_checkpoint_and_random_genotypes_are_uniform(searched, tmp_path, capsys):
+def test_the_search_writes_its_genotype_log_and_checkpoint_and_random_genotypes_are_uniform(
+        searched, tmp_path, capsys):
     model, run = searched["model"], searched["run"]
-    assert ops.load_genotype(searched["g"]) == model.genotype() and Image.open(searched["g"][:-5] + ".png").size == (1240, 380)
+    assert ops.load_genotype(searched["g"]) == model.genotype()
+    assert Image.open(searched["g"][:-5] + ".png").size == (1240, 380)
     log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
-    assert [e["epoch"] for e in log] == [1, 2] and log[0]["val_ce"] is None and log[1]["val_ce"] > 0  # warm-up, then alpha
+    assert [e["epoch"] for e in log] == [1, 2]
+    assert log[0]["val_ce"] is None
+    assert log[1]["val_ce"] > 0  # warm-up, then alpha
     torch.manual_seed(0)  # alpha as initialised: the same draws as the run's
     initial = search.SearchNetwork(4, 3, 2, partial=2).alpha_normal.softmax(-1)
-    assert torch.allclose(torch.tensor(log[0]["softmax_alpha"]["normal"]), initial, atol=1e-6)  # still in the warm-up
-    assert not torch.allclose(model.alpha_normal.softmax(-1), initial, atol=1e-4)  # moved in epoch 2
+    # still in the warm-up
+    assert torch.allclose(torch.tensor(log[0]["softmax_alpha"]["normal"]), initial, atol=1e-6)
+    # moved in epoch 2
+    assert not torch.allclose(model.alpha_normal.softmax(-1), initial, atol=1e-4)
     beta = torch.tensor(log[-1]["edge_weights"]["reduce"])  # with K > 1 beta is logged
     assert torch.allclose(beta, ops.node_softmax(model.beta_reduce.detach()))
     assert "2 epochs x 2 steps (one pass) = 4 steps of 4 training + 4 validation images, alpha still for the first 2" in searched["out"]
-    assert re.search(r"M parameters at the paper's size \(C 48, N 4\), .* at the demo's", searched["out"].splitlines()[-1])
-    state = torch.load(os.path.join(run, "search.pt"), weights_only=True)  # its format, pinned: a rename needs a conversion
-    assert set(state) == {"model", "w_opt", "a_opt", "w_sched", "a_sched", "epoch", "step", "means", "rng", "config"}
-    assert (state["epoch"], state["step"], state["means"]) == (2, 0, None) and torch.equal(state["model"]["alpha_normal"], model.alpha_normal)
-    assert json.load(open(os.path.join(run, "config.json")))["image_size"] == 32  # the effective configuration
+    assert re.search(r"M parameters at the paper's size \(C 48, N 4\), .* at the demo's",
+                     searched["out"].splitlines()[-1])
+    # its format, pinned: a rename needs a conversion
+    state = torch.load(os.path.join(run, "search.pt"), weights_only=True)
+    assert set(state) == {"model", "w_opt", "a_opt", "w_sched", "a_sched", "epoch", "step", "means",
+                          "rng", "config"}
+    assert (state["epoch"], state["step"], state["means"]) == (2, 0, None)
+    assert torch.equal(state["model"]["alpha_normal"], model.alpha_normal)
+    # the effective configuration
+    assert json.load(open(os.path.join(run, "config.json")))["image_size"] == 32
     g = ops.random_genotype(3)
     assert g == ops.random_genotype(3) and g != ops.random_genotype(4) and g.normal != g.reduce
     cells = [cell for seed in range(500) for cell in ops.random_genotype(seed)]
-    assert all(0 <= a < b < k // 2 + 2 for cell in cells for k in range(0, 8, 2) for a, b in [(cell[k][1], cell[k + 1][1])])
-    seen = [op for cell in cells for op, _ in cell]  # each of the ten non-zero ops: 10% of 8000 edges
-    assert {op: round(seen.count(op) / 8000, 1) for op in set(seen)} == {op: 0.1 for op in ops.PRIMITIVES[1:]}
+    assert all(0 <= a < b < k // 2 + 2 for cell in cells for k in range(0, 8, 2)
+               for a, b in [(cell[k][1], cell[k + 1][1])])
+    # each of the ten non-zero ops: 10% of 8000 edges
+    seen = [op for cell in cells for op, _ in cell]
+    assert {op: round(seen.count(op) / 8000, 1)
+            for op in set(seen)} == {op: 0.1 for op in ops.PRIMITIVES[1:]}
     last = [(cell[6][1], cell[7][1]) for cell in cells]  # node 3: its 10 input pairs alike
-    assert len(set(last)) == 10 and all(abs(last.count(pair) / 1000 - 0.1) < 0.03 for pair in set(last))
+    assert len(set(last)) == 10
+    assert all(abs(last.count(pair) / 1000 - 0.1) < 0.03 for pair in set(last))
     search.main(["--random-genotype", "3", "--out", str(tmp_path / "r.json")])
-    assert ops.load_genotype(str(tmp_path / "r.json")) == g and Image.open(tmp_path / "r.png").size[0] > 500
-    assert ops.genotype_origin(str(tmp_path / "r.json")) == "random" and "M parameters at the paper's size" in capsys.readouterr().out
+    assert ops.load_genotype(str(tmp_path / "r.json")) == g
+    assert Image.open(tmp_path / "r.png").size[0] > 500
+    assert ops.genotype_origin(str(tmp_path / "r.json")) == "random"
+    assert "M parameters at the paper's size" in capsys.readouterr().out
 
 
 def test_a_checkpoint_of_the_previous_version_resumes_to_the_same_search(tmp_path, monkeypatch):
-    # a search stopped after epoch 2's step 2 (its checkpoint holds the epoch's means), as the previous version wrote it
-    # (its options built in here, at these values), resumes to the uninterrupted search: the same log, means and alpha
-    argv = TINY_SEARCH + ["--epochs", "2", "--videos", "6", "--partial-channels", "2"]  # 3 steps an epoch
-    search.main(argv + ["--out", str(tmp_path / "whole.json"), "--run-dir", str(tmp_path / "whole")])
+    # a search stopped after epoch 2's step 2 (its checkpoint holds the epoch's means), as the
+    # previous version wrote it
+    # (its options built in here, at these values), resumes to the uninterrupted search: the same
+    # log, means and alpha
+    # 3 steps an epoch
+    argv = TINY_SEARCH + ["--epochs", "2", "--videos", "6", "--partial-channels", "2"]
+    search.main(argv
+                + ["--out", str(tmp_path / "whole.json"), "--run-dir", str(tmp_path / "whole")])
     real_step, run = add.Run.step, str(tmp_path / "run")
     monkeypatch.setattr(add.Run, "step", lambda self, loss, images, epoch, step, steps, cost=1:
-                        real_step(self, loss, images, epoch, step, steps, cost) or (epoch, step) == (1, 1))
+                        real_step(self, loss, images, epoch, step, steps, cost)
+                        or (epoch, step) == (1, 1))
     with pytest.raises(add.Stopped, match="at epoch 2, step 2; its checkpoint is written"):
         search.main(argv + ["--out", str(tmp_path / "g.json"), "--run-dir", run])
     monkeypatch.undo()
     state = torch.load(os.path.join(run, "search.pt"), weights_only=True)
-    assert (state["epoch"], state["step"], state["means"]["w_steps"], state["means"]["alpha_steps"]) == (1, 2, 2, 2)
-    state["config"].update(w_optimizer="sgd", momentum=0.9, alpha_lr=0.02, weight_decay=5e-4, w_lr_batch=64, w_lr_min=0.01,
-                           mask_weight=1.0, param_target=5.6e6, grad_clip=5.0, warmup_epochs=None, no_flips=False,
-                           no_mask_branch=False, compile=False, select="alpha", pt_batches=2, pt_tune_steps=5, log_every=0,
+    assert (state["epoch"], state["step"], state["means"]["w_steps"],
+            state["means"]["alpha_steps"]) == (1, 2, 2, 2)
+    state["config"].update(w_optimizer="sgd", momentum=0.9, alpha_lr=0.02, weight_decay=5e-4,
+                           w_lr_batch=64, w_lr_min=0.01,
+                           mask_weight=1.0, param_target=5.6e6, grad_clip=5.0, warmup_epochs=None,
+                           no_flips=False,
+                           no_mask_branch=False, compile=False, select="alpha", pt_batches=2,
+                           pt_tune_steps=5, log_every=0,
                            check_every=50, checkpoint_every=100, profile=False)
     torch.save(state, os.path.join(run, "search.pt"))
-    open(os.path.join(run, "log.jsonl"), "a").write('{"epoch": 2, "train_ce": 0.69')  # a line cut short by a kill
+    # a line cut short by a kill
+    open(os.path.join(run, "log.jsonl"), "a").write('{"epoch": 2, "train_ce": 0.69')
     resumed = search.main(["--resume", "--run-dir", run])
-    logs = [[json.loads(line) for line in open(os.path.join(r, "log.jsonl"))] for r in (str(tmp_path / "whole"), run)]
+    logs = [[json.loads(line) for line in open(os.path.join(r, "log.jsonl"))]
+            for r in (str(tmp_path / "whole"), run)]
+    # every line, every loss, alpha's softmax
     assert [{k: v for k, v in e.items() if k != "seconds"} for e in logs[0]] == \
-        [{k: v for k, v in e.items() if k != "seconds"} for e in logs[1]]  # every line, every loss, alpha's softmax
+        [{k: v for k, v in e.items() if k != "seconds"} for e in logs[1]]
     whole = torch.load(str(tmp_path / "whole" / "search.pt"), weights_only=True)["model"]
-    assert all(torch.equal(resumed.state_dict()[k], whole[k]) for k in ("alpha_normal", "alpha_reduce", "beta_normal"))
+    assert all(torch.equal(resumed.state_dict()[k], whole[k])
+               for k in ("alpha_normal", "alpha_reduce", "beta_normal"))
     assert open(tmp_path / "g.json").read() == open(tmp_path / "whole.json").read()
-    # a built-in option at another value; a state without the epoch's means (an older format): one line each
+    # a built-in option at another value; a state without the epoch's means (an older format): one
+    # line each
     state["config"]["momentum"] = 0.5
     torch.save(state, os.path.join(run, "search.pt"))
-    with pytest.raises(ops.InputError, match=r"search.pt: written by another version of this script \(it ran with "
-                                             r"--momentum 0.5 \(built in here: 0.9\)\); start a new run"):
+    with pytest.raises(ops.InputError, match=r"search.pt: written by another version of this "
+                                             r"script \(it ran with "
+                                             r"--momentum 0.5 \(built in here: 0.9\)\); start a "
+                                             r"new run"):
         search.main(["--resume", "--run-dir", run])
     del state["means"]
     torch.save(state, os.path.join(run, "search.pt"))
-    with pytest.raises(ops.InputError, match=r"search.pt: not a checkpoint this script can resume \(its state has no "
+    with pytest.raises(ops.InputError, match=r"search.pt: not a checkpoint this script can resume "
+                                             r"\(its state has no "
                                              r"means: written by another version"):
         search.main(["--resume", "--run-dir", run])
 
 
-def test_no_file_is_left_half_written_and_no_checkpoint_holds_a_non_finite_value(tmp_path, monkeypatch):
+def test_no_file_is_left_half_written_and_no_checkpoint_holds_a_non_finite_value(
+        tmp_path, monkeypatch):
     path = str(tmp_path / "f.txt")
     ops.atomic_write(path, lambda f: f.write(b"old"))
 
@@ -336,34 +429,46 @@ def test_no_file_is_left_half_written_and_no_checkpoint_holds_a_non_finite_value
     assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.txt"]
     path = str(tmp_path / "c.pt")
     add.save_checkpoint(dict(model={"w": torch.ones(2)}), path)
-    bad = dict(model={"w": torch.ones(2)}, opt=dict(state={0: dict(exp_avg=torch.tensor([1.0, float("inf")]))}))
-    with pytest.raises(add.Diverged, match=r"opt.state.0.exp_avg holds a non-finite value: .*c.pt was not written"):
+    bad = dict(model={"w": torch.ones(2)},
+               opt=dict(state={0: dict(exp_avg=torch.tensor([1.0, float("inf")]))}))
+    with pytest.raises(add.Diverged, match=r"opt.state.0.exp_avg holds a non-finite value: .*c.pt "
+                                           r"was not written"):
         add.save_checkpoint(bad, path)
-    assert torch.equal(add.load_checkpoint(path)["model"]["w"], torch.ones(2))  # the one on disk is intact
-    # w turns NaN in epoch 2's first step: read at the epoch's last step, the run ends; epoch 1's checkpoint stays
+    # the one on disk is intact
+    assert torch.equal(add.load_checkpoint(path)["model"]["w"], torch.ones(2))
+    # w turns NaN in epoch 2's first step: read at the epoch's last step, the run ends; epoch 1's
+    # checkpoint stays
     real, calls = add.gradient_step, []
 
-    def poisoned(model, *args, **kwargs):  # the 3rd step: epoch 2's first w step (epoch 1: 2 warm-up steps, w alone)
+    # the 3rd step: epoch 2's first w step (epoch 1: 2 warm-up steps, w alone)
+    def poisoned(model, *args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             model.net.stem[0].weight.data.fill_(float("nan"))
         return real(model, *args, **kwargs)
     monkeypatch.setattr(search, "gradient_step", poisoned)
-    with pytest.raises(add.Diverged, match=r"non-finite loss at epoch 2, within steps 1-2; the last checkpoint is intact"):
-        search.main(TINY_SEARCH[:-1] + ["0.5", "--epochs", "2", "--out", str(tmp_path / "g.json"), "--run-dir", str(tmp_path / "r")])
+    with pytest.raises(add.Diverged, match=r"non-finite loss at epoch 2, within steps 1-2; the "
+                                           r"last checkpoint is intact"):
+        search.main(TINY_SEARCH[:-1]
+                    + ["0.5", "--epochs", "2", "--out", str(tmp_path / "g.json"), "--run-dir",
+                       str(tmp_path / "r")])
     state = torch.load(tmp_path / "r" / "search.pt", weights_only=True)
-    assert (state["epoch"], state["step"]) == (1, 0) and all(torch.isfinite(t).all() for t in state["model"].values())
+    assert (state["epoch"], state["step"]) == (1, 0)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
 def test_expected_parameters_are_the_networks_when_one_hot_the_mean_when_uniform_and_the_term_cuts_them(tmp_path):
     costs, P = search.parameter_costs(), ops.PRIMITIVES.index
     alpha = torch.full((14, 11), -30.0)
-    alpha[:, P("sep_conv_3x3")] = 30.0  # every edge sep_conv_3x3: then every genotype the cells can make has one size
+    # every edge sep_conv_3x3: then every genotype the cells can make has one size
+    alpha[:, P("sep_conv_3x3")] = 30.0
     cell = tuple(("sep_conv_3x3", i) for node in range(4) for i in (0, 1))
     network = add.count_parameters(add.ADD(ops.Genotype(cell, cell), 48, add.d2_layout(3, 4), 3))
     assert search.expected_parameters(((alpha.softmax(-1), None),) * 2, costs).item() == pytest.approx(network, rel=1e-6)
-    # uniform alpha: the mean size over the space, counted by hand: per node two edges of a mean operation,
-    # plus, in a reduction cell, FactorizedReduce for skip_connect on the 2 x 2 / (i + 2) stride-2 edges a node expects
+    # uniform alpha: the mean size over the space, counted by hand: per node two edges of a mean
+    # operation,
+    # plus, in a reduction cell, FactorizedReduce for skip_connect on the 2 x 2 / (i + 2) stride-2
+    # edges a node expects
     size = lambda name, C, stride: add.count_parameters(ops.OPS[name](C, stride, True))
     nonzero = [p for p in ops.PRIMITIVES if p != "none"]
     empty = ops.Genotype(*[(("none", 0), ("none", 1)) * 4] * 2)
@@ -377,30 +482,41 @@ def test_expected_parameters_are_the_networks_when_one_hot_the_mean_when_uniform
     assert search.expected_parameters(uniform, costs).item() == pytest.approx(by_hand, rel=1e-6)
     ends = {}  # the parameter term moves alpha toward smaller networks, parameter-free operations
     for weight in ("0", "20"):
-        model = search.main(TINY_SEARCH + ["--epochs", "2", "--param-weight", weight, "--out", str(tmp_path / f"{weight}.json"),
+        model = search.main(TINY_SEARCH
+                            + ["--epochs", "2", "--param-weight", weight, "--out",
+                               str(tmp_path / f"{weight}.json"),
                                            "--run-dir", str(tmp_path / weight)])
         ends[weight] = (search.expected_parameters(model.cell_weights(), costs).item(),
-                        model.alpha_normal.softmax(-1)[:, [P("skip_connect"), P("avg_pool_3x3"), P("max_pool_3x3")]].sum().item())
+                        model.alpha_normal.softmax(-1)[:, [P("skip_connect"), P("avg_pool_3x3"),
+                                                           P("max_pool_3x3")]].sum().item())
     assert ends["20"][0] < ends["0"][0] - 1e5 and ends["20"][1] > ends["0"][1]
 
 
-def test_the_step_budget_draws_a_fresh_seeded_subset_each_epoch_and_paper_sets_what_its_help_names(monkeypatch):
-    args = search.configure(search.parse_args(TINY_SEARCH + ["--videos", "8", "--steps-per-epoch", "3"]))  # 16 samples
+def test_the_step_budget_draws_a_fresh_seeded_subset_each_epoch_and_paper_sets_what_its_help_names(
+        monkeypatch):
+    # 16 samples
+    args = search.configure(search.parse_args(TINY_SEARCH
+                                              + ["--videos", "8", "--steps-per-epoch", "3"]))
     (train_loader, val_loader), steps, one_pass = search.loaders(args)
     assert (steps, one_pass) == (3, 4) and len(train_loader) == len(val_loader) == 3
     orders = []
     for epoch in (0, 1, 0):
         train_loader.sampler.set_epoch(epoch)
         orders.append(list(train_loader.sampler))
-    assert len(orders[0]) == 12 == len(set(orders[0])) and orders[0] != orders[1] and orders[0] == orders[2]
+    assert len(orders[0]) == 12 == len(set(orders[0]))
+    assert orders[0] != orders[1]
+    assert orders[0] == orders[2]
     train_loader.sampler.set_epoch(0, start=4)  # a resumed epoch: from its second batch on
     assert list(train_loader.sampler) == orders[0][4:] and len(train_loader) == 2
-    assert search.configure(search.parse_args(["--data", "ff++"])).steps_per_epoch * 300 == 60_000  # real data
+    # real data
+    assert search.configure(search.parse_args(["--data", "ff++"])).steps_per_epoch * 300 == 60_000
     args.steps_per_epoch = 200  # the real-data budget on a small split: at most one pass an epoch
     assert search.loaders(args)[1:] == (4, 4)
-    real, paper = (search.configure(search.parse_args(["--data", "ff++", *a])) for a in ([], ["--paper"]))
+    real, paper = (search.configure(search.parse_args(["--data", "ff++", *a]))
+                   for a in ([], ["--paper"]))
     changed = {k for k in vars(real) if getattr(real, k) != getattr(paper, k)} - {"paper"}
-    assert changed == set(search.DEPARTURES) == {"w_lr", "warmup", "alpha_betas", "partial_channels", "steps_per_epoch",
+    assert changed == set(search.DEPARTURES) == {"w_lr", "warmup", "alpha_betas",
+                                                 "partial_channels", "steps_per_epoch",
                                                  "param_weight"}
     assert {k: getattr(paper, k) for k in changed} == {k: search.PAPER[k] for k in changed}
     assert 0.8 * (paper.batch_size / search.W_LR_BATCH) == 0.1  # the paper's w lr at its batch of 8
@@ -408,37 +524,49 @@ def test_the_step_budget_draws_a_fresh_seeded_subset_each_epoch_and_paper_sets_w
     monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside a flag
     with contextlib.redirect_stdout(help_text), pytest.raises(SystemExit):
         search.parse_args(["--help"])
-    said = re.search(r"--paper\s+the paper's own values: (.*?) \(README", " ".join(help_text.getvalue().split())).group(1)
+    said = re.search(r"--paper\s+the paper's own values: (.*?) \(README",
+                     " ".join(help_text.getvalue().split())).group(1)
     assert sorted(re.findall(r"--([\w-]+)", said)) == sorted(k.replace("_", "-") for k in changed)
-    demo = search.configure(search.parse_args(["--paper", "--partial-channels", "4"]))  # the demo's sizes, the paper's rule
+    # the demo's sizes, the paper's rule
+    demo = search.configure(search.parse_args(["--paper", "--partial-channels", "4"]))
     assert (demo.image_size, demo.w_lr, demo.warmup, demo.partial_channels) == (64, 0.8, 0.0, 4)
 
 
 @pytest.mark.parametrize("script, argv, expected", [
-    ("search", ["--steps-per-epoch", "-1"], "argument --steps-per-epoch: expected a whole number >= 0, got '-1'"),
-    ("search", ["--channels", "6", "--partial-channels", "4"], "--partial-channels 4: must divide --channels 6"),
-    ("search", ["--image-size", "8"], "--image-size 8: the stem (2 halvings) and the two reduction cells need at least 16 px"),
+    ("search", ["--steps-per-epoch", "-1"], "argument --steps-per-epoch: expected a whole number "
+                                            ">= 0, got '-1'"),
+    ("search", ["--channels", "6", "--partial-channels", "4"], "--partial-channels 4: must divide "
+                                                               "--channels 6"),
+    ("search", ["--image-size", "8"], "--image-size 8: the stem (2 halvings) and the two reduction "
+                                      "cells need at least 16 px"),
     ("train", ["--eval-only"], "--eval-only needs --checkpoint PATH"),
-    ("masks", ["--data", "ff++", "--src", "x", "--frames", "0"], "argument --frames: expected a whole number >= 1, got '0'"),
+    ("masks", ["--data", "ff++", "--src", "x", "--frames", "0"], "argument --frames: expected a "
+                                                                 "whole number >= 1, got '0'"),
 ])
 def test_bad_flag_values_are_one_line_errors(script, argv, expected):
     with pytest.raises(ops.InputError) as e:
         {"search": lambda a: search.configure(search.parse_args(a)),
-         "train": lambda a: train.configure(train.parse_args(["--genotype", "g.json"] + a)), "masks": masks.main}[script](argv)
+         "train": lambda a: train.configure(train.parse_args(["--genotype", "g.json"] + a)),
+         "masks": masks.main}[script](argv)
     assert str(e.value).startswith(expected)
 
 
 def test_the_hull_mask_is_the_polygon_and_a_real_photo_gives_one_face_and_a_mask_covering_it():
-    corners = np.array([(100 + 80 * math.cos(2 * math.pi * k / 12), 100 + 80 * math.sin(2 * math.pi * k / 12)) for k in range(12)])
-    inside = 100 + np.random.default_rng(0).uniform(-40, 40, (56, 2))  # interior points do not change the hull
-    mask, area = masks.hull_mask(np.concatenate([inside, corners]).astype(np.float32), 200), 6 * 80 ** 2 * math.sin(math.pi / 6)
-    assert abs(mask.sum() - area) / area < 0.01 and set(np.unique(mask)) == {0, 1}  # a regular 12-gon's area
+    corners = np.array([(100 + 80 * math.cos(2 * math.pi * k / 12), 100
+                         + 80 * math.sin(2 * math.pi * k / 12)) for k in range(12)])
+    # interior points do not change the hull
+    inside = 100 + np.random.default_rng(0).uniform(-40, 40, (56, 2))
+    mask = masks.hull_mask(np.concatenate([inside, corners]).astype(np.float32), 200)
+    area = 6 * 80 ** 2 * math.sin(math.pi / 6)
+    assert abs(mask.sum() - area) / area < 0.01
+    assert set(np.unique(mask)) == {0, 1}  # a regular 12-gon's area
     image = astronaut()
     faces = masks.FaceFinder().faces(image)
     assert len(faces) == 1
     x0, y0, x1, y1 = faces[0].box
     mask = masks.hull_mask(faces[0].landmarks, image.shape[0])  # a square photo
-    assert mask[int(y0):int(y1), int(x0):int(x1)].mean() > 0.5 and mask.sum() < 2 * (x1 - x0) * (y1 - y0)  # the face
+    assert mask[int(y0):int(y1), int(x0):int(x1)].mean() > 0.5
+    assert mask.sum() < 2 * (x1 - x0) * (y1 - y0)  # the face
     crop, points = masks.crop_face(image, faces[0], size=128)
     assert crop.shape == (128, 128, 3) and 0.25 < masks.hull_mask(points, 128).mean() < 0.75
 
@@ -446,8 +574,11 @@ def test_the_hull_mask_is_the_polygon_and_a_real_photo_gives_one_face_and_a_mask
 def write_video(path, frames, rotation=0, keyframes=None):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=25, options={"g": str(keyframes)} if keyframes else {})
-        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        stream = container.add_stream("libx264", rate=25, options={"g": str(keyframes)} if keyframes
+                                      else {})
+        stream.width = frames[0].shape[1]
+        stream.height = frames[0].shape[0]
+        stream.pix_fmt = "yuv420p"
         stream.set_display_rotation(rotation)
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
@@ -463,8 +594,8 @@ def face_video(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ffpp(tmp_path_factory, face_video):
-    """FF++ as downloaded: 6 real videos, two methods, one corrupt and one faceless fake, splits; prepared
-    by 2 workers."""
+    """FF++ as downloaded: 6 real videos, two methods, one corrupt and one faceless fake, splits;
+    prepared by 2 workers."""
     src = tmp_path_factory.mktemp("ffpp")
     real = src / "original_sequences" / "youtube" / "c23" / "videos"
     for name in ("000", "001", "002", "003", "004", "005"):
@@ -476,91 +607,125 @@ def ffpp(tmp_path_factory, face_video):
         for name in ("000_001", "001_000", "002_003", "003_002", "004_005", "005_004"):
             shutil.copy(face_video, fakes / f"{name}.mp4")
     (src / "manipulated_sequences/Deepfakes/c23/videos/001_000.mp4").write_bytes(os.urandom(4000))
-    with wave.open(str(src / "manipulated_sequences/FaceSwap/c23/videos/005_004.mp4"), "wb") as audio_only:
+    with wave.open(str(src / "manipulated_sequences/FaceSwap/c23/videos/005_004.mp4"),
+                   "wb") as audio_only:
         audio_only.setparams((1, 2, 8000, 0, "NONE", ""))  # a media file without a video stream
         audio_only.writeframes(bytes(1600))
-    write_video(str(src / "manipulated_sequences/FaceSwap/c23/videos/003_002.mp4"), [np.full((256, 256, 3), 90, np.uint8)] * 4)
+    write_video(str(src / "manipulated_sequences/FaceSwap/c23/videos/003_002.mp4"),
+                [np.full((256, 256, 3), 90, np.uint8)] * 4)
     os.remove(real / "003.mp4")  # 003 as a folder of extracted frames instead of an mp4
     os.makedirs(real / "003")
     for t in range(4):
         Image.fromarray(np.roll(astronaut(), t, axis=1)).save(real / "003" / f"{t:04d}.png")
     os.makedirs(src / "splits")
-    for split, pairs in (("train", [["000", "001"]]), ("val", [["002", "003"]]), ("test", [["004", "005"]])):
+    for split, pairs in (("train", [["000", "001"]]), ("val", [["002", "003"]]),
+                         ("test", [["004", "005"]])):
         (src / "splits" / f"{split}.json").write_text(json.dumps(pairs))
     root = str(src / "prepared")
-    masks.main(["--data", "ff++", "--src", str(src), "--root", root, "--methods", "Deepfakes,FaceSwap",
+    masks.main(["--data", "ff++", "--src", str(src), "--root", root, "--methods",
+                "Deepfakes,FaceSwap",
                 "--frames", "2", "--workers", "2"])
     return str(src), root
 
 
 def manifest_counts(root):
-    return dict(collections.Counter((r["split"], int(r["label"])) for r in csv.DictReader(open(os.path.join(root, "manifest.csv")))))
+    return dict(collections.Counter((r["split"], int(r["label"]))
+                                    for r in csv.DictReader(open(os.path.join(root, "manifest.csv")))))
 
 
-def test_ffpp_prepares_to_the_right_counts_a_restart_skips_finished_videos_frames_read_back(ffpp, capsys, monkeypatch):
+def test_ffpp_prepares_to_the_right_counts_a_restart_skips_finished_videos_frames_read_back(
+        ffpp, capsys, monkeypatch):
     src, root = ffpp
-    # train: reals 000, 001; fakes Deepfakes 000_001 (001_000 corrupt), FaceSwap 000_001, 001_000; 2 frames each
-    # val: reals 002, 003 (003 a folder); fakes Deepfakes 002_003, 003_002, FaceSwap 002_003 (003_002 faceless)
-    # test: reals 004, 005; fakes 004_005, 005_004 of both methods (FaceSwap 005_004 has no video stream)
-    counts = {("train", 0): 4, ("train", 1): 6, ("val", 0): 4, ("val", 1): 6, ("test", 0): 4, ("test", 1): 6}
+    # train: reals 000, 001; fakes Deepfakes 000_001 (001_000 corrupt), FaceSwap 000_001, 001_000; 2
+    # frames each
+    # val: reals 002, 003 (003 a folder); fakes Deepfakes 002_003, 003_002, FaceSwap 002_003
+    # (003_002 faceless)
+    # test: reals 004, 005; fakes 004_005, 005_004 of both methods (FaceSwap 005_004 has no video
+    # stream)
+    counts = {("train", 0): 4, ("train", 1): 6, ("val", 0): 4, ("val", 1): 6, ("test", 0): 4,
+              ("test", 1): 6}
     assert manifest_counts(root) == counts
     report = open(os.path.join(root, "report.txt")).read()
     assert "Deepfakes/001_000\tvideo\tunreadable video" in report
-    assert "FaceSwap/003_002\tvideo\tno face in any of its 2 frames" in report and "FaceSwap/003_002\tframe 1\tno face" in report
+    assert "FaceSwap/003_002\tvideo\tno face in any of its 2 frames" in report
+    assert "FaceSwap/003_002\tframe 1\tno face" in report
     assert "FaceSwap/005_004\tvideo\tfailed (ValueError: no video stream)" in report
     mask = np.asarray(Image.open(os.path.join(root, "masks/original/000/0001.png")))
-    assert mask.shape == (256, 256) and set(np.unique(mask)) == {0, 255} and 0.2 < (mask > 0).mean() < 0.8
-    os.remove(os.path.join(root, "records/original/000.json"))  # killed after its frames, before its record
+    assert mask.shape == (256, 256)
+    assert set(np.unique(mask)) == {0, 255}
+    assert 0.2 < (mask > 0).mean() < 0.8
+    # killed after its frames, before its record
+    os.remove(os.path.join(root, "records/original/000.json"))
     open(os.path.join(root, "faces/original/000/0001.png.tmp999"), "w").close()
     capsys.readouterr()
-    masks.main(["--data", "ff++", "--src", src, "--root", root, "--methods", "Deepfakes,FaceSwap", "--frames", "2",
+    masks.main(["--data", "ff++", "--src", src, "--root", root, "--methods", "Deepfakes,FaceSwap",
+                "--frames", "2",
                 "--workers", "1"])
     out = capsys.readouterr().out
-    assert "16 already prepared, 2 to do (1 of them again)" in out and "prepared 2 frames" in out  # + the corrupt one
-    assert manifest_counts(root) == counts and not os.path.exists(os.path.join(root, "faces/original/000/0001.png.tmp999"))
+    assert "16 already prepared, 2 to do (1 of them again)" in out
+    assert "prepared 2 frames" in out  # + the corrupt one
+    assert manifest_counts(root) == counts
+    assert not os.path.exists(os.path.join(root, "faces/original/000/0001.png.tmp999"))
     _, root = ffpp
     train_set = add.FaceCrops(root, "train", ["Deepfakes", "FaceSwap"], train=True, image_size=64)
     assert len(train_set) == 4 * 2 + 6  # 4 real frames repeated round(6/4) = 2 times
     image, mask, label, video = train_set[0]
-    assert image.shape == (3, 64, 64) and mask.shape == (1, 64, 64) and set(mask.unique().tolist()) <= {0, 1}
+    assert image.shape == (3, 64, 64)
+    assert mask.shape == (1, 64, 64)
+    assert set(mask.unique().tolist()) <= {0, 1}
     assert image.dtype == mask.dtype == torch.uint8 and label in (0, 1) and "/" in video
     batch = torch.utils.data.default_collate([train_set[i] for i in range(8)])
-    x, M, y = add.to_device(batch, CPU)  # uint8 through the loader, normalised on the device == the image read directly
+    # uint8 through the loader, normalised on the device == the image read directly
+    x, M, y = add.to_device(batch, CPU)
     for i in range(4):
         r = train_set.rows[i]
         face = Image.open(os.path.join(root, r["image"])).convert("RGB").resize((64, 64), Image.BILINEAR)
         hull = Image.open(os.path.join(root, r["mask"])).resize((64, 64), Image.NEAREST)
-        assert torch.equal(x[i], torch.from_numpy(np.asarray(face, dtype=np.float32) / 255).permute(2, 0, 1))
+        assert torch.equal(x[i],
+                           torch.from_numpy(np.asarray(face, dtype=np.float32) / 255).permute(2, 0, 1))
         assert torch.equal(M[i, 0], torch.from_numpy(np.asarray(hull) > 127).float())
     assert x.is_contiguous(memory_format=torch.channels_last) and y.tolist() == train_set.labels[:8]
-    fx, fM, _ = add.to_device(batch, CPU, add.epoch_generator(0, 3))  # the training augmentation: random flips
-    mirrored = [torch.equal(fx[i], x[i].flip(-1)) and torch.equal(fM[i], M[i].flip(-1)) for i in range(8)]
-    assert 0 < sum(mirrored) < 8 and all(m or torch.equal(fx[i], x[i]) for i, m in enumerate(mirrored))
-    assert torch.equal(add.to_device(batch, CPU, add.epoch_generator(0, 3))[0], fx)  # the same key: the same flips
+    # the training augmentation: random flips
+    fx, fM, _ = add.to_device(batch, CPU, add.epoch_generator(0, 3))
+    mirrored = [torch.equal(fx[i], x[i].flip(-1)) and torch.equal(fM[i], M[i].flip(-1))
+                for i in range(8)]
+    assert 0 < sum(mirrored) < 8
+    assert all(m or torch.equal(fx[i], x[i]) for i, m in enumerate(mirrored))
+    # the same key: the same flips
+    assert torch.equal(add.to_device(batch, CPU, add.epoch_generator(0, 3))[0], fx)
     with pytest.raises(ops.InputError, match="run masks.py first"):
         add.FaceCrops("/no/such/root", "train", ["Deepfakes"], True, 64)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})  # pinned to one core of many: one loader worker
-    assert ops.usable_cpus() == 1 and add.loader_workers("ff++") == 1 and add.loader_workers("synthetic") == 0
+    # pinned to one core of many: one loader worker
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert ops.usable_cpus() == 1
+    assert add.loader_workers("ff++") == 1
+    assert add.loader_workers("synthetic") == 0
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--src", "/no/such/dir"], "/no/such/dir: not found; expected the FaceForensics++ download root"),
+    (["--src", "/no/such/dir"], "/no/such/dir: not found; expected the FaceForensics++ download "
+                                "root"),
     (["--methods", "Deepfake"], "--methods: unknown ff++ method 'Deepfake'"),
-    (["--splits", "/tmp/no-splits"], "/tmp/no-splits/train.json: not found; expected FaceForensics++'s official split file"),
+    (["--splits", "/tmp/no-splits"], "/tmp/no-splits/train.json: not found; expected "
+                                     "FaceForensics++'s official split file"),
 ])
 def test_bad_preparation_input_is_a_one_line_error(ffpp, argv, expected):
     src, root = ffpp
-    flags = {"--src": src, "--methods": "Deepfakes", "--root": root, **dict(zip(argv[::2], argv[1::2]))}
+    flags = {"--src": src, "--methods": "Deepfakes", "--root": root,
+             **dict(zip(argv[::2], argv[1::2]))}
     argv = ["--data", "ff++", *[v for kv in flags.items() for v in kv]]
     with pytest.raises(ops.InputError, match=re.escape(expected)):
         masks.main(argv)
 
 
 def small_ffpp(tmp_path, face_video):
-    """FF++ as downloaded, 4 real and 4 Deepfakes videos (copies of the face video), splits train/val."""
+    """FF++ as downloaded, 4 real and 4 Deepfakes videos (copies of the face video), splits
+    train/val."""
     src = tmp_path / "ffpp"
-    real, fake = src / "original_sequences/youtube/c23/videos", src / "manipulated_sequences/Deepfakes/c23/videos"
-    for folder, names in ((real, ("000", "001", "002", "003")), (fake, ("000_001", "001_000", "002_003", "003_002"))):
+    real = src / "original_sequences/youtube/c23/videos"
+    fake = src / "manipulated_sequences/Deepfakes/c23/videos"
+    for folder, names in ((real, ("000", "001", "002", "003")),
+                          (fake, ("000_001", "001_000", "002_003", "003_002"))):
         os.makedirs(folder, exist_ok=True)
         for name in names:
             shutil.copy(face_video, folder / f"{name}.mp4")
@@ -573,32 +738,48 @@ def small_ffpp(tmp_path, face_video):
 def test_preparation_survives_any_error_and_odd_inputs_give_faces(tmp_path, face_video, capsys):
     src, real, fake = small_ffpp(tmp_path, face_video)
     root = str(tmp_path / "prepared")
-    os.remove(fake / "001_000.mp4")  # 001_000 is a folder of frames, one of which is a decompression bomb
+    # 001_000 is a folder of frames, one of which is a decompression bomb
+    os.remove(fake / "001_000.mp4")
     os.makedirs(fake / "001_000")
     Image.fromarray(astronaut()).save(fake / "001_000" / "0.png")
     chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    open(fake / "001_000" / "1.png", "wb").write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
-                                           + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))  # 20000 x 20000 px
-    os.rename(real / "002.mp4", tmp_path / "002.mp4")  # 002 missing for now (a download still running)
-    argv = ["--data", "ff++", "--src", str(src), "--root", root, "--methods", "Deepfakes", "--frames", "2", "--workers", "1"]
+    # 20000 x 20000 px
+    open(fake / "001_000" / "1.png", "wb").write(b"\x89PNG\r\n\x1a\n"
+                                                 + chunk(b"IHDR",
+                                                         struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+                                           + chunk(b"IDAT", zlib.compress(b""))
+                                           + chunk(b"IEND", b""))
+    # 002 missing for now (a download still running)
+    os.rename(real / "002.mp4", tmp_path / "002.mp4")
+    argv = ["--data", "ff++", "--src", str(src), "--root", root, "--methods", "Deepfakes",
+            "--frames", "2", "--workers", "1"]
     masks.main(argv)
     out = capsys.readouterr().out
-    assert "skipped Deepfakes/001_000: failed (DecompressionBombError" in out  # recorded; the others went on
-    assert "skipped original/002: unreadable video (FileNotFoundError" in out and "tried again on the next run" in out
+    # recorded; the others went on
+    assert "skipped Deepfakes/001_000: failed (DecompressionBombError" in out
+    assert "skipped original/002: unreadable video (FileNotFoundError" in out
+    assert "tried again on the next run" in out
     # the bomb's video keeps the frame read before it: train fakes 000_001 (2) + 001_000 (1)
     assert manifest_counts(root) == {("train", 0): 4, ("train", 1): 3, ("val", 0): 2, ("val", 1): 4}
     os.rename(tmp_path / "002.mp4", real / "002.mp4")  # the download finished
-    open(os.path.join(root, "records/original/003.json"), "w").write('{"split": "val", "lab')  # a record cut short
+    # a record cut short
+    open(os.path.join(root, "records/original/003.json"), "w").write('{"split": "val", "lab')
     masks.main(argv)
     out = capsys.readouterr().out
-    assert "003.json: not a readable record" in out and "6 already prepared, 2 to do (1 of them again)" in out
+    assert "003.json: not a readable record" in out
+    assert "6 already prepared, 2 to do (1 of them again)" in out
     assert manifest_counts(root)[("val", 0)] == 4
-    code, _, err = run_cli("masks.py", *argv[:-3], "3")  # other --frames into the same root, as a process: one line
-    assert err.strip().splitlines() == [f"error: {root}: prepared with --frames 2 --size 256 --detect-size 640 --compression "
-                                        f"c23, not --frames 3 --size 256 --detect-size 640 --compression c23; prepare into "
-                                        f"another --root, or add --redo to prepare every video again"]
+    # other --frames into the same root, as a process: one line
+    code, _, err = run_cli("masks.py", *argv[:-3], "3")
+    assert err.strip().splitlines() == [f"error: {root}: prepared with --frames 2 --size 256 "
+                                        f"--detect-size 640 --compression "
+                                        f"c23, not --frames 3 --size 256 --detect-size 640 "
+                                        f"--compression c23; prepare into "
+                                        f"another --root, or add --redo to prepare every video "
+                                        f"again"]
     masks.main(argv[:-3] + ["3", "--workers", "1", "--redo"])
-    assert manifest_counts(root)[("train", 0)] == 6 and "8 to do" in capsys.readouterr().out  # 3 of 6 frames each
+    assert manifest_counts(root)[("train", 0)] == 6
+    assert "8 to do" in capsys.readouterr().out  # 3 of 6 frames each
     face = astronaut()[:, 56:456]  # (512, 400, 3): not square, so a turn shows in the shape
     gray = np.asarray(Image.fromarray(face).convert("L"), dtype=np.uint16) * 257
     Image.fromarray(gray).save(tmp_path / "gray16.png")  # opens as mode I;16
@@ -606,7 +787,8 @@ def test_preparation_survives_any_error_and_odd_inputs_give_faces(tmp_path, face
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     Image.fromarray(np.ascontiguousarray(np.rot90(face))).save(tmp_path / "turned.jpg", exif=exif)
-    path = str(tmp_path / "phone.mp4")  # frames stored sideways, with a display rotation of 90 degrees
+    # frames stored sideways, with a display rotation of 90 degrees
+    path = str(tmp_path / "phone.mp4")
     write_video(path, [np.ascontiguousarray(np.rot90(face, -1))] * 2, rotation=90)
     for source in (str(tmp_path / "gray16.png"), str(tmp_path / "turned.jpg"), path):
         found = list(masks.read_faces(source, 2, 128))
@@ -616,52 +798,69 @@ def test_preparation_survives_any_error_and_odd_inputs_give_faces(tmp_path, face
     os.makedirs(folder)
     for t in (1, 2, 10):
         Image.new("RGB", (10 * t, 10)).save(folder / f"{t}.png")
-    assert [rgb.shape[1] for _, rgb, _, _ in masks.iter_frames(str(folder), 2)] == [10, 100]  # 1, 10 (not 1, 2)
+    # 1, 10 (not 1, 2)
+    assert [rgb.shape[1] for _, rgb, _, _ in masks.iter_frames(str(folder), 2)] == [10, 100]
     path = str(tmp_path / "long.mp4")  # a keyframe every 8 frames
     write_video(path, [np.full((64, 64, 3), 6 * t, np.uint8) for t in range(40)], keyframes=8)
-    through, seeking = list(masks._video_frames(path, 4, seek_gap=10**9)), list(masks._video_frames(path, 4, seek_gap=2))
+    through = list(masks._video_frames(path, 4, seek_gap=10**9))
+    seeking = list(masks._video_frames(path, 4, seek_gap=2))
     assert [f[0] for f in through] == [f[0] for f in seeking] == [5, 15, 25, 35]
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(through, seeking))
     assert [round(f[1].mean() / 6) for f in seeking] == [5, 15, 25, 35]  # the frames' own content
 
 
-def test_a_worker_killed_by_a_signal_is_that_videos_failure_and_the_rest_goes_on(tmp_path, face_video):
+def test_a_worker_killed_by_a_signal_is_that_videos_failure_and_the_rest_goes_on(
+        tmp_path, face_video):
     src, _, fake = small_ffpp(tmp_path, face_video)
-    os.remove(fake / "001_000.mp4")  # a folder of 5000 x 5000 frames: ~2.3 s of CPU each (no face: full-size HOG)
+    # a folder of 5000 x 5000 frames: ~2.3 s of CPU each (no face: full-size HOG)
+    os.remove(fake / "001_000.mp4")
     os.makedirs(fake / "001_000")
     Image.new("RGB", (5000, 5000), (90, 90, 90)).save(fake / "001_000" / "0.png")
     for k in (1, 2):
         shutil.copy(fake / "001_000" / "0.png", fake / "001_000" / f"{k}.png")
     root = str(tmp_path / "prepared")
-    cpu_limit = lambda: resource.setrlimit(resource.RLIMIT_CPU, (4, 120))  # SIGXCPU kills a process after 4 s of CPU
-    p = subprocess.run([sys.executable, "masks.py", "--data", "ff++", "--src", str(src), "--root", root, "--methods",
-                        "Deepfakes", "--frames", "3", "--workers", "2"], capture_output=True, text=True, cwd=HERE,
+    # SIGXCPU kills a process after 4 s of CPU
+    cpu_limit = lambda: resource.setrlimit(resource.RLIMIT_CPU, (4, 120))
+    p = subprocess.run([sys.executable, "masks.py", "--data", "ff++", "--src", str(src), "--root",
+                        root, "--methods",
+                        "Deepfakes", "--frames", "3", "--workers", "2"], capture_output=True,
+                        text=True, cwd=HERE,
                        timeout=240, preexec_fn=cpu_limit)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "skipped Deepfakes/001_000: failed (the process preparing it died" in p.stdout
-    assert manifest_counts(root) == {("train", 0): 6, ("train", 1): 3, ("val", 0): 6, ("val", 1): 6}  # 3 frames each
+    # 3 frames each
+    assert manifest_counts(root) == {("train", 0): 6, ("train", 1): 3, ("val", 0): 6, ("val", 1): 6}
     assert "Deepfakes/001_000\tvideo\tfailed (the process preparing it died" in open(os.path.join(root, "report.txt")).read()
 
 
 def test_celebdf_split_follows_the_test_list_and_keeps_identities_apart(tmp_path, face_video):
     src = tmp_path / "celebdf"
-    names = {"Celeb-real": ["id0_0000", "id1_0000", "id2_0000", "id3_0000"], "YouTube-real": ["00000", "00001"],
-             "Celeb-synthesis": ["id0_id2_0000", "id1_id3_0000", "id0_id1_0000", "id2_id0_0001", "id3_id1_0001"]}
+    names = {"Celeb-real": ["id0_0000", "id1_0000", "id2_0000", "id3_0000"],
+             "YouTube-real": ["00000", "00001"],
+             "Celeb-synthesis": ["id0_id2_0000", "id1_id3_0000", "id0_id1_0000", "id2_id0_0001",
+                                 "id3_id1_0001"]}
     for folder, files in names.items():
         os.makedirs(src / folder)
         for name in files:
             shutil.copy(face_video, src / folder / f"{name}.mp4")
-    (src / "List_of_testing_videos.txt").write_text("1 YouTube-real/00001.mp4\n0 Celeb-synthesis/id2_id0_0001.mp4\n")
+    (src / "List_of_testing_videos.txt").write_text("1 YouTube-real/00001.mp4\n0 "
+                                                    "Celeb-synthesis/id2_id0_0001.mp4\n")
     root = str(src / "prepared")
-    masks.main(["--data", "celeb-df", "--src", str(src), "--root", root, "--frames", "1", "--workers", "1"])
+    masks.main(["--data", "celeb-df", "--src", str(src), "--root", root, "--frames", "1",
+                "--workers", "1"])
     split = {f"{v.method}/{v.name}": v.split for v in masks.celebdf_videos(str(src))}
-    # swaps outside the test list: id0-id2, id1-id3 (twice), id0-id1; validation grows from id2, then id0 (id0_id2)
+    # swaps outside the test list: id0-id2, id1-id3 (twice), id0-id1; validation grows from id2,
+    # then id0 (id0_id2)
     assert split == {"YouTube-real/00001": "test", "Celeb-synthesis/id2_id0_0001": "test",
-                     "Celeb-real/id0_0000": "val", "Celeb-real/id2_0000": "val", "Celeb-synthesis/id0_id2_0000": "val",
-                     "YouTube-real/00000": "train", "Celeb-real/id1_0000": "train", "Celeb-real/id3_0000": "train",
-                     "Celeb-synthesis/id1_id3_0000": "train", "Celeb-synthesis/id3_id1_0001": "train"}
+                     "Celeb-real/id0_0000": "val", "Celeb-real/id2_0000": "val",
+                     "Celeb-synthesis/id0_id2_0000": "val",
+                     "YouTube-real/00000": "train", "Celeb-real/id1_0000": "train",
+                     "Celeb-real/id3_0000": "train",
+                     "Celeb-synthesis/id1_id3_0000": "train",
+                     "Celeb-synthesis/id3_id1_0001": "train"}
     # id0_id1_0000 mixes both sides: left out of both
-    assert manifest_counts(root) == {("test", 0): 1, ("test", 1): 1, ("val", 0): 2, ("val", 1): 1, ("train", 0): 3,
+    assert manifest_counts(root) == {("test", 0): 1, ("test", 1): 1, ("val", 0): 2, ("val", 1): 1,
+                                     ("train", 0): 3,
                                      ("train", 1): 2}
 
 
@@ -670,17 +869,22 @@ def test_synthetic_fakes_differ_from_their_source_only_in_and_near_the_face(fami
     for video in range(3):
         s = masks.synthetic_frame(0, video, 0, 64, family)
         diff = np.abs(s["fake"] - s["real"]).max(-1)
-        assert diff[s["weight"] > 0.5].mean() > 0.01  # visibly changed inside the manipulated region
+        # visibly changed inside the manipulated region
+        assert diff[s["weight"] > 0.5].mean() > 0.01
         near_face = binary_dilation(masks.hull_mask(s["fake_points"], 64), iterations=4)
-        assert diff[~near_face].max() == 0  # untouched beyond 4 px (the feathering) of the face hull
+        # untouched beyond 4 px (the feathering) of the face hull
+        assert diff[~near_face].max() == 0
 
 
-@pytest.mark.parametrize("preset, digest", [("easy", "37e5a03ddda5d445"), ("hard", "dec8522aa3af3de5")])
+@pytest.mark.parametrize("preset, digest",
+                         [("easy", "37e5a03ddda5d445"), ("hard", "dec8522aa3af3de5")])
 def test_the_built_in_data_are_the_same_bits_and_the_data_seed_draws_others(preset, digest):
     # every experiment in README ran on these data: a change to the generator would void its numbers
     ds = add.SyntheticFaces("train", list(masks.SYNTHETIC_METHODS), 3, 2, 64, 0, preset)
-    assert hashlib.sha256(ds.images.numpy().tobytes() + ds.masks.numpy().tobytes() + bytes(ds.labels)).hexdigest()[:16] == digest
-    args = train.configure(train.parse_args(["--genotype", "g.json", "--videos", "3", "--frames", "2", "--synthetic", preset,
+    assert hashlib.sha256(ds.images.numpy().tobytes() + ds.masks.numpy().tobytes()
+                          + bytes(ds.labels)).hexdigest()[:16] == digest
+    args = train.configure(train.parse_args(["--genotype", "g.json", "--videos", "3", "--frames",
+                                             "2", "--synthetic", preset,
                                              "--data-seed", "3"]))
     other = train.datasets(args)[0]
     assert other.images.shape == ds.images.shape and not torch.equal(other.images, ds.images)
@@ -697,39 +901,57 @@ def test_add_outputs_and_eq4_to_eq7_the_classifier_sees_f_times_m_the_loss_weigh
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as on CUDA: the body in bf16, the heads not
         logits, m = heads(f, (32, 32))
         mixed = ops.MixedOp(4, 1)(torch.randn(2, 4, 8, 8), torch.full((11,), 1 / 11))
-    assert logits.dtype == m.dtype == mixed.dtype == torch.float32  # Eq. 2's sum and the heads in fp32
+    # 's sum and the heads in fp32
+    assert logits.dtype == m.dtype == mixed.dtype == torch.float32  # Eq. 2
     assert torch.equal(logits, heads(f.float(), (32, 32))[0])
-    assert 4.5e6 < add.count_parameters(train.build_model(dict(train.REAL_DATA, arch="add"), GENOTYPE)) < 6.5e6  # 5.6 M
+    # 5.6 M
+    assert 4.5e6 < add.count_parameters(train.build_model(dict(train.REAL_DATA, arch="add"), GENOTYPE)) < 6.5e6
     torch.manual_seed(0)
     heads = random_batchnorm(add.Heads(16, 32, mask=True)).eval()
-    f, other = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)  # the last features of two batches of images
+    f = torch.randn(2, 16, 4, 4)
+    other = torch.randn(2, 16, 4, 4)  # the last features of two batches of images
     with torch.no_grad():
         logits, m = heads(f, (32, 32))
-        assert not torch.allclose(logits, heads(other, (32, 32))[0], atol=1e-3) and m.shape == (2, 1, 32, 32)
+        assert not torch.allclose(logits, heads(other, (32, 32))[0], atol=1e-3)
+        assert m.shape == (2, 1, 32, 32)
         small = torch.sigmoid(heads.mask(f))  # m at f's resolution
-        assert torch.allclose(logits, heads.fc(heads.conv(f * small).mean((2, 3))), atol=1e-6)  # Eq. 6: FC(f * m)
-        assert torch.allclose(m, F.interpolate(small, size=(32, 32), mode="bilinear"), atol=1e-6)  # m at the input's size
+        # FC(f * m)
+        assert torch.allclose(logits, heads.fc(heads.conv(f * small).mean((2, 3))),
+                              atol=1e-6)  # Eq. 6
+        # m at the input's size
+        assert torch.allclose(m, F.interpolate(small, size=(32, 32), mode="bilinear"), atol=1e-6)
         heads.mask.weight.zero_()
         heads.mask.bias.fill_(-1e4)  # m = 0 everywhere: the classifier sees f * 0
-        assert torch.equal(heads(f, (32, 32))[0], heads(other, (32, 32))[0])  # the logits ignore the image
+        # the logits ignore the image
+        assert torch.equal(heads(f, (32, 32))[0], heads(other, (32, 32))[0])
         heads.mask.bias.fill_(1e4)  # m = 1: Eq. 4's FC(f)
-        assert torch.allclose(heads(f, (32, 32))[0], heads.fc(heads.conv(f).mean((2, 3))), atol=1e-6)
+        assert torch.allclose(heads(f, (32, 32))[0], heads.fc(heads.conv(f).mean((2, 3))),
+                              atol=1e-6)
     logits, labels = torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
     m, M = torch.rand(4, 1, 8, 8), (torch.rand(4, 1, 8, 8) > 0.5).float()
     ce = -torch.log_softmax(logits, -1)[torch.arange(4), labels].mean()
-    assert torch.allclose(add.add_loss(*add.loss_terms(logits, m, labels, M), 10.0), ce + 10 * ((M - m) ** 2).mean())  # Eq. 7
-    assert add.loss_terms(logits, None, labels, M)[1] is None and torch.allclose(add.add_loss(ce, None, 10.0), ce)
+    assert torch.allclose(add.add_loss(*add.loss_terms(logits, m, labels, M), 10.0), ce
+                          + 10 * ((M - m) ** 2).mean())  # Eq. 7
+    assert add.loss_terms(logits, None, labels, M)[1] is None
+    assert torch.allclose(add.add_loss(ce, None, 10.0), ce)
     args = train.configure(train.parse_args(["--genotype", "unused.json", "--mask-weight", "0"]))
-    model = train.build_model(vars(args), GENOTYPE)  # Eq. 6 with an unsupervised m, Eq. 7 with alpha = 0
+    # with an unsupervised m, Eq. 7 with alpha = 0
+    model = train.build_model(vars(args), GENOTYPE)  # Eq. 6
     logits, m = model(torch.rand(2, 3, 64, 64))
     y = torch.tensor([0, 1])
     loss = add.add_loss(*add.loss_terms(logits, m, y, torch.ones(2, 1, 64, 64)), args.mask_weight)
-    assert torch.equal(loss, F.cross_entropy(logits, y))  # Eq. 7 with alpha = 0: the cross-entropy alone
+    # with alpha = 0: the cross-entropy alone
+    assert torch.equal(loss, F.cross_entropy(logits, y))  # Eq. 7
     loss.backward()
-    assert model.heads.mask.weight.grad.abs().sum() > 0  # m unsupervised, still trained through Eq. 6's f * m
-    args = train.configure(train.parse_args(["--genotype", "unused.json", "--no-mask-branch"]))  # Eq. 4 alone
+    # m unsupervised, still trained through Eq. 6's f * m
+    assert model.heads.mask.weight.grad.abs().sum() > 0
+    # alone
+    args = train.configure(train.parse_args(["--genotype", "unused.json",
+                                             "--no-mask-branch"]))  # Eq. 4
     model = train.build_model(vars(args), GENOTYPE)
-    assert args.mask_weight == 0 and model.heads.mask is None and model(torch.rand(2, 3, 64, 64))[1] is None
+    assert args.mask_weight == 0
+    assert model.heads.mask is None
+    assert model(torch.rand(2, 3, 64, 64))[1] is None
 
 
 @pytest.mark.parametrize("arch", ["add", "resnet18"])
@@ -740,9 +962,11 @@ def test_folded_batchnorm_gives_the_same_logits_with_no_batchnorm_left_after_a_c
     plain = random_batchnorm(model).eval()(x)
     folded = add.fold_batchnorm(model)
     left = [name for name, m in folded.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    if arch == "add":  # only FactorizedReduce's BatchNorm is left: it follows a concatenation, not a convolution
+    # only FactorizedReduce's BatchNorm is left: it follows a concatenation, not a convolution
+    if arch == "add":
         assert left and all(name.endswith(".bn") for name in left)
-    assert left == [] or arch == "add"  # resnet18's conv1/bn1 and its blocks' bn1, bn2 are attributes: found by tracing
+    # resnet18's conv1/bn1 and its blocks' bn1, bn2 are attributes: found by tracing
+    assert left == [] or arch == "add"
     assert torch.allclose(folded(x)[0], plain[0], rtol=1e-4, atol=1e-4)
     if arch == "add":
         assert torch.allclose(folded(x)[1], plain[1], atol=1e-5)
@@ -756,28 +980,35 @@ def test_thirty_training_steps_lower_the_loss_and_acc_auc_ap_eer_match_independe
     params, batch = list(model.parameters()), tiny_batch(8, 32)
     losses = [add.gradient_step(model, optimizer, params, batch, CPU, 1.0) for _ in range(30)]
     first, last = torch.stack(losses[:5]).mean(0), torch.stack(losses[-5:]).mean(0)
-    assert last[2] < 0.6 * first[2] and last[0] < 0.6 * first[0]  # Eq. 7, and its cross-entropy alone
+    assert last[2] < 0.6 * first[2]
+    assert last[0] < 0.6 * first[0]  # Eq. 7, and its cross-entropy alone
     probs = np.array([0.9, 0.7, 0.2, 0.4, 0.6, 0.1, 0.55, 0.3])
     labels = np.array([1, 1, 0, 0, 1, 0, 0, 1])
     pos, neg = probs[labels == 1], probs[labels == 0]
-    auc = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg])  # Mann-Whitney
+    # Mann-Whitney
+    auc = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg])
     got = train.scores(labels, probs)
     assert (got["acc"], got["auc"]) == pytest.approx((np.mean((probs > 0.5) == labels), auc))
-    video_probs, video_labels = train.video_level(probs, labels, ["b", "b", "a", "a", "c", "a", "d", "c"])
-    assert video_probs == pytest.approx([(0.2 + 0.4 + 0.1) / 3, 0.8, (0.6 + 0.3) / 2, 0.55]) and video_labels.tolist() == [0, 1, 1, 0]
+    video_probs, video_labels = train.video_level(probs, labels,
+                                                  ["b", "b", "a", "a", "c", "a", "d", "c"])
+    assert video_probs == pytest.approx([(0.2 + 0.4 + 0.1) / 3, 0.8, (0.6 + 0.3) / 2, 0.55])
+    assert video_labels.tolist() == [0, 1, 1, 0]
     assert train.scores(np.array([1, 1]), np.array([0.7, 0.2]))["auc"] is None  # one class: no AUC
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)
     probs = np.clip(0.25 * labels + rng.normal(0.4, 0.2, 200), 0, 1).round(2)  # ties included
     got = train.scores(labels, probs)
-    ap, last_recall = 0.0, 0.0  # AP by its definition: sum over thresholds of (recall step) x precision
+    ap = 0.0
+    last_recall = 0.0  # AP by its definition: sum over thresholds of (recall step) x precision
     for t in np.unique(probs)[::-1]:
         tp, fp = (labels[probs >= t] == 1).sum(), (labels[probs >= t] == 0).sum()
         ap += (tp / labels.sum() - last_recall) * tp / (tp + fp)
         last_recall = tp / labels.sum()
     assert got["ap"] == pytest.approx(ap) == pytest.approx(sklearn.metrics.average_precision_score(labels, probs))
-    fpr, tpr, _ = sklearn.metrics.roc_curve(labels, probs)  # EER: FPR = FNR on the ROC, by root finding
-    eer = scipy.optimize.brentq(lambda x: 1.0 - x - scipy.interpolate.interp1d(fpr, tpr)(x), 0.0, 1.0)
+    # EER: FPR = FNR on the ROC, by root finding
+    fpr, tpr, _ = sklearn.metrics.roc_curve(labels, probs)
+    eer = scipy.optimize.brentq(lambda x: 1.0 - x - scipy.interpolate.interp1d(fpr, tpr)(x), 0.0,
+                                1.0)
     assert got["eer"] == pytest.approx(eer, abs=1e-9) and 0.1 < eer < 0.5
     assert train.scores([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])["eer"] == 0.0  # perfectly separated
     assert train.scores([0, 1, 1, 1, 1], [0.6, 0.7, 0.8, 0.9, 0.1])["bacc"] == pytest.approx((0 + 3 / 4) / 2)
@@ -785,71 +1016,107 @@ def test_thirty_training_steps_lower_the_loss_and_acc_auc_ap_eer_match_independe
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Two tiny trained runs: ADD on the swap family (tested on mouth and gan) and resnet18; all they print."""
+    """Two tiny trained runs: ADD on the swap family (tested on mouth and gan) and resnet18; all
+    they print."""
     tmp, out = tmp_path_factory.mktemp("trained"), io.StringIO()
     ops.save_genotype(GENOTYPE, str(tmp / "g.json"))
     with contextlib.redirect_stdout(out):
-        metrics = train.main(TINY_TRAIN + ["--genotype", str(tmp / "g.json"), "--epochs", "2", "--out", str(tmp / "add"),
+        metrics = train.main(TINY_TRAIN
+                             + ["--genotype", str(tmp / "g.json"), "--epochs", "2", "--out",
+                                str(tmp / "add"),
                                            "--methods", "swap", "--test-methods", "mouth,gan"])
-        base = train.main(TINY_TRAIN + ["--arch", "resnet18", "--epochs", "1", "--out", str(tmp / "r18"), "--synthetic", "hard"])
-    return dict(add=str(tmp / "add"), add_metrics=metrics, r18=str(tmp / "r18"), r18_metrics=base, tmp=tmp, out=out.getvalue())
+        base = train.main(TINY_TRAIN
+                          + ["--arch", "resnet18", "--epochs", "1", "--out", str(tmp / "r18"),
+                             "--synthetic", "hard"])
+    return dict(add=str(tmp / "add"), add_metrics=metrics, r18=str(tmp / "r18"), r18_metrics=base,
+                tmp=tmp, out=out.getvalue())
 
 
-def test_a_training_writes_its_reports_and_checkpoints_and_eval_only_takes_its_data(trained, tmp_path, monkeypatch, capsys):
+def test_a_training_writes_its_reports_and_checkpoints_and_eval_only_takes_its_data(
+        trained, tmp_path, monkeypatch, capsys):
     metrics, base = trained["add_metrics"], trained["r18_metrics"]
-    assert metrics["test"]["data"] == "synthetic:mouth,gan" and metrics["val"]["data"] == "synthetic:swap"  # Table II
+    assert metrics["test"]["data"] == "synthetic:mouth,gan"
+    assert metrics["val"]["data"] == "synthetic:swap"  # Table II
     assert base["parameters"] > 11e6 and base["mask_weight"] == 0.0
-    for run in (trained["add"], trained["r18"]):  # every run folder: metrics, per-frame predictions, pictures
+    # every run folder: metrics, per-frame predictions, pictures
+    for run in (trained["add"], trained["r18"]):
         assert Image.open(os.path.join(run, "masks.png")).size[0] > 100
     log = [json.loads(line) for line in open(os.path.join(trained["add"], "log.jsonl"))]
-    assert [e["epoch"] for e in log] == [1, 2] and all(e["train_mse"] > 0 and e["val_mse"] > 0 for e in log)
-    assert all(e["train_mse"] is None and e["val_mse"] is None for e in map(json.loads, open(os.path.join(trained["r18"], "log.jsonl"))))
-    rows = list(csv.DictReader(open(os.path.join(trained["add"], "predictions.csv"))))  # it reproduces the metrics
-    labels, probs = np.array([int(r["label"]) for r in rows]), np.array([float(r["p_fake"]) for r in rows])
+    assert [e["epoch"] for e in log] == [1, 2]
+    assert all(e["train_mse"] > 0 and e["val_mse"] > 0 for e in log)
+    assert all(e["train_mse"] is None and e["val_mse"] is None
+               for e in map(json.loads, open(os.path.join(trained["r18"], "log.jsonl"))))
+    # it reproduces the metrics
+    rows = list(csv.DictReader(open(os.path.join(trained["add"], "predictions.csv"))))
+    labels = np.array([int(r["label"]) for r in rows])
+    probs = np.array([float(r["p_fake"]) for r in rows])
     assert len(rows) == 6 and {r["method"] for r in rows} <= {"real", "mouth", "gan"}
     assert sklearn.metrics.roc_auc_score(labels, probs) == metrics["test"]["frame_auc"]
     assert np.mean((probs > 0.5) == labels) == metrics["test"]["frame_acc"]
-    last = torch.load(os.path.join(trained["add"], "last.pt"), weights_only=True)  # its format, pinned
-    assert set(last) == {"model", "optimizer", "scheduler", "epoch", "rng", "config", "genotype", "best_auc"}
+    # its format, pinned
+    last = torch.load(os.path.join(trained["add"], "last.pt"), weights_only=True)
+    assert set(last) == {"model", "optimizer", "scheduler", "epoch", "rng", "config", "genotype",
+                         "best_auc"}
     monkeypatch.chdir(tmp_path)
     best = os.path.join(trained["r18"], "best.pt")
     before = os.path.getmtime(best), sorted(os.listdir(trained["r18"]))
-    p_fake = lambda run: [float(r["p_fake"]) for r in csv.DictReader(open(os.path.join(run, "predictions.csv")))]
+    p_fake = lambda run: [float(r["p_fake"])
+                          for r in csv.DictReader(open(os.path.join(run, "predictions.csv")))]
     train.main(["--eval-only", "--checkpoint", best])  # no data flags
-    # the run's own data (the hard preset, 32 px, 6 videos of 1 frame: no defaults) and network: its scores (folded)
-    assert p_fake("runs/eval") == pytest.approx(p_fake(trained["r18"]), abs=1e-5) and len(set(p_fake("runs/eval"))) == 6
-    config = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("config: "))
-    assert all(f" {kv} " in config for kv in ("synthetic=hard", "image_size=32", "videos=6", "frames=1", "arch=resnet18",
-                                              "batch_size=8", "epochs=1"))  # what is used is what it prints
+    # the run's own data (the hard preset, 32 px, 6 videos of 1 frame: no defaults) and network: its
+    # scores (folded)
+    assert p_fake("runs/eval") == pytest.approx(p_fake(trained["r18"]), abs=1e-5)
+    assert len(set(p_fake("runs/eval"))) == 6
+    config = next(line for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("config: "))
+    # what is used is what it prints
+    assert all(f" {kv} " in config
+               for kv in ("synthetic=hard", "image_size=32", "videos=6", "frames=1",
+                          "arch=resnet18",
+                                              "batch_size=8", "epochs=1"))
     train.main(["--eval-only", "--checkpoint", best, "--synthetic", "easy"])
-    assert p_fake("runs/eval-2") != pytest.approx(p_fake(trained["r18"]), abs=1e-5)  # a flag overrides the checkpoint's
+    # a flag overrides the checkpoint's
+    assert p_fake("runs/eval-2") != pytest.approx(p_fake(trained["r18"]), abs=1e-5)
     own = train.main(["--eval-only", "--checkpoint", os.path.join(trained["add"], "best.pt")])
-    assert own["test"]["data"] == "synthetic:swap" and os.path.exists("runs/eval-3/eval.json")  # its methods, not its test's
-    assert (os.path.getmtime(best), sorted(os.listdir(trained["r18"]))) == before  # the training run untouched
+    assert own["test"]["data"] == "synthetic:swap"
+    assert os.path.exists("runs/eval-3/eval.json")  # its methods, not its test's
+    # the training run untouched
+    assert (os.path.getmtime(best), sorted(os.listdir(trained["r18"]))) == before
 
 
-def test_a_checkpoint_of_the_previous_version_resumes_and_others_are_one_line_errors(trained, searched, tmp_path):
-    with pytest.raises(ops.InputError, match="search.pt: a search checkpoint .search.py's search.pt., not a trained"):
-        train.main(["--predict", searched["g"], "--checkpoint", os.path.join(searched["run"], "search.pt")])
+def test_a_checkpoint_of_the_previous_version_resumes_and_others_are_one_line_errors(
+        trained, searched, tmp_path):
+    with pytest.raises(ops.InputError, match="search.pt: a search checkpoint .search.py's "
+                                             "search.pt., not a trained"):
+        train.main(["--predict", searched["g"], "--checkpoint",
+                    os.path.join(searched["run"], "search.pt")])
     copy = str(tmp_path / "train")
     shutil.copytree(trained["add"], copy)
     last = torch.load(os.path.join(copy, "last.pt"), weights_only=True)
-    # as the previous version wrote it: its options that are built in now, at the values built in; it resumes
-    last["config"].update(blocks=3, momentum=0.9, weight_decay=5e-4, grad_clip=5.0, no_flips=False, log_every=50,
-                          check_every=50, visualize=8, threshold=0.5, detect_size=640, benchmark_against=None)
+    # as the previous version wrote it: its options that are built in now, at the values built in;
+    # it resumes
+    last["config"].update(blocks=3, momentum=0.9, weight_decay=5e-4, grad_clip=5.0, no_flips=False,
+                          log_every=50,
+                          check_every=50, visualize=8, threshold=0.5, detect_size=640,
+                          benchmark_against=None)
     torch.save(last, os.path.join(copy, "last.pt"))
-    assert train.main(["--resume", "--out", copy])["test"] == trained["add_metrics"]["test"]  # complete: the test runs
-    evaluated = [train.main(["--eval-only", "--checkpoint", os.path.join(run, "last.pt"), "--out", str(tmp_path / name)])
+    # complete: the test runs
+    assert train.main(["--resume", "--out", copy])["test"] == trained["add_metrics"]["test"]
+    evaluated = [train.main(["--eval-only", "--checkpoint", os.path.join(run, "last.pt"), "--out",
+                             str(tmp_path / name)])
                  for run, name in ((copy, "old"), (trained["add"], "today"))]
-    assert evaluated[0]["test"] == evaluated[1]["test"] and evaluated[0]["test"]["frames"] == 6  # the same data and scores
+    assert evaluated[0]["test"] == evaluated[1]["test"]
+    assert evaluated[0]["test"]["frames"] == 6  # the same data and scores
     last["config"]["weight_decay"] = 0.0
     torch.save(last, os.path.join(copy, "last.pt"))
-    with pytest.raises(ops.InputError, match=r"last.pt: written by another version of this script \(it ran with "
+    with pytest.raises(ops.InputError, match=r"last.pt: written by another version of this script "
+                                             r"\(it ran with "
                                              r"--weight-decay 0.0 \(built in here: 0.0005\)\)"):
         train.main(["--resume", "--out", copy])
     del last["config"]["cells_per_block"]
     torch.save(last, os.path.join(copy, "last.pt"))
-    with pytest.raises(ops.InputError, match="last.pt: written by another version of train.py .its configuration has no "
+    with pytest.raises(ops.InputError, match="last.pt: written by another version of train.py .its "
+                                             "configuration has no "
                                              "--cells-per-block.; train it again"):
         train.main(["--eval-only", "--checkpoint", os.path.join(copy, "last.pt")])
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
@@ -857,7 +1124,8 @@ def test_a_checkpoint_of_the_previous_version_resumes_and_others_are_one_line_er
         train.main(["--eval-only", "--checkpoint", str(tmp_path / "corrupt.pt")])
 
 
-def test_predict_scores_videos_and_photos_and_reports_the_rest(trained, face_video, tmp_path, capsys):
+def test_predict_scores_videos_and_photos_and_reports_the_rest(
+        trained, face_video, tmp_path, capsys):
     photo, faceless, corrupt = (str(tmp_path / n) for n in ("astronaut.jpg", "grey.mp4", "bad.mp4"))
     Image.fromarray(astronaut()).save(photo)
     write_video(faceless, [np.full((128, 128, 3), 90, np.uint8)] * 3)
@@ -867,44 +1135,68 @@ def test_predict_scores_videos_and_photos_and_reports_the_rest(trained, face_vid
                          os.path.join(trained["add"], "best.pt"), "--frames", "4", "--out", out])
     lines = capsys.readouterr().out.splitlines()
     video = report[face_video]
-    assert video["frames_scored"] == 4 and [f["frame"] for f in video["frames"]] == [0, 2, 3, 5]  # 4 of 6 frames
+    assert video["frames_scored"] == 4
+    assert [f["frame"] for f in video["frames"]] == [0, 2, 3, 5]  # 4 of 6 frames
     assert video["p_fake"] == pytest.approx(np.mean([f["p_fake"] for f in video["frames"]]))
-    assert video["verdict"] == ("fake" if video["p_fake"] > 0.5 else "real") and report[photo]["frames_scored"] == 1
-    assert report[faceless]["reason"].startswith("no face found in 3 frame(s)") and report[corrupt]["reason"].startswith("unreadable")
+    assert video["verdict"] == ("fake" if video["p_fake"] > 0.5 else "real")
+    assert report[photo]["frames_scored"] == 1
+    assert report[faceless]["reason"].startswith("no face found in 3 frame(s)")
+    assert report[corrupt]["reason"].startswith("unreadable")
     assert f"{faceless}: no face found in 3 frame(s)" in lines and any(
-        line.startswith(f"{face_video}: p(fake) ") and "(4 of 4 frames scored)" in line for line in lines)
+        line.startswith(f"{face_video}: p(fake) ") and "(4 of 4 frames scored)" in line
+        for line in lines)
     assert json.load(open(os.path.join(out, "predictions.json")))[photo]["frames"][0]["frame"] == 0
     assert [Image.open(os.path.join(out, p)).size[0] > 200 for p in os.listdir(out) if p.endswith(".png")] == [True] * 2
-    baseline = train.main(["--predict", photo, "--checkpoint", os.path.join(trained["r18"], "best.pt"), "--out", out])
-    assert 0 <= baseline[photo]["p_fake"] <= 1 and os.path.exists(out + "-2/predictions.json")  # no m: crops and scores
-    with pytest.raises(ops.InputError, match="missing.mp4: no such file or folder .expected a video, a folder of frames"):
-        train.main(["--predict", str(tmp_path / "missing.mp4"), "--checkpoint", os.path.join(trained["add"], "best.pt")])
+    baseline = train.main(["--predict", photo, "--checkpoint",
+                           os.path.join(trained["r18"], "best.pt"), "--out", out])
+    assert 0 <= baseline[photo]["p_fake"] <= 1
+    assert os.path.exists(out + "-2/predictions.json")  # no m: crops and scores
+    with pytest.raises(ops.InputError, match="missing.mp4: no such file or folder .expected a "
+                                             "video, a folder of frames"):
+        train.main(["--predict", str(tmp_path / "missing.mp4"), "--checkpoint",
+                    os.path.join(trained["add"], "best.pt")])
 
 
-@pytest.mark.parametrize("arch", ["efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5",
+@pytest.mark.parametrize("arch",
+                         ["efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small",
+                          "shufflenet_v2_x0_5",
                                   "shufflenet_v2_x1_0", "mnasnet0_5", "resnet18", "vgg16"])
 def test_the_hand_designed_networks_train_in_the_harness_of_add(arch):
     torch.manual_seed(0)
     args = train.configure(train.parse_args(["--arch", arch, "--lr", "1e-3"]))
-    assert args.mask_weight == 0.0 and args.genotype_origin is None and args.small_input  # Eq. 4 alone; 64 px: small
+    assert args.mask_weight == 0.0
+    assert args.genotype_origin is None
+    assert args.small_input  # Eq. 4 alone; 64 px: small
     model = train.build_model(vars(args), None)
-    assert last_map(model) == 4 and (arch == "vgg16" or last_map(add.Baseline(arch)) == 2)  # 64 px: 4x4 as ADD, not 2x2
-    small = lambda *argv: train.configure(train.parse_args(["--arch", arch, *argv])).small_input  # follows the size
-    assert not small("--image-size", "256") and not small("--data", "ff++") and small("--data", "ff++", "--image-size", "64")
+    assert last_map(model) == 4
+    assert arch == "vgg16" or last_map(add.Baseline(arch)) == 2  # 64 px: 4x4 as ADD, not 2x2
+    # follows the size
+    small = lambda *argv: train.configure(train.parse_args(["--arch", arch, *argv])).small_input
+    assert not small("--image-size", "256")
+    assert not small("--data", "ff++")
+    assert small("--data", "ff++", "--image-size", "64")
     if arch in ("resnet18", "vgg16"):
         return
-    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))  # mnasnet's: 0.0003
-    assert not any(getattr(m, "p", 0) for m in model.modules() if isinstance(m, torch.nn.Dropout) or "Stochastic" in type(m).__name__)
-    classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]  # initialised to its inputs, as ADD's
-    assert classifier.weight.abs().max() <= 1 / math.sqrt(classifier.in_features) and classifier.out_features == 2
+    # mnasnet's: 0.0003
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not any(getattr(m, "p", 0) for m in model.modules() if isinstance(m, torch.nn.Dropout)
+                   or "Stochastic" in type(m).__name__)
+    # initialised to its inputs, as ADD's
+    classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert classifier.weight.abs().max() <= 1 / math.sqrt(classifier.in_features)
+    assert classifier.out_features == 2
     before = [p.detach().clone() for p in model.parameters()]
     optimizer, _ = train.make_optimizer(model, args)
-    ce, mse, _ = add.gradient_step(model.train(), optimizer, list(model.parameters()), tiny_batch(4, 32), CPU, 0.0).tolist()
-    assert math.isfinite(ce) and mse == 0 and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    ce, mse, _ = add.gradient_step(model.train(), optimizer, list(model.parameters()),
+                                   tiny_batch(4, 32), CPU, 0.0).tolist()
+    assert math.isfinite(ce)
+    assert mse == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def last_map(net):
-    """The size of the last convolution's, pool's or BatchNorm's output on a 64 px face: the map the classifier pools."""
+    """The size of the last convolution's, pool's or BatchNorm's output on a 64 px face: the map
+    the classifier pools."""
     sizes = []
     for m in net.modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.BatchNorm2d)):
@@ -913,33 +1205,43 @@ def last_map(net):
 
 
 def fake_run(folder, cfg, test, val, train_ce=0.3):
-    """A finished train.py run folder as --compare reads it: config.json, metrics.json, log.jsonl."""
+    """A finished train.py run folder as --compare reads it: config.json, metrics.json,
+    log.jsonl."""
     os.makedirs(folder)
     genotype = train.genotype_dict(ops.load_genotype(cfg["genotype"])) if cfg["arch"] == "add" else None
     json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
-    json.dump(dict(parameters=1000 * len(cfg["arch"]) + cfg["channels"], genotype=genotype, val=dict(frame_auc=val),
-                   test=dict(frame_auc=test, video_auc=test)), open(os.path.join(folder, "metrics.json"), "w"))
+    json.dump(dict(parameters=1000 * len(cfg["arch"]) + cfg["channels"], genotype=genotype,
+                   val=dict(frame_auc=val),
+                   test=dict(frame_auc=test, video_auc=test)),
+                   open(os.path.join(folder, "metrics.json"), "w"))
     open(os.path.join(folder, "log.jsonl"), "w").write(json.dumps(dict(epoch=1, train_ce=train_ce, train_images=64,
                                                                       train_seconds=2.0)) + "\n")
 
 
 def test_compare_takes_the_architecture_as_the_unit(tmp_path, capsys):
     rng, runs, auc = np.random.default_rng(0), [], {}
-    genotypes = {"s1": (GENOTYPE, "search"), "s2": (ops.Genotype(GENOTYPE.reduce, GENOTYPE.normal), "search"),
+    genotypes = {"s1": (GENOTYPE, "search"),
+                 "s2": (ops.Genotype(GENOTYPE.reduce, GENOTYPE.normal), "search"),
                  **{f"r{k}": (ops.random_genotype(k), "random") for k in range(3)}}
     for name, (genotype, origin) in genotypes.items():
         ops.save_genotype(genotype, str(tmp_path / f"{name}.json"), origin)
-    archs = [["--genotype", str(tmp_path / f"{n}.json")] for n in genotypes] + [["--arch", "mobilenet_v3_small"],
+    archs = [["--genotype", str(tmp_path / f"{n}.json")]
+             for n in genotypes] + [["--arch", "mobilenet_v3_small"],
                                                                              ["--arch", "shufflenet_v2_x0_5"]]
     for a, arch in enumerate(archs):
         for seed in (0, 1, 2):
-            cfg = vars(train.configure(train.parse_args(arch + ["--seed", str(seed), "--data-seed", str(seed)])))
+            cfg = vars(train.configure(train.parse_args(arch
+                                                        + ["--seed", str(seed), "--data-seed",
+                                                           str(seed)])))
             auc[a, seed] = round(float(rng.uniform(0.6, 0.95)), 4)
             runs.append(str(tmp_path / f"{a}-{seed}"))
             fake_run(runs[-1], cfg, auc[a, seed], auc[a, seed] - 0.01)
-    cfg["momentum"] = 0.9  # a run of the previous version (its configuration had options built in now): the same group
-    fake_run(str(tmp_path / "chance"), dict(cfg, seed=3), 0.5, 0.5, train_ce=0.69)  # a fourth shufflenet run at chance
-    rows = train.main(["--compare", *runs, str(tmp_path / "chance"), "--out", str(tmp_path / "cmp")])
+    # a run of the previous version (its configuration had options built in now): the same group
+    cfg["momentum"] = 0.9
+    # a fourth shufflenet run at chance
+    fake_run(str(tmp_path / "chance"), dict(cfg, seed=3), 0.5, 0.5, train_ce=0.69)
+    rows = train.main(["--compare", *runs, str(tmp_path / "chance"), "--out",
+                       str(tmp_path / "cmp")])
     out = capsys.readouterr().out
     means = [statistics.mean(auc[a, s] for s in range(3)) for a in range(len(archs))]
     assert sorted(r["frame_auc"] for r in rows) == pytest.approx(sorted(means)) and len(rows) == 7
@@ -952,33 +1254,44 @@ def test_compare_takes_the_architecture_as_the_unit(tmp_path, capsys):
         d = statistics.mean(a) - statistics.mean(b)
         return d, d - scipy.stats.t.ppf(0.975, df) * math.sqrt(va + vb), d + scipy.stats.t.ppf(0.975, df) * math.sqrt(va + vb)
     for other, b in (("random", means[2:5]), ("hand-designed", means[5:])):
-        d, low, high = welch(means[:2], b)  # n = architectures (2 searched, 3 random, 2 hand-designed), not runs
+        # n = architectures (2 searched, 3 random, 2 hand-designed), not runs
+        d, low, high = welch(means[:2], b)
         assert f"searched - {other}: {d:+.3f} [{low:+.3f}, {high:+.3f}] test frame AUC (Welch's 95% interval over " \
                f"architectures: 2 and {len(b)})" in out
-    diffs = [auc[0, s] - auc[5, s] for s in range(3)]  # the first searched cell against mobilenet_v3_small, seed by seed
-    d, half = statistics.mean(diffs), scipy.stats.t.ppf(0.975, 2) * statistics.stdev(diffs) / math.sqrt(3)
+    # the first searched cell against mobilenet_v3_small, seed by seed
+    diffs = [auc[0, s] - auc[5, s] for s in range(3)]
+    d = statistics.mean(diffs)
+    half = scipy.stats.t.ppf(0.975, 2) * statistics.stdev(diffs) / math.sqrt(3)
     assert f"  s1 C16 N1 - mobilenet_v3_small: {d:+.3f} [{d - half:+.3f}, {d + half:+.3f}] (paired by seed, 3 seeds)" in out
     assert Image.open(tmp_path / "cmp" / "pareto.png").size[0] > 500
     sweep = []  # an lr sweep of one network on two selection seeds: the pick by mean validation AUC
-    for lr, val in (("1e-3", (0.80, 0.84)), ("3e-3", (0.86, 0.85)), ("1e-2", (0.50, 0.90))):  # 1e-2's first at chance:
-        for seed, v in zip((100, 101), val):  # it counts in the pick (mean 0.70), or 1e-2 would win by its other run
+    # 1e-2's first at chance:
+    for lr, val in (("1e-3", (0.80, 0.84)), ("3e-3", (0.86, 0.85)), ("1e-2", (0.50, 0.90))):
+        # it counts in the pick (mean 0.70), or 1e-2 would win by its other run
+        for seed, v in zip((100, 101), val):
             sweep.append(str(tmp_path / f"lr{lr}-{seed}"))
-            fake_run(sweep[-1], vars(train.configure(train.parse_args(["--arch", "mnasnet0_5", "--lr", lr, "--seed", str(seed)]))),
+            fake_run(sweep[-1],
+                     vars(train.configure(train.parse_args(["--arch", "mnasnet0_5", "--lr", lr,
+                                                            "--seed", str(seed)]))),
                      0.9, v, train_ce=0.69 if v == 0.5 else 0.3)
     train.main(["--compare", *sweep, "--out", str(tmp_path / "cmp-lr")])
     out = capsys.readouterr().out
-    assert "lr pick, mnasnet0_5 -: 0.003 of 0.001, 0.003, 0.01 (mean validation frame AUC 0.855)" in out and "edge" not in out
+    assert "lr pick, mnasnet0_5 -: 0.003 of 0.001, 0.003, 0.01 (mean validation frame AUC 0.855)" in out
+    assert "edge" not in out
     train.main(["--compare", *sweep[:4], "--out", str(tmp_path / "cmp-lr2")])
     assert "0.003 of 0.001, 0.003 (mean validation frame AUC 0.855); at the grid's edge: extend it" in capsys.readouterr().out
     with pytest.raises(ops.InputError, match="nothing: not a finished train.py run folder"):
         train.main(["--compare", str(tmp_path / "nothing")])
 
 
-def test_subnormals_flushed_steps_timed_batches_checked_and_no_run_overwritten(tmp_path, genotype_file, capsys, monkeypatch):
-    # weights that decay towards zero (a run at chance, under weight decay) go subnormal, which x86 computes slowly
+def test_subnormals_flushed_steps_timed_batches_checked_and_no_run_overwritten(
+        tmp_path, genotype_file, capsys, monkeypatch):
+    # weights that decay towards zero (a run at chance, under weight decay) go subnormal, which x86
+    # computes slowly
     subnormal = torch.finfo(torch.float32).tiny / 4
     try:
-        for main, argv in ((search.main, ["--random-genotype", "1", "--out", str(tmp_path / "r.json")]),
+        for main, argv in ((search.main,
+                            ["--random-genotype", "1", "--out", str(tmp_path / "r.json")]),
                            (train.main, ["--compare", str(tmp_path / "nothing")])):
             torch.set_flush_denormal(False)
             assert (torch.tensor([subnormal]) * 1).item() > 0
@@ -987,33 +1300,44 @@ def test_subnormals_flushed_steps_timed_batches_checked_and_no_run_overwritten(t
             assert (torch.tensor([subnormal]) * 1).item() == 0
     finally:
         torch.set_flush_denormal(False)
-    args = train.configure(train.parse_args(["--genotype", genotype_file, "--benchmark", "--image-size", "32",
+    args = train.configure(train.parse_args(["--genotype", genotype_file, "--benchmark",
+                                             "--image-size", "32",
                                              "--channels", "4", "--batch-size", "4"]))
     result = train.benchmark(args, CPU, calls=2, rounds=2)
-    search.benchmark(search.configure(search.parse_args(TINY_SEARCH + ["--benchmark"])), CPU, calls=2)
+    search.benchmark(search.configure(search.parse_args(TINY_SEARCH + ["--benchmark"])), CPU,
+                     calls=2)
     out = capsys.readouterr().out
-    assert set(result) == {"add", "resnet18"} and all(v["training"] > 0 and v["inference"] > 0 for v in result.values())
-    assert "add / resnet18: training " in out and re.search(r"search step .* ms, .* peak memory .* \d+ operator calls", out)
-    with pytest.raises(ops.InputError, match="--batch-size 64: the train split has only 12 samples"):
-        train.main(TINY_TRAIN + ["--genotype", genotype_file, "--batch-size", "64", "--out", str(tmp_path / "x")])
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):  # as torchrun starts 2 processes
+    assert set(result) == {"add", "resnet18"}
+    assert all(v["training"] > 0 and v["inference"] > 0 for v in result.values())
+    assert "add / resnet18: training " in out
+    assert re.search(r"search step .* ms, .* peak memory .* \d+ operator calls", out)
+    with pytest.raises(ops.InputError,
+                       match="--batch-size 64: the train split has only 12 samples"):
+        train.main(TINY_TRAIN
+                   + ["--genotype", genotype_file, "--batch-size", "64", "--out",
+                      str(tmp_path / "x")])
+    # as torchrun starts 2 processes
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(key, value)
-    with pytest.raises(ops.InputError, match=r"--batch-size 7: the global batch must divide by the 2 processes \(e.g. --batch-size 6\)"):
+    with pytest.raises(ops.InputError, match=r"--batch-size 7: the global batch must divide by the "
+                                             r"2 processes \(e.g. --batch-size 6\)"):
         train.main(TINY_TRAIN + ["--genotype", genotype_file, "--batch-size", "7"])
     monkeypatch.undo()
     out = str(tmp_path / "run")
     first = train.main(TINY_TRAIN + ["--genotype", genotype_file, "--epochs", "1", "--out", out])
     best = open(os.path.join(out, "best.pt"), "rb").read()
     capsys.readouterr()
-    train.main(TINY_TRAIN + ["--genotype", genotype_file, "--epochs", "1", "--out", out, "--seed", "1"])
+    train.main(TINY_TRAIN
+               + ["--genotype", genotype_file, "--epochs", "1", "--out", out, "--seed", "1"])
     assert capsys.readouterr().out.splitlines()[0] == f"run folder: {out}-2"
-    assert open(os.path.join(out, "best.pt"), "rb").read() == best and len(open(os.path.join(out, "log.jsonl")).readlines()) == 1
+    assert open(os.path.join(out, "best.pt"), "rb").read() == best
+    assert len(open(os.path.join(out, "log.jsonl")).readlines()) == 1
     assert json.load(open(os.path.join(out, "metrics.json"))) == first
 
 
 def wait_for(p, path, reached):
-    """Until the checkpoint at path, written by process p, is `reached` (-> True) or p ends (-> False); loaded when
-    it changed only (replaced atomically, never half-written)."""
+    """Until the checkpoint at path, written by process p, is `reached` (-> True) or p ends (->
+    False); loaded when it changed only (replaced atomically, never half-written)."""
     seen = None
     while p.poll() is None:
         stamp = (lambda s: (s.st_ino, s.st_mtime_ns, s.st_size))(os.stat(path)) if os.path.exists(path) else None
@@ -1024,8 +1348,10 @@ def wait_for(p, path, reached):
 
 
 def in_own_group(*argv, env=None, stdout=subprocess.DEVNULL):
-    """A script started as a scheduler starts a job: in a process group of its own, signalled as a whole."""
-    return subprocess.Popen([sys.executable, *argv], cwd=HERE, stdout=stdout, stderr=subprocess.PIPE, text=True,
+    """A script started as a scheduler starts a job: in a process group of its own, signalled as
+    a whole."""
+    return subprocess.Popen([sys.executable, *argv], cwd=HERE, stdout=stdout,
+                            stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=env)
 
 
@@ -1037,24 +1363,30 @@ def stop_message(err, pattern):
 
 
 def finishes(*argv, cwd=HERE, env=None):
-    """A script run to its end as a process that must then exit, the cyclic garbage collector off (what a library
-    keeps until the exit stays: matplotlib keeps a frame of the loop, and its loaders with it)."""
+    """A script run to its end as a process that must then exit, the cyclic garbage collector off
+    (what a library keeps until the exit stays: matplotlib keeps a frame of the loop, and its
+    loaders with it)."""
     as_run = f"import gc, runpy, sys; gc.disable(); sys.path.insert(0, {HERE!r}); sys.argv = sys.argv[1:]; " \
              "runpy.run_path(sys.argv[0], run_name='__main__')"
-    p = subprocess.run([sys.executable, "-c", as_run, os.path.join(HERE, argv[0]), *argv[1:]], cwd=cwd, env=env,
+    p = subprocess.run([sys.executable, "-c", as_run, os.path.join(HERE, argv[0]), *argv[1:]],
+                       cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=120)  # a hang is a TimeoutExpired
     assert p.returncode == 0 and p.stdout.rstrip().splitlines()[-1].startswith("wrote"), (argv, p.stderr[-2000:])
     return p.stdout
 
 
 def ffpp_flags(root):
-    return ["--data", "ff++", "--root", root, "--methods", "Deepfakes,FaceSwap", "--image-size", "32", "--channels", "4",
+    return ["--data", "ff++", "--root", root, "--methods", "Deepfakes,FaceSwap", "--image-size",
+            "32", "--channels", "4",
             "--batch-size", "4", "--workers", "2"]
 
 
-def test_a_search_on_prepared_ffpp_stops_on_a_group_signal_and_resumes_as_if_never_stopped(tmp_path, ffpp):
-    # the real-data path: loader workers, K = 4 (1-channel edges, AVX2 kernels), 2 steps an epoch of 3, 2 warm-up epochs of 4
-    argv = ["search.py", *ffpp_flags(ffpp[1]), "--cells", "3", "--epochs", "4", "--steps-per-epoch", "2", "--warmup", "0.5",
+def test_a_search_on_prepared_ffpp_stops_on_a_group_signal_and_resumes_as_if_never_stopped(
+        tmp_path, ffpp):
+    # the real-data path: loader workers, K = 4 (1-channel edges, AVX2 kernels), 2 steps an epoch of
+    # 3, 2 warm-up epochs of 4
+    argv = ["search.py", *ffpp_flags(ffpp[1]), "--cells", "3", "--epochs", "4", "--steps-per-epoch",
+            "2", "--warmup", "0.5",
             "--partial-channels", "4"]
     whole, run = str(tmp_path / "whole"), str(tmp_path / "run")
     finishes(*argv, "--out", str(tmp_path / "whole.json"), "--run-dir", whole, env=AVX2)
@@ -1062,54 +1394,70 @@ def test_a_search_on_prepared_ffpp_stops_on_a_group_signal_and_resumes_as_if_nev
     assert wait_for(p, os.path.join(run, "search.pt"), lambda state: state["epoch"] >= 1)
     os.killpg(p.pid, signal.SIGTERM)  # the whole group: the search and its loader workers
     _, err = p.communicate()
-    epoch, step = stop_message(err, r"stopped by SIGTERM at epoch (\d), step (\d); its checkpoint is written: continue with "
+    epoch, step = stop_message(err, r"stopped by SIGTERM at epoch (\d), step (\d); its checkpoint "
+                                    r"is written: continue with "
                                     r"python search.py --resume --run-dir " + re.escape(run))
-    state = torch.load(os.path.join(run, "search.pt"), weights_only=True)  # at the step the stop came: no step lost
+    # at the step the stop came: no step lost
+    state = torch.load(os.path.join(run, "search.pt"), weights_only=True)
     assert p.returncode == 1 and (state["epoch"], state["step"]) == (epoch - 1, step) and epoch < 4
     code, out, err = run_cli("search.py", "--resume", "--run-dir", run, env=AVX2)
     assert code == 0 and "resumed" in out, err[-2000:]
-    assert open(tmp_path / "g.json").read() == open(tmp_path / "whole.json").read()  # the same genotype
-    end, ref = (torch.load(os.path.join(r, "search.pt"), weights_only=True)["model"] for r in (run, whole))
-    assert all(torch.equal(end[k], ref[k]) for k in ("alpha_normal", "alpha_reduce", "beta_normal", "beta_reduce"))
+    # the same genotype
+    assert open(tmp_path / "g.json").read() == open(tmp_path / "whole.json").read()
+    end, ref = (torch.load(os.path.join(r, "search.pt"), weights_only=True)["model"]
+                for r in (run, whole))
+    assert all(torch.equal(end[k], ref[k])
+               for k in ("alpha_normal", "alpha_reduce", "beta_normal", "beta_reduce"))
     logs = [[json.loads(line) for line in open(os.path.join(r, "log.jsonl"))] for r in (whole, run)]
+    # no line lost or repeated
     assert [(e["epoch"], e["train_ce"], e["val_ce"], e["alpha_steps"]) for e in logs[0]] == \
-        [(e["epoch"], e["train_ce"], e["val_ce"], e["alpha_steps"]) for e in logs[1]]  # no line lost or repeated
+        [(e["epoch"], e["train_ce"], e["val_ce"], e["alpha_steps"]) for e in logs[1]]
     assert [e["alpha_steps"] for e in logs[0]] == [0, 0, 2, 2]
 
 
-def test_a_training_on_prepared_ffpp_stops_survives_a_kill_and_resumes_to_the_same_metrics(tmp_path, ffpp, genotype_file):
-    argv = ["train.py", "--genotype", genotype_file, *ffpp_flags(ffpp[1]), "--cells-per-block", "1", "--stem-reductions",
+def test_a_training_on_prepared_ffpp_stops_survives_a_kill_and_resumes_to_the_same_metrics(
+        tmp_path, ffpp, genotype_file):
+    argv = ["train.py", "--genotype", genotype_file, *ffpp_flags(ffpp[1]), "--cells-per-block", "1",
+            "--stem-reductions",
             "2", "--epochs", "5"]  # 3 steps an epoch
     killed = str(tmp_path / "killed")
-    whole = train.main(argv[1:] + ["--out", str(tmp_path / "whole")])  # in this process: the same kernels and threads
+    # in this process: the same kernels and threads
+    whole = train.main(argv[1:] + ["--out", str(tmp_path / "whole")])
     last = os.path.join(killed, "last.pt")
     pattern = r"stopped by SIGTERM (?:in epoch \d, after step \d of 3|at the end of epoch \d); the last checkpoint, " + \
-        re.escape(last) + r", holds epoch (\d): continue with python train.py --resume --out " + re.escape(killed)
+        re.escape(last) + r", holds epoch (\d): python train.py --resume --out " + re.escape(killed) + r" trains epochs \d-5 and runs the test"
     held = 0
-    for sig in (signal.SIGTERM, signal.SIGKILL):  # a scheduler's stop once an epoch is saved; a kill once another is
+    # a scheduler's stop once an epoch is saved; a kill once another is
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         p = in_own_group(*argv, "--out", killed) if sig == signal.SIGTERM else in_own_group("train.py", "--resume", "--out", killed)
         assert wait_for(p, last, lambda state: state["epoch"] > held)
         os.killpg(p.pid, sig)  # the training process and its loader workers
         _, err = p.communicate()
-        if sig == signal.SIGTERM:  # stopped after the step the signal came in; the message names the checkpoint
+        # stopped after the step the signal came in; the message names the checkpoint
+        if sig == signal.SIGTERM:
             held, = stop_message(err, pattern)
             assert p.returncode == 1 and held == torch.load(last, weights_only=True)["epoch"] >= 1
     assert "resumed" in finishes("train.py", "--resume", "--out", killed)
     resumed = json.load(open(os.path.join(killed, "metrics.json")))
     assert resumed["test"] == whole["test"] and resumed["val"] == whole["val"]
-    finishes("train.py", "--eval-only", "--checkpoint", os.path.join(killed, "best.pt"), "--workers", "2", "--out",
+    finishes("train.py", "--eval-only", "--checkpoint", os.path.join(killed, "best.pt"),
+             "--workers", "2", "--out",
              str(tmp_path / "eval"))  # an evaluation with loader workers finishes and exits too
 
 
-def test_a_stop_in_the_last_epoch_or_the_final_test_ends_in_one_line_and_resume_runs_the_test(tmp_path, genotype_file,
+def test_a_stop_in_the_last_epoch_or_the_final_test_ends_in_one_line_and_resume_runs_the_test(
+        tmp_path, genotype_file,
                                                                                                   monkeypatch):
     argv = TINY_TRAIN + ["--genotype", genotype_file, "--epochs", "2"]
     whole = train.main(argv + ["--out", str(tmp_path / "whole")])
 
-    def signalled(real, when):  # `real`, which sends this process SIGINT (Ctrl-C) on its `when`-th call
+    # `real`, which sends this process SIGINT (Ctrl-C) on its `when`-th call
+    def signalled(real, when):
         calls = []
-        return lambda *a, **k: (calls.append(1), len(calls) == when and os.kill(os.getpid(), signal.SIGINT), real(*a, **k))[2]
-    for name, when, where in (("end_epoch", 2, "at the end of epoch 2"), ("report", 1, "during the final test")):
+        return lambda *a, **k: (calls.append(1), len(calls) == when
+                                and os.kill(os.getpid(), signal.SIGINT), real(*a, **k))[2]
+    for name, when, where in (("end_epoch", 2, "at the end of epoch 2"), ("report", 1, "during the "
+                                                                                       "final test")):
         out = str(tmp_path / name)
         monkeypatch.setattr(train, name, signalled(getattr(train, name), when))
         with pytest.raises(add.Stopped) as stop:
@@ -1118,57 +1466,79 @@ def test_a_stop_in_the_last_epoch_or_the_final_test_ends_in_one_line_and_resume_
                                   f"python train.py --resume --out {out} runs the test"
         assert not os.path.exists(os.path.join(out, "metrics.json"))
         monkeypatch.undo()
-        with pytest.raises(ops.InputError, match=r"last\.pt: its optimizer and schedule hold --lr 0\.001, and a resumed run keeps"):
-            train.main(["--resume", "--out", out, "--lr", "1e-4"])  # given now, a 0 wins too: then the network differs
-        with pytest.raises(ops.InputError, match=r"last\.pt: the checkpoint's model does not match this configuration"):
+        with pytest.raises(ops.InputError, match=r"last\.pt: its optimizer and schedule hold --lr "
+                                                 r"0\.001, and a resumed run keeps"):
+            # given now, a 0 wins too: then the network differs
+            train.main(["--resume", "--out", out, "--lr", "1e-4"])
+        with pytest.raises(ops.InputError, match=r"last\.pt: the checkpoint's model does not match "
+                                                 r"this configuration"):
             train.main(["--resume", "--out", out, "--stem-reductions", "0"])
         assert train.main(["--resume", "--out", out])["test"] == whole["test"]
     monkeypatch.setattr(train, "report", signalled(train.report, 1))
-    with pytest.raises(add.Stopped, match="^stopped by SIGINT during the evaluation; nothing is lost: run it again$"):
-        train.main(["--eval-only", "--checkpoint", str(tmp_path / "whole" / "best.pt"), "--out", str(tmp_path / "eval")])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    with pytest.raises(add.Stopped, match="^stopped by SIGINT during the evaluation; nothing is "
+                                          "lost: run it again$"):
+        train.main(["--eval-only", "--checkpoint", str(tmp_path / "whole" / "best.pt"), "--out",
+                    str(tmp_path / "eval")])
+    # the handlers are put back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 TORCHRUN = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
 
 
 def ours(err):
-    """The lines of a torchrun job's stderr that its ranks wrote (torchrun adds its own failure summary)."""
+    """The lines of a torchrun job's stderr that its ranks wrote (torchrun adds its own failure
+    summary)."""
     assert 'train.py", line' not in err, err[-3000:]  # no traceback from the script
     return [line for line in err.splitlines() if line.startswith(("stopped by", "error: "))]
 
 
-def test_a_stop_reaches_every_torchrun_process_and_a_divergence_on_one_rank_ends_all_in_one_line(tmp_path, genotype_file):
+def test_a_stop_reaches_every_torchrun_process_and_a_divergence_on_one_rank_ends_all_in_one_line(
+        tmp_path, genotype_file):
     out = str(tmp_path / "ddp")
-    argv = [*TORCHRUN, "train.py", *TINY_TRAIN, "--videos", "16", "--genotype", genotype_file, "--epochs", "3", "--device",
+    argv = [*TORCHRUN, "train.py", *TINY_TRAIN, "--videos", "16", "--genotype", genotype_file,
+            "--epochs", "3", "--device",
             "cpu", "--out", out]  # 4 steps an epoch
     last = os.path.join(out, "last.pt")
-    # torchrun's group signalled once epoch 1 is saved: every rank stops after the same step (the vote), in one line
+    # torchrun's group signalled once epoch 1 is saved: every rank stops after the same step (the
+    # vote), in one line
     p = in_own_group(*argv)
     assert wait_for(p, last, lambda state: state["epoch"] >= 1)
     os.killpg(p.pid, signal.SIGTERM)
     _, err = p.communicate()
     assert p.returncode != 0 and len(ours(err)) == 1 and re.fullmatch(
-        r"stopped by SIGTERM (in epoch \d, after step \d of 4|at the end of epoch \d); the last checkpoint, " + re.escape(last)
-        + r", holds epoch \d: continue with python train.py --resume --out " + re.escape(out), ours(err)[0]), err[-3000:]
+        r"stopped by SIGTERM (in epoch \d, after step \d of 4|at the end of epoch \d); the last "
+        r"checkpoint, " + re.escape(last)
+        + r", holds epoch \d: python train.py --resume --out " + re.escape(out) + r" trains epochs "
+                                                                                  r"\d-3 and runs "
+                                                                                  r"the test", ours(err)[0]), err[-3000:]
     code, stdout, err = run_cli(*argv, "--resume")  # two processes again, to the end
     assert code == 0, err[-2000:]
     assert "2 process(es) on cpu" in stdout and stdout.count("epoch 3/3") == 1  # only rank 0 logs
     assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "log.jsonl"))] == [1, 2, 3]
     assert json.load(open(os.path.join(out, "metrics.json")))["test"]["frames"] == 16
-    driver = tmp_path / "nan_on_rank_1.py"  # train.py with a NaN in rank 1's loss at its 4th step, epoch 1's last
-    driver.write_text(f"import os, runpy, sys\nsys.path.insert(0, {HERE!r})\nimport add\nreal, calls = add.loss_terms, []\n"
+    # train.py with a NaN in rank 1's loss at its 4th step, epoch 1's last
+    driver = tmp_path / "nan_on_rank_1.py"
+    driver.write_text(f"import os, runpy, sys\nsys.path.insert(0, {HERE!r})\nimport add\nreal, "
+                      f"calls = add.loss_terms, []\n"
                       "def poisoned(*args):\n    ce, mse = real(*args)\n    calls.append(1)\n"
-                      "    return (ce * float('nan') if os.environ['RANK'] == '1' and len(calls) == 4 else ce), mse\n"
-                      f"add.loss_terms = poisoned\nrunpy.run_path({os.path.join(HERE, 'train.py')!r}, run_name='__main__')\n")
-    code, _, err = run_cli(*TORCHRUN, str(driver), *TINY_TRAIN, "--videos", "16", "--genotype", genotype_file, "--epochs",
-                           "2", "--device", "cpu", "--out", str(tmp_path / "run"))  # 4 steps an epoch on each rank
-    assert code != 0 and ours(err) == ["error: non-finite loss at epoch 1, within steps 1-4; the last good checkpoint is "
+                      "    return (ce * float('nan') if os.environ['RANK'] == '1' and len(calls) "
+                      "== 4 else ce), mse\n"
+                      f"add.loss_terms = "
+                      f"poisoned\nrunpy.run_path({os.path.join(HERE, 'train.py')!r}, "
+                      f"run_name='__main__')\n")
+    # 4 steps an epoch on each rank
+    code, _, err = run_cli(*TORCHRUN, str(driver), *TINY_TRAIN, "--videos", "16", "--genotype",
+                           genotype_file, "--epochs",
+                           "2", "--device", "cpu", "--out", str(tmp_path / "run"))
+    assert code != 0 and ours(err) == ["error: non-finite loss at epoch 1, within steps 1-4; the "
+                                       "last good checkpoint is "
                                        "intact: lower --lr, or --resume from it"], err[-3000:]
     assert not os.path.exists(tmp_path / "run" / "last.pt")  # no checkpoint of a diverged network
 
 
-def test_readme_maps_the_paper_to_functions_that_hold_their_tags_and_its_demo_runs(tmp_path, monkeypatch):
+def test_readme_maps_the_paper_to_functions_that_hold_their_tags_and_its_demo_runs(
+        tmp_path, monkeypatch):
     lines = open(os.path.join(HERE, "README.md")).read().splitlines()
     start = lines.index("## The paper in the code")
     assert start < 80  # a guide: the map early
@@ -1189,12 +1559,15 @@ def test_readme_maps_the_paper_to_functions_that_hold_their_tags_and_its_demo_ru
                 source = "\n".join(text[at - 3:at + 1])
             assert tag in source, f"README: {module}.py:{name} has no {tag!r} ({paper})"
             if tag.startswith("# Eq."):  # on a line that computes, not in a comment of its own
-                assert any(line.split("#")[0].strip() for line in source.splitlines() if tag in line), (name, tag)
+                assert any(line.split("#")[0].strip() for line in source.splitlines()
+                           if tag in line), (name, tag)
             found.add(tag)
     assert {f"# Eq. {k}" for k in range(1, 8)} | {"# Algorithm 1", "# Fig. 2", "# Sec. III-C"} <= found
     finishes("search.py", *TINY_SEARCH, "--epochs", "1", cwd=tmp_path)
     assert ops.load_genotype(str(tmp_path / "g.json")) and os.path.exists(tmp_path / "g.png")
     monkeypatch.chdir(tmp_path)
-    assert train.main(["--genotype", "g.json", *TINY_TRAIN, "--epochs", "1"])["test"]["frame_auc"] is not None
+    assert train.main(["--genotype", "g.json", *TINY_TRAIN, "--epochs",
+                       "1"])["test"]["frame_auc"] is not None
     assert os.path.exists(tmp_path / "runs/train/metrics.json")
-    assert json.load(open(tmp_path / "runs/search/config.json"))["image_size"] == 32  # the effective config, saved
+    # the effective config, saved
+    assert json.load(open(tmp_path / "runs/search/config.json"))["image_size"] == 32

@@ -1,28 +1,38 @@
 """Train and evaluate ADD (Sec. III-B to III-D, IV-B, IV-C), and point a trained detector at videos.
 
-- build_model, make_optimizer: ADD from a genotype (Fig. 2) or a Table IV network; Sec. IV-B's optimizer.
-- frame_scores, scores, evaluate: ACC and AUC (Sec. IV-B) per frame and video, with balanced ACC, AP, EER.
+- build_model, make_optimizer: ADD from a genotype (Fig. 2) or a Table IV network; Sec. IV-B's
+  optimizer.
+- frame_scores, scores, evaluate: ACC and AUC (Sec. IV-B) per frame and video, with balanced ACC,
+  AP, EER.
 - datasets, test_split: the splits (Sec. IV-A) and the protocols of Tables I-III.
 - fit: the training, Eq. 7 step by step; the epoch of the best validation AUC is tested at the end.
-Below the divider: settings, the epoch's end, DDP, reports, Fig. 9, --eval-only, --predict, --compare,
---benchmark, the command line.
+Below the divider: settings, the epoch's end, DDP, reports, Fig. 9, --eval-only, --predict,
+--compare, --benchmark, the command line.
 
-    python train.py --genotype g.json                                       # built-in synthetic data (demo)
-    python train.py --genotype g.json --data ff++ --methods Face2Face       # inner-dataset (Table I)
-    python train.py --genotype g.json --data ff++ --methods Face2Face --test-methods FaceSwap   # Table II
-    python train.py --genotype g.json --data ff++ --test-data celeb-df      # cross-dataset (Table III)
-    python train.py --genotype g.json --mask-weight 0                       # without L_MSE (Table V)
+    python train.py --genotype g.json                                       # built-in synthetic
+    data (demo)
+    python train.py --genotype g.json --data ff++ --methods Face2Face       # inner-dataset (Table
+    I)
+    python train.py --genotype g.json --data ff++ --methods Face2Face --test-methods FaceSwap   #
+    Table II
+    python train.py --genotype g.json --data ff++ --test-data celeb-df      # cross-dataset (Table
+    III)
+    python train.py --genotype g.json --mask-weight 0                       # without L_MSE (Table
+    V)
     python train.py --arch resnet18 --data celeb-df                         # baseline (Table IV)
     python train.py --eval-only --checkpoint runs/train/best.pt --test-data celeb-df
     python train.py --predict clip.mp4 photo.jpg frames/ --checkpoint runs/train/best.pt
-    python train.py --compare runs/train runs/train-2 ...                   # one table and pareto.png
+    python train.py --compare runs/train runs/train-2 ...                   # one table and
+    pareto.png
     torchrun --nproc_per_node 4 train.py --genotype g.json --data ff++      # several GPUs (DDP)
-    python train.py --genotype g.json --benchmark                           # images/s against resnet18
+    python train.py --genotype g.json --benchmark                           # images/s against
+    resnet18
 A run folder (--out; a new one beside it when it exists, unless --resume) holds config.json,
 log.jsonl, last.pt, best.pt, metrics.json, predictions.csv and masks.png.
 """
 import argparse
 import csv
+import functools
 import io
 import json
 import os
@@ -37,15 +47,22 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from add import (ADD, BASELINES, BLOCKS, DEMO_SIZE, GRAD_CLIP, PAPER_SIZE, Baseline, Diverged, Run, Stopped,
-                 add_data_arguments, append_log, count_parameters, d2_layout, epoch_generator, figure, fold_batchnorm,
-                 gradient_step, load_checkpoint, load_state, loader, loader_workers, new_run_dir, open_split,
-                 peak_memory_mib, pick_device, prepare_model, random_batch, resolve_defaults, restore, resume,
-                 save_checkpoint, save_figure, scale_milestones, time_alternately, to_device, write_config)
+from add import (ADD, BASELINES, BLOCKS, DEMO_SIZE, GRAD_CLIP, PAPER_SIZE, Baseline, Diverged, Run,
+                 Stopped,
+                 add_data_arguments, append_log, count_parameters, d2_layout, epoch_generator,
+                 figure, fold_batchnorm,
+                 gradient_step, load_checkpoint, load_state, loader, loader_workers, new_run_dir,
+                 open_split,
+                 peak_memory_mib, pick_device, prepare_model, random_batch, resolve_defaults,
+                 restore, resume,
+                 save_checkpoint, save_figure, scale_milestones, time_alternately, to_device,
+                 write_config)
 from masks import CROP_SIZE, METHODS, READ_ERRORS, parse_methods, read_faces
-from ops import InputError, Parser, atomic_write, bounded, genotype_from_dict, genotype_origin, load_genotype
+from ops import (InputError, Parser, atomic_write, bounded, genotype_from_dict, genotype_origin,
+                 load_genotype, reason)
 
-MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # Sec. IV-B: "Adam with a momentum value of 0.9 and a weight decay of 0.0005"
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4  # Sec. IV-B: "Adam with a momentum value of 0.9 and a weight decay of 0.0005"
 
 
 def build_model(cfg, genotype):
@@ -54,19 +71,24 @@ def build_model(cfg, genotype):
     if cfg["arch"] != "add":
         return Baseline(cfg["arch"], cfg.get("small_input"))  # Table IV: a hand-designed network
     layout = d2_layout(cfg.get("blocks", BLOCKS), cfg["cells_per_block"])
-    return ADD(genotype, cfg["channels"], layout, cfg["stem_reductions"], mask=not cfg.get("no_mask_branch"))
+    return ADD(genotype, cfg["channels"], layout, cfg["stem_reductions"],
+               mask=not cfg.get("no_mask_branch"))
 
 
 def make_optimizer(model, args):
     """Sec. IV-B: "an Adam optimizer with a momentum value of 0.9" (beta1) "and a weight decay of
-    0.0005", lr 0.5, divided by 10 at epochs 80 and 140 of 300. Adam diverges at 0.5 and momentum SGD
-    does not learn there (README, Departures: measured), so lr 0.5 is read as 0.5e-3; --optimizer sgd
-    is the other reading."""
+    0.0005", lr 0.5, divided by 10 at epochs 80 and 140 of 300. Adam diverges at 0.5 and momentum
+    SGD does not learn there (README, Departures: measured), so lr 0.5 is read as 0.5e-3;
+    --optimizer sgd is the other reading."""
     if args.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), args.lr, betas=(MOMENTUM, 0.999), weight_decay=WEIGHT_DECAY)
+        opt = torch.optim.Adam(model.parameters(), args.lr, betas=(MOMENTUM, 0.999),
+                               weight_decay=WEIGHT_DECAY)
     else:
-        opt = torch.optim.SGD(model.parameters(), args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, scale_milestones(args.milestones, args.epochs), 0.1)
+        opt = torch.optim.SGD(model.parameters(), args.lr, momentum=MOMENTUM,
+                              weight_decay=WEIGHT_DECAY)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt,
+                                                     scale_milestones(args.milestones, args.epochs),
+                                                     0.1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,8 +96,8 @@ def make_optimizer(model, args):
 
 @torch.no_grad()
 def frame_scores(model, loader, device):
-    """Every sample of the loader, in order, in fp32 (scores must not tie) -> arrays p (p(fake)), label,
-    ce, mse (None without a mask branch), copied to the host once; the video ids."""
+    """Every sample of the loader, in order, in fp32 (scores must not tie) -> arrays p (p(fake)),
+    label, ce, mse (None without a mask branch), copied to the host once; the video ids."""
     model.eval()
     out, videos = dict(p=[], label=[], ce=[], mse=[]), []
     for batch in loader:
@@ -100,7 +122,8 @@ def video_level(probs, labels, videos):
 def equal_error_rate(labels, probs):
     """EER: the error rate where the ROC's false-positive rate equals its false-negative rate,
     linearly interpolated between the two ROC points around the crossing."""
-    from sklearn.metrics import roc_curve  # imported where used: ~1 s of every start that never scores
+    # imported where used: ~1 s of every start that never scores
+    from sklearn.metrics import roc_curve
     fpr, tpr, _ = roc_curve(labels, probs)
     gap = (1 - tpr) - fpr  # FNR - FPR, decreasing along the curve from 1 to -1
     i = int(np.argmax(gap <= 0))
@@ -114,7 +137,9 @@ def scores(labels, probs):
     The ranking metrics are None when one class is missing."""
     from sklearn.metrics import average_precision_score, roc_auc_score
     labels, correct = np.asarray(labels).round(), (np.asarray(probs) > THRESHOLD) == np.asarray(labels).round()
-    out = dict(acc=float(correct.mean()), bacc=float(np.mean([correct[labels == c].mean() for c in np.unique(labels)])))  # ACC
+    # ACC
+    out = dict(acc=float(correct.mean()),
+               bacc=float(np.mean([correct[labels == c].mean() for c in np.unique(labels)])))
     two = len(np.unique(labels)) == 2
     out.update(auc=float(roc_auc_score(labels, probs)) if two else None,  # AUC (Sec. IV-B)
                ap=float(average_precision_score(labels, probs)) if two else None,
@@ -126,10 +151,12 @@ def evaluate(model, loader, device):
     """-> (metrics: frames, videos, frame_* and video_* scores, ce, mse; per-frame outputs)."""
     out, videos = frame_scores(model, loader, device)
     video_probs, video_labels = video_level(out["p"], out["label"], videos)
-    metrics = dict(frames=len(out["p"]), videos=len(video_labels),  # ACC and AUC, per frame and per video
+    # ACC and AUC, per frame and per video
+    metrics = dict(frames=len(out["p"]), videos=len(video_labels),
                    **{f"frame_{k}": v for k, v in scores(out["label"], out["p"]).items()},
                    **{f"video_{k}": v for k, v in scores(video_labels, video_probs).items()},
-                   ce=float(out["ce"].mean()), mse=None if out["mse"] is None else float(out["mse"].mean()))
+                   ce=float(out["ce"].mean()), mse=None if out["mse"] is None
+                   else float(out["mse"].mean()))
     return metrics, dict(out, videos=videos)
 
 
@@ -137,9 +164,11 @@ def evaluate(model, loader, device):
 # The protocols (Sec. IV-A, IV-C) and the whole training
 
 def datasets(args):
-    """Train and validation splits of --data/--methods (FF++'s official splits; Celeb-DF: masks.py)."""
+    """Train and validation splits of --data/--methods (FF++'s official splits; Celeb-DF:
+    masks.py)."""
     methods = parse_methods(args.data, args.methods)
-    return [open_split(args.data, args.root, split, methods, args.image_size, split == "train", args.videos, args.frames,
+    return [open_split(args.data, args.root, split, methods, args.image_size, split == "train",
+                       args.videos, args.frames,
                        args.synthetic, args.data_seed) for split in ("train", "val")]
 
 
@@ -148,47 +177,64 @@ def test_split(args):
     dataset (--test-methods: Table II), or another dataset (--test-data: Table III)."""
     test_data = args.test_data or args.data  # Table I: the training data's own test split
     same = test_data == args.data  # Table III when False: another dataset (--test-data)
-    methods = parse_methods(test_data, args.test_methods or (args.methods if same else None))  # Table II: other methods
+    # other methods
+    methods = parse_methods(test_data, args.test_methods
+                            or (args.methods if same else None))  # Table II
     root = args.test_root or (args.root if same else None)
-    videos, frames = (args.videos, args.frames) if same else (DEMO["videos"], DEMO["frames"])  # real -> synthetic: the demo's
-    return (open_split(test_data, root, "test", methods, args.image_size, False, videos, frames, args.synthetic or "easy",
+    # real -> synthetic: the demo's
+    videos, frames = (args.videos, args.frames) if same else (DEMO["videos"], DEMO["frames"])
+    return (open_split(test_data, root, "test", methods, args.image_size, False, videos, frames,
+                       args.synthetic or "easy",
                        args.data_seed),
             f"{test_data}:{','.join(methods)}")
 
 
 def fit(args, state, rank, world, device):
-    """Sec. IV-B's training: --epochs passes of Eq. 7, the lr / 10 at the milestones, validation after
-    each epoch; the epoch of the best validation AUC is tested at the end. Stops, progress and the vote
-    of several processes: add.Run; the epoch's end (checkpoints, the log): end_epoch."""
-    genotype = (genotype_from_dict(state["genotype"], os.path.join(args.out, "last.pt")) if state and state["genotype"]
+    """Sec. IV-B's training: --epochs passes of Eq. 7, the lr / 10 at the milestones, validation
+    after each epoch; the epoch of the best validation AUC is tested at the end. Stops, progress and
+    the vote of several processes: add.Run; the epoch's end (checkpoints, the log): end_epoch."""
+    genotype = (genotype_from_dict(state["genotype"], os.path.join(args.out, "last.pt")) if state
+                and state["genotype"]
                 else load_genotype(args.genotype) if args.arch == "add" else None)
     (train_set, val_set), (test_set, test_name) = datasets(args), test_split(args)
     model = prepare_model(build_model(vars(args), genotype), device)
     optimizer, scheduler = make_optimizer(model, args)
     start, best = (state["epoch"], state["best_auc"]) if state else (0, -1.0)
     if state:  # a resumed run: the model, optimizer, scheduler and generator as they were
-        restore(state, dict(model=model, optimizer=optimizer, scheduler=scheduler), os.path.join(args.out, "last.pt"))
-    net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) if world > 1 else model
-    sampler, data = training_loaders(args, (train_set, val_set, test_set), test_name, model, rank, world, device)
+        restore(state, dict(model=model, optimizer=optimizer, scheduler=scheduler),
+                os.path.join(args.out, "last.pt"))
+    net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda"
+                                              else None) if world > 1 else model
+    sampler, data = training_loaders(args, (train_set, val_set, test_set), test_name, model, rank,
+                                     world, device)
     train_data, steps, params = data[0], len(data[0]), list(net.parameters())
-    with Run(device, data, (args.epochs - start) * steps, dist.new_group(backend="gloo") if world > 1 else None, rank, world,
+    with Run(device, data, (args.epochs - start) * steps, dist.new_group(backend="gloo")
+             if world > 1 else None, rank, world,
              "the last good checkpoint is intact: lower --lr, or --resume from it") as run:
         for epoch in range(start, args.epochs):
             sampler.set_epoch(epoch)  # an epoch's order depends on (seed, epoch) only: resumable
             net.train()
-            tic, lr, sums = time.time(), optimizer.param_groups[0]["lr"], torch.zeros(3, device=device)
-            flips = epoch_generator(args.seed, epoch, rank)  # random flips, the same in a resumed run
+            tic = time.time()
+            lr = optimizer.param_groups[0]["lr"]
+            sums = torch.zeros(3, device=device)
+            # random flips, the same in a resumed run
+            flips = epoch_generator(args.seed, epoch, rank)
             for step, batch in enumerate(train_data):
-                terms = gradient_step(net, optimizer, params, batch, device, args.mask_weight, flips)  # Eq. 7 (Table V: --mask-weight 0)
+                # (Table V: --mask-weight 0)
+                terms = gradient_step(net, optimizer, params, batch, device, args.mask_weight,
+                                      flips)  # Eq. 7
                 sums += terms  # (CE, MSE, loss) on the device
                 if run.step(terms[2], len(batch[2]), epoch, step, steps) and step + 1 < steps:
-                    raise Stopped(stopped(args, run.signal, f"in epoch {epoch + 1}, after step {step + 1} of {steps}", epoch))
+                    raise Stopped(stopped(args, run.signal, f"in epoch {epoch + 1}, after step "
+                                                            f"{step + 1} of {steps}", epoch))
             scheduler.step()
             if rank == 0:
-                best = end_epoch(args, (model, optimizer, scheduler, genotype), epoch, (sums / steps).tolist(), lr, tic,
+                best = end_epoch(args, (model, optimizer, scheduler, genotype), epoch,
+                                 (sums / steps).tolist(), lr, tic,
                                  data[1], best, steps * args.batch_size, device)
             if run.vote(run.signal)[0]:  # came in its last step, or during the validation
-                raise Stopped(stopped(args, run.signal, f"at the end of epoch {epoch + 1}", epoch + 1))
+                raise Stopped(stopped(args, run.signal, f"at the end of epoch {epoch + 1}", epoch
+                                      + 1))
         if rank == 0:
             run.stop_now(stopped(args, "{}", "during the final test", args.epochs))
             return test(args, model, data[1], (test_set, data[2], test_name), device)
@@ -197,79 +243,105 @@ def fit(args, state, rank, world, device):
 # ==============================================================================================
 # Below: not the paper's method.
 
-# Real data: the paper's settings (Sec. IV-B) but for the lr (README, Departures); the built-in data: a demo for 2 cores
-REAL_DATA = dict(PAPER_SIZE, image_size=256, batch_size=96, lr=5e-4, epochs=300, milestones=[80, 140])
-DEMO = dict(DEMO_SIZE, image_size=64, batch_size=32, lr=1e-3, epochs=12, milestones=[200, 280], videos=160, frames=4)
+# Real data: the paper's settings (Sec. IV-B) but for the lr (README, Departures); the built-in
+# data: a demo for 2 cores
+REAL_DATA = dict(PAPER_SIZE, image_size=256, batch_size=96, lr=5e-4, epochs=300,
+                 milestones=[80, 140])
+DEMO = dict(DEMO_SIZE, image_size=64, batch_size=32, lr=1e-3, epochs=12, milestones=[200, 280],
+            videos=160, frames=4)
 DEFAULTS = dict(arch="add", mask_weight=1.0, optimizer="adam", seed=0, device="auto")
-SMALL_INPUT_BELOW = 128  # px: ImageNet's strides (32x) would end a smaller face below 4x4 (--small-input's default)
+# px: ImageNet's strides (32x) would end a smaller face below 4x4 (--small-input's default)
+SMALL_INPUT_BELOW = 128
 FIG9_FACES = 8  # faces in masks.png (Fig. 9) and in --predict's picture
 THRESHOLD = 0.5  # p(fake) above which an input is called fake (ACC, --predict)
 # Options that are constants here: a checkpoint that set them otherwise cannot resume
-BUILT_IN = dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, no_flips=False, blocks=BLOCKS, sync_bn=False)
-SCHEDULE = ("lr", "optimizer", "epochs", "milestones")  # what the restored optimizer and scheduler hold
-MODEL_KEYS = ("arch", "channels", "cells_per_block", "stem_reductions", "image_size", "mask_weight", "small_input")
-# --eval-only and --predict: the checkpoint's run's unless given (the same batches give bit-identical metrics)
-CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", "batch_size", "synthetic", "data_seed")
+BUILT_IN = dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, no_flips=False,
+                blocks=BLOCKS, sync_bn=False)
+# what the restored optimizer and scheduler hold
+SCHEDULE = ("lr", "optimizer", "epochs", "milestones")
+MODEL_KEYS = ("arch", "channels", "cells_per_block", "stem_reductions", "image_size", "mask_weight",
+              "small_input")
+# --eval-only and --predict: the checkpoint's run's unless given (the same batches give
+# bit-identical metrics)
+CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", "batch_size",
+                   "synthetic", "data_seed")
 
 
 def training_loaders(args, sets, test_name, model, rank, world, device):
-    """The loaders (in training each process its share of the global batch, in an order that depends on
-    (seed, epoch) only) and the header line."""
+    """The loaders (in training each process its share of the global batch, in an order that depends
+    on (seed, epoch) only) and the header line."""
     train_set, val_set, test_set = sets
-    workers = loader_workers(args.data, int(os.environ.get("LOCAL_WORLD_SIZE", world))) if args.workers is None else args.workers
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    workers = loader_workers(args.data,
+                             int(os.environ.get("LOCAL_WORLD_SIZE", world))) if args.workers is None else args.workers
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
     train_data = loader(train_set, args.batch_size // world, workers, sampler, True)
     if not len(train_data):
-        raise InputError(f"--batch-size {args.batch_size}: the train split has only {len(train_set)} samples "
+        raise InputError(f"--batch-size {args.batch_size}: the train split has only "
+                         f"{len(train_set)} samples "
                          f"({len(train_set) // world} per process)")
     if rank == 0:
-        print(f"{args.arch}: {count_parameters(model) / 1e6:.2f} M parameters; train {len(train_set)}, val {len(val_set)}, "
+        print(f"{args.arch}: {count_parameters(model) / 1e6:.2f} M parameters; train "
+              f"{len(train_set)}, val {len(val_set)}, "
               f"test {len(test_set)} ({test_name}) samples; {world} process(es) on {device}")
-    return sampler, (train_data, *(loader(s, args.batch_size, workers) for s in (val_set, test_set)))
+    return sampler, (train_data,
+                     *(loader(s, args.batch_size, workers) for s in (val_set, test_set)))
 
 
 def stopped(args, name, where, held):
     """The one line a stop ends with; held: the epochs the last checkpoint holds."""
-    resume = f"python train.py --resume --out {args.out}"
-    return f"stopped by {name or 'a signal to another process'} {where}; " + (
-        "no checkpoint yet (one is written at each epoch's end)" if not held else
-        f"the last checkpoint, {os.path.join(args.out, 'last.pt')}, holds epoch {held}: "
-        + (f"{resume} runs the test" if held == args.epochs else f"continue with {resume}"))
+    name = name or "a signal to another process"
+    if not held:
+        return (f"stopped by {name} {where}; no checkpoint yet (one is written at each epoch's "
+                "end): start the run again")
+    command = f"python train.py --resume --out {args.out}"
+    then = "" if held == args.epochs else f"trains epochs {held + 1}-{args.epochs} and "
+    return (f"stopped by {name} {where}; the last checkpoint, {os.path.join(args.out, 'last.pt')}, "
+            f"holds epoch {held}: {command} {then}runs the test")
 
 
 def end_epoch(args, parts, epoch, means, lr, tic, val_data, best, images, device):
-    """Rank 0: validation, log.jsonl (its line before the checkpoint: add.trim_log), best.pt (the best
-    validation frame AUC so far), last.pt, the epoch's line -> the best AUC."""
+    """Rank 0: validation, log.jsonl (its line before the checkpoint: add.trim_log), best.pt (the
+    best validation frame AUC so far), last.pt, the epoch's line -> the best AUC."""
     model, optimizer, scheduler, genotype = parts
     train_seconds = time.time() - tic
     val, _ = evaluate(model, val_data, device)
     auc = val["frame_auc"] if val["frame_auc"] is not None else val["frame_acc"]
     improved, seconds, out = auc > best, time.time() - tic, args.out
-    train_ce, train_mse = means[0], means[1] if args.arch == "add" and not args.no_mask_branch else None
+    train_ce = means[0]
+    train_mse = means[1] if args.arch == "add" and not args.no_mask_branch else None
     append_log(os.path.join(out, "log.jsonl"), dict(
-        epoch=epoch + 1, train_ce=train_ce, train_mse=train_mse, val_ce=val["ce"], val_mse=val["mse"], lr=lr,
+        epoch=epoch + 1, train_ce=train_ce, train_mse=train_mse, val_ce=val["ce"],
+        val_mse=val["mse"], lr=lr,
         seconds=seconds, train_seconds=train_seconds, train_images=images, val=val))
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 epoch=epoch + 1, rng=torch.get_rng_state(), config=vars(args), genotype=genotype_dict(genotype),
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                 scheduler=scheduler.state_dict(),
+                 epoch=epoch + 1, rng=torch.get_rng_state(), config=vars(args),
+                 genotype=genotype_dict(genotype),
                  best_auc=max(best, auc))
     if improved:
         save_checkpoint(state, os.path.join(out, "best.pt"))
     save_checkpoint(state, os.path.join(out, "last.pt"))
     mse = lambda v: "" if v is None else f" MSE {v:.4f}"
-    print(f"epoch {epoch + 1}/{args.epochs}  train CE {train_ce:.4f}{mse(train_mse)}  val CE {val['ce']:.4f}"
-          f"{mse(val['mse'])}  ACC {val['frame_acc']:.4f} AUC {val['frame_auc'] or float('nan'):.4f}  "
+    print(f"epoch {epoch + 1}/{args.epochs}  train CE {train_ce:.4f}{mse(train_mse)}  val CE "
+          f"{val['ce']:.4f}"
+          f"{mse(val['mse'])}  ACC {val['frame_acc']:.4f} AUC "
+          f"{val['frame_auc'] or float('nan'):.4f}  "
           f"{seconds:.1f} s" + ("  (best)" if improved else ""), flush=True)
     return max(best, auc)
 
 
 def init_distributed(device_name, batch_size):
-    """torchrun's RANK, WORLD_SIZE, LOCAL_RANK: a process per GPU (nccl) or CPU slot (gloo) -> rank, world
-    size, device."""
+    """torchrun's RANK, WORLD_SIZE, LOCAL_RANK: a process per GPU (nccl) or CPU slot (gloo) -> rank,
+    world size, device."""
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_name)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ["LOCAL_RANK"])
     if batch_size % world:
-        raise InputError(f"--batch-size {batch_size}: the global batch must divide by the {world} processes "
+        raise InputError(f"--batch-size {batch_size}: the global batch must divide by the {world} "
+                         f"processes "
                          f"(e.g. --batch-size {batch_size // world * world or world})")
     device = pick_device(device_name)
     if device.type == "cuda":
@@ -289,18 +361,23 @@ def test(args, model, val_data, test, device):
 
 
 def report(args, model, rows, test, device, name, state):
-    """The test split evaluated (test: its dataset, loader, name) -> NAME (metrics, with the checkpoint's
-    epoch and genotype), predictions.csv (a row a frame: it reproduces them), masks.png."""
+    """The test split evaluated (test: its dataset, loader, name) -> NAME (metrics, with the
+    checkpoint's epoch and genotype), predictions.csv (a row a frame: it reproduces them),
+    masks.png."""
     test_set, test_data, test_name = test
     rows[f"test {test_name}"], out = evaluate(model, test_data, device)
-    metrics = dict(arch=args.arch, parameters=count_parameters(model), epoch=state["epoch"], mask_weight=args.mask_weight,
-                   genotype=state.get("genotype"), **{k.split()[0]: dict(data=k.split()[1], **v) for k, v in rows.items()})
-    atomic_write(os.path.join(args.out, name), lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+    metrics = dict(arch=args.arch, parameters=count_parameters(model), epoch=state["epoch"],
+                   mask_weight=args.mask_weight,
+                   genotype=state.get("genotype"),
+                   **{k.split()[0]: dict(data=k.split()[1], **v) for k, v in rows.items()})
+    atomic_write(os.path.join(args.out, name),
+                 lambda f: f.write(json.dumps(metrics, indent=1).encode()))
     text = io.StringIO()
     csv.writer(text).writerows([["video", "method", "frame", "label", "p_fake"]] + [
         [video, method, frame, int(label), f"{p:.6f}"] for (method, video, frame), label, p in
         zip(test_set.samples, out["label"], out["p"])])
-    atomic_write(os.path.join(args.out, "predictions.csv"), lambda f: f.write(text.getvalue().encode()))
+    atomic_write(os.path.join(args.out, "predictions.csv"),
+                 lambda f: f.write(text.getvalue().encode()))
     print_table(rows)
     visualize(model, test_set, os.path.join(args.out, "masks.png"), device)
     print(f"wrote {args.out}: {name}, predictions.csv, masks.png")
@@ -309,28 +386,33 @@ def report(args, model, rows, test, device, name, state):
 
 def eval_only(args, model, state, device):
     """--eval-only: the checkpoint's network on a test split, its own run's unless --test-data,
-    --test-methods or --test-root say otherwise, into a new run folder (never the training run's)."""
+    --test-methods or --test-root say otherwise, into a new run folder (never the training
+    run's)."""
     write_config(args, os.path.join(args.out, "config.json"))
     test_set, test_name = test_split(args)
     workers = loader_workers(args.data) if args.workers is None else args.workers
     with Run(device, [loader(test_set, args.batch_size, workers)]) as run:
         run.stop_now("stopped by {} during the evaluation; nothing is lost: run it again")
-        return report(args, model, {}, (test_set, run.loaders[0], test_name), device, "eval.json", state)
+        return report(args, model, {}, (test_set, run.loaders[0], test_name), device, "eval.json",
+                      state)
 
 
 def print_table(rows):
     """rows: {name: metrics} -> one line each."""
-    cols, width = ["frames", "videos"] + [f"{u}_{k}" for u in ("frame", "video") for k in ("acc", "bacc", "auc", "ap", "eer")], \
+    cols, width = ["frames", "videos"] + [f"{u}_{k}" for u in ("frame", "video")
+                                          for k in ("acc", "bacc", "auc", "ap", "eer")], \
         max(len(name) for name in rows) + 2
     print(" " * width + "".join(f"{c:>11s}" for c in cols))
     for name, m in rows.items():
-        print(f"{name:<{width}s}" + "".join(f"{m[c]:>11d}" if isinstance(m[c], int) else f"{'n/a':>11s}" if m[c] is None
+        print(f"{name:<{width}s}"
+              + "".join(f"{m[c]:>11d}" if isinstance(m[c], int) else f"{'n/a':>11s}" if m[c] is None
                                             else f"{m[c]:>11.4f}" for c in cols))
 
 
 def draw_faces(path, faces, ms, captions, title=None, hulls=None):
-    """A row of faces ((K, S, S, 3) uint8), each with the predicted region m over it as a heat map (ms
-    (K, S, S) or None), the hull mask M's outline (hulls or None) and a caption: masks.png, --predict's."""
+    """A row of faces ((K, S, S, 3) uint8), each with the predicted region m over it as a heat map
+    (ms (K, S, S) or None), the hull mask M's outline (hulls or None) and a caption: masks.png,
+    --predict's."""
     fig, ax = figure(1, len(faces), (2.2 * len(faces), 2.6))
     for k, a in enumerate(ax[0]):
         a.imshow(faces[k])
@@ -348,31 +430,39 @@ def visualize(model, dataset, path, device, k=FIG9_FACES):
     idx = np.linspace(0, len(dataset) - 1, min(k, len(dataset))).round().astype(int)
     x, M, y, _ = (list(t) for t in zip(*(dataset[i] for i in idx)))
     with torch.no_grad():
-        logits, m = model.eval()(to_device((torch.stack(x), torch.stack(M), torch.tensor(y)), device)[0])
+        logits, m = model.eval()(to_device((torch.stack(x), torch.stack(M), torch.tensor(y)),
+                                           device)[0])
     p = logits.float().softmax(-1)[:, 1].cpu()
-    draw_faces(path, torch.stack(x).permute(0, 2, 3, 1).numpy(), None if m is None else m[:, 0].float().cpu().numpy(),
+    draw_faces(path, torch.stack(x).permute(0, 2, 3, 1).numpy(), None if m is None
+               else m[:, 0].float().cpu().numpy(),
                [f"p(fake) {p[i]:.2f}, {'fake' if y[i] else 'real'}" for i in range(len(idx))],
                "predicted region m (heat), hull mask M (outline)", torch.stack(M)[:, 0].numpy())
 
 
 def genotype_dict(genotype):
-    return None if genotype is None else {k: [list(p) for p in v] for k, v in genotype._asdict().items()}
+    return None if genotype is None else {k: [list(p) for p in v]
+                                          for k, v in genotype._asdict().items()}
 
 
 def model_from_checkpoint(path, device):
-    """A train.py checkpoint -> (its network for inference: BatchNorm folded; its configuration; its state)."""
+    """A train.py checkpoint -> (its network for inference: BatchNorm folded; its configuration;
+    its state)."""
     state = load_checkpoint(path)
     cfg = state.get("config") if isinstance(state, dict) else None
     if not isinstance(cfg, dict) or "model" not in state:
         raise InputError(f"{path}: not a train.py checkpoint (no model or config inside)")
     if "alpha_normal" in state["model"]:
-        raise InputError(f"{path}: a search checkpoint (search.py's search.pt), not a trained detector; train its "
+        raise InputError(f"{path}: a search checkpoint (search.py's search.pt), not a trained "
+                         f"detector; train its "
                          f"genotype first: python train.py --genotype g.json")
-    missing = [f"--{k.replace('_', '-')}" for k in MODEL_KEYS if k not in cfg] + ["epoch"] * ("epoch" not in state)
+    missing = [f"--{k.replace('_', '-')}" for k in MODEL_KEYS
+               if k not in cfg] + ["epoch"] * ("epoch" not in state)
     if missing:
-        raise InputError(f"{path}: written by another version of train.py (its configuration has no {', '.join(missing)}); "
+        raise InputError(f"{path}: written by another version of train.py (its configuration has "
+                         f"no {', '.join(missing)}); "
                          f"train it again")
-    model = build_model(cfg, genotype_from_dict(state["genotype"], path) if state.get("genotype") else None)
+    model = build_model(cfg, genotype_from_dict(state["genotype"], path) if state.get("genotype")
+                        else None)
     load_state(model, state["model"], path)
     return prepare_model(fold_batchnorm(model), device).eval(), cfg, state
 
@@ -381,34 +471,40 @@ def model_from_checkpoint(path, device):
 # --predict: is this video fake? (the preparation of training, then the checkpoint's network)
 
 def score_input(model, path, args, device):
-    """A video, folder of frames or photo -> dict(p_fake, verdict, frames_scored, frames, crops, m), or
-    dict(reason) when it has no face or cannot be read."""
+    """A video, folder of frames or photo -> dict(p_fake, verdict, frames_scored, frames, crops, m),
+    or dict(reason) when it has no face or cannot be read."""
     try:
         found = list(read_faces(path, args.frames))
     except Exception as e:  # one input's failure is reported on its line; the others still run
         what = "unreadable" if isinstance(e, READ_ERRORS) else "failed"
-        return dict(reason=f"{what} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+        return dict(reason=f"{what} ({reason(e)})")
     faces = [f for f in found if f[1] is not None]
     if not faces:
-        return dict(reason=f"no face found in {len(found)} frame(s)" if found else "no frames decoded")
+        return dict(reason=f"no face found in {len(found)} frame(s)" if found else "no frames "
+                                                                                   "decoded")
     s = args.image_size  # the CROP_SIZE crop resized as the loaders resize prepared faces
-    crops = np.stack([np.asarray(Image.fromarray(c).resize((s, s), Image.BILINEAR)) if s != CROP_SIZE else c for _, c, _, _ in faces])
+    crops = np.stack([np.asarray(Image.fromarray(c).resize((s, s), Image.BILINEAR))
+                      if s != CROP_SIZE else c for _, c, _, _ in faces])
     with torch.no_grad():
         logits, m = model(torch.from_numpy(crops).permute(0, 3, 1, 2).to(device, memory_format=torch.channels_last).float() / 255)
     p = logits.float().softmax(-1)[:, 1].cpu().numpy()
-    frames = [dict(frame=i, p_fake=float(q), box=[round(float(v), 1) for v in box]) for (i, _, _, box), q in zip(faces, p)]
+    frames = [dict(frame=i, p_fake=float(q), box=[round(float(v), 1) for v in box])
+              for (i, _, _, box), q in zip(faces, p)]
     return dict(p_fake=float(p.mean()), verdict="fake" if p.mean() > THRESHOLD else "real",
                 frames_scored=len(faces), frames_read=len(found), frames=frames, crops=crops,
                 m=None if m is None else m[:, 0].float().cpu().numpy())
 
 
 def predict_files(args, model, device):
-    """--predict: a line an input, OUT/predictions.json, and a picture of up to FIG9_FACES of each input's crops."""
+    """--predict: a line an input, OUT/predictions.json, and a picture of up to FIG9_FACES of
+    each input's crops."""
     missing = [p for p in args.predict if not os.path.exists(p)]
     if missing:
-        raise InputError(f"{missing[0]}: no such file or folder (expected a video, a folder of frames or a photo)")
+        raise InputError(f"{missing[0]}: no such file or folder (expected a video, a folder of "
+                         f"frames or a photo)")
     out, report = args.out, {}
-    print(f"scoring {len(args.predict)} input(s) with {args.checkpoint} ({args.arch}, {args.image_size} px); writing {out}")
+    print(f"scoring {len(args.predict)} input(s) with {args.checkpoint} ({args.arch}, "
+          f"{args.image_size} px); writing {out}")
     with Run(device) as run:
         run.stop_now("stopped by {}: the inputs above were scored, predictions.json was not written")
         for n, path in enumerate(args.predict):
@@ -416,47 +512,63 @@ def predict_files(args, model, device):
             if "reason" in result:
                 print(f"{path}: {result['reason']}")
             else:
-                picture = os.path.join(out, f"{n:03d}_{os.path.basename(os.path.normpath(path))}.png")
-                pick = np.linspace(0, len(result["crops"]) - 1, min(FIG9_FACES, len(result["crops"]))).round().astype(int)
-                draw_faces(picture, result["crops"][pick], None if result["m"] is None else result["m"][pick],
-                           [f"frame {result['frames'][j]['frame']}\np(fake) {result['frames'][j]['p_fake']:.2f}" for j in pick],
+                picture = os.path.join(out,
+                                       f"{n:03d}_{os.path.basename(os.path.normpath(path))}.png")
+                pick = np.linspace(0, len(result["crops"]) - 1,
+                                   min(FIG9_FACES, len(result["crops"]))).round().astype(int)
+                draw_faces(picture, result["crops"][pick], None if result["m"] is None
+                           else result["m"][pick],
+                           [f"frame {result['frames'][j]['frame']}\np(fake) "
+                            f"{result['frames'][j]['p_fake']:.2f}" for j in pick],
                            f"{path}: p(fake) {result['p_fake']:.3f} ({result['verdict']})")
-                print(f"{path}: p(fake) {result['p_fake']:.4f}  {result['verdict'].upper()} at threshold {THRESHOLD}  "
-                      f"({result['frames_scored']} of {result['frames_read']} frames scored)  {picture}")
+                print(f"{path}: p(fake) {result['p_fake']:.4f}  {result['verdict'].upper()} at "
+                      f"threshold {THRESHOLD}  "
+                      f"({result['frames_scored']} of {result['frames_read']} frames scored)  "
+                      f"{picture}")
             report[path] = {key: v for key, v in result.items() if key not in ("crops", "m")}
-    atomic_write(os.path.join(out, "predictions.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
+    atomic_write(os.path.join(out, "predictions.json"),
+                 lambda f: f.write(json.dumps(report, indent=1).encode()))
     print(f"wrote {out}/predictions.json")
     return report
 
 
 # ----------------------------------------------------------------------------------------------
-# --compare: runs grouped by what makes their network, data and training (but seeds and lr), and their cells
-COMPARE_KEYS = ("arch", "channels", "cells_per_block", "stem_reductions", "image_size", "small_input", "mask_weight",
-                "no_mask_branch", "data", "methods", "synthetic", "videos", "frames", "batch_size", "epochs", "milestones",
+# --compare: runs grouped by what makes their network, data and training (but seeds and lr), and
+# their cells
+COMPARE_KEYS = ("arch", "channels", "cells_per_block", "stem_reductions", "image_size",
+                "small_input", "mask_weight",
+                "no_mask_branch", "data", "methods", "synthetic", "videos", "frames", "batch_size",
+                "epochs", "milestones",
                 "optimizer")
-AT_CHANCE = 0.65  # a training CE at or above this in the last epoch: the network did not train (ln 2 = 0.693)
+# a training CE at or above this in the last epoch: the network did not train (ln 2 = 0.693)
+AT_CHANCE = 0.65
 
 
 def compare(args):
-    """--compare RUN_DIR...: finished runs grouped by all but their seeds (--seed, --data-seed) -> a row a
-    group (parameters, lr, images/s, test frame and video AUC: mean and standard deviation over the
-    seeds, validation AUC), printed and drawn as pareto.png (AUC against size); then the verdicts.
-    A run whose training CE stayed at chance is marked and left out of the test AUCs, not of the
-    validation AUC that picks an lr."""
+    """--compare RUN_DIR...: finished runs grouped by all but their seeds (--seed, --data-seed) -> a
+    row a group (parameters, lr, images/s, test frame and video AUC: mean and standard deviation
+    over the seeds, validation AUC), printed and drawn as pareto.png (AUC against size); then the
+    verdicts. A run whose training CE stayed at chance is marked and left out of the test AUCs, not
+    of the validation AUC that picks an lr."""
     groups = {}
     for run in args.compare:
         cfg, metrics, log = read_run(run)
-        key = json.dumps(dict({k: cfg.get(k) for k in COMPARE_KEYS}, cells=metrics.get("genotype")), sort_keys=True)
+        key = json.dumps(dict({k: cfg.get(k) for k in COMPARE_KEYS}, cells=metrics.get("genotype")),
+                         sort_keys=True)
         groups.setdefault((key, cfg["lr"]), []).append((run, cfg, metrics, log))
     rows = sorted((dict(compare_row(runs), architecture=key) for (key, _), runs in groups.items()),
                   key=lambda r: (r["parameters"], r["name"], r["lr"]))
-    print(f"{'name':28s} {'kind':13s} {'width':>7s} {'params':>8s} {'lr':>7s} {'img/s':>7s}  {'test frame AUC':>15s}  "
+    print(f"{'name':28s} {'kind':13s} {'width':>7s} {'params':>8s} {'lr':>7s} {'img/s':>7s}  "
+          f"{'test frame AUC':>15s}  "
           f"{'video AUC':>15s}  {'val AUC':>7s}  n")
     for r in rows:
-        print(f"{r['name'][:28]:28s} {r['kind']:13s} {r['width']:>7s} {r['parameters'] / 1e6:>7.2f}M {r['lr']:>7g} "
-              f"{r['images_per_s'] or float('nan'):>7.1f}  {r['frame_auc']:.3f} ± {r['frame_auc_std']:.3f}  "
+        print(f"{r['name'][:28]:28s} {r['kind']:13s} {r['width']:>7s} "
+              f"{r['parameters'] / 1e6:>7.2f}M {r['lr']:>7g} "
+              f"{r['images_per_s'] or float('nan'):>7.1f}  {r['frame_auc']:.3f} ± "
+              f"{r['frame_auc_std']:.3f}  "
               f"{r['video_auc']:.3f} ± {r['video_auc_std']:.3f}  {r['val_auc']:>7.3f}  {r['n']}"
-              + (f"  ({r['at_chance']} at chance, left out of the test AUCs: {r['failed']})" if r["at_chance"] else ""))
+              + (f"  ({r['at_chance']} at chance, left out of the test AUCs: {r['failed']})"
+                 if r["at_chance"] else ""))
     verdicts(rows)
     fig, ax = figure(1, 1, (8, 5.5))
     for kind, mark in (("searched", "o"), ("random", "s"), ("hand-designed", "^"), ("ADD", "D")):
@@ -466,8 +578,10 @@ def compare(args):
                               [r["frame_auc_std"] for r in picked], fmt=mark, capsize=3, label=kind)
         for r in picked:
             ax[0, 0].annotate(f"{r['name']} {r['width'] if r['width'] != '-' else ''}".strip(),
-                              (r["parameters"], r["frame_auc"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax[0, 0].set(xscale="log", xlabel="parameters", ylabel="test frame AUC (mean ± std over seeds)", title="AUC against size")
+                              (r["parameters"], r["frame_auc"]), fontsize=7, xytext=(4, 3),
+                              textcoords="offset points")
+    ax[0, 0].set(xscale="log", xlabel="parameters", ylabel="test frame AUC (mean ± std over seeds)",
+                 title="AUC against size")
     ax[0, 0].legend()
     save_figure(fig, os.path.join(args.out, "pareto.png"))
     print(f"wrote {args.out}/pareto.png")
@@ -477,27 +591,41 @@ def compare(args):
 def compare_row(runs):
     """One group of runs (the same but for their seeds) -> its row."""
     _, cfg, metrics, _ = runs[0]
-    add, origin = cfg["arch"] == "add", cfg.get("genotype_origin") or ""
-    kind = "hand-designed" if not add else "random" if origin == "random" else "searched" if origin == "search" else "ADD"
+    is_add, origin = cfg["arch"] == "add", cfg.get("genotype_origin")
+    kind = {"random": "random", "search": "searched"}.get(origin, "ADD") if is_add else "hand-designed"
     failed = [run for run, _, _, log in runs if log[-1]["train_ce"] >= AT_CHANCE]
     kept = [(c, m) for run, c, m, _ in runs if run not in failed]
-    frame, video = (np.array([m["test"][f"{level}_auc"] for _, m in kept], dtype=float) for level in ("frame", "video"))
-    val = np.array([m["val"]["frame_auc"] for _, _, m, _ in runs], dtype=float)  # all: an lr that fails a seed is worse
-    mean, spread = lambda a: float(a.mean()) if len(a) else float("nan"), lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0
-    timed = [(e["train_images"], e["train_seconds"]) for _, _, _, log in runs for e in log if "train_seconds" in e]
-    return dict(name=os.path.splitext(os.path.basename(cfg.get("genotype") or ""))[0] if add else cfg["arch"], kind=kind,
-                width=f"C{cfg['channels']} N{cfg['cells_per_block']}" if add else "-", parameters=metrics["parameters"],
-                lr=cfg["lr"], images_per_s=sum(i for i, _ in timed) / sum(s for _, s in timed) if timed else None,
-                frame_auc=mean(frame), frame_auc_std=spread(frame), video_auc=mean(video), video_auc_std=spread(video),
+    frame, video = (np.array([m["test"][f"{level}_auc"] for _, m in kept], dtype=float)
+                    for level in ("frame", "video"))
+    # all: an lr that fails a seed is worse
+    val = np.array([m["val"]["frame_auc"] for _, _, m, _ in runs], dtype=float)
+
+    def mean(a):
+        return float(a.mean()) if len(a) else float("nan")
+
+    def spread(a):
+        return float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    timed = [(e["train_images"], e["train_seconds"]) for _, _, _, log in runs for e in log
+             if "train_seconds" in e]
+    return dict(name=os.path.splitext(os.path.basename(cfg.get("genotype") or ""))[0] if is_add
+                else cfg["arch"], kind=kind,
+                width=f"C{cfg['channels']} N{cfg['cells_per_block']}" if is_add else "-",
+                parameters=metrics["parameters"],
+                lr=cfg["lr"], images_per_s=sum(i for i, _ in timed) / sum(s for _, s in timed)
+                if timed else None,
+                frame_auc=mean(frame), frame_auc_std=spread(frame), video_auc=mean(video),
+                video_auc_std=spread(video),
                 val_auc=mean(val), n=len(kept), at_chance=len(failed), failed=" ".join(failed),
                 runs=" ".join(sorted(r for r, *_ in runs)),
-                seeds={f"{c['seed']}/{c.get('data_seed', 0)}": m["test"]["frame_auc"] for c, m in kept})
+                seeds={f"{c['seed']}/{c.get('data_seed', 0)}": m["test"]["frame_auc"]
+                       for c, m in kept})
 
 
 def verdicts(rows):
-    """The architecture (a row) as the unit: searched minus random and minus hand-designed, Welch's 95%
-    interval over the rows' mean test AUC; each searched row minus each hand-designed one paired by seed
-    (Student's 95% interval). Rows that differ only in lr are a sweep: its pick (best validation AUC)."""
+    """The architecture (a row) as the unit: searched minus random and minus hand-designed, Welch's
+    95% interval over the rows' mean test AUC; each searched row minus each hand-designed one paired
+    by seed (Student's 95% interval). Rows that differ only in lr are a sweep: its pick (best
+    validation AUC)."""
     from scipy.stats import ttest_1samp, ttest_ind
     sweeps = {}
     for r in rows:
@@ -505,15 +633,19 @@ def verdicts(rows):
     if any(len(sweep) > 1 for sweep in sweeps.values()):
         for sweep in (s for s in sweeps.values() if len(s) > 1):
             pick, lrs = max(sweep, key=lambda r: r["val_auc"]), sorted(r["lr"] for r in sweep)
-            print(f"lr pick, {pick['name']} {pick['width']}: {pick['lr']:g} of {', '.join(f'{lr:g}' for lr in lrs)} (mean "
-                  f"validation frame AUC {pick['val_auc']:.3f})" + ("; at the grid's edge: extend it" if pick["lr"] in (lrs[0], lrs[-1]) else ""))
+            print(f"lr pick, {pick['name']} {pick['width']}: {pick['lr']:g} of "
+                  f"{', '.join(f'{lr:g}' for lr in lrs)} (mean "
+                  f"validation frame AUC {pick['val_auc']:.3f})" + ("; at the grid's edge: extend "
+                                                                    "it" if pick["lr"] in (lrs[0], lrs[-1]) else ""))
         return print("(an architecture at several lrs: the comparisons take one lr an architecture)")
-    kinds = {k: [r for r in rows if r["kind"] == k and r["n"]] for k in ("searched", "random", "hand-designed")}
+    kinds = {k: [r for r in rows if r["kind"] == k and r["n"]]
+             for k in ("searched", "random", "hand-designed")}
     for other in ("random", "hand-designed"):
         a, b = [r["frame_auc"] for r in kinds["searched"]], [r["frame_auc"] for r in kinds[other]]
         if len(a) > 1 and len(b) > 1:
             ci = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
-            print(f"searched - {other}: {np.mean(a) - np.mean(b):+.3f} [{ci.low:+.3f}, {ci.high:+.3f}] test frame AUC "
+            print(f"searched - {other}: {np.mean(a) - np.mean(b):+.3f} [{ci.low:+.3f}, "
+                  f"{ci.high:+.3f}] test frame AUC "
                   f"(Welch's 95% interval over architectures: {len(a)} and {len(b)})")
     for s in kinds["searched"]:
         for h in kinds["hand-designed"]:
@@ -521,123 +653,166 @@ def verdicts(rows):
             if len(seeds) > 1:
                 d = [s["seeds"][k] - h["seeds"][k] for k in seeds]
                 ci = ttest_1samp(d, 0.0).confidence_interval(0.95)
-                print(f"  {s['name']} {s['width']} - {h['name']}: {np.mean(d):+.3f} [{ci.low:+.3f}, {ci.high:+.3f}] "
+                print(f"  {s['name']} {s['width']} - {h['name']}: {np.mean(d):+.3f} "
+                      f"[{ci.low:+.3f}, {ci.high:+.3f}] "
                       f"(paired by seed, {len(seeds)} seeds)")
 
 
 def read_run(run):
-    """A finished train.py run folder -> (config, metrics, log lines); a one-line error otherwise."""
+    """A finished train.py run folder -> (config, metrics, log lines); a one-line error
+    otherwise."""
     try:
-        cfg, metrics = (json.load(open(os.path.join(run, name))) for name in ("config.json", "metrics.json"))
+        cfg, metrics = (json.load(open(os.path.join(run, name)))
+                        for name in ("config.json", "metrics.json"))
         if isinstance(cfg, dict) and "arch" in cfg and isinstance(metrics, dict) and isinstance(metrics.get("test"), dict):
             return cfg, metrics, [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
     except (OSError, ValueError) as e:
-        raise InputError(f"{run}: not a finished train.py run folder ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
-    raise InputError(f"{run}: not a finished train.py run folder (its config.json or metrics.json is another file)")
+        raise InputError(f"{run}: not a finished train.py run folder ({reason(e)})")
+    raise InputError(f"{run}: not a finished train.py run folder (its config.json or metrics.json "
+                     f"is another file)")
 
 
 # ----------------------------------------------------------------------------------------------
 # --benchmark
 
 def benchmark(args, device, calls=10, rounds=3):
-    """--benchmark: training and inference images/s of --arch and of resnet18 (Table IV's pair) on random
-    batches, timed alternately (add.time_alternately); inference with BatchNorm folded, as --predict."""
+    """--benchmark: training and inference images/s of --arch and of resnet18 (Table IV's pair) on
+    random batches, timed alternately (add.time_alternately); inference with BatchNorm folded, as
+    --predict."""
     steps, sizes, batch = {}, {}, random_batch(args.batch_size, args.image_size)
+    x = to_device(batch, device)[0]  # the inference's faces
     for arch in dict.fromkeys((args.arch, "resnet18")):
         cfg = dict(vars(args), arch=arch, mask_weight=args.mask_weight if arch == "add" else 0.0)
         genotype = load_genotype(args.genotype) if arch == "add" else None
-        model, folded = (prepare_model(f(build_model(cfg, genotype)), device) for f in (lambda m: m, fold_batchnorm))
+        model = prepare_model(build_model(cfg, genotype), device).train()
+        folded = prepare_model(fold_batchnorm(build_model(cfg, genotype)), device)
         optimizer, _ = make_optimizer(model, args)
-        steps[arch, "training"] = lambda m=model, o=optimizer, p=list(model.parameters()), w=cfg["mask_weight"]: \
-            gradient_step(m.train(), o, p, batch, device, w)
-        steps[arch, "inference"] = lambda f=torch.no_grad()(folded), x=to_device(batch, device)[0]: f(x)
+        steps[arch, "training"] = functools.partial(gradient_step, model, optimizer,
+                                                    list(model.parameters()), batch, device,
+                                                    cfg["mask_weight"])
+        steps[arch, "inference"] = functools.partial(torch.no_grad()(folded), x)
         sizes[arch] = count_parameters(model)
     seconds = time_alternately(steps, device, calls, rounds)
-    result = {arch: {kind: args.batch_size / s for (a, kind), s in seconds.items() if a == arch} for arch in sizes}
+    result = {arch: {kind: args.batch_size / s for (a, kind), s in seconds.items() if a == arch}
+              for arch in sizes}
     for arch, r in result.items():
-        print(f"{arch} ({sizes[arch] / 1e6:.2f} M parameters), batch {args.batch_size}, {args.image_size} px, on {device}: "
-              f"training {r['training']:.1f} images/s, inference {r['inference']:.1f} images/s (BatchNorm folded)")
+        print(f"{arch} ({sizes[arch] / 1e6:.2f} M parameters), batch {args.batch_size}, "
+              f"{args.image_size} px, on {device}: "
+              f"training {r['training']:.1f} images/s, inference {r['inference']:.1f} images/s "
+              f"(BatchNorm folded)")
     if len(result) == 2:
         (a, ra), (o, ro) = result.items()
-        print(f"{a} / {o}: training {ra['training'] / ro['training']:.2f}x, inference {ra['inference'] / ro['inference']:.2f}x "
-              f"(best of {rounds} alternating rounds); peak memory {peak_memory_mib(device):.0f} MiB")
+        print(f"{a} / {o}: training {ra['training'] / ro['training']:.2f}x, inference "
+              f"{ra['inference'] / ro['inference']:.2f}x "
+              f"(best of {rounds} alternating rounds); peak memory {peak_memory_mib(device):.0f} "
+              f"MiB")
     return result
 
 
 def parse_args(argv=None):
     """The command line; every option left unset is None here, filled in by configure."""
     p = Parser(usage="python train.py [options]", description=__doc__.split("\n\n")[0])
-    g = p.add_argument_group("the paper's network and training (Sec. III-B to IV-B; on the built-in data: the demo's sizes)")
+    g = p.add_argument_group("the paper's network and training (Sec. III-B to IV-B; on the "
+                             "built-in data: the demo's sizes)")
     g.add_argument("--genotype", help="g.json from search.py (needed for --arch add)")
-    g.add_argument("--arch", choices=("add",) + BASELINES, help="add (the default), or a torchvision network trained from "
-                   "scratch in the same harness (Table IV: resnet18, resnet152, vgg16; and small ones of the field)")
-    g.add_argument("--channels", type=bounded(int, 1), help="C of the first block (48: ~5 M parameters, paper: 5.6 M; demo: 16)")
-    g.add_argument("--cells-per-block", type=bounded(int, 1), help="N normal cells per D^2 block (paper: 4, Sec. IV-D); demo: 1")
-    g.add_argument("--mask-weight", type=bounded(float, 0), help="alpha of Eq. 7 (paper and default: 1; Fig. 5: 0.1, 10; "
+    g.add_argument("--arch", choices=("add",) + BASELINES, help="add (the default), or a "
+                                                                "torchvision network trained from "
+                   "scratch in the same harness (Table IV: resnet18, resnet152, vgg16; and small "
+                   "ones of the field)")
+    g.add_argument("--channels", type=bounded(int, 1), help="C of the first block (48: ~5 M "
+                                                            "parameters, paper: 5.6 M; demo: 16)")
+    g.add_argument("--cells-per-block", type=bounded(int, 1), help="N normal cells per D^2 block "
+                                                                   "(paper: 4, Sec. IV-D); demo: 1")
+    g.add_argument("--mask-weight", type=bounded(float, 0), help="alpha of Eq. 7 (paper and "
+                                                                 "default: 1; Fig. 5: 0.1, 10; "
                    "0: Table V's 'alpha = 0', the mask branch kept, m unsupervised)")
     g.add_argument("--batch-size", type=bounded(int, 1), help="global batch (paper: 96; demo: 32)")
     g.add_argument("--epochs", type=bounded(int, 1), help="paper: 300; demo: 12")
-    g.add_argument("--milestones", type=bounded(int, 1), nargs="+", help="lr / 10 at these epochs of 300, scaled to --epochs "
+    g.add_argument("--milestones", type=bounded(int, 1), nargs="+", help="lr / 10 at these epochs "
+                                                                         "of 300, scaled to "
+                                                                         "--epochs "
                    "(paper: 80 140; demo: 200 280)")
-    g.add_argument("--test-data", choices=tuple(METHODS), help="test on another dataset (Table III: celeb-df)")
+    g.add_argument("--test-data", choices=tuple(METHODS), help="test on another dataset (Table "
+                                                               "III: celeb-df)")
     g.add_argument("--test-methods", help="test on other manipulations (Table II: FaceSwap)")
-    g.add_argument("--no-mask-branch", action="store_true", help="ADD without the mask branch (Eq. 4 alone)")
+    g.add_argument("--no-mask-branch", action="store_true", help="ADD without the mask branch (Eq. "
+                                                                 "4 alone)")
     g = p.add_argument_group("departures from the paper (README, Departures)")
-    g.add_argument("--lr", type=bounded(float, 0), help="paper: 0.5, read as 0.5e-3 for Adam (real data: 5e-4; demo: 1e-3)")
-    g.add_argument("--optimizer", choices=("adam", "sgd"), help="adam (the paper's, the default), or momentum SGD: the "
+    g.add_argument("--lr", type=bounded(float, 0), help="paper: 0.5, read as 0.5e-3 for Adam (real "
+                                                        "data: 5e-4; demo: 1e-3)")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), help="adam (the paper's, the default), "
+                                                                "or momentum SGD: the "
                    "other reading of the paper's lr 0.5")
-    g.add_argument("--stem-reductions", type=bounded(int, 0), help="stride-2 stem layers, not described by the paper (3: 256 "
+    g.add_argument("--stem-reductions", type=bounded(int, 0), help="stride-2 stem layers, not "
+                                                                   "described by the paper (3: 256 "
                    "-> 32 px; demo: 2, 64 -> 16 px)")
-    g.add_argument("--small-input", action=argparse.BooleanOptionalAction, help="hand-designed networks: the first stride-2 "
-                   f"layer at stride 1, a 64 px face ending on 4x4 as in ADD (default: on below {SMALL_INPUT_BELOW} px)")
+    g.add_argument("--small-input", action=argparse.BooleanOptionalAction, help="hand-designed "
+                                                                                "networks: the "
+                                                                                "first stride-2 "
+                   f"layer at stride 1, a 64 px face ending on 4x4 as in ADD (default: on below "
+                   f"{SMALL_INPUT_BELOW} px)")
     g = p.add_argument_group("running: data, device, resume")
     add_data_arguments(g)
     g.add_argument("--test-root", help="prepared folder of --test-data (default: data/<name>)")
     g.add_argument("--seed", type=bounded(int, 0), help="default 0")
     g.add_argument("--device", help="auto (CUDA if present; the default), cpu, cuda, ...")
-    g.add_argument("--out", help="run folder (default runs/train, runs/eval, ...; a new one beside it if it exists, unless --resume)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt: the options given now, else its own")
+    g.add_argument("--out", help="run folder (default runs/train, runs/eval, ...; a new one beside "
+                                 "it if it exists, unless --resume)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt: the options "
+                                                         "given now, else its own")
     g = p.add_argument_group("extras: evaluation, prediction, comparison, speed")
-    g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on a test split (its run's by default)")
-    g.add_argument("--checkpoint", help="with --eval-only or --predict: a best.pt or last.pt written by train.py")
-    g.add_argument("--predict", nargs="+", metavar="PATH", help="score videos, folders of frames or photos with --checkpoint")
-    g.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="finished runs grouped by all but their seeds: a "
+    g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on a test split "
+                                                            "(its run's by default)")
+    g.add_argument("--checkpoint", help="with --eval-only or --predict: a best.pt or last.pt "
+                                        "written by train.py")
+    g.add_argument("--predict", nargs="+", metavar="PATH", help="score videos, folders of frames "
+                                                                "or photos with --checkpoint")
+    g.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="finished runs grouped by all "
+                                                                   "but their seeds: a "
                    "table, the verdicts, pareto.png (AUC against size)")
-    g.add_argument("--benchmark", action="store_true", help="training and inference images/s against resnet18, then exit")
+    g.add_argument("--benchmark", action="store_true", help="training and inference images/s "
+                                                            "against resnet18, then exit")
     return p.parse_args(argv)
 
 
 def configure(args, cfg=None):
     """Every option left unset from the demo's or the real data's settings; with a checkpoint's
-    configuration cfg, its network and (--eval-only) its data unless given; the checks across flags."""
+    configuration cfg, its network and (--eval-only) its data unless given; the checks across
+    flags."""
     mode = "predict" if args.predict else "eval" if args.eval_only else "compare" if args.compare else "train"
     if mode in ("eval", "predict") and not args.checkpoint:
-        raise InputError(f"--{'eval-only' if args.eval_only else 'predict'} needs --checkpoint PATH "
+        raise InputError(f"--{'eval-only' if args.eval_only else 'predict'} needs --checkpoint "
+                         f"PATH "
                          f"(a best.pt or last.pt written by train.py)")
-    for key in CHECKPOINT_KEYS if cfg and mode == "eval" else ():
-        if getattr(args, key) is None:
+    for key in CHECKPOINT_KEYS:
+        if cfg and mode == "eval" and getattr(args, key) is None:
             setattr(args, key, cfg.get(key, "easy" if key == "synthetic" else None))
     if mode == "predict":
         args.frames = args.frames or 32  # evenly spaced frames per video
     args = resolve_defaults(args, dict(REAL_DATA, **DEFAULTS), dict(DEMO, **DEFAULTS))
     if cfg:
         if mode == "eval" and args.image_size != cfg["image_size"]:
-            raise InputError(f"--image-size {args.image_size}: {args.checkpoint} was trained at {cfg['image_size']} px")
-        for key in MODEL_KEYS + ("no_mask_branch", "genotype", "epochs", "seed"):  # what the printed config shows is used
+            raise InputError(f"--image-size {args.image_size}: {args.checkpoint} was trained at "
+                             f"{cfg['image_size']} px")
+        # what the printed config shows is used
+        for key in MODEL_KEYS + ("no_mask_branch", "genotype", "epochs", "seed"):
             setattr(args, key, cfg.get(key))
     if args.arch == "add" and not args.genotype and mode == "train" and not args.resume:
-        raise InputError("--genotype: needed for --arch add; write one with: python search.py --out g.json")
+        raise InputError("--genotype: needed for --arch add; write one with: python search.py "
+                         "--out g.json")
     if args.arch != "add" or args.no_mask_branch:
         args.mask_weight = 0.0  # no mask branch: nothing for Eq. 5 to supervise
     args.small_input = args.image_size < SMALL_INPUT_BELOW if args.small_input is None else args.small_input
     args.out = args.out or os.path.join("runs", mode)
-    args.genotype_origin = genotype_origin(args.genotype) if args.arch == "add" and args.genotype else None  # --compare's kind
+    # --compare's kind
+    args.genotype_origin = genotype_origin(args.genotype) if args.arch == "add" and args.genotype else None
     return args
 
 
 def main(argv=None):
     given = parse_args(argv)
-    torch.set_flush_denormal(True)  # weights decaying to 0 (a run at chance) go subnormal: x86 steps 8x slower
+    # weights decaying to 0 (a run at chance) go subnormal: x86 steps 8x slower
+    torch.set_flush_denormal(True)
     args = configure(argparse.Namespace(**vars(given)))
     if args.compare:
         args.out = new_run_dir(args.out)
@@ -657,9 +832,12 @@ def main(argv=None):
         state = None
         if args.resume:
             path = os.path.join(args.out, "last.pt")
-            args, state = resume(path, given, vars(args), ("optimizer", "scheduler", "epoch", "best_auc"), BUILT_IN, SCHEDULE, rank == 0)
+            args, state = resume(path, given, vars(args),
+                                 ("optimizer", "scheduler", "epoch", "best_auc"), BUILT_IN,
+                                 SCHEDULE, rank == 0)
             if rank == 0:
-                print(f"resumed {path} at epoch {state['epoch']}" + (" (complete: the test runs)" if state["epoch"] == args.epochs else ""))
+                print(f"resumed {path} at epoch {state['epoch']}"
+                      + (" (complete: the test runs)" if state["epoch"] == args.epochs else ""))
         elif rank == 0:
             args.out = new_run_dir(args.out)
         if rank == 0:
@@ -674,7 +852,8 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (InputError, Diverged) as e:  # one line, from one process (under torchrun every rank stops)
+    # one line, from one process (under torchrun every rank stops)
+    except (InputError, Diverged) as e:
         sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
     except Stopped as e:
         sys.exit(str(e) if os.environ.get("RANK", "0") == "0" else 1)
