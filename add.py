@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import signal
+import sys
 import time
 
 import numpy as np
@@ -29,10 +30,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from masks import (FFPP_METHODS, METHODS, SYNTHETIC_METHODS, SYNTHETIC_PRESETS, hull_mask, jpeg,
-                   synthetic_frame)
-from ops import (STEPS, Cell, InputError, atomic_write, bounded, genotype_edges, reason,
-                 search_edges, usable_cpus)
+from masks import (FFPP_METHODS, METHODS, SYNTHETIC_METHODS, SYNTHETIC_PRESETS, InputError,
+                   atomic_write, bounded, hull_mask, jpeg, reason, synthetic_frame, usable_cpus)
+from ops import STEPS, Cell, genotype_edges, search_edges
 
 GRAD_CLIP = 5.0  # gradient norm of every w update (DARTS's value; the paper does not say)
 # the paper's network at 256 px: N 4 (Sec. IV-D), C 48
@@ -140,14 +140,15 @@ def add_loss(ce, mse, mask_weight):
     return ce if mse is None else ce + mask_weight * mse  # Eq. 7
 
 
-def gradient_step(
-        model, optimizer, params, batch, device, mask_weight, flips=None, penalty=None, clip=True):
+def gradient_step(model, optimizer, params, batch, device, mask_weight, flips=None, penalty=None,
+                  clip=True, world=1):
     """One update of `params` on one batch with the loss of Eq. 7 -> the detached (CE, MSE, loss) on
     the device (MSE 0 without a mask branch). In the search it is Eq. 3's L(y; F(x, alpha, w)): w on
     a training batch (Algorithm 1, lines 2-4) or alpha on a validation batch (lines 5-7), and only
     the gradients of `params` are computed, so the alpha step does not pay for w's. penalty: a term
     added to the loss (search.py's parameter term); clip: the gradient norm to GRAD_CLIP (w's
-    updates)."""
+    updates); world > 1: the processes' gradients averaged before (the search: DDP cannot wrap a
+    network whose alpha step leaves w without gradients)."""
     # faces (B, 3, H, W), hull masks M (B, 1, H, W), labels (B,)
     x, M, y = to_device(batch, device, flips)
     with autocast(device):
@@ -159,6 +160,8 @@ def gradient_step(
         loss = loss + penalty()
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=params)
+    if world > 1:
+        average_gradients(params, world)
     if clip:
         nn.utils.clip_grad_norm_(params, GRAD_CLIP)
     # w = w - grad_w L (line 4), or alpha = alpha - grad_alpha L (line 7), by the optimizer's rule
@@ -173,26 +176,26 @@ def count_parameters(model):
 # ==============================================================================================
 # Below: not the paper's method. How search.py and train.py run, written once for both.
 
-# Table IV's hand-designed networks (torchvision has no XceptionNet) and the small ones of the
-# field, in ADD's harness
-BASELINES = ("resnet18", "resnet152", "vgg16", "efficientnet_b0", "mobilenet_v2",
-             "mobilenet_v3_small",
-             "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "mnasnet0_5")
+# Table IV's hand-designed networks and the small ones of the field, in ADD's harness
+BASELINES = ("resnet18", "resnet152", "vgg16", "xception", "efficientnet_b0", "mobilenet_v2",
+             "mobilenet_v3_small", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "mnasnet0_5")
 
 
 class Baseline(nn.Module):
     """A hand-designed classifier from scratch (nothing is downloaded) in ADD's harness (Table IV),
-    returning (logits, None): Eq. 4 alone. ADD's rule for every network: BatchNorm momentum 0.1
-    (torchvision's mnasnet keeps 0.0003), no dropout or stochastic depth (ADD has none), the last
-    layer initialised as nn.Linear (mnasnet's and efficientnet's scale with 1/classes: the CE would
-    start at 3.8), Adam with weight decay on every parameter (train.make_optimizer). small_input:
-    the first stride-2 layer at stride 1 (a pool removed), as CIFAR variants do: a 64 px face ends
-    on 4x4, as in ADD."""
+    returning (logits, None): Eq. 4 alone. torchvision's, or Xception (below). ADD's rule for every
+    network: BatchNorm momentum 0.1 (torchvision's mnasnet keeps 0.0003), no dropout or stochastic
+    depth (ADD has none), the last layer initialised as nn.Linear (mnasnet's and efficientnet's
+    scale with 1/classes: the CE would start at 3.8), Adam with weight decay on every parameter
+    (train.make_optimizer). small_input: the first stride-2 layer at stride 1 (a pool removed), as
+    CIFAR variants do: a 64 px face ends on 4x4, as in ADD."""
     def __init__(self, arch, small_input=False):
         super().__init__()
-        # here, not at the top: 1.2 s at every start that an ADD run does not need
-        import torchvision
-        self.net = getattr(torchvision.models, arch)(weights=None, num_classes=2)
+        if arch == "xception":
+            self.net = Xception(2)
+        else:  # imported here: 1.2 s at every start that an ADD run does not need
+            import torchvision
+            self.net = getattr(torchvision.models, arch)(weights=None, num_classes=2)
         for m in self.net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = 0.1
@@ -213,6 +216,50 @@ class Baseline(nn.Module):
         return self.net(x), None
 
 
+def separable(C_in, C_out):
+    """Xception's separable convolution and its BN: a depthwise 3x3, a pointwise 1x1, no bias."""
+    return [nn.Conv2d(C_in, C_in, 3, 1, 1, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, 1, bias=False), nn.BatchNorm2d(C_out)]
+
+
+class XceptionBlock(nn.Module):
+    """(ReLU, separable convolution, BN) from each width to the next (the entry flow's first block
+    without its first ReLU), then a 3x3 stride-2 max pool where the block halves; plus the
+    residual: the input, or where the block halves, a strided 1x1 convolution and BN of it."""
+    def __init__(self, widths, stride, relu_first=True):
+        super().__init__()
+        layers = []
+        for a, b in zip(widths, widths[1:]):
+            layers += [nn.ReLU(), *separable(a, b)]
+        if stride > 1:
+            layers.append(nn.MaxPool2d(3, stride, 1))
+        self.body = nn.Sequential(*layers[0 if relu_first else 1:])
+        self.skip = nn.Identity()
+        if stride > 1:
+            self.skip = nn.Sequential(nn.Conv2d(widths[0], widths[-1], 1, stride, bias=False),
+                                      nn.BatchNorm2d(widths[-1]))
+
+    def forward(self, x):
+        return self.body(x) + self.skip(x)
+
+
+class Xception(nn.Sequential):
+    """Chollet's Xception (CVPR 2017), the network FaceForensics++ trains (torchvision has none):
+    the entry flow (two 3x3 convolutions without padding, blocks to 128, 256 and 728 channels, each
+    halving), the middle flow (8 blocks of three separable convolutions at 728), the exit flow (a
+    block to 1024, separable convolutions to 1536 and 2048), global average pooling, a linear
+    classifier. 22,855,952 parameters at 1,000 classes, as Keras counts Chollet's."""
+    def __init__(self, classes):
+        blocks = [XceptionBlock([64, 128, 128], 2, relu_first=False),
+                  XceptionBlock([128, 256, 256], 2), XceptionBlock([256, 728, 728], 2)]
+        blocks += [XceptionBlock([728] * 4, 1) for _ in range(8)]
+        blocks.append(XceptionBlock([728, 728, 1024], 2))
+        super().__init__(nn.Conv2d(3, 32, 3, 2, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), *blocks,
+                         *separable(1024, 1536), nn.ReLU(), *separable(1536, 2048), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, classes))
+
+
 class Diverged(Exception):
     """A non-finite loss or state: the run stops, its last checkpoint stays as it was."""
 
@@ -222,9 +269,9 @@ class Stopped(BaseException):
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# steps between reads of the device's count of non-finite losses: one host sync a window
+# steps between reads of the device's count of non-finite losses: the one host read between them
 CHECK_EVERY = 50
-PROGRESS_SECONDS = 600  # a progress line at a run's 20th step, then at most every 10 minutes
+PROGRESS_SECONDS = 600  # a progress line at a run's first check, then at most every 10 minutes
 
 
 class Run:
@@ -233,27 +280,29 @@ class Run:
        ignore them) set a flag step() reads after each step: a run ends at a step boundary, in one
        line. stop_now(line): from there on a signal raises Stopped(line) at once.
     2) The vote: with several processes each step combines every rank's stop flag and whether it saw
-       a non-finite loss (MAX over a CPU group): all stop, or all end on a divergence, together.
-    3) Non-finite losses, counted on the device, read every CHECK_EVERY steps and at an epoch's end.
-    4) Progress: images/s and the time left (a search step that also moves alpha costs 2 units).
+       a non-finite loss (MAX over a CPU group): all stop, or all end on a divergence, together;
+       on_rank0 votes the failure of rank 0's work (files, metrics) the same way.
+    3) Non-finite losses, counted on the device, read every CHECK_EVERY steps and at an epoch's end:
+       between two checks a step never waits for the device.
+    4) Progress at a check: images/s and the time left (a search step that also moves alpha costs
+       2 units).
     5) On exit the loaders' workers end (they would hang the interpreter's exit), then the handlers
        are put back: a second Ctrl-C meanwhile is still only a flag."""
-    def __init__(self, device, loaders=(), total=0, group=None, rank=0, world=1, advice=""):
+    def __init__(self, device, loaders=(), total=0, group=None, advice=""):
         self.device = device
         self.loaders = loaders
-        self.total = total  # units of work (add.Run.step's cost) this run does
-        self.group = group
-        self.rank = rank
-        self.world = world
+        self.total = total  # units of work (step's cost) this run does
+        self.group = group  # gloo, over all processes; None in one process
+        self.rank, self.world = rank_world(group)
         self.advice = advice  # what the divergence line advises
         self.signal = None  # the name of a stop signal received
         self.line = None  # stop_now's line
         self.bad = torch.zeros((), dtype=torch.int32, device=device)  # non-finite losses seen
         self.unread = 0  # steps since the last read of self.bad
-        self.steps = 0
         self.done = 0  # units of work done
-        self.images = 0
-        self.start = self.printed = time.time()
+        self.images = 0  # this process's training images
+        self.start = time.time()
+        self.printed = None  # when the last progress line was printed
 
     def __enter__(self):
         self.handlers = {s: signal.signal(s, self.receive) for s in STOP_SIGNALS}
@@ -287,32 +336,143 @@ class Run:
         dist.all_reduce(t, dist.ReduceOp.MAX, group=self.group)
         return [bool(v) for v in t]
 
+    def on_rank0(self, work):
+        """work() on rank 0 alone (files, the log, metrics), its failure voted: every rank ends
+        with it, rank 0 raising it and the others Diverged (their line is rank 0's: add.main_of)
+        -> work()'s result on rank 0, None on the others."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = work()
+            except Exception as e:  # a full disk, a refused checkpoint: voted, then raised
+                error = e
+        if self.vote(error)[0]:
+            raise error or Diverged("process 0 failed")
+        return result
+
+    def check_weights(self, model, epoch):
+        """At an epoch's end, before anything uses them: weights or statistics made non-finite by
+        an update (after a finite loss) end every process with one line (Diverged)."""
+        if self.vote(nonfinite(model.state_dict()))[0]:
+            raise Diverged(f"non-finite weights after epoch {epoch + 1}'s last update; "
+                           f"{self.advice}")
+
     def step(self, loss, images, epoch, step, steps, cost=1):
         """After a step (loss: its 0-dim loss on the device) -> whether to stop now, as every rank;
         a non-finite loss on any rank raises Diverged on all."""
         self.bad += (~torch.isfinite(loss.detach())).int()
         self.unread += 1
-        self.steps += 1
         self.done += cost
         self.images += images
-        check = (step + 1) % CHECK_EVERY == 0 or step + 1 == steps
-        stop, bad = self.vote(self.signal, check and self.bad.item())
+        if (step + 1) % CHECK_EVERY and step + 1 < steps:
+            return self.vote(self.signal)[0]  # between checks: nothing read from the device
+        stop, bad = self.vote(self.signal, self.bad.item())
         if bad:
             raise Diverged(f"non-finite loss at epoch {epoch + 1}, within steps "
-                           f"{step + 2 - self.unread}-{step + 1}; "
-                           f"{self.advice}")
-        if check:
-            self.unread = 0
-        if self.rank == 0 and (self.steps == 20 or time.time() - self.printed > PROGRESS_SECONDS):
-            sync(self.device)
-            self.printed, elapsed = time.time(), time.time() - self.start
-            left = elapsed / self.done * (self.total - self.done)
-            print(f"  step {self.steps}: loss {loss.item():.4f}, "
-                  f"{self.images * self.world / elapsed:.1f} training images/s "
-                  f"on {self.device}; the rest takes about "
-                  + (f"{left / 3600:.1f} h" if left >= 7200 else
-                                                               f"{left / 60:.1f} min"), flush=True)
+                           f"{step + 2 - self.unread}-{step + 1}; {self.advice}")
+        self.unread = 0
+        if self.printed is None or time.time() - self.printed > PROGRESS_SECONDS:
+            self.progress(loss)
         return stop
+
+    def progress(self, loss):
+        self.printed = time.time()
+        elapsed = self.printed - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        left = f"{left / 3600:.1f} h" if left >= 7200 else f"{left / 60:.1f} min"
+        print(f"  loss {loss.item():.4f}, {self.images * self.world / elapsed:.1f} training "
+              f"images/s on {self.world} x {self.device}; the rest takes about {left}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (torchrun): one a GPU, every one running the same script
+
+def init_distributed(device_name):
+    """torchrun's RANK, WORLD_SIZE, LOCAL_RANK -> (rank, world size, device, a gloo group for the
+    votes and gathers: None in one process). A process per GPU (nccl: LOCAL_RANK's) or per CPU
+    slot (gloo); --device cuda:N in one process: GPU N (its kernels and pinned memory). Ranks
+    other than 0 print nothing: their lines would repeat rank 0's."""
+    device = pick_device(device_name)
+    if "RANK" not in os.environ:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return 0, 1, device, None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    return rank, world, device, dist.new_group(backend="gloo")
+
+
+def rank_world(group):
+    """(this process's rank, the number of processes): (0, 1) without a group."""
+    return (dist.get_rank(), dist.get_world_size()) if group is not None else (0, 1)
+
+
+def one_process(flag):
+    """--benchmark, --predict, --compare, --random-genotype: one process's work; under torchrun,
+    one line."""
+    if "RANK" in os.environ:
+        raise InputError(f"{flag} runs in one process: run it with python, not torchrun")
+
+
+def split_batch(batch_size, world):
+    """--batch-size is the global batch: each of `world` processes takes an equal share."""
+    if batch_size % world:
+        raise InputError(f"--batch-size {batch_size}: the global batch must divide by the {world} "
+                         f"processes (e.g. --batch-size {batch_size // world * world or world})")
+    return batch_size // world
+
+
+def average_gradients(params, world):
+    """Every process's gradients of params replaced by their mean over the processes, in one
+    all-reduce (DDP's arithmetic: the sum of grad / world), so that every process takes the same
+    step."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)
+    dist.all_reduce(flat)
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
+
+
+def all_ranks(t, group):
+    """Every process's value of a tensor, (processes, *t.shape), on the host (a read of the device:
+    at an epoch's end and at a checkpoint only)."""
+    t = t.detach().to("cpu", copy=True)
+    if group is None:
+        return t[None]
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t, group=group)
+    return torch.stack(parts)
+
+
+def gather(part, group):
+    """Every process's part (any picklable value) -> the parts in rank order, on every process;
+    one process: [part]."""
+    if group is None:
+        return [part]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part, group=group)
+    return parts
+
+
+def run_main(main):
+    """A script's entry: main(), every end a user can act on as one line on stderr, no traceback
+    (InputError: a mistake; Diverged: non-finite numbers; Stopped: a signal; OSError: a full disk, a
+    file that cannot be read). Under torchrun rank 0 prints the line and the others exit without
+    one, except for an OSError, which can be one process's own."""
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        main()
+    except (InputError, Diverged, OSError) as e:
+        if rank == 0:
+            sys.exit(f"error: {e}")
+        sys.exit(f"error (process {rank}): {e}" if isinstance(e, OSError) else 1)
+    except Stopped as e:
+        sys.exit(1 if rank else str(e))
 
 
 def ignore_stop_signals(worker_id=None):
@@ -321,19 +481,21 @@ def ignore_stop_signals(worker_id=None):
         signal.signal(s, signal.SIG_IGN)
 
 
-def loader(dataset, batch_size, workers, sampler=None, drop_last=False):
+def loader(dataset, batch_size, workers, device, sampler=None, drop_last=False):
     """A DataLoader as both scripts use it: persistent workers that ignore the stop signals and hand
-    over uint8 batches (to_device), pinned for a GPU."""
+    over uint8 batches (to_device), pinned for a GPU; its workers' seeds drawn from a generator of
+    its own, not the global one a checkpoint saves (a resumed epoch starts its loader again)."""
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last,
-                      num_workers=workers,
-                      worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0)
+                      num_workers=workers, worker_init_fn=ignore_stop_signals,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      generator=torch.Generator())
 
 
-def loader_workers(data, processes_per_node=1):
-    """Loader workers a process: none for the in-memory synthetic data, else its share of the
-    CPUs, at most 8."""
-    return 0 if data == "synthetic" else min(8, max(1, usable_cpus() // processes_per_node))
+def loader_workers(data):
+    """Loader workers a process: none for the in-memory synthetic data, else its share of the CPUs
+    (of the processes torchrun starts on this machine), at most 8."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return 0 if data == "synthetic" else min(8, max(1, usable_cpus() // processes))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,15 +626,26 @@ def resolve_defaults(args, real, demo):
 def save_checkpoint(state, path):
     """A plain dict of tensors and plain values (loads with weights_only=True), written atomically;
     refused (Diverged, the file on disk intact) if a floating tensor holds a NaN or an infinity:
-    every checkpoint is one a run can continue from. One wait per device, not one per tensor."""
-    floats, finite = [(name, t) for name, t in _tensors(state) if t.is_floating_point()], {}
-    for _, t in floats:
-        finite.setdefault(t.device, []).append(torch.isfinite(t).all())
-    if not all(torch.stack(v).all().item() for v in finite.values()):
-        name = next(name for name, t in floats if not torch.isfinite(t).all())
+    every checkpoint is one a run can continue from."""
+    name = nonfinite(state)
+    if name:
         raise Diverged(f"{name} holds a non-finite value: {path} was not written (the one on disk "
-                       f"is intact)")
+                       "is intact)")
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def nonfinite(state):
+    """The dotted name of a floating tensor in nested dicts, lists and tuples that holds a NaN or an
+    infinity, or None; one wait a device, not one a tensor."""
+    flags = {}  # device -> [(name, whether finite: 0-dim, on the device)]
+    for name, t in _tensors(state):
+        if t.is_floating_point():
+            flags.setdefault(t.device, []).append((name, t.isfinite().all()))
+    for pairs in flags.values():
+        finite = torch.stack([ok for _, ok in pairs]).tolist()
+        bad = [name for (name, _), ok in zip(pairs, finite) if not ok]
+        if bad:
+            return bad[0]
 
 
 def _tensors(obj, name=""):
@@ -502,15 +675,16 @@ def resume(path, given, expected, needed, built_in, schedule, trim=True):
     that lacks an option or set one this version builds in (built_in: name -> value) otherwise, is
     an InputError; so is a change to an option the restored optimizers and schedules hold
     (schedule). The log beside it is trimmed to its epochs (trim_log). -> (configuration, state)"""
-    state, given = load_checkpoint(path), {k: v for k, v in vars(given).items() if v is not None
-                                           and v is not False}
+    state = load_checkpoint(path)
+    given = {k: v for k, v in vars(given).items() if v is not None}  # False and 0 too
     saved = state.get("config") if isinstance(state, dict) else None
-    lacking = [k for k in ("model", *needed)
-               if k not in state] if isinstance(saved, dict) else ["config"]
+    lacking = ["config"]
+    if isinstance(saved, dict):
+        lacking = [k for k in ("model", *needed) if k not in state]
     if lacking:
         raise InputError(f"{path}: not a checkpoint this script can resume (its state has no "
-                         f"{lacking[0]}: written by "
-                         f"another version, or another script); start a new run")
+                         f"{lacking[0]}: written by another version, or another script); start a "
+                         "new run")
     missing = [f"--{k.replace('_', '-')}" for k in expected if k not in saved and k not in given]
     changed = [f"--{k.replace('_', '-')} {saved[k]} (built in here: {v})"
                for k, v in built_in.items() if saved.get(k, v) != v]
@@ -563,13 +737,17 @@ def trim_log(path, epochs):
     atomic_write(path, lambda f: f.write("".join(keep).encode()))
 
 
-def new_run_dir(path):
+def new_run_dir(path, group=None):
     """A fresh run never overwrites an earlier one: PATH if it is new or empty, else PATH-2,
-    PATH-3..."""
+    PATH-3...; under torchrun rank 0's choice, for every process."""
     k, candidate = 1, path
     while os.path.isdir(candidate) and os.listdir(candidate):
         k += 1
         candidate = f"{path.rstrip(os.sep)}-{k}"
+    if group is not None:
+        chosen = [candidate]
+        dist.broadcast_object_list(chosen, src=0, group=group)
+        candidate = chosen[0]
     return candidate
 
 
@@ -601,7 +779,10 @@ def random_flips(x, M, generator):
     """Training augmentation (not in the paper): the same horizontal flip of a face and its mask,
     p = 0.5 per sample, drawn from a seeded generator (epoch_generator): a resumed run flips as an
     uninterrupted one, whatever the number of loader workers."""
-    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)[:, None, None, None]
+    flip = torch.rand(len(x), generator=generator) < 0.5  # on the host: (B,)
+    if x.device.type == "cuda":  # a copy from pinned memory, queued: the host does not wait
+        flip = flip.pin_memory()
+    flip = flip.to(x.device, non_blocking=True)[:, None, None, None]
     return torch.where(flip, x.flip(-1), x), torch.where(flip, M.flip(-1), M)
 
 
@@ -618,8 +799,10 @@ def pick_device(name):
 
 
 def autocast(device):
-    """bf16 autocast on CUDA; fp32 on the CPU (bf16 there is slower and gains nothing)."""
-    if device.type == "cuda":
+    """bf16 autocast on a GPU that computes in bf16 (CUDA compute capability 8 and up: A100, H100,
+    RTX 30 on); fp32 elsewhere: on the CPU bf16 is slower and gains nothing, on older GPUs it is
+    emulated."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -632,8 +815,10 @@ def sync(device):
 
 def prepare_model(model, device):
     """The model on the device, channels_last (faster on the CPU too); on CUDA cuDNN times its
-    kernels for the fixed input size."""
+    kernels for the fixed input size, and what runs in fp32 (the heads, the losses) is fp32, not
+    TF32."""
     torch.backends.cudnn.benchmark = device.type == "cuda"
+    torch.backends.cudnn.allow_tf32 = False
     return model.to(device, memory_format=torch.channels_last)
 
 

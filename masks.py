@@ -4,15 +4,17 @@
 - hull_mask: M_i, 1 inside the convex hull of the keypoints and 0 outside (Sec. III-C).
 - crop_face, read_faces: the face region cropped and resized to 256x256 (Sec. IV-B).
 Below the divider: reading inputs; FaceForensics++ and Celeb-DF as their owners lay them out (Sec.
-IV-A); the preparation into PNG crops, masks and a manifest; the built-in synthetic faces; the CLI.
+IV-A); the preparation into PNG crops, masks and a manifest; the built-in synthetic faces; what the
+five scripts share (one-line errors, the argument parser, atomic writes: here, without torch, so
+that a preparation worker starts fast and small); the CLI.
 
-    python masks.py --data ff++ --src ~/FaceForensics++         # ->
-    data/ff++/{faces,masks,manifest.csv}
-    python masks.py --data celeb-df --src ~/Celeb-DF-v2         # -> data/celeb-df/...
+    python masks.py --data ff++ --src ~/FaceForensics++  # -> data/ff++/{faces,masks,manifest.csv}
+    python masks.py --data celeb-df --src ~/Celeb-DF-v2  # -> data/celeb-df/...
 """
 import argparse
 import contextlib
 import csv
+import errno
 import functools
 import glob
 import importlib.util
@@ -35,7 +37,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 from scipy.spatial import ConvexHull
 
-from ops import InputError, Parser, atomic_write, bounded, reason, usable_cpus
 
 FFPP_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures")
 CELEBDF_REAL, CELEBDF_FAKE = ("Celeb-real", "YouTube-real"), "Celeb-synthesis"
@@ -164,7 +165,10 @@ def load_rgb(path):
         image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I") or image.mode == "F":
             a = np.asarray(image, dtype=np.float64)
-            a = a / 257 if image.mode.startswith("I;16") or a.max() > 255 else a * 255 if a.max() <= 1 else a
+            if image.mode.startswith("I;16") or a.max() > 255:
+                a = a / 257
+            elif a.max() <= 1:
+                a = a * 255
             image = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
         return np.asarray(image.convert("RGB"))
 
@@ -204,7 +208,10 @@ def _video_frames(path, k, seek_gap=250):
                 container.seek(start + int(target / fps / stream.time_base), stream=stream)
                 frames, position = container.decode(stream), None
             for frame in frames:
-                position = position + 1 if position is not None else round((frame.pts - start) * stream.time_base * fps)
+                if position is None:  # after a seek: the frame's own index, from its time
+                    position = round((frame.pts - start) * stream.time_base * fps)
+                else:
+                    position += 1
                 if position >= target:
                     break
             else:
@@ -293,8 +300,8 @@ def celebdf_videos(src, val_fraction=0.1):
     test = _read_test_list(_need(os.path.join(src, "List_of_testing_videos.txt"), "Celeb-DF's list "
                                                                                   "of test videos"))
     all_videos = [(folder, os.path.splitext(file)[0]) for folder in (*CELEBDF_REAL, CELEBDF_FAKE)
-                  for file in sorted(os.listdir(_need(os.path.join(src, folder), f"Celeb-DF's "
-                                                                                 f"{folder}/ folder")))
+                  for file in sorted(os.listdir(_need(os.path.join(src, folder),
+                                                      f"Celeb-DF's {folder}/ folder")))
                   if file.endswith(".mp4") or os.path.isdir(os.path.join(src, folder, file))]
     ids = {v: _identities(*v) for v in all_videos}
     held_out = _validation_people([v for v in all_videos if f"{v[0]}/{v[1]}.mp4" not in test], ids,
@@ -374,30 +381,39 @@ def _record_path(root, video):
 
 def prepare_video(video, root, settings):
     """One video -> crops and masks under root, then its record, written last: a video with a record
-    is finished, one without is prepared again. Nothing raised inside stops the others: an
-    unreadable video (missing, a partial download) is recorded with retry=True, tried again by the
-    next run; any other failure and a video without faces are recorded with their reason."""
-    record = dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], reason="",
-                  retry=False)
+    is finished, one without is prepared again. Whatever fails in the video's own work (its folder,
+    its frames, its PNGs) is recorded as its reason and stops nothing else: a video that cannot be
+    read (missing, a partial download) or whose files cannot be written is tried again by the next
+    run (retry), one that fails otherwise, or shows no face, is not. A full disk (ENOSPC) and a
+    record that cannot be written are raised: they end the run (prepare)."""
+    record = _record(video, settings)
     seen, size = 0, settings["size"]
-    # the attempt began (_started)
-    os.makedirs(os.path.join(root, "faces", video.method, video.name), exist_ok=True)
+    reading = False  # whether a failure came from reading the video, not from writing its files
     try:
+        # the attempt began (_started)
+        os.makedirs(os.path.join(root, "faces", video.method, video.name), exist_ok=True)
+        reading = True
         for i, crop, points, _ in read_faces(video.path, settings["frames"], size):
+            reading = False
             seen += 1
             if crop is None:
                 record["skipped_frames"].append([i, "no face"])
-                continue
-            image_file, mask_file = (os.path.join(root, f) for f in _files(video, i))
-            atomic_write(image_file,
-                         lambda f: Image.fromarray(crop).save(f, "PNG", compress_level=1))
-            atomic_write(mask_file,
-                         lambda f: Image.fromarray(hull_mask(points, size) * 255).save(f, "PNG"))
-            record["frames"].append(i)
-    except READ_ERRORS as e:
-        record.update(reason=f"unreadable video ({reason(e)})", retry=True)
+            else:
+                image_file, mask_file = (os.path.join(root, f) for f in _files(video, i))
+                mask = hull_mask(points, size) * 255
+                atomic_write(image_file,
+                             lambda f: Image.fromarray(crop).save(f, "PNG", compress_level=1))
+                atomic_write(mask_file, lambda f: Image.fromarray(mask).save(f, "PNG"))
+                record["frames"].append(i)
+            reading = True
     except Exception as e:  # one video's failure, whatever it is, is that video's recorded reason
-        record["reason"] = f"failed ({reason(e)})"
+        if getattr(e, "errno", None) == errno.ENOSPC:  # the disk's fault: the run ends (prepare)
+            raise OSError(errno.ENOSPC, "No space left on device", f"{video.method}/{video.name}")
+        record["retry"] = isinstance(e, READ_ERRORS)
+        what = "failed"
+        if record["retry"]:
+            what = "unreadable video" if reading else "its files could not be written"
+        record["reason"] = f"{what} ({reason(e)})"
     if not record["reason"] and not record["frames"]:
         record["reason"] = f"no face in any of its {seen} frames" if seen else "no frames decoded"
     atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
@@ -406,13 +422,18 @@ def prepare_video(video, root, settings):
 
 def _started(root, video):
     """An attempt at the video began (its folder of faces exists) and did not end (no record)."""
-    return os.path.isdir(os.path.join(root, "faces", video.method, video.name)) and not os.path.exists(_record_path(root, video))
+    began = os.path.isdir(os.path.join(root, "faces", video.method, video.name))
+    return began and not os.path.exists(_record_path(root, video))
+
+
+def _record(video, settings, reason=""):
+    return dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], reason=reason,
+                retry=False)
 
 
 def _dead_worker(video, root, settings):
-    record = dict(video._asdict(), settings=settings, frames=[], skipped_frames=[], retry=False,
-                  reason="failed (the process preparing it died: killed by a signal, out of "
-                         "memory, or a crash in native code)")
+    record = _record(video, settings, "failed (the process preparing it died: killed by a signal, "
+                     "out of memory, or a crash in native code)")
     atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
     return record
 
@@ -420,64 +441,83 @@ def _dead_worker(video, root, settings):
 def _run_jobs(jobs, workers):
     """Each job's record, `workers` videos at a time. A worker that dies (a signal, out of memory, a
     crash in native code) breaks its pool: the videos then in flight are tried again each in a pool
-    of its own, so that the one that kills its worker again is recorded as failed; the rest go
-    on."""
-    # in this process (a crash here stops the run; the videos finished stay finished)
+    of its own, so that the one that kills its worker again is recorded as failed; the rest go on.
+    Anything else prepare_video raises ends the run (its pool's queued videos cancelled).
+    workers=1: in this process (a crash in native code ends the run there)."""
     if workers == 1:
         yield from (prepare_video(*job) for job in jobs)
         return
     pending = list(jobs)
     while pending:
-        finished = set()
+        broken = []
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(prepare_video, *job): k for k, job in enumerate(pending)}
-            for future in as_completed(futures):
-                if future.exception() is None:  # BrokenProcessPool: sorted out below
-                    finished.add(futures[future])
-                    yield future.result()
-        left = [job for k, job in enumerate(pending) if k not in finished]
-        for job in (job for job in left if _started(job[1], job[0])):
+            futures = {pool.submit(prepare_video, *job): job for job in pending}
+            try:
+                for future in as_completed(futures):
+                    if isinstance(future.exception(), BrokenProcessPool):
+                        broken.append(futures[future])  # sorted out below
+                    else:
+                        yield future.result()  # its record, or what it raised
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+        started = [job for job in broken if _started(job[1], job[0])]
+        if len(broken) == len(pending) and not started:  # no video began: it would never end
+            raise InputError("the worker processes ended before preparing any video; try "
+                             "--workers 1 to see why")
+        for job in started:
             with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
                 try:
                     yield pool.submit(prepare_video, *job).result()
                 except BrokenProcessPool:
                     yield _dead_worker(*job)
-        pending = [job for job in left if not _started(job[1], job[0])
-                   and not os.path.exists(_record_path(job[1], job[0]))]
+        pending = [job for job in broken if not os.path.exists(_record_path(job[1], job[0]))]
 
 
 def prepare(videos, root, settings, workers, redo=False):
     """Prepares every video without a record (or recorded with retry; with redo, all), in parallel,
     then the manifest and the report from all records under root. Preparing into a root made with
-    other settings (every record carries them) is an error."""
+    other settings (every record carries them) is an error; a full disk ends the run in one line,
+    the videos finished kept."""
     records = _records(root)
     other = next((r.get("settings") for r in records.values() if r.get("settings") != settings),
                  settings)
     if other != settings and not redo:
-        raise InputError(f"{root}: prepared with {_flags(other)}, not {_flags(settings)}; prepare "
-                         f"into another --root, "
-                         f"or add --redo to prepare every video again")
+        changed = [f"{_setting(k, other.get(k))} (now {_setting(k, v)})"
+                   for k, v in settings.items() if other.get(k) != v]
+        raise InputError(f"{root}: prepared with {', '.join(changed)}; prepare into another "
+                         "--root, or add --redo to prepare every video again")
     old = [records.get(_record_path(root, v)) for v in videos]
     again = [bool(r) and bool(redo or r.get("retry")) for r in old]
     jobs = [(v, root, settings) for v, r, a in zip(videos, old, again) if a or not r]
     for video, _, _ in jobs:  # an earlier attempt's record and frames go
-        for path in (os.path.join(root, kind, video.method, video.name)
-                     for kind in ("faces", "masks")):
-            shutil.rmtree(path, ignore_errors=True)
+        for kind in ("faces", "masks"):
+            shutil.rmtree(os.path.join(root, kind, video.method, video.name), ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             os.remove(_record_path(root, video))
     print(f"{len(videos)} videos, {len(videos) - len(jobs)} already prepared, {len(jobs)} to do "
-          f"({sum(again)} of them "
-          f"again), {workers} workers")
+          f"({sum(again)} of them again), {workers} workers")
     start, done = time.time(), 0
-    for record in _run_jobs(jobs, workers):
-        done += len(record["frames"])
-        if record["reason"]:
-            print(f"  skipped {record['method']}/{record['name']}: {record['reason']}"
-                  + ("  (tried again on the next run)" if record["retry"] else ""))
+    try:
+        for record in _run_jobs(jobs, workers):
+            done += len(record["frames"])
+            if record["reason"]:
+                print(f"  skipped {record['method']}/{record['name']}: {record['reason']}"
+                      + ("  (tried again on the next run)" if record["retry"] else ""))
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise InputError(f"{root}: no space left on its disk (preparing {e.filename}); the videos "
+                         "finished are kept: free space and run again") from e
     elapsed = time.time() - start
     print(f"prepared {done} frames in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.1f} frames/s)")
     return write_manifest(root)
+
+
+def _setting(key, value):
+    """A preparation setting as a user sets it (--frames, --compression) or reads it (the crop and
+    detection sizes are constants)."""
+    return f"--{key} {value}" if key in ("frames", "compression") else f"{key} {value} px"
 
 
 RECORD_KEYS = ("split", "label", "method", "name", "path", "frames", "skipped_frames", "reason")
@@ -500,11 +540,6 @@ def _records(root, quiet=False):
     return found
 
 
-def _flags(settings):
-    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (settings or {}).items()
-                    if v is not None) or "other settings"
-
-
 def write_manifest(root):
     """manifest.csv (a row a frame: split, label, method, video, frame, image, mask) and report.txt
     (every skipped video and frame, with the reason) from the records; prints the counts per split
@@ -523,13 +558,14 @@ def write_manifest(root):
     csv.writer(text, lineterminator="\n").writerows([["split", "label", "method", "video", "frame",
                                                       "image", "mask"]] + rows)
     atomic_write(os.path.join(root, "manifest.csv"), lambda f: f.write(text.getvalue().encode()))
-    header = f"# {len(rows)} frames prepared; {len(skipped)} videos or frames skipped (name, what, reason)\n"
+    header = (f"# {len(rows)} frames prepared; {len(skipped)} videos or frames skipped (name, "
+              "what, reason)\n")
     atomic_write(os.path.join(root, "report.txt"),
                  lambda f: f.write((header + "\n".join(skipped) + "\n").encode()))
     print(f"wrote {root}/manifest.csv ({len(rows)} frames) and {root}/report.txt ({len(skipped)} "
           f"skipped)")
-    for (split, label), (n_videos, n_frames) in sorted(table.items(),
-                                                       key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1])):
+    order = sorted(table.items(), key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1]))
+    for (split, label), (n_videos, n_frames) in order:
         print(f"  {split:5s} {'fake' if label else 'real'}: {n_videos} videos, {n_frames} frames")
     return rows, skipped
 
@@ -570,7 +606,8 @@ def face_points(idt, ex):
     jaw = np.stack([-idt["jaw_w"] * np.cos(t), idt["eye_y"] + 0.04 + idt["jaw_h"] * np.sin(t)], 1)
     u = np.linspace(0, 1, 5)
     brow_x = -idt["eye_dx"] - 1.4 * idt["eye_w"] + 2.3 * idt["eye_w"] * u
-    brow_y = idt["eye_y"] - idt["brow_gap"] - ex["brow_raise"] - idt["brow_arch"] * np.sin(np.pi * u)
+    brow_y = (idt["eye_y"] - idt["brow_gap"] - ex["brow_raise"]
+              - idt["brow_arch"] * np.sin(np.pi * u))
     nose_y = idt["eye_y"] + idt["nose_len"]
     v = np.linspace(-1, 1, 5)
     a = np.array([np.pi, 2 * np.pi / 3, np.pi / 3, 0, -np.pi / 3, -2 * np.pi / 3])
@@ -594,7 +631,8 @@ def _lips(idt, ex, angles, width, thickness):
 def project(points, pose, turn):
     """Face units -> pixels: yaw moves the inner face sideways (turn=1) and shortens the far jaw."""
     p = points.copy()
-    p[:, 0] = p[:, 0] * (1 - pose["yaw"] * np.sign(p[:, 0]) * 0.25 * (1 - turn)) + pose["yaw"] * 0.15 * turn
+    p[:, 0] = (p[:, 0] * (1 - pose["yaw"] * np.sign(p[:, 0]) * 0.25 * (1 - turn))
+               + pose["yaw"] * 0.15 * turn)
     c, s = math.cos(pose["roll"]), math.sin(pose["roll"])
     return np.stack([c * p[:, 0] - s * p[:, 1], s * p[:, 0] + c * p[:, 1]],
                     1) * pose["scale"] + [pose["x"], pose["y"]]
@@ -605,7 +643,8 @@ def random_scene(rng, size):
     ss = 2 * size
     top, bottom = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
     ramp = np.linspace(0, 1, ss)[:, None, None]
-    background = Image.fromarray(np.uint8(255 * (top + (bottom - top) * ramp) * np.ones((1, ss, 1))))
+    gradient = 255 * (top + (bottom - top) * ramp) * np.ones((1, ss, 1))
+    background = Image.fromarray(np.uint8(gradient))
     draw = ImageDraw.Draw(background)
     for _ in range(4):
         x, y, r = rng.uniform(0, ss, 2).tolist() + [rng.uniform(0.05, 0.3) * ss]
@@ -627,7 +666,8 @@ def render_face(idt, ex, pose, scene, size, noise_rng=None, blur=0.0):
     image = scene["background"].copy()
     draw = ImageDraw.Draw(image)
     _draw_face(draw, idt, pose2, pts, ss)
-    lit = np.asarray(image.resize((size, size), Image.BOX).filter(ImageFilter.GaussianBlur(scene["blur"] + blur)),
+    small = image.resize((size, size), Image.BOX)
+    lit = np.asarray(small.filter(ImageFilter.GaussianBlur(scene["blur"] + blur)),
                      dtype=np.float32) / 255
     yy, xx = np.mgrid[0:size, 0:size] / size
     ca, sa = math.cos(scene["light_angle"]), math.sin(scene["light_angle"])
@@ -652,25 +692,28 @@ def _draw_face(draw, idt, pose2, pts, ss):
                      + 0.25 * np.sin(2 * a) * (np.sin(2 * a) >= 0)], 1)
     neck = np.array([[-0.6 * idt["jaw_w"], 0.2], [0.6 * idt["jaw_w"], 0.2],
                      [0.7 * idt["jaw_w"], 2.0], [-0.7 * idt["jaw_w"], 2.0]])
-    zero = np.zeros(len(a))
-    draw.polygon([tuple(p) for p in project(hair, pose2, np.zeros(len(hair))).tolist()],
-                 fill=_rgb(idt["hair"]))
-    draw.polygon([tuple(p) for p in project(neck, pose2, np.zeros(4)).tolist()],
-                 fill=_rgb(idt["skin"], 0.8))
-    face = np.concatenate([pts[:17], project(forehead, pose2, zero)[::-1][1:-1]])
-    draw.polygon([tuple(p) for p in face.tolist()], fill=_rgb(idt["skin"]))
+    still = np.zeros(len(a))  # these points do not move with the yaw
+    draw.polygon(_xy(project(hair, pose2, still)), fill=_rgb(idt["hair"]))
+    draw.polygon(_xy(project(neck, pose2, np.zeros(4))), fill=_rgb(idt["skin"], 0.8))
+    face = np.concatenate([pts[:17], project(forehead, pose2, still)[::-1][1:-1]])
+    draw.polygon(_xy(face), fill=_rgb(idt["skin"]))
     line = max(1, int(ss * 0.012))
     for brow in (pts[17:22], pts[22:27]):
-        draw.line([tuple(p) for p in brow.tolist()], fill=_rgb(idt["hair"], 0.8), width=2 * line)
-    draw.line([tuple(p) for p in pts[27:31].tolist()], fill=_rgb(idt["skin"], 0.78), width=line)
-    draw.line([tuple(p) for p in pts[31:36].tolist()], fill=_rgb(idt["skin"], 0.6), width=line)
+        draw.line(_xy(brow), fill=_rgb(idt["hair"], 0.8), width=2 * line)
+    draw.line(_xy(pts[27:31]), fill=_rgb(idt["skin"], 0.78), width=line)
+    draw.line(_xy(pts[31:36]), fill=_rgb(idt["skin"], 0.6), width=line)
     for eye in (pts[36:42], pts[42:48]):
-        draw.polygon([tuple(p) for p in eye.tolist()], fill=(235, 235, 230))
+        draw.polygon(_xy(eye), fill=(235, 235, 230))
         (cx, cy), r = eye.mean(0), 0.32 * (eye[3, 0] - eye[0, 0])
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=_rgb(idt["iris"]))
         draw.ellipse((cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2), fill=(15, 10, 10))
-    draw.polygon([tuple(p) for p in pts[48:60].tolist()], fill=_rgb(idt["lips"]))
-    draw.polygon([tuple(p) for p in pts[60:68].tolist()], fill=(60, 20, 25))
+    draw.polygon(_xy(pts[48:60]), fill=_rgb(idt["lips"]))
+    draw.polygon(_xy(pts[60:68]), fill=(60, 20, 25))
+
+
+def _xy(points):
+    """(N, 2) points -> the [(x, y), ...] PIL draws."""
+    return [tuple(p) for p in points.tolist()]
 
 
 INNER_FACE = ("eye_y", "eye_dx", "eye_w", "eye_h", "brow_gap", "brow_arch", "nose_len", "nose_w",
@@ -731,8 +774,8 @@ def synthetic_frame(seed, video, frame, size, family=None, preset=None):
     out = dict(real=real, real_points=pts)
     if family:
         fake_rng = np.random.default_rng([seed, video, frame, 1 + SYNTHETIC_METHODS.index(family)])
-        out["fake"], out["fake_points"], out["weight"] = manipulate(family, real, pts, idt, ex, pose, scene, size, fake_rng,
-                                                                       preset)
+        fake = manipulate(family, real, pts, idt, ex, pose, scene, size, fake_rng, preset)
+        out["fake"], out["fake_points"], out["weight"] = fake
     return out
 
 
@@ -745,7 +788,70 @@ def jpeg(image, quality):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6) Command line
+# 6) What the five scripts share: one-line errors, the argument parser, atomic writes, the CPUs
+
+def reason(e):
+    """An exception in one line: "ValueError: its first line" (at most 120 characters of it)."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
+class InputError(Exception):
+    """A user mistake (a bad file, flag or dataset): the scripts print it as one line, no
+    traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are InputErrors: a bad flag is one line, like every user mistake."""
+    def error(self, message):
+        raise InputError(message)
+
+
+def bounded(kind, low, high=None):
+    """An argparse type: a finite `kind` (int or float) with low <= value (< high when given)."""
+    expected = f"{'a whole number' if kind is int else 'a number'} >= {low}"
+    if high is not None:
+        expected += f" and < {high}"
+
+    def parse(text):
+        with contextlib.suppress(ValueError):
+            value = kind(text)
+            if math.isfinite(value) and low <= value and (high is None or value < high):
+                return value
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return parse
+
+
+def atomic_write(path, write):
+    """write(f) into a temporary file, flushed to disk, then renamed: a kill or a crash never leaves
+    a half-written file, the previous one stays until the new one is complete."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def usable_cpus():
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 quota
+    (os.cpu_count() sees neither)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        return n if quota == "max" else max(1, min(n, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        return n
+
+
+# ----------------------------------------------------------------------------------------------
+# 7) Command line
 
 def main(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0],
@@ -754,33 +860,32 @@ def main(argv=None):
                                                                                "prepare")
     p.add_argument("--src", required=True, help="the dataset as downloaded")
     p.add_argument("--root", help="where to write the prepared data (default: data/<name>)")
-    p.add_argument("--compression", default="c23", choices=("raw", "c23", "c40"), help="ff++: "
-                                                                                       "quality "
-                                                                                       "(paper: "
-                                                                                       "c23, HQ; "
-                   "Table VI: c40)")
+    p.add_argument("--compression", default="c23", choices=("raw", "c23", "c40"),
+                   help="ff++: quality (paper: c23, HQ; Table VI: c40)")
     p.add_argument("--methods", help="ff++: manipulations, comma-separated (default: all four)")
-    p.add_argument("--splits", help="ff++: folder of train.json, val.json, test.json (default: "
-                                    "SRC/splits)")
-    p.add_argument("--frames", type=bounded(int, 1), default=32, help="evenly spaced frames per "
-                                                                      "video (default 32)")
-    p.add_argument("--workers", type=bounded(int, 1), help="parallel videos (default: the CPUs "
-                                                           "this process may use)")
-    p.add_argument("--redo", action="store_true", help="prepare every video again (e.g. with other "
-                                                       "--frames)")
+    p.add_argument("--splits",
+                   help="ff++: folder of train.json, val.json, test.json (default: SRC/splits)")
+    p.add_argument("--frames", type=bounded(int, 1), default=32,
+                   help="evenly spaced frames per video (default 32)")
+    p.add_argument("--workers", type=bounded(int, 1), help="parallel videos, each in a process of "
+                   "its own (default: the CPUs this process may use; 1: in this process)")
+    p.add_argument("--redo", action="store_true",
+                   help="prepare every video again (e.g. with other --frames)")
     args = p.parse_args(argv)
-    # every record carries them
-    settings = dict(frames=args.frames, size=CROP_SIZE, detect_size=DETECT_SIZE,
+    settings = dict(frames=args.frames, size=CROP_SIZE, detect_size=DETECT_SIZE,  # every record's
                     compression=args.compression if args.data == "ff++" else None)
-    videos = celebdf_videos(args.src) if args.data == "celeb-df" else ffpp_videos(
-        args.src, args.compression, parse_methods("ff++", args.methods), args.splits
-        or os.path.join(args.src, "splits"))
-    prepare(videos, args.root or os.path.join("data", args.data), settings, args.workers
-            or usable_cpus(), args.redo)
+    if args.data == "celeb-df":
+        videos = celebdf_videos(args.src)
+    else:
+        methods = parse_methods("ff++", args.methods)
+        splits = args.splits or os.path.join(args.src, "splits")
+        videos = ffpp_videos(args.src, args.compression, methods, splits)
+    root = args.root or os.path.join("data", args.data)
+    prepare(videos, root, settings, args.workers or usable_cpus(), args.redo)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except InputError as e:
+    except (InputError, OSError) as e:  # a mistake, or what the disk or the system refused
         sys.exit(f"error: {e}")

@@ -5,20 +5,19 @@
 - Cell: Eq. 1, four nodes, each the sum of its incoming edges: one wiring for the search cell
   (every edge a MixedOp: search.py) and the derived cell (two chosen edges a node: add.py).
 - Genotype: the architecture found, two cells of (operation, input) pairs.
-Below the divider: PC-DARTS's partial channels, random genotypes, g.json, and what every script
-shares. Conventions are DARTS's [32]: ReLU-Conv-BN, a separable convolution twice, dilation 2.
+Below the divider: PC-DARTS's partial channels, random genotypes, g.json. Conventions are DARTS's
+[32]: ReLU-Conv-BN, a separable convolution twice, dilation 2.
 """
-import argparse
 import contextlib
 import json
-import math
-import os
 import random
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from masks import InputError, atomic_write
 
 STEPS = 4  # intermediate nodes per cell (Sec. III-A calls them blocks)
 
@@ -311,64 +310,8 @@ def _parse_cell(cell, path, key):
             raise InputError(f"{path}: {field}: input {inp} does not precede node {node} "
                              f"(expected 0..{node + 1}: the two cell inputs, then earlier nodes)")
         pairs.append((op, inp))
+    unread = {0, 1} - {inp for _, inp in pairs}
+    if unread:  # its 1x1 pre-processing would get no gradient: DDP refuses to train it
+        raise InputError(f"{path}: \"{key}\": no pair reads input {min(unread)}; a cell reads both "
+                         "of its inputs, 0 and 1")
     return tuple(pairs)
-
-
-def reason(e):
-    """An exception in one line: "ValueError: its first line" (at most 120 characters of it)."""
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
-
-
-class InputError(Exception):
-    """A user mistake (a bad file, flag or dataset): the scripts print it as one line, no
-    traceback."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose mistakes are InputErrors: a bad flag is one line, like every user mistake."""
-    def error(self, message):
-        raise InputError(message)
-
-
-def bounded(kind, low, high=None):
-    """An argparse type: a finite `kind` (int or float) with low <= value (< high when given)."""
-    expected = f"{'a whole number' if kind is int else 'a number'} >= {low}"
-    if high is not None:
-        expected += f" and < {high}"
-
-    def parse(text):
-        with contextlib.suppress(ValueError):
-            value = kind(text)
-            if math.isfinite(value) and low <= value and (high is None or value < high):
-                return value
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return parse
-
-
-def atomic_write(path, write):
-    """write(f) into a temporary file, flushed to disk, then renamed: a kill or a crash never leaves
-    a half-written file, the previous one stays until the new one is complete."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def usable_cpus():
-    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 quota
-    (os.cpu_count() sees neither)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()
-        return n if quota == "max" else max(1, min(n, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        return n

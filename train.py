@@ -6,27 +6,20 @@
   AP, EER.
 - datasets, test_split: the splits (Sec. IV-A) and the protocols of Tables I-III.
 - fit: the training, Eq. 7 step by step; the epoch of the best validation AUC is tested at the end.
-Below the divider: settings, the epoch's end, DDP, reports, Fig. 9, --eval-only, --predict,
---compare, --benchmark, the command line.
+Below the divider: settings, the epoch's end, several processes, reports, Fig. 9, --eval-only,
+--predict, --compare, --benchmark, the command line.
 
-    python train.py --genotype g.json                                       # built-in synthetic
-    data (demo)
-    python train.py --genotype g.json --data ff++ --methods Face2Face       # inner-dataset (Table
-    I)
-    python train.py --genotype g.json --data ff++ --methods Face2Face --test-methods FaceSwap   #
-    Table II
-    python train.py --genotype g.json --data ff++ --test-data celeb-df      # cross-dataset (Table
-    III)
-    python train.py --genotype g.json --mask-weight 0                       # without L_MSE (Table
-    V)
-    python train.py --arch resnet18 --data celeb-df                         # baseline (Table IV)
+    python train.py --genotype g.json                                  # the built-in data (demo)
+    python train.py --genotype g.json --data ff++ --methods Face2Face  # inner-dataset (Table I)
+    python train.py --genotype g.json --data ff++ --methods Face2Face --test-methods FaceSwap
+    python train.py --genotype g.json --data ff++ --test-data celeb-df # cross-dataset (Table III)
+    python train.py --genotype g.json --mask-weight 0                  # without L_MSE (Table V)
+    python train.py --arch resnet18 --data celeb-df                    # baseline (Table IV)
     python train.py --eval-only --checkpoint runs/train/best.pt --test-data celeb-df
     python train.py --predict clip.mp4 photo.jpg frames/ --checkpoint runs/train/best.pt
-    python train.py --compare runs/train runs/train-2 ...                   # one table and
-    pareto.png
-    torchrun --nproc_per_node 4 train.py --genotype g.json --data ff++      # several GPUs (DDP)
-    python train.py --genotype g.json --benchmark                           # images/s against
-    resnet18
+    python train.py --compare runs/train runs/train-2 ...              # one table and pareto.png
+    torchrun --nproc_per_node 4 train.py --genotype g.json --data ff++ # several GPUs (DDP)
+    python train.py --genotype g.json --benchmark                      # images/s against resnet18
 A run folder (--out; a new one beside it when it exists, unless --resume) holds config.json,
 log.jsonl, last.pt, best.pt, metrics.json, predictions.csv and masks.png.
 """
@@ -36,7 +29,6 @@ import functools
 import io
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -48,21 +40,18 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from add import (ADD, BASELINES, BLOCKS, DEMO_SIZE, GRAD_CLIP, PAPER_SIZE, Baseline, Diverged, Run,
-                 Stopped,
-                 add_data_arguments, append_log, count_parameters, d2_layout, epoch_generator,
-                 figure, fold_batchnorm,
-                 gradient_step, load_checkpoint, load_state, loader, loader_workers, new_run_dir,
-                 open_split,
-                 peak_memory_mib, pick_device, prepare_model, random_batch, resolve_defaults,
-                 restore, resume,
-                 save_checkpoint, save_figure, scale_milestones, time_alternately, to_device,
-                 write_config)
-from masks import CROP_SIZE, METHODS, READ_ERRORS, parse_methods, read_faces
-from ops import (InputError, Parser, atomic_write, bounded, genotype_from_dict, genotype_origin,
-                 load_genotype, reason)
+                 Stopped, add_data_arguments, all_ranks, append_log, autocast, count_parameters,
+                 d2_layout, epoch_generator, figure, fold_batchnorm, gather, gradient_step,
+                 init_distributed, load_checkpoint, load_state, loader, loader_workers, new_run_dir,
+                 one_process, open_split, peak_memory_mib, prepare_model, random_batch, rank_world,
+                 resolve_defaults, restore, resume, run_main, save_checkpoint, save_figure,
+                 scale_milestones, split_batch, time_alternately, to_device, write_config)
+from masks import (CROP_SIZE, DETECT_SIZE, METHODS, READ_ERRORS, InputError, Parser, atomic_write,
+                   bounded, parse_methods, read_faces, reason)
+from ops import genotype_from_dict, genotype_origin, load_genotype
 
-MOMENTUM = 0.9
-WEIGHT_DECAY = 5e-4  # Sec. IV-B: "Adam with a momentum value of 0.9 and a weight decay of 0.0005"
+MOMENTUM = 0.9  # Sec. IV-B: "Adam with a momentum value of 0.9 and a weight decay of 0.0005"
+WEIGHT_DECAY = 5e-4
 
 
 def build_model(cfg, genotype):
@@ -86,30 +75,36 @@ def make_optimizer(model, args):
     else:
         opt = torch.optim.SGD(model.parameters(), args.lr, momentum=MOMENTUM,
                               weight_decay=WEIGHT_DECAY)
-    return opt, torch.optim.lr_scheduler.MultiStepLR(opt,
-                                                     scale_milestones(args.milestones, args.epochs),
-                                                     0.1)
+    milestones = scale_milestones(args.milestones, args.epochs)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation (Sec. IV-B's ACC and AUC, and the field's AP and EER), per frame and per video
 
 @torch.no_grad()
-def frame_scores(model, loader, device):
-    """Every sample of the loader, in order, in fp32 (scores must not tie) -> arrays p (p(fake)),
-    label, ce, mse (None without a mask branch), copied to the host once; the video ids."""
+def frame_scores(model, loader, device, group=None):
+    """This process's part of a split (the loader's), in order, the body under training's autocast,
+    the heads and scores in fp32 (bf16 scores would tie) -> the whole split's arrays p (p(fake)),
+    label, ce, mse (absent without a mask branch), copied to the host once, and its video ids (the
+    parts of every process in rank order: add.gather)."""
     model.eval()
-    out, videos = dict(p=[], label=[], ce=[], mse=[]), []
+    out = dict(p=[], label=[], ce=[], mse=[])
+    videos = []
     for batch in loader:
         x, M, y = to_device(batch, device)
-        logits, m = model(x)
+        with autocast(device):
+            logits, m = model(x)
         out["p"].append(logits.float().softmax(-1)[:, 1])
         out["ce"].append(F.cross_entropy(logits.float(), y, reduction="none"))
         if m is not None:
             out["mse"].append((m.float() - M).square().mean((1, 2, 3)))  # Eq. 5, per sample
         out["label"].append(y)
         videos += list(batch[3])
-    return {k: torch.cat(v).cpu().numpy() if v else None for k, v in out.items()}, videos
+    parts = gather(({k: torch.cat(v).cpu().numpy() for k, v in out.items() if v}, videos), group)
+    arrays = {k: np.concatenate([a[k] for a, _ in parts if k in a])
+              for k in out if any(k in a for a, _ in parts)}
+    return arrays, [video for _, part in parts for video in part]
 
 
 def video_level(probs, labels, videos):
@@ -136,9 +131,9 @@ def scores(labels, probs):
     the per-class accuracies: FF++'s test split is 1 real to 4 fakes), AP (fake = positive) and EER.
     The ranking metrics are None when one class is missing."""
     from sklearn.metrics import average_precision_score, roc_auc_score
-    labels, correct = np.asarray(labels).round(), (np.asarray(probs) > THRESHOLD) == np.asarray(labels).round()
-    # ACC
-    out = dict(acc=float(correct.mean()),
+    labels = np.asarray(labels).round()
+    correct = (np.asarray(probs) > THRESHOLD) == labels
+    out = dict(acc=float(correct.mean()),  # ACC
                bacc=float(np.mean([correct[labels == c].mean() for c in np.unique(labels)])))
     two = len(np.unique(labels)) == 2
     out.update(auc=float(roc_auc_score(labels, probs)) if two else None,  # AUC (Sec. IV-B)
@@ -147,16 +142,19 @@ def scores(labels, probs):
     return out
 
 
-def evaluate(model, loader, device):
-    """-> (metrics: frames, videos, frame_* and video_* scores, ce, mse; per-frame outputs)."""
-    out, videos = frame_scores(model, loader, device)
+def evaluate(model, loader, device, group=None):
+    """Every process scores its part -> (metrics: frames, videos, frame_* and video_* scores, ce,
+    mse; per-frame outputs). Scores that are not finite (outputs that overflow) end the run in one
+    line."""
+    out, videos = frame_scores(model, loader, device, group)
+    if not np.isfinite(out["p"]).all():
+        raise Diverged("the network's scores are not finite: its outputs overflow")
     video_probs, video_labels = video_level(out["p"], out["label"], videos)
-    # ACC and AUC, per frame and per video
-    metrics = dict(frames=len(out["p"]), videos=len(video_labels),
+    mse = out.get("mse")
+    metrics = dict(frames=len(out["p"]), videos=len(video_labels),  # ACC and AUC, frame and video
                    **{f"frame_{k}": v for k, v in scores(out["label"], out["p"]).items()},
                    **{f"video_{k}": v for k, v in scores(video_labels, video_probs).items()},
-                   ce=float(out["ce"].mean()), mse=None if out["mse"] is None
-                   else float(out["mse"].mean()))
+                   ce=float(out["ce"].mean()), mse=None if mse is None else float(mse.mean()))
     return metrics, dict(out, videos=videos)
 
 
@@ -168,34 +166,37 @@ def datasets(args):
     masks.py)."""
     methods = parse_methods(args.data, args.methods)
     return [open_split(args.data, args.root, split, methods, args.image_size, split == "train",
-                       args.videos, args.frames,
-                       args.synthetic, args.data_seed) for split in ("train", "val")]
+                       args.videos, args.frames, args.synthetic, args.data_seed)
+            for split in ("train", "val")]
 
 
 def test_split(args):
-    """The test split and its name: --data/--methods' own (Table I), other manipulations of the same
-    dataset (--test-methods: Table II), or another dataset (--test-data: Table III)."""
+    """The test split and its name: --data/--methods' own (Table I), other manipulations of the
+    same dataset (--test-methods: Table II), or another dataset (--test-data: Table III)."""
     test_data = args.test_data or args.data  # Table I: the training data's own test split
     same = test_data == args.data  # Table III when False: another dataset (--test-data)
-    # other methods
-    methods = parse_methods(test_data, args.test_methods
-                            or (args.methods if same else None))  # Table II
+    # Table II: other methods
+    methods = parse_methods(test_data, args.test_methods or (args.methods if same else None))
     root = args.test_root or (args.root if same else None)
-    # real -> synthetic: the demo's
-    videos, frames = (args.videos, args.frames) if same else (DEMO["videos"], DEMO["frames"])
-    return (open_split(test_data, root, "test", methods, args.image_size, False, videos, frames,
-                       args.synthetic or "easy",
-                       args.data_seed),
-            f"{test_data}:{','.join(methods)}")
+    videos, frames = args.videos, args.frames
+    if not same:  # real data -> synthetic: the demo's
+        videos, frames = DEMO["videos"], DEMO["frames"]
+    dataset = open_split(test_data, root, "test", methods, args.image_size, False, videos, frames,
+                         args.synthetic or "easy", args.data_seed)
+    return dataset, f"{test_data}:{','.join(methods)}"
 
 
-def fit(args, state, rank, world, device):
+def fit(args, state, device, group=None):
     """Sec. IV-B's training: --epochs passes of Eq. 7, the lr / 10 at the milestones, validation
     after each epoch; the epoch of the best validation AUC is tested at the end. Stops, progress and
-    the vote of several processes: add.Run; the epoch's end (checkpoints, the log): end_epoch."""
-    genotype = (genotype_from_dict(state["genotype"], os.path.join(args.out, "last.pt")) if state
-                and state["genotype"]
-                else load_genotype(args.genotype) if args.arch == "add" else None)
+    the vote of several processes (group: torchrun's, DDP): add.Run; the epoch's end (checkpoints,
+    the log): end_epoch."""
+    rank, world = rank_world(group)
+    genotype = None
+    if state and state["genotype"]:  # a resumed run: the genotype it trains
+        genotype = genotype_from_dict(state["genotype"], os.path.join(args.out, "last.pt"))
+    elif args.arch == "add":
+        genotype = load_genotype(args.genotype)
     (train_set, val_set), (test_set, test_name) = datasets(args), test_split(args)
     model = prepare_model(build_model(vars(args), genotype), device)
     optimizer, scheduler = make_optimizer(model, args)
@@ -203,41 +204,47 @@ def fit(args, state, rank, world, device):
     if state:  # a resumed run: the model, optimizer, scheduler and generator as they were
         restore(state, dict(model=model, optimizer=optimizer, scheduler=scheduler),
                 os.path.join(args.out, "last.pt"))
-    net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda"
-                                              else None) if world > 1 else model
-    sampler, data = training_loaders(args, (train_set, val_set, test_set), test_name, model, rank,
-                                     world, device)
-    train_data, steps, params = data[0], len(data[0]), list(net.parameters())
-    with Run(device, data, (args.epochs - start) * steps, dist.new_group(backend="gloo")
-             if world > 1 else None, rank, world,
-             "the last good checkpoint is intact: lower --lr, or --resume from it") as run:
+    net = model
+    if world > 1:  # gradients averaged; rank 0's BatchNorm statistics broadcast before each step
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, ids)
+    sampler, data = training_loaders(args, (train_set, val_set, test_set), test_name, model,
+                                     device, rank, world)
+    train_data, val_data, test_data = data
+    steps = len(train_data)
+    params = list(net.parameters())
+    parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, genotype=genotype)
+    advice = "the last good checkpoint is intact: lower --lr, or --resume from it"
+    with Run(device, data, (args.epochs - start) * steps, group, advice) as run:
         for epoch in range(start, args.epochs):
             sampler.set_epoch(epoch)  # an epoch's order depends on (seed, epoch) only: resumable
             net.train()
             tic = time.time()
             lr = optimizer.param_groups[0]["lr"]
-            sums = torch.zeros(3, device=device)
-            # random flips, the same in a resumed run
-            flips = epoch_generator(args.seed, epoch, rank)
+            sums = torch.zeros(3, device=device)  # (CE, MSE, loss) on the device
+            flips = epoch_generator(args.seed, epoch, rank)  # random flips, the same when resumed
             for step, batch in enumerate(train_data):
-                # (Table V: --mask-weight 0)
                 terms = gradient_step(net, optimizer, params, batch, device, args.mask_weight,
-                                      flips)  # Eq. 7
-                sums += terms  # (CE, MSE, loss) on the device
+                                      flips)  # Eq. 7 (Table V: --mask-weight 0)
+                sums += terms
                 if run.step(terms[2], len(batch[2]), epoch, step, steps) and step + 1 < steps:
-                    raise Stopped(stopped(args, run.signal, f"in epoch {epoch + 1}, after step "
-                                                            f"{step + 1} of {steps}", epoch))
+                    where = f"in epoch {epoch + 1}, after step {step + 1} of {steps}"
+                    raise Stopped(stopped(args, run.signal, where, epoch))
             scheduler.step()
-            if rank == 0:
-                best = end_epoch(args, (model, optimizer, scheduler, genotype), epoch,
-                                 (sums / steps).tolist(), lr, tic,
-                                 data[1], best, steps * args.batch_size, device)
+            run.check_weights(model, epoch)  # before the validation uses them
+            if world > 1:  # each process's last step moved its own: rank 0's, as DDP broadcasts
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, 0)
+            train = dict(means=(all_ranks(sums, group).mean(0) / steps).tolist(), lr=lr,
+                         train_seconds=time.time() - tic, train_images=steps * args.batch_size)
+            val = evaluate(model, val_data, device, group)
+            train["seconds"] = time.time() - tic
+            best = run.on_rank0(lambda: end_epoch(args, parts, epoch, train, val[0], best))
             if run.vote(run.signal)[0]:  # came in its last step, or during the validation
-                raise Stopped(stopped(args, run.signal, f"at the end of epoch {epoch + 1}", epoch
-                                      + 1))
-        if rank == 0:
-            run.stop_now(stopped(args, "{}", "during the final test", args.epochs))
-            return test(args, model, data[1], (test_set, data[2], test_name), device)
+                where = f"at the end of epoch {epoch + 1}"
+                raise Stopped(stopped(args, run.signal, where, epoch + 1))
+        run.stop_now(stopped(args, "{}", "during the final test", args.epochs))
+        return test(args, model, val_data, (test_set, test_data, test_name), device, run)
 
 
 # ==============================================================================================
@@ -249,15 +256,18 @@ REAL_DATA = dict(PAPER_SIZE, image_size=256, batch_size=96, lr=5e-4, epochs=300,
                  milestones=[80, 140])
 DEMO = dict(DEMO_SIZE, image_size=64, batch_size=32, lr=1e-3, epochs=12, milestones=[200, 280],
             videos=160, frames=4)
-DEFAULTS = dict(arch="add", mask_weight=1.0, optimizer="adam", seed=0, device="auto")
+DEFAULTS = dict(arch="add", mask_weight=1.0, optimizer="adam", seed=0, device="auto",
+                no_mask_branch=False, genotype_origin=None)
 # px: ImageNet's strides (32x) would end a smaller face below 4x4 (--small-input's default)
 SMALL_INPUT_BELOW = 128
 FIG9_FACES = 8  # faces in masks.png (Fig. 9) and in --predict's picture
 THRESHOLD = 0.5  # p(fake) above which an input is called fake (ACC, --predict)
-# Options that are constants here: a checkpoint that set them otherwise cannot resume
+# Options of earlier versions that are constants here (or gone): a checkpoint that set them
+# otherwise cannot resume
 BUILT_IN = dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, no_flips=False,
-                blocks=BLOCKS, sync_bn=False)
-# what the restored optimizer and scheduler hold
+                blocks=BLOCKS, sync_bn=False, compile=False, deterministic=False,
+                threshold=THRESHOLD, detect_size=DETECT_SIZE)
+# What the restored optimizer and scheduler hold: a resumed run cannot change it
 SCHEDULE = ("lr", "optimizer", "epochs", "milestones")
 MODEL_KEYS = ("arch", "channels", "cells_per_block", "stem_reductions", "image_size", "mask_weight",
               "small_input")
@@ -267,25 +277,33 @@ CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", 
                    "synthetic", "data_seed")
 
 
-def training_loaders(args, sets, test_name, model, rank, world, device):
-    """The loaders (in training each process its share of the global batch, in an order that depends
-    on (seed, epoch) only) and the header line."""
+def training_loaders(args, sets, test_name, model, device, rank=0, world=1):
+    """The loaders (in training each process its share of the global batch, in an order that
+    depends on (seed, epoch) only; validation and test: each process a part) and the header."""
     train_set, val_set, test_set = sets
-    workers = loader_workers(args.data,
-                             int(os.environ.get("LOCAL_WORLD_SIZE", world))) if args.workers is None else args.workers
+    workers = loader_workers(args.data) if args.workers is None else args.workers
+    share = split_batch(args.batch_size, world)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
-    train_data = loader(train_set, args.batch_size // world, workers, sampler, True)
+    train_data = loader(train_set, share, workers, device, sampler, True)
     if not len(train_data):
         raise InputError(f"--batch-size {args.batch_size}: the train split has only "
-                         f"{len(train_set)} samples "
-                         f"({len(train_set) // world} per process)")
-    if rank == 0:
-        print(f"{args.arch}: {count_parameters(model) / 1e6:.2f} M parameters; train "
-              f"{len(train_set)}, val {len(val_set)}, "
-              f"test {len(test_set)} ({test_name}) samples; {world} process(es) on {device}")
-    return sampler, (train_data,
-                     *(loader(s, args.batch_size, workers) for s in (val_set, test_set)))
+                         f"{len(train_set)} samples ({len(train_set) // world} per process)")
+    print(f"{args.arch}: {count_parameters(model) / 1e6:.2f} M parameters; train "
+          f"{len(train_set)}, val {len(val_set)}, test {len(test_set)} ({test_name}) samples; "
+          f"{world} process(es) on {device}")
+    scored = (scoring_loader(s, args.batch_size, workers, device, rank, world)
+              for s in (val_set, test_set))
+    return sampler, (train_data, *scored)
+
+
+def scoring_loader(dataset, batch_size, workers, device, rank=0, world=1):
+    """A split every process scores a part of, at its share of the global batch: the rank-th of
+    `world` contiguous parts, so that the parts in rank order are the split in order (no sample
+    twice, none left out)."""
+    n = len(dataset)
+    part = range(rank * n // world, (rank + 1) * n // world)
+    return loader(dataset, max(1, batch_size // world), workers, device, part)
 
 
 def stopped(args, name, where, held):
@@ -300,113 +318,100 @@ def stopped(args, name, where, held):
             f"holds epoch {held}: {command} {then}runs the test")
 
 
-def end_epoch(args, parts, epoch, means, lr, tic, val_data, best, images, device):
-    """Rank 0: validation, log.jsonl (its line before the checkpoint: add.trim_log), best.pt (the
-    best validation frame AUC so far), last.pt, the epoch's line -> the best AUC."""
-    model, optimizer, scheduler, genotype = parts
-    train_seconds = time.time() - tic
-    val, _ = evaluate(model, val_data, device)
+def end_epoch(args, parts, epoch, train, val, best):
+    """Rank 0, after the validation (val: its metrics): log.jsonl (its line before the checkpoint:
+    add.trim_log), best.pt (the best validation frame AUC so far), last.pt, the epoch's line ->
+    the best AUC. train: the epoch's training CE, MSE and loss (means), lr and times."""
     auc = val["frame_auc"] if val["frame_auc"] is not None else val["frame_acc"]
-    improved, seconds, out = auc > best, time.time() - tic, args.out
-    train_ce = means[0]
-    train_mse = means[1] if args.arch == "add" and not args.no_mask_branch else None
-    append_log(os.path.join(out, "log.jsonl"), dict(
+    train_ce, train_mse, _ = train["means"]
+    if args.arch != "add" or args.no_mask_branch:
+        train_mse = None
+    append_log(os.path.join(args.out, "log.jsonl"), dict(
         epoch=epoch + 1, train_ce=train_ce, train_mse=train_mse, val_ce=val["ce"],
-        val_mse=val["mse"], lr=lr,
-        seconds=seconds, train_seconds=train_seconds, train_images=images, val=val))
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                 scheduler=scheduler.state_dict(),
-                 epoch=epoch + 1, rng=torch.get_rng_state(), config=vars(args),
-                 genotype=genotype_dict(genotype),
-                 best_auc=max(best, auc))
-    if improved:
-        save_checkpoint(state, os.path.join(out, "best.pt"))
-    save_checkpoint(state, os.path.join(out, "last.pt"))
-    mse = lambda v: "" if v is None else f" MSE {v:.4f}"
-    print(f"epoch {epoch + 1}/{args.epochs}  train CE {train_ce:.4f}{mse(train_mse)}  val CE "
-          f"{val['ce']:.4f}"
-          f"{mse(val['mse'])}  ACC {val['frame_acc']:.4f} AUC "
-          f"{val['frame_auc'] or float('nan'):.4f}  "
-          f"{seconds:.1f} s" + ("  (best)" if improved else ""), flush=True)
+        val_mse=val["mse"], lr=train["lr"], seconds=train["seconds"],
+        train_seconds=train["train_seconds"], train_images=train["train_images"], val=val))
+    state = dict(model=parts["model"].state_dict(), optimizer=parts["optimizer"].state_dict(),
+                 scheduler=parts["scheduler"].state_dict(), epoch=epoch + 1,
+                 rng=torch.get_rng_state(), config=vars(args),
+                 genotype=genotype_dict(parts["genotype"]), best_auc=max(best, auc))
+    if auc > best:
+        save_checkpoint(state, os.path.join(args.out, "best.pt"))
+    save_checkpoint(state, os.path.join(args.out, "last.pt"))
+    mse = "" if train_mse is None else f" MSE {train_mse:.4f}"
+    val_mse = "" if val["mse"] is None else f" MSE {val['mse']:.4f}"
+    print(f"epoch {epoch + 1}/{args.epochs}  train CE {train_ce:.4f}{mse}  val CE "
+          f"{val['ce']:.4f}{val_mse}  ACC {val['frame_acc']:.4f} AUC "
+          f"{val['frame_auc'] or float('nan'):.4f}  {train['seconds']:.1f} s"
+          + ("  (best)" if auc > best else ""), flush=True)
     return max(best, auc)
 
 
-def init_distributed(device_name, batch_size):
-    """torchrun's RANK, WORLD_SIZE, LOCAL_RANK: a process per GPU (nccl) or CPU slot (gloo) -> rank,
-    world size, device."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(device_name)
-    rank = int(os.environ["RANK"])
-    world = int(os.environ["WORLD_SIZE"])
-    local = int(os.environ["LOCAL_RANK"])
-    if batch_size % world:
-        raise InputError(f"--batch-size {batch_size}: the global batch must divide by the {world} "
-                         f"processes "
-                         f"(e.g. --batch-size {batch_size // world * world or world})")
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+def test(args, model, val_data, split, device, run):
+    """The best checkpoint on the validation and test splits -> metrics.json, predictions.csv, the
+    table, masks.png (report)."""
+    path = os.path.join(args.out, "best.pt")
+    best = load_checkpoint(path)
+    load_state(model, best["model"], path)
+    val = evaluate(model, val_data, device, run.group)
+    return report(args, model, split, device, "metrics.json", best, run, val)
 
 
-def test(args, model, val_data, test, device):
-    """Best checkpoint -> metrics.json (val and test), predictions.csv, the table, masks.png."""
-    best = load_checkpoint(os.path.join(args.out, "best.pt"))
-    load_state(model, best["model"], os.path.join(args.out, "best.pt"))
-    val, _ = evaluate(model, val_data, device)
-    rows = {f"val  {args.data}:{','.join(parse_methods(args.data, args.methods))}": val}
-    return report(args, model, rows, test, device, "metrics.json", best)
+def report(args, model, split, device, name, state, run, val=None):
+    """The test split (split: its dataset, loader, name) scored by every process; rank 0 writes
+    NAME (metrics, with the checkpoint's epoch and genotype, and val's: (metrics, outputs) or
+    None), predictions.csv (a row a frame: it reproduces them), masks.png -> the metrics (rank 0's;
+    None elsewhere)."""
+    test_set, test_data, test_name = split
+    test = evaluate(model, test_data, device, run.group)
+
+    def write():
+        rows = {f"test {test_name}": test[0]}
+        if val:
+            methods = ",".join(parse_methods(args.data, args.methods))
+            rows = {f"val  {args.data}:{methods}": val[0], **rows}
+        metrics = dict(arch=args.arch, parameters=count_parameters(model), epoch=state["epoch"],
+                       mask_weight=args.mask_weight, genotype=state.get("genotype"),
+                       **{k.split()[0]: dict(data=k.split()[1], **v) for k, v in rows.items()})
+        atomic_write(os.path.join(args.out, name),
+                     lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+        out = test[1]
+        lines = [[video, method, frame, int(label), f"{p:.6f}"] for (method, video, frame), label, p
+                 in zip(test_set.samples, out["label"], out["p"])]
+        text = io.StringIO()
+        csv.writer(text).writerows([["video", "method", "frame", "label", "p_fake"]] + lines)
+        atomic_write(os.path.join(args.out, "predictions.csv"),
+                     lambda f: f.write(text.getvalue().encode()))
+        print_table(rows)
+        visualize(model, test_set, os.path.join(args.out, "masks.png"), device)
+        print(f"wrote {args.out}: {name}, predictions.csv, masks.png")
+        return metrics
+    return run.on_rank0(write)
 
 
-def report(args, model, rows, test, device, name, state):
-    """The test split evaluated (test: its dataset, loader, name) -> NAME (metrics, with the
-    checkpoint's epoch and genotype), predictions.csv (a row a frame: it reproduces them),
-    masks.png."""
-    test_set, test_data, test_name = test
-    rows[f"test {test_name}"], out = evaluate(model, test_data, device)
-    metrics = dict(arch=args.arch, parameters=count_parameters(model), epoch=state["epoch"],
-                   mask_weight=args.mask_weight,
-                   genotype=state.get("genotype"),
-                   **{k.split()[0]: dict(data=k.split()[1], **v) for k, v in rows.items()})
-    atomic_write(os.path.join(args.out, name),
-                 lambda f: f.write(json.dumps(metrics, indent=1).encode()))
-    text = io.StringIO()
-    csv.writer(text).writerows([["video", "method", "frame", "label", "p_fake"]] + [
-        [video, method, frame, int(label), f"{p:.6f}"] for (method, video, frame), label, p in
-        zip(test_set.samples, out["label"], out["p"])])
-    atomic_write(os.path.join(args.out, "predictions.csv"),
-                 lambda f: f.write(text.getvalue().encode()))
-    print_table(rows)
-    visualize(model, test_set, os.path.join(args.out, "masks.png"), device)
-    print(f"wrote {args.out}: {name}, predictions.csv, masks.png")
-    return metrics
-
-
-def eval_only(args, model, state, device):
+def eval_only(args, model, state, device, group=None):
     """--eval-only: the checkpoint's network on a test split, its own run's unless --test-data,
     --test-methods or --test-root say otherwise, into a new run folder (never the training
-    run's)."""
-    write_config(args, os.path.join(args.out, "config.json"))
+    run's); under torchrun every process scores a part."""
+    if rank_world(group)[0] == 0:
+        write_config(args, os.path.join(args.out, "config.json"))
     test_set, test_name = test_split(args)
     workers = loader_workers(args.data) if args.workers is None else args.workers
-    with Run(device, [loader(test_set, args.batch_size, workers)]) as run:
+    data = scoring_loader(test_set, args.batch_size, workers, device, *rank_world(group))
+    with Run(device, [data], group=group) as run:
         run.stop_now("stopped by {} during the evaluation; nothing is lost: run it again")
-        return report(args, model, {}, (test_set, run.loaders[0], test_name), device, "eval.json",
-                      state)
+        return report(args, model, (test_set, data, test_name), device, "eval.json", state, run)
 
 
 def print_table(rows):
     """rows: {name: metrics} -> one line each."""
-    cols, width = ["frames", "videos"] + [f"{u}_{k}" for u in ("frame", "video")
-                                          for k in ("acc", "bacc", "auc", "ap", "eer")], \
-        max(len(name) for name in rows) + 2
+    cols = ["frames", "videos"]
+    cols += [f"{u}_{k}" for u in ("frame", "video") for k in ("acc", "bacc", "auc", "ap", "eer")]
+    width = max(len(name) for name in rows) + 2
     print(" " * width + "".join(f"{c:>11s}" for c in cols))
     for name, m in rows.items():
-        print(f"{name:<{width}s}"
-              + "".join(f"{m[c]:>11d}" if isinstance(m[c], int) else f"{'n/a':>11s}" if m[c] is None
-                                            else f"{m[c]:>11.4f}" for c in cols))
+        cells = [f"{'n/a':>11s}" if m[c] is None else f"{m[c]:>11d}" if isinstance(m[c], int)
+                 else f"{m[c]:>11.4f}" for c in cols]
+        print(f"{name:<{width}s}" + "".join(cells))
 
 
 def draw_faces(path, faces, ms, captions, title=None, hulls=None):
@@ -429,19 +434,19 @@ def visualize(model, dataset, path, device, k=FIG9_FACES):
     """masks.png, as Fig. 9: K test faces spread over the split, with m, M and p(fake)."""  # Fig. 9
     idx = np.linspace(0, len(dataset) - 1, min(k, len(dataset))).round().astype(int)
     x, M, y, _ = (list(t) for t in zip(*(dataset[i] for i in idx)))
+    faces, hulls = torch.stack(x), torch.stack(M)
     with torch.no_grad():
-        logits, m = model.eval()(to_device((torch.stack(x), torch.stack(M), torch.tensor(y)),
-                                           device)[0])
+        logits, m = model.eval()(to_device((faces, hulls, torch.tensor(y)), device)[0])
     p = logits.float().softmax(-1)[:, 1].cpu()
-    draw_faces(path, torch.stack(x).permute(0, 2, 3, 1).numpy(), None if m is None
-               else m[:, 0].float().cpu().numpy(),
+    draw_faces(path, faces.permute(0, 2, 3, 1).numpy(),
+               None if m is None else m[:, 0].float().cpu().numpy(),
                [f"p(fake) {p[i]:.2f}, {'fake' if y[i] else 'real'}" for i in range(len(idx))],
-               "predicted region m (heat), hull mask M (outline)", torch.stack(M)[:, 0].numpy())
+               "predicted region m (heat), hull mask M (outline)", hulls[:, 0].numpy())
 
 
 def genotype_dict(genotype):
-    return None if genotype is None else {k: [list(p) for p in v]
-                                          for k, v in genotype._asdict().items()}
+    if genotype is not None:
+        return {k: [list(pair) for pair in cell] for k, cell in genotype._asdict().items()}
 
 
 def model_from_checkpoint(path, device):
@@ -453,16 +458,15 @@ def model_from_checkpoint(path, device):
         raise InputError(f"{path}: not a train.py checkpoint (no model or config inside)")
     if "alpha_normal" in state["model"]:
         raise InputError(f"{path}: a search checkpoint (search.py's search.pt), not a trained "
-                         f"detector; train its "
-                         f"genotype first: python train.py --genotype g.json")
-    missing = [f"--{k.replace('_', '-')}" for k in MODEL_KEYS
-               if k not in cfg] + ["epoch"] * ("epoch" not in state)
+                         "detector; train its genotype first: python train.py --genotype g.json")
+    missing = [f"--{k.replace('_', '-')}" for k in MODEL_KEYS if k not in cfg]
+    if "epoch" not in state:
+        missing.append("epoch")
     if missing:
         raise InputError(f"{path}: written by another version of train.py (its configuration has "
-                         f"no {', '.join(missing)}); "
-                         f"train it again")
-    model = build_model(cfg, genotype_from_dict(state["genotype"], path) if state.get("genotype")
-                        else None)
+                         f"no {', '.join(missing)}); train it again")
+    genotype = genotype_from_dict(state["genotype"], path) if state.get("genotype") else None
+    model = build_model(cfg, genotype)
     load_state(model, state["model"], path)
     return prepare_model(fold_batchnorm(model), device).eval(), cfg, state
 
@@ -480,13 +484,15 @@ def score_input(model, path, args, device):
         return dict(reason=f"{what} ({reason(e)})")
     faces = [f for f in found if f[1] is not None]
     if not faces:
-        return dict(reason=f"no face found in {len(found)} frame(s)" if found else "no frames "
-                                                                                   "decoded")
+        return dict(reason=f"no face found in {len(found)} frame(s)" if found
+                    else "no frames decoded")
     s = args.image_size  # the CROP_SIZE crop resized as the loaders resize prepared faces
     crops = np.stack([np.asarray(Image.fromarray(c).resize((s, s), Image.BILINEAR))
                       if s != CROP_SIZE else c for _, c, _, _ in faces])
-    with torch.no_grad():
-        logits, m = model(torch.from_numpy(crops).permute(0, 3, 1, 2).to(device, memory_format=torch.channels_last).float() / 255)
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2)  # (K, 3, S, S) uint8
+    x = x.to(device, memory_format=torch.channels_last).float() / 255
+    with torch.no_grad(), autocast(device):  # as the evaluation scores
+        logits, m = model(x)
     p = logits.float().softmax(-1)[:, 1].cpu().numpy()
     frames = [dict(frame=i, p_fake=float(q), box=[round(float(v), 1) for v in box])
               for (i, _, _, box), q in zip(faces, p)]
@@ -501,19 +507,21 @@ def predict_files(args, model, device):
     missing = [p for p in args.predict if not os.path.exists(p)]
     if missing:
         raise InputError(f"{missing[0]}: no such file or folder (expected a video, a folder of "
-                         f"frames or a photo)")
+                         "frames or a photo)")
+    torch.backends.cudnn.benchmark = False  # a batch of each size (faces an input): no tuning
     out, report = args.out, {}
     print(f"scoring {len(args.predict)} input(s) with {args.checkpoint} ({args.arch}, "
           f"{args.image_size} px); writing {out}")
     with Run(device) as run:
-        run.stop_now("stopped by {}: the inputs above were scored, predictions.json was not written")
+        run.stop_now("stopped by {}: the inputs above were scored, predictions.json was not "
+                     "written")
         for n, path in enumerate(args.predict):
             result = score_input(model, path, args, device)
             if "reason" in result:
                 print(f"{path}: {result['reason']}")
             else:
-                picture = os.path.join(out,
-                                       f"{n:03d}_{os.path.basename(os.path.normpath(path))}.png")
+                name = os.path.basename(os.path.normpath(path))
+                picture = os.path.join(out, f"{n:03d}_{name}.png")
                 pick = np.linspace(0, len(result["crops"]) - 1,
                                    min(FIG9_FACES, len(result["crops"]))).round().astype(int)
                 draw_faces(picture, result["crops"][pick], None if result["m"] is None
@@ -522,9 +530,8 @@ def predict_files(args, model, device):
                             f"{result['frames'][j]['p_fake']:.2f}" for j in pick],
                            f"{path}: p(fake) {result['p_fake']:.3f} ({result['verdict']})")
                 print(f"{path}: p(fake) {result['p_fake']:.4f}  {result['verdict'].upper()} at "
-                      f"threshold {THRESHOLD}  "
-                      f"({result['frames_scored']} of {result['frames_read']} frames scored)  "
-                      f"{picture}")
+                      f"threshold {THRESHOLD}  ({result['frames_scored']} of "
+                      f"{result['frames_read']} frames scored)  {picture}")
             report[path] = {key: v for key, v in result.items() if key not in ("crops", "m")}
     atomic_write(os.path.join(out, "predictions.json"),
                  lambda f: f.write(json.dumps(report, indent=1).encode()))
@@ -536,10 +543,8 @@ def predict_files(args, model, device):
 # --compare: runs grouped by what makes their network, data and training (but seeds and lr), and
 # their cells
 COMPARE_KEYS = ("arch", "channels", "cells_per_block", "stem_reductions", "image_size",
-                "small_input", "mask_weight",
-                "no_mask_branch", "data", "methods", "synthetic", "videos", "frames", "batch_size",
-                "epochs", "milestones",
-                "optimizer")
+                "small_input", "mask_weight", "no_mask_branch", "data", "methods", "synthetic",
+                "videos", "frames", "batch_size", "epochs", "milestones", "optimizer")
 # a training CE at or above this in the last epoch: the network did not train (ln 2 = 0.693)
 AT_CHANCE = 0.65
 
@@ -553,22 +558,22 @@ def compare(args):
     groups = {}
     for run in args.compare:
         cfg, metrics, log = read_run(run)
-        key = json.dumps(dict({k: cfg.get(k) for k in COMPARE_KEYS}, cells=metrics.get("genotype")),
-                         sort_keys=True)
+        same = dict({k: cfg.get(k) for k in COMPARE_KEYS}, cells=metrics.get("genotype"))
+        key = json.dumps(same, sort_keys=True)
         groups.setdefault((key, cfg["lr"]), []).append((run, cfg, metrics, log))
     rows = sorted((dict(compare_row(runs), architecture=key) for (key, _), runs in groups.items()),
                   key=lambda r: (r["parameters"], r["name"], r["lr"]))
     print(f"{'name':28s} {'kind':13s} {'width':>7s} {'params':>8s} {'lr':>7s} {'img/s':>7s}  "
-          f"{'test frame AUC':>15s}  "
-          f"{'video AUC':>15s}  {'val AUC':>7s}  n")
+          f"{'test frame AUC':>15s}  {'video AUC':>15s}  {'val AUC':>7s}  n")
     for r in rows:
+        chance = ""
+        if r["at_chance"]:
+            chance = f"  ({r['at_chance']} at chance, left out of the test AUCs: {r['failed']})"
         print(f"{r['name'][:28]:28s} {r['kind']:13s} {r['width']:>7s} "
               f"{r['parameters'] / 1e6:>7.2f}M {r['lr']:>7g} "
               f"{r['images_per_s'] or float('nan'):>7.1f}  {r['frame_auc']:.3f} ± "
-              f"{r['frame_auc_std']:.3f}  "
-              f"{r['video_auc']:.3f} ± {r['video_auc_std']:.3f}  {r['val_auc']:>7.3f}  {r['n']}"
-              + (f"  ({r['at_chance']} at chance, left out of the test AUCs: {r['failed']})"
-                 if r["at_chance"] else ""))
+              f"{r['frame_auc_std']:.3f}  {r['video_auc']:.3f} ± {r['video_auc_std']:.3f}  "
+              f"{r['val_auc']:>7.3f}  {r['n']}{chance}")
     verdicts(rows)
     fig, ax = figure(1, 1, (8, 5.5))
     for kind, mark in (("searched", "o"), ("random", "s"), ("hand-designed", "^"), ("ADD", "D")):
@@ -580,8 +585,8 @@ def compare(args):
             ax[0, 0].annotate(f"{r['name']} {r['width'] if r['width'] != '-' else ''}".strip(),
                               (r["parameters"], r["frame_auc"]), fontsize=7, xytext=(4, 3),
                               textcoords="offset points")
-    ax[0, 0].set(xscale="log", xlabel="parameters", ylabel="test frame AUC (mean ± std over seeds)",
-                 title="AUC against size")
+    ax[0, 0].set(xscale="log", xlabel="parameters", title="AUC against size",
+                 ylabel="test frame AUC (mean ± std over seeds)")
     ax[0, 0].legend()
     save_figure(fig, os.path.join(args.out, "pareto.png"))
     print(f"wrote {args.out}/pareto.png")
@@ -591,8 +596,10 @@ def compare(args):
 def compare_row(runs):
     """One group of runs (the same but for their seeds) -> its row."""
     _, cfg, metrics, _ = runs[0]
-    is_add, origin = cfg["arch"] == "add", cfg.get("genotype_origin")
-    kind = {"random": "random", "search": "searched"}.get(origin, "ADD") if is_add else "hand-designed"
+    is_add = cfg["arch"] == "add"
+    kind = "hand-designed"
+    if is_add:
+        kind = {"random": "random", "search": "searched"}.get(cfg.get("genotype_origin"), "ADD")
     failed = [run for run, _, _, log in runs if log[-1]["train_ce"] >= AT_CHANCE]
     kept = [(c, m) for run, c, m, _ in runs if run not in failed]
     frame, video = (np.array([m["test"][f"{level}_auc"] for _, m in kept], dtype=float)
@@ -607,15 +614,15 @@ def compare_row(runs):
         return float(a.std(ddof=1)) if len(a) > 1 else 0.0
     timed = [(e["train_images"], e["train_seconds"]) for _, _, _, log in runs for e in log
              if "train_seconds" in e]
-    return dict(name=os.path.splitext(os.path.basename(cfg.get("genotype") or ""))[0] if is_add
-                else cfg["arch"], kind=kind,
+    rate = sum(i for i, _ in timed) / sum(s for _, s in timed) if timed else None
+    name = cfg["arch"]
+    if is_add:
+        name = os.path.splitext(os.path.basename(cfg.get("genotype") or ""))[0]
+    return dict(name=name, kind=kind, parameters=metrics["parameters"], lr=cfg["lr"],
                 width=f"C{cfg['channels']} N{cfg['cells_per_block']}" if is_add else "-",
-                parameters=metrics["parameters"],
-                lr=cfg["lr"], images_per_s=sum(i for i, _ in timed) / sum(s for _, s in timed)
-                if timed else None,
-                frame_auc=mean(frame), frame_auc_std=spread(frame), video_auc=mean(video),
-                video_auc_std=spread(video),
-                val_auc=mean(val), n=len(kept), at_chance=len(failed), failed=" ".join(failed),
+                images_per_s=rate, frame_auc=mean(frame), frame_auc_std=spread(frame),
+                video_auc=mean(video), video_auc_std=spread(video), val_auc=mean(val),
+                n=len(kept), at_chance=len(failed), failed=" ".join(failed),
                 runs=" ".join(sorted(r for r, *_ in runs)),
                 seeds={f"{c['seed']}/{c.get('data_seed', 0)}": m["test"]["frame_auc"]
                        for c, m in kept})
@@ -632,12 +639,14 @@ def verdicts(rows):
         sweeps.setdefault(r["architecture"], []).append(r)
     if any(len(sweep) > 1 for sweep in sweeps.values()):
         for sweep in (s for s in sweeps.values() if len(s) > 1):
-            pick, lrs = max(sweep, key=lambda r: r["val_auc"]), sorted(r["lr"] for r in sweep)
+            pick = max(sweep, key=lambda r: r["val_auc"])
+            lrs = sorted(r["lr"] for r in sweep)
+            edge = "; at the grid's edge: extend it" if pick["lr"] in (lrs[0], lrs[-1]) else ""
             print(f"lr pick, {pick['name']} {pick['width']}: {pick['lr']:g} of "
-                  f"{', '.join(f'{lr:g}' for lr in lrs)} (mean "
-                  f"validation frame AUC {pick['val_auc']:.3f})" + ("; at the grid's edge: extend "
-                                                                    "it" if pick["lr"] in (lrs[0], lrs[-1]) else ""))
-        return print("(an architecture at several lrs: the comparisons take one lr an architecture)")
+                  f"{', '.join(f'{lr:g}' for lr in lrs)} (mean validation frame AUC "
+                  f"{pick['val_auc']:.3f}){edge}")
+        return print("(an architecture at several lrs: the comparisons take one lr an "
+                     "architecture)")
     kinds = {k: [r for r in rows if r["kind"] == k and r["n"]]
              for k in ("searched", "random", "hand-designed")}
     for other in ("random", "hand-designed"):
@@ -645,8 +654,8 @@ def verdicts(rows):
         if len(a) > 1 and len(b) > 1:
             ci = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
             print(f"searched - {other}: {np.mean(a) - np.mean(b):+.3f} [{ci.low:+.3f}, "
-                  f"{ci.high:+.3f}] test frame AUC "
-                  f"(Welch's 95% interval over architectures: {len(a)} and {len(b)})")
+                  f"{ci.high:+.3f}] test frame AUC (Welch's 95% interval over architectures: "
+                  f"{len(a)} and {len(b)})")
     for s in kinds["searched"]:
         for h in kinds["hand-designed"]:
             seeds = sorted(set(s["seeds"]) & set(h["seeds"]))
@@ -654,22 +663,24 @@ def verdicts(rows):
                 d = [s["seeds"][k] - h["seeds"][k] for k in seeds]
                 ci = ttest_1samp(d, 0.0).confidence_interval(0.95)
                 print(f"  {s['name']} {s['width']} - {h['name']}: {np.mean(d):+.3f} "
-                      f"[{ci.low:+.3f}, {ci.high:+.3f}] "
-                      f"(paired by seed, {len(seeds)} seeds)")
+                      f"[{ci.low:+.3f}, {ci.high:+.3f}] (paired by seed, {len(seeds)} seeds)")
 
 
 def read_run(run):
     """A finished train.py run folder -> (config, metrics, log lines); a one-line error
     otherwise."""
     try:
-        cfg, metrics = (json.load(open(os.path.join(run, name)))
-                        for name in ("config.json", "metrics.json"))
-        if isinstance(cfg, dict) and "arch" in cfg and isinstance(metrics, dict) and isinstance(metrics.get("test"), dict):
-            return cfg, metrics, [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+        files = [open(os.path.join(run, name)).read() for name in ("config.json", "metrics.json",
+                                                                   "log.jsonl")]
+        cfg, metrics = json.loads(files[0]), json.loads(files[1])
+        log = [json.loads(line) for line in files[2].splitlines()]
     except (OSError, ValueError) as e:
         raise InputError(f"{run}: not a finished train.py run folder ({reason(e)})")
-    raise InputError(f"{run}: not a finished train.py run folder (its config.json or metrics.json "
-                     f"is another file)")
+    if not (isinstance(cfg, dict) and "arch" in cfg and isinstance(metrics, dict)
+            and isinstance(metrics.get("test"), dict)):
+        raise InputError(f"{run}: not a finished train.py run folder (its config.json or "
+                         "metrics.json is another file)")
+    return cfg, metrics, log
 
 
 # ----------------------------------------------------------------------------------------------
@@ -697,15 +708,13 @@ def benchmark(args, device, calls=10, rounds=3):
               for arch in sizes}
     for arch, r in result.items():
         print(f"{arch} ({sizes[arch] / 1e6:.2f} M parameters), batch {args.batch_size}, "
-              f"{args.image_size} px, on {device}: "
-              f"training {r['training']:.1f} images/s, inference {r['inference']:.1f} images/s "
-              f"(BatchNorm folded)")
+              f"{args.image_size} px, on {device}: training {r['training']:.1f} images/s, "
+              f"inference {r['inference']:.1f} images/s (BatchNorm folded)")
     if len(result) == 2:
         (a, ra), (o, ro) = result.items()
         print(f"{a} / {o}: training {ra['training'] / ro['training']:.2f}x, inference "
-              f"{ra['inference'] / ro['inference']:.2f}x "
-              f"(best of {rounds} alternating rounds); peak memory {peak_memory_mib(device):.0f} "
-              f"MiB")
+              f"{ra['inference'] / ro['inference']:.2f}x (best of {rounds} alternating rounds); "
+              f"peak memory {peak_memory_mib(device):.0f} MiB")
     return result
 
 
@@ -715,75 +724,72 @@ def parse_args(argv=None):
     g = p.add_argument_group("the paper's network and training (Sec. III-B to IV-B; on the "
                              "built-in data: the demo's sizes)")
     g.add_argument("--genotype", help="g.json from search.py (needed for --arch add)")
-    g.add_argument("--arch", choices=("add",) + BASELINES, help="add (the default), or a "
-                                                                "torchvision network trained from "
-                   "scratch in the same harness (Table IV: resnet18, resnet152, vgg16; and small "
-                   "ones of the field)")
-    g.add_argument("--channels", type=bounded(int, 1), help="C of the first block (48: ~5 M "
-                                                            "parameters, paper: 5.6 M; demo: 16)")
-    g.add_argument("--cells-per-block", type=bounded(int, 1), help="N normal cells per D^2 block "
-                                                                   "(paper: 4, Sec. IV-D); demo: 1")
-    g.add_argument("--mask-weight", type=bounded(float, 0), help="alpha of Eq. 7 (paper and "
-                                                                 "default: 1; Fig. 5: 0.1, 10; "
-                   "0: Table V's 'alpha = 0', the mask branch kept, m unsupervised)")
-    g.add_argument("--batch-size", type=bounded(int, 1), help="global batch (paper: 96; demo: 32)")
+    g.add_argument("--arch", choices=("add",) + BASELINES,
+                   help="add (the default), or a network trained from scratch in the same harness "
+                   "(Table IV: resnet18, resnet152, vgg16, xception; and small ones of the field)")
+    g.add_argument("--channels", type=bounded(int, 1),
+                   help="C of the first block (48: ~5 M parameters, paper: 5.6 M; demo: 16)")
+    g.add_argument("--cells-per-block", type=bounded(int, 1),
+                   help="N normal cells per D^2 block (paper: 4, Sec. IV-D); demo: 1")
+    g.add_argument("--mask-weight", type=bounded(float, 0),
+                   help="alpha of Eq. 7 (paper and default: 1; Fig. 5: 0.1, 10; 0: Table V's "
+                   "'alpha = 0', the mask branch kept, m unsupervised)")
+    g.add_argument("--batch-size", type=bounded(int, 1),
+                   help="the global batch, split across processes (paper: 96; demo: 32)")
     g.add_argument("--epochs", type=bounded(int, 1), help="paper: 300; demo: 12")
-    g.add_argument("--milestones", type=bounded(int, 1), nargs="+", help="lr / 10 at these epochs "
-                                                                         "of 300, scaled to "
-                                                                         "--epochs "
-                   "(paper: 80 140; demo: 200 280)")
-    g.add_argument("--test-data", choices=tuple(METHODS), help="test on another dataset (Table "
-                                                               "III: celeb-df)")
+    g.add_argument("--milestones", type=bounded(int, 1), nargs="+",
+                   help="lr / 10 at these epochs of 300, scaled to --epochs (paper: 80 140; demo: "
+                   "200 280)")
+    g.add_argument("--test-data", choices=tuple(METHODS),
+                   help="test on another dataset (Table III: celeb-df)")
     g.add_argument("--test-methods", help="test on other manipulations (Table II: FaceSwap)")
-    g.add_argument("--no-mask-branch", action="store_true", help="ADD without the mask branch (Eq. "
-                                                                 "4 alone)")
+    g.add_argument("--no-mask-branch", action="store_true", default=None,
+                   help="ADD without the mask branch (Eq. 4 alone)")
     g = p.add_argument_group("departures from the paper (README, Departures)")
-    g.add_argument("--lr", type=bounded(float, 0), help="paper: 0.5, read as 0.5e-3 for Adam (real "
-                                                        "data: 5e-4; demo: 1e-3)")
+    g.add_argument("--lr", type=bounded(float, 0),
+                   help="paper: 0.5, read as 0.5e-3 for Adam (real data: 5e-4; demo: 1e-3)")
     g.add_argument("--optimizer", choices=("adam", "sgd"), help="adam (the paper's, the default), "
-                                                                "or momentum SGD: the "
-                   "other reading of the paper's lr 0.5")
-    g.add_argument("--stem-reductions", type=bounded(int, 0), help="stride-2 stem layers, not "
-                                                                   "described by the paper (3: 256 "
-                   "-> 32 px; demo: 2, 64 -> 16 px)")
-    g.add_argument("--small-input", action=argparse.BooleanOptionalAction, help="hand-designed "
-                                                                                "networks: the "
-                                                                                "first stride-2 "
-                   f"layer at stride 1, a 64 px face ending on 4x4 as in ADD (default: on below "
-                   f"{SMALL_INPUT_BELOW} px)")
+                   "or momentum SGD: the other reading of the paper's lr 0.5")
+    g.add_argument("--stem-reductions", type=bounded(int, 0),
+                   help="stride-2 stem layers, not described by the paper (3: 256 -> 32 px; demo: "
+                   "2, 64 -> 16 px)")
+    g.add_argument("--small-input", action=argparse.BooleanOptionalAction,
+                   help="hand-designed networks: the first stride-2 layer at stride 1, a 64 px "
+                   f"face ending on 4x4 as in ADD (default: on below {SMALL_INPUT_BELOW} px)")
     g = p.add_argument_group("running: data, device, resume")
     add_data_arguments(g)
     g.add_argument("--test-root", help="prepared folder of --test-data (default: data/<name>)")
     g.add_argument("--seed", type=bounded(int, 0), help="default 0")
     g.add_argument("--device", help="auto (CUDA if present; the default), cpu, cuda, ...")
     g.add_argument("--out", help="run folder (default runs/train, runs/eval, ...; a new one beside "
-                                 "it if it exists, unless --resume)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt: the options "
-                                                         "given now, else its own")
-    g = p.add_argument_group("extras: evaluation, prediction, comparison, speed")
-    g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on a test split "
-                                                            "(its run's by default)")
-    g.add_argument("--checkpoint", help="with --eval-only or --predict: a best.pt or last.pt "
-                                        "written by train.py")
-    g.add_argument("--predict", nargs="+", metavar="PATH", help="score videos, folders of frames "
-                                                                "or photos with --checkpoint")
+                   "it if it exists, unless --resume)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.pt: the options given now, else its own")
+    g = p.add_argument_group("extras: evaluation, prediction, comparison, speed (the last three: "
+                             "one process)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate --checkpoint on a test split (its run's by default)")
+    g.add_argument("--checkpoint",
+                   help="with --eval-only or --predict: a best.pt or last.pt written by train.py")
+    g.add_argument("--predict", nargs="+", metavar="PATH",
+                   help="score videos, folders of frames or photos with --checkpoint")
     g.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="finished runs grouped by all "
-                                                                   "but their seeds: a "
-                   "table, the verdicts, pareto.png (AUC against size)")
-    g.add_argument("--benchmark", action="store_true", help="training and inference images/s "
-                                                            "against resnet18, then exit")
+                   "but their seeds: a table, the verdicts, pareto.png (AUC against size)")
+    g.add_argument("--benchmark", action="store_true",
+                   help="training and inference images/s against resnet18, then exit")
     return p.parse_args(argv)
 
 
 def configure(args, cfg=None):
     """Every option left unset from the demo's or the real data's settings; with a checkpoint's
     configuration cfg, its network and (--eval-only) its data unless given; the checks across
-    flags."""
-    mode = "predict" if args.predict else "eval" if args.eval_only else "compare" if args.compare else "train"
+    options (of a resumed run: on the checkpoint's options merged with those given)."""
+    mode = "train"
+    if args.predict or args.eval_only or args.compare:
+        mode = "predict" if args.predict else "eval" if args.eval_only else "compare"
     if mode in ("eval", "predict") and not args.checkpoint:
         raise InputError(f"--{'eval-only' if args.eval_only else 'predict'} needs --checkpoint "
-                         f"PATH "
-                         f"(a best.pt or last.pt written by train.py)")
+                         "PATH (a best.pt or last.pt written by train.py)")
     for key in CHECKPOINT_KEYS:
         if cfg and mode == "eval" and getattr(args, key) is None:
             setattr(args, key, cfg.get(key, "easy" if key == "synthetic" else None))
@@ -802,10 +808,11 @@ def configure(args, cfg=None):
                          "--out g.json")
     if args.arch != "add" or args.no_mask_branch:
         args.mask_weight = 0.0  # no mask branch: nothing for Eq. 5 to supervise
-    args.small_input = args.image_size < SMALL_INPUT_BELOW if args.small_input is None else args.small_input
+    if args.small_input is None:
+        args.small_input = args.image_size < SMALL_INPUT_BELOW
     args.out = args.out or os.path.join("runs", mode)
-    # --compare's kind
-    args.genotype_origin = genotype_origin(args.genotype) if args.arch == "add" and args.genotype else None
+    if args.arch == "add" and args.genotype and args.genotype_origin is None:  # --compare's kind
+        args.genotype_origin = genotype_origin(args.genotype)
     return args
 
 
@@ -814,46 +821,43 @@ def main(argv=None):
     # weights decaying to 0 (a run at chance) go subnormal: x86 steps 8x slower
     torch.set_flush_denormal(True)
     args = configure(argparse.Namespace(**vars(given)))
+    for flag in ("compare", "predict", "benchmark"):
+        if getattr(args, flag):
+            one_process(f"--{flag}")
     if args.compare:
         args.out = new_run_dir(args.out)
         return compare(args)
-    if args.eval_only or args.predict:  # the checkpoint's network, and its data unless given
-        device = pick_device(args.device)
-        model, cfg, state = model_from_checkpoint(args.checkpoint, device)
-        args = configure(argparse.Namespace(**vars(given)), cfg)
-        args.out = new_run_dir(args.out)
-        print(f"run folder: {args.out}", flush=True)
-        return eval_only(args, model, state, device) if args.eval_only else predict_files(args, model, device)
-    rank, world, device = init_distributed(args.device, args.batch_size)
-    torch.manual_seed(args.seed)
+    rank, world, device, group = init_distributed(args.device)
     try:
+        torch.manual_seed(args.seed)
+        if args.eval_only or args.predict:  # the checkpoint's network, and its data unless given
+            model, cfg, state = model_from_checkpoint(args.checkpoint, device)
+            args = configure(argparse.Namespace(**vars(given)), cfg)
+            args.out = new_run_dir(args.out, group)
+            print(f"run folder: {args.out}", flush=True)
+            if args.predict:
+                return predict_files(args, model, device)
+            return eval_only(args, model, state, device, group)
         if args.benchmark:
             return benchmark(args, device)
         state = None
         if args.resume:
             path = os.path.join(args.out, "last.pt")
-            args, state = resume(path, given, vars(args),
-                                 ("optimizer", "scheduler", "epoch", "best_auc"), BUILT_IN,
-                                 SCHEDULE, rank == 0)
-            if rank == 0:
-                print(f"resumed {path} at epoch {state['epoch']}"
-                      + (" (complete: the test runs)" if state["epoch"] == args.epochs else ""))
-        elif rank == 0:
-            args.out = new_run_dir(args.out)
+            needed = ("optimizer", "scheduler", "epoch", "best_auc")
+            args, state = resume(path, given, vars(args), needed, BUILT_IN, SCHEDULE, rank == 0)
+            args = configure(args)
+            complete = " (complete: the test runs)" if state["epoch"] == args.epochs else ""
+            print(f"resumed {path} at epoch {state['epoch']}{complete}")
+        else:
+            args.out = new_run_dir(args.out, group)
+        print(f"run folder: {args.out}", flush=True)
         if rank == 0:
-            print(f"run folder: {args.out}", flush=True)
             write_config(args, os.path.join(args.out, "config.json"))
-        return fit(args, state, rank, world, device)
+        return fit(args, state, device, group)
     finally:
-        if world > 1:
+        if group is not None:
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    # one line, from one process (under torchrun every rank stops)
-    except (InputError, Diverged) as e:
-        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
-    except Stopped as e:
-        sys.exit(str(e) if os.environ.get("RANK", "0") == "0" else 1)
+    run_main(main)
