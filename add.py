@@ -392,7 +392,9 @@ def init_distributed(device_name):
     votes and gathers: None in one process). A process per GPU (nccl: LOCAL_RANK's) or per CPU
     slot (gloo); --device cuda:N in one process: GPU N (its kernels and pinned memory). Ranks
     other than 0 print nothing: their lines would repeat rank 0's."""
-    device = pick_device(device_name)
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
     if "RANK" not in os.environ:
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -441,12 +443,7 @@ def average_gradients(params, world):
 def all_ranks(t, group):
     """Every process's value of a tensor, (processes, *t.shape), on the host (a read of the device:
     at an epoch's end and at a checkpoint only)."""
-    t = t.detach().to("cpu", copy=True)
-    if group is None:
-        return t[None]
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t, group=group)
-    return torch.stack(parts)
+    return torch.stack(gather(t.detach().cpu(), group))
 
 
 def gather(part, group):
@@ -552,20 +549,20 @@ class SyntheticFaces(Dataset):
     def __init__(self, split, methods, videos, frames, size, seed, preset="easy"):
         # disjoint people per split
         first = {"train": 0, "val": 1_000_000, "test": 2_000_000}[split]
-        quality = SYNTHETIC_PRESETS[preset]["jpeg"]
-        items = []
+        images, points, self.labels, self.samples = [], [], [], []
         for v in range(first, first + videos):
             family = methods[v % len(methods)]
             for t in range(frames):
                 s = synthetic_frame(seed, v, t, size, family, SYNTHETIC_PRESETS[preset])
-                items += [(s["real"], s["real_points"], 0, "real", v, t),
-                          (s["fake"], s["fake_points"], 1, family, v, t)]
-        images = [np.uint8(np.round(255 * i[0])) for i in items]
+                for label, kind in enumerate(("real", "fake")):
+                    images.append(np.uint8(np.round(255 * s[kind])))
+                    points.append(s[f"{kind}_points"])
+                    self.labels.append(label)
+                    self.samples.append((family if label else "real", f"{v:07d}", t))
+        quality = SYNTHETIC_PRESETS[preset]["jpeg"]
         images = [jpeg(i, quality) for i in images] if quality else images
         self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-        self.masks = torch.from_numpy(np.stack([hull_mask(i[1], size) for i in items]))[:, None]
-        self.labels = [i[2] for i in items]
-        self.samples = [(i[3], f"{i[4]:07d}", i[5]) for i in items]
+        self.masks = torch.from_numpy(np.stack([hull_mask(p, size) for p in points]))[:, None]
 
     def __len__(self):
         return len(self.labels)
@@ -598,15 +595,16 @@ def add_data_arguments(p):
                    "else the CPUs this process may use / processes per node, at most 8)")
 
 
-def open_split(
-        data, root, split, methods, image_size, train, videos=None, frames=4, preset="easy",
-        data_seed=0):
-    """The dataset of one split: (image, mask, label, video) samples from any of the three
-    sources."""
-    if data == "synthetic":
-        n = videos if split == "train" else max(2, videos // 2)
-        return SyntheticFaces(split, methods, n, frames, image_size, data_seed, preset)
-    return FaceCrops(root or os.path.join("data", data), split, methods, train, image_size)
+def open_split(args, split, methods, train, **other):
+    """One split of args.data (or of the data `other` names: data, root, videos, frames), as
+    (image, mask, label, video) samples from any of the three sources."""
+    cfg = dict(vars(args), **other)
+    if cfg["data"] == "synthetic":
+        videos = cfg["videos"] if split == "train" else max(2, cfg["videos"] // 2)
+        return SyntheticFaces(split, methods, videos, cfg["frames"], cfg["image_size"],
+                              cfg["data_seed"], cfg["synthetic"])
+    root = cfg["root"] or os.path.join("data", cfg["data"])
+    return FaceCrops(root, split, methods, train, cfg["image_size"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -790,12 +788,6 @@ def epoch_generator(*key):
     """A torch.Generator seeded by a tuple such as (seed, epoch, rank): independent streams per
     key."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast(device):

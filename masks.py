@@ -12,6 +12,7 @@ that a preparation worker starts fast and small); the CLI.
     python masks.py --data celeb-df --src ~/Celeb-DF-v2  # -> data/celeb-df/...
 """
 import argparse
+import collections
 import contextlib
 import csv
 import errno
@@ -483,8 +484,9 @@ def prepare(videos, root, settings, workers, redo=False):
     other = next((r.get("settings") for r in records.values() if r.get("settings") != settings),
                  settings)
     if other != settings and not redo:
-        changed = [f"{_setting(k, other.get(k))} (now {_setting(k, v)})"
-                   for k, v in settings.items() if other.get(k) != v]
+        flag = {k: f"--{k} " for k in ("frames", "compression")}  # the others are constants
+        changed = [f"{flag.get(k, k + ' ')}{other.get(k)} (now {v})" for k, v in settings.items()
+                   if other.get(k) != v]
         raise InputError(f"{root}: prepared with {', '.join(changed)}; prepare into another "
                          "--root, or add --redo to prepare every video again")
     old = [records.get(_record_path(root, v)) for v in videos]
@@ -514,12 +516,6 @@ def prepare(videos, root, settings, workers, redo=False):
     return write_manifest(root)
 
 
-def _setting(key, value):
-    """A preparation setting as a user sets it (--frames, --compression) or reads it (the crop and
-    detection sizes are constants)."""
-    return f"--{key} {value}" if key in ("frames", "compression") else f"{key} {value} px"
-
-
 RECORD_KEYS = ("split", "label", "method", "name", "path", "frames", "skipped_frames", "reason")
 
 
@@ -544,7 +540,7 @@ def write_manifest(root):
     """manifest.csv (a row a frame: split, label, method, video, frame, image, mask) and report.txt
     (every skipped video and frame, with the reason) from the records; prints the counts per split
     and class."""
-    rows, skipped, table = [], [], {}
+    rows, skipped, videos, frames = [], [], collections.Counter(), collections.Counter()
     for r in _records(root, quiet=True).values():
         video = Video(r["split"], r["label"], r["method"], r["name"], r["path"])
         rows += [[video.split, video.label, video.method, video.name, i, *_files(video, i)]
@@ -552,8 +548,8 @@ def write_manifest(root):
         skipped += [f"{r['method']}/{r['name']}\tvideo\t{r['reason']}"] * bool(r["reason"])
         skipped += [f"{r['method']}/{r['name']}\tframe {i}\t{why}"
                     for i, why in r["skipped_frames"]]
-        counts = table.setdefault((video.split, video.label), [0, 0])
-        counts[0], counts[1] = counts[0] + bool(r["frames"]), counts[1] + len(r["frames"])
+        videos[video.split, video.label] += bool(r["frames"])
+        frames[video.split, video.label] += len(r["frames"])
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows([["split", "label", "method", "video", "frame",
                                                       "image", "mask"]] + rows)
@@ -564,9 +560,9 @@ def write_manifest(root):
                  lambda f: f.write((header + "\n".join(skipped) + "\n").encode()))
     print(f"wrote {root}/manifest.csv ({len(rows)} frames) and {root}/report.txt ({len(skipped)} "
           f"skipped)")
-    order = sorted(table.items(), key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1]))
-    for (split, label), (n_videos, n_frames) in order:
-        print(f"  {split:5s} {'fake' if label else 'real'}: {n_videos} videos, {n_frames} frames")
+    for split, label in sorted(videos, key=lambda key: (SPLITS.index(key[0]), key[1])):
+        print(f"  {split:5s} {'fake' if label else 'real'}: {videos[split, label]} videos, "
+              f"{frames[split, label]} frames")
     return rows, skipped
 
 

@@ -345,8 +345,7 @@ def loaders(args, device, rank=0, world=1):
     each a step (under torchrun each process its share of it); an epoch is one pass, or
     --steps-per-epoch steps if fewer -> loaders, steps, steps of a pass."""
     methods = parse_methods(args.data, args.methods)
-    sets = [open_split(args.data, args.root, s, methods, args.image_size, True, args.videos,
-                       args.frames, args.synthetic, args.data_seed) for s in ("train", "val")]
+    sets = [open_split(args, split, methods, True) for split in ("train", "val")]
     share = split_batch(args.batch_size, world)
     for s, name in zip(sets, ("train", "val")):
         if len(s) < args.batch_size:

@@ -116,7 +116,9 @@ def test_the_search_space_is_the_papers_eleven_operations_and_a_mixed_edge_is_eq
         assert convs(f"dil_conv_{k}x{k}") == [(k, 2, True), (1, 1, False)]
     # each keeps the shape, or halves it at stride 2 (odd sizes rounded up)
     for name in ops.PRIMITIVES:
-        assert all(ops.OPS[name](6, s, True)(torch.randn(2, 6, 7, 8)).shape == (2, 6, 7 // s + s - 1, 8 // s) for s in (1, 2))
+        for s in (1, 2):
+            out = ops.OPS[name](6, s, True)(torch.randn(2, 6, 7, 8))
+            assert out.shape == (2, 6, 7 // s + s - 1, 8 // s)
     torch.manual_seed(0)
     # eval: BN uses running statistics, so every call is the same function
     mixed = ops.MixedOp(4, 2).eval()
@@ -127,8 +129,10 @@ def test_the_search_space_is_the_papers_eleven_operations_and_a_mixed_edge_is_eq
     assert torch.allclose(mixed(x, alpha.softmax(0)), by_hand, atol=1e-6)
     for i, name in enumerate(ops.PRIMITIVES):  # one-hot weights: that operation alone, bit for bit
         out = mixed(x, F.one_hot(torch.tensor(i), len(ops.PRIMITIVES)).float())
-        assert (out.shape == (2, 4, 4, 4)
-                and (out == 0).all()) if name == "none" else torch.equal(out, full_op(mixed, i, 4, 2)(x))
+        if name == "none":
+            assert out.shape == (2, 4, 4, 4) and (out == 0).all()
+        else:
+            assert torch.equal(out, full_op(mixed, i, 4, 2)(x))
     assert not any(isinstance(op, ops.Zero) for op in mixed.ops)  # the zero op costs nothing
 
 
@@ -278,7 +282,8 @@ def test_derivation_follows_the_darts_rule_on_a_hand_worked_alpha():
         pc.beta_normal.zero_()
         # ... but beta makes edge 4 (node 0 -> node 1) the strongest with it
         pc.beta_normal[4] = 2.0
-    assert search.derive_cell(pc.alpha_normal.softmax(-1))[2:4] == (("sep_conv_3x3", 0), ("dil_conv_3x3", 1))
+    pairs = (("sep_conv_3x3", 0), ("dil_conv_3x3", 1))
+    assert search.derive_cell(pc.alpha_normal.softmax(-1))[2:4] == pairs
     # alpha x beta by hand, the strongest op of each edge: edge 2: e^3 / (e^3 + 10) = 0.667, times
     # beta's
     # 1 / (2 + e^2) = 0.107: 0.071; edge 3: 0.710 x 0.107 = 0.076; edge 4: 0.549 x e^2 / (2 + e^2) =
@@ -333,7 +338,8 @@ class HostReads(torch.overrides.TorchFunctionMode):
         frame = sys._getframe(1)
         ours = frame.f_code.co_filename in [os.path.join(HERE, f"{m}.py") for m in MODULES]
         device = "device" in kwargs or any(isinstance(a, torch.device) for a in args[1:])
-        waits = func in (torch.Tensor.to, torch.tensor) and device and not kwargs.get("non_blocking")
+        copies = func in (torch.Tensor.to, torch.tensor) and device
+        waits = copies and not kwargs.get("non_blocking")
         if self.counting and ours and (func in self.READS or waits):
             self.found.append(f"{func.__name__} at {frame.f_code.co_filename}:{frame.f_lineno}")
         return func(*args, **kwargs)
@@ -559,14 +565,16 @@ def test_no_file_is_left_half_written_and_no_checkpoint_holds_a_non_finite_value
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
-def test_expected_parameters_are_the_networks_when_one_hot_the_mean_when_uniform_and_the_term_cuts_them(tmp_path):
+def test_expected_parameters_are_the_networks_when_one_hot_the_mean_when_uniform_and_the_term_cuts(
+        tmp_path):
     costs, P = search.parameter_costs(), ops.PRIMITIVES.index
     alpha = torch.full((14, 11), -30.0)
     # every edge sep_conv_3x3: then every genotype the cells can make has one size
     alpha[:, P("sep_conv_3x3")] = 30.0
     cell = tuple(("sep_conv_3x3", i) for node in range(4) for i in (0, 1))
     network = add.count_parameters(add.ADD(ops.Genotype(cell, cell), 48, add.d2_layout(3, 4), 3))
-    assert search.expected_parameters(((alpha.softmax(-1), None),) * 2, costs).item() == pytest.approx(network, rel=1e-6)
+    expected = search.expected_parameters(((alpha.softmax(-1), None),) * 2, costs)
+    assert expected.item() == pytest.approx(network, rel=1e-6)
     # uniform alpha: the mean size over the space, counted by hand: per node two edges of a mean
     # operation,
     # plus, in a reduction cell, FactorizedReduce for skip_connect on the 2 x 2 / (i + 2) stride-2
@@ -579,7 +587,8 @@ def test_expected_parameters_are_the_networks_when_one_hot_the_mean_when_uniform
         C *= 2 if reduction else 1
         by_hand += 4 * 2 * np.mean([size(p, C, 1) for p in nonzero])
         if reduction:
-            by_hand += sum(2 * 2 / (i + 2) for i in range(4)) * (size("skip_connect", C, 2) - size("skip_connect", C, 1)) / 10
+            reduce = size("skip_connect", C, 2) - size("skip_connect", C, 1)
+            by_hand += sum(2 * 2 / (i + 2) for i in range(4)) * reduce / 10
     uniform = ((torch.full((14, 11), 1 / 11), None),) * 2
     assert search.expected_parameters(uniform, costs).item() == pytest.approx(by_hand, rel=1e-6)
     ends = {}  # the parameter term moves alpha toward smaller networks, parameter-free operations
@@ -734,8 +743,8 @@ def ffpp(tmp_path_factory, face_video):
 
 
 def manifest_counts(root):
-    return dict(collections.Counter((r["split"], int(r["label"]))
-                                    for r in csv.DictReader(open(os.path.join(root, "manifest.csv")))))
+    rows = csv.DictReader(open(os.path.join(root, "manifest.csv")))
+    return dict(collections.Counter((r["split"], int(r["label"])) for r in rows))
 
 
 def test_ffpp_prepares_to_the_right_counts_a_restart_skips_finished_videos_frames_read_back(
@@ -784,10 +793,10 @@ def test_ffpp_prepares_to_the_right_counts_a_restart_skips_finished_videos_frame
     x, M, y = add.to_device(batch, CPU)
     for i in range(4):
         r = train_set.rows[i]
-        face = Image.open(os.path.join(root, r["image"])).convert("RGB").resize((64, 64), Image.BILINEAR)
+        face = Image.open(os.path.join(root, r["image"])).convert("RGB")
+        face = np.asarray(face.resize((64, 64), Image.BILINEAR), dtype=np.float32) / 255
         hull = Image.open(os.path.join(root, r["mask"])).resize((64, 64), Image.NEAREST)
-        assert torch.equal(x[i],
-                           torch.from_numpy(np.asarray(face, dtype=np.float32) / 255).permute(2, 0, 1))
+        assert torch.equal(x[i], torch.from_numpy(face).permute(2, 0, 1))
         assert torch.equal(M[i, 0], torch.from_numpy(np.asarray(hull) > 127).float())
     assert x.is_contiguous(memory_format=torch.channels_last) and y.tolist() == train_set.labels[:8]
     # the training augmentation: random flips
@@ -847,13 +856,12 @@ def test_preparation_survives_any_error_and_odd_inputs_give_faces(tmp_path, face
     os.remove(fake / "001_000.mp4")
     os.makedirs(fake / "001_000")
     Image.fromarray(astronaut()).save(fake / "001_000" / "0.png")
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    # 20000 x 20000 px
-    open(fake / "001_000" / "1.png", "wb").write(b"\x89PNG\r\n\x1a\n"
-                                                 + chunk(b"IHDR",
-                                                         struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
-                                           + chunk(b"IDAT", zlib.compress(b""))
-                                           + chunk(b"IEND", b""))
+    def chunk(kind, data):
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # 20000 x 20000 px
+    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    open(fake / "001_000" / "1.png", "wb").write(b"\x89PNG\r\n\x1a\n" + png)
     # 002 missing for now (a download still running)
     os.rename(real / "002.mp4", tmp_path / "002.mp4")
     argv = ["--data", "ff++", "--src", str(src), "--root", root, "--methods", "Deepfakes",
@@ -876,13 +884,13 @@ def test_preparation_survives_any_error_and_odd_inputs_give_faces(tmp_path, face
     assert manifest_counts(root)[("val", 0)] == 4
     # other --frames into the same root, as a process: one line
     code, _, err = run_cli("masks.py", *argv[:-3], "3")
-    assert err.strip().splitlines() == [f"error: {root}: prepared with --frames 2 (now --frames "
-                                        "3); prepare into another --root, or add --redo to prepare "
-                                        "every video again"]
+    assert err.strip().splitlines() == [f"error: {root}: prepared with --frames 2 (now 3); prepare "
+                                        "into another --root, or add --redo to prepare every "
+                                        "video again"]
     record = os.path.join(root, "records/original/003.json")  # a setting that is not a flag
     kept = open(record).read()
     open(record, "w").write(kept.replace('"size": 256', '"size": 224'))
-    with pytest.raises(ops.InputError, match=r"prepared with size 224 px \(now size 256 px\);"):
+    with pytest.raises(ops.InputError, match=r"prepared with size 224 \(now 256\);"):
         masks.main(argv)
     open(record, "w").write(kept)
     masks.main(argv[:-3] + ["3", "--workers", "1", "--redo"])
@@ -891,7 +899,8 @@ def test_preparation_survives_any_error_and_odd_inputs_give_faces(tmp_path, face
     face = astronaut()[:, 56:456]  # (512, 400, 3): not square, so a turn shows in the shape
     gray = np.asarray(Image.fromarray(face).convert("L"), dtype=np.uint16) * 257
     Image.fromarray(gray).save(tmp_path / "gray16.png")  # opens as mode I;16
-    assert np.abs(masks.load_rgb(str(tmp_path / "gray16.png"))[..., 0].astype(int) - gray // 257).max() <= 1
+    read = masks.load_rgb(str(tmp_path / "gray16.png"))[..., 0].astype(int)
+    assert np.abs(read - gray // 257).max() <= 1
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     Image.fromarray(np.ascontiguousarray(np.rot90(face))).save(tmp_path / "turned.jpg", exif=exif)
@@ -974,7 +983,8 @@ def test_a_worker_killed_by_a_signal_is_that_videos_failure_and_the_rest_goes_on
     assert "skipped Deepfakes/001_000: failed (the process preparing it died" in p.stdout
     # 3 frames each
     assert manifest_counts(root) == {("train", 0): 6, ("train", 1): 3, ("val", 0): 6, ("val", 1): 6}
-    assert "Deepfakes/001_000\tvideo\tfailed (the process preparing it died" in open(os.path.join(root, "report.txt")).read()
+    report = open(os.path.join(root, "report.txt")).read()
+    assert "Deepfakes/001_000\tvideo\tfailed (the process preparing it died" in report
 
 
 def test_celebdf_split_follows_the_test_list_and_keeps_identities_apart(tmp_path, face_video):
@@ -1034,12 +1044,12 @@ def test_the_built_in_data_are_the_same_bits_and_the_data_seed_draws_others(pres
     assert other.images.shape == ds.images.shape and not torch.equal(other.images, ds.images)
 
 
-def test_add_outputs_and_eq4_to_eq7_the_classifier_sees_f_times_m_the_loss_weighs_m_and_table_vs_two_readings():
+def test_add_outputs_and_eq4_to_eq7_the_classifier_sees_f_times_m_the_loss_weighs_m_two_readings():
     torch.manual_seed(0)
     model, x = add.ADD(GENOTYPE, 8, add.d2_layout(2, 1), 2).eval(), torch.rand(3, 3, 32, 32)
     logits, m = model(x)
     assert logits.shape == (3, 2) and m.shape == (3, 1, 32, 32) and 0 <= m.min() and m.max() <= 1
-    cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
     assert torch.allclose(logits, cl[0], atol=1e-5) and torch.allclose(m, cl[1], atol=1e-6)
     heads, f = add.Heads(16, 32, mask=True).eval(), torch.randn(3, 16, 4, 4).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as on CUDA: the body in bf16, the heads not
@@ -1048,8 +1058,8 @@ def test_add_outputs_and_eq4_to_eq7_the_classifier_sees_f_times_m_the_loss_weigh
     # 's sum and the heads in fp32
     assert logits.dtype == m.dtype == mixed.dtype == torch.float32  # Eq. 2
     assert torch.equal(logits, heads(f.float(), (32, 32))[0])
-    # 5.6 M
-    assert 4.5e6 < add.count_parameters(train.build_model(dict(train.REAL_DATA, arch="add"), GENOTYPE)) < 6.5e6
+    paper = train.build_model(dict(train.REAL_DATA, arch="add"), GENOTYPE)
+    assert 4.5e6 < add.count_parameters(paper) < 6.5e6  # 5.6 M
     torch.manual_seed(0)
     heads = random_batchnorm(add.Heads(16, 32, mask=True)).eval()
     f = torch.randn(2, 16, 4, 4)
@@ -1148,14 +1158,16 @@ def test_thirty_training_steps_lower_the_loss_and_acc_auc_ap_eer_match_independe
         tp, fp = (labels[probs >= t] == 1).sum(), (labels[probs >= t] == 0).sum()
         ap += (tp / labels.sum() - last_recall) * tp / (tp + fp)
         last_recall = tp / labels.sum()
-    assert got["ap"] == pytest.approx(ap) == pytest.approx(sklearn.metrics.average_precision_score(labels, probs))
+    assert got["ap"] == pytest.approx(ap)
+    assert ap == pytest.approx(sklearn.metrics.average_precision_score(labels, probs))
     # EER: FPR = FNR on the ROC, by root finding
     fpr, tpr, _ = sklearn.metrics.roc_curve(labels, probs)
     eer = scipy.optimize.brentq(lambda x: 1.0 - x - scipy.interpolate.interp1d(fpr, tpr)(x), 0.0,
                                 1.0)
     assert got["eer"] == pytest.approx(eer, abs=1e-9) and 0.1 < eer < 0.5
     assert train.scores([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])["eer"] == 0.0  # perfectly separated
-    assert train.scores([0, 1, 1, 1, 1], [0.6, 0.7, 0.8, 0.9, 0.1])["bacc"] == pytest.approx((0 + 3 / 4) / 2)
+    balanced = train.scores([0, 1, 1, 1, 1], [0.6, 0.7, 0.8, 0.9, 0.1])["bacc"]
+    assert balanced == pytest.approx((0 + 3 / 4) / 2)
 
 
 @pytest.fixture(scope="module")
@@ -1274,7 +1286,8 @@ def test_a_checkpoint_of_the_previous_version_resumes_and_others_are_one_line_er
     torch.save(dict(last, config=old), path)
     assert train.main(["--resume", "--out", run])["test"] == trained["add_metrics"]["test"]
     assert log_lines(run) == log_lines(trained["add"])
-    ends = [torch.load(os.path.join(r, "last.pt"), weights_only=True) for r in (run, trained["add"])]
+    ends = [torch.load(os.path.join(r, "last.pt"), weights_only=True)
+            for r in (run, trained["add"])]
     assert equal(*[{k: v for k, v in end.items() if k != "config"} for end in ends])
     # an option built in here (or gone) at another value: one line that names it
     for change, why in ((dict(weight_decay=0.0), r"--weight-decay 0.0 \(built in here: 0.0005\)"),
@@ -1323,7 +1336,8 @@ def test_predict_scores_videos_and_photos_and_reports_the_rest(
         for line in lines)
     assert json.load(open(os.path.join(out, "predictions.json")))[photo]["frames"][0]["frame"] == 0
     pictures = [name for name in os.listdir(out) if name.endswith(".png")]
-    assert len(pictures) == 3 and all(Image.open(os.path.join(out, p)).size[0] > 200 for p in pictures)
+    assert len(pictures) == 3
+    assert all(Image.open(os.path.join(out, p)).size[0] > 200 for p in pictures)
     baseline = train.main(["--predict", photo, "--checkpoint",
                            os.path.join(trained["r18"], "best.pt"), "--out", out])
     assert 0 <= baseline[photo]["p_fake"] <= 1
@@ -1388,14 +1402,15 @@ def fake_run(folder, cfg, test, val, train_ce=0.3):
     """A finished train.py run folder as --compare reads it: config.json, metrics.json,
     log.jsonl."""
     os.makedirs(folder)
-    genotype = train.genotype_dict(ops.load_genotype(cfg["genotype"])) if cfg["arch"] == "add" else None
+    genotype = None
+    if cfg["arch"] == "add":
+        genotype = train.genotype_dict(ops.load_genotype(cfg["genotype"]))
     json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
-    json.dump(dict(parameters=1000 * len(cfg["arch"]) + cfg["channels"], genotype=genotype,
-                   val=dict(frame_auc=val),
-                   test=dict(frame_auc=test, video_auc=test)),
-                   open(os.path.join(folder, "metrics.json"), "w"))
-    open(os.path.join(folder, "log.jsonl"), "w").write(json.dumps(dict(epoch=1, train_ce=train_ce, train_images=64,
-                                                                      train_seconds=2.0)) + "\n")
+    metrics = dict(parameters=1000 * len(cfg["arch"]) + cfg["channels"], genotype=genotype,
+                   val=dict(frame_auc=val), test=dict(frame_auc=test, video_auc=test))
+    json.dump(metrics, open(os.path.join(folder, "metrics.json"), "w"))
+    line = dict(epoch=1, train_ce=train_ce, train_images=64, train_seconds=2.0)
+    open(os.path.join(folder, "log.jsonl"), "w").write(json.dumps(line) + "\n")
 
 
 def test_compare_takes_the_architecture_as_the_unit(tmp_path, capsys):
@@ -1405,14 +1420,12 @@ def test_compare_takes_the_architecture_as_the_unit(tmp_path, capsys):
                  **{f"r{k}": (ops.random_genotype(k), "random") for k in range(3)}}
     for name, (genotype, origin) in genotypes.items():
         ops.save_genotype(genotype, str(tmp_path / f"{name}.json"), origin)
-    archs = [["--genotype", str(tmp_path / f"{n}.json")]
-             for n in genotypes] + [["--arch", "mobilenet_v3_small"],
-                                                                             ["--arch", "shufflenet_v2_x0_5"]]
+    archs = [["--genotype", str(tmp_path / f"{n}.json")] for n in genotypes]
+    archs += [["--arch", "mobilenet_v3_small"], ["--arch", "shufflenet_v2_x0_5"]]
     for a, arch in enumerate(archs):
         for seed in (0, 1, 2):
-            cfg = vars(train.configure(train.parse_args(arch
-                                                        + ["--seed", str(seed), "--data-seed",
-                                                           str(seed)])))
+            seeds = ["--seed", str(seed), "--data-seed", str(seed)]
+            cfg = vars(train.configure(train.parse_args(arch + seeds)))
             auc[a, seed] = round(float(rng.uniform(0.6, 0.95)), 4)
             runs.append(str(tmp_path / f"{a}-{seed}"))
             fake_run(runs[-1], cfg, auc[a, seed], auc[a, seed] - 0.01)
@@ -1432,34 +1445,36 @@ def test_compare_takes_the_architecture_as_the_unit(tmp_path, capsys):
         va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
         df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
         d = statistics.mean(a) - statistics.mean(b)
-        return d, d - scipy.stats.t.ppf(0.975, df) * math.sqrt(va + vb), d + scipy.stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+        half = scipy.stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+        return d, d - half, d + half
     for other, b in (("random", means[2:5]), ("hand-designed", means[5:])):
         # n = architectures (2 searched, 3 random, 2 hand-designed), not runs
         d, low, high = welch(means[:2], b)
-        assert f"searched - {other}: {d:+.3f} [{low:+.3f}, {high:+.3f}] test frame AUC (Welch's 95% interval over " \
-               f"architectures: 2 and {len(b)})" in out
+        assert (f"searched - {other}: {d:+.3f} [{low:+.3f}, {high:+.3f}] test frame AUC (Welch's "
+                f"95% interval over architectures: 2 and {len(b)})") in out
     # the first searched cell against mobilenet_v3_small, seed by seed
     diffs = [auc[0, s] - auc[5, s] for s in range(3)]
     d = statistics.mean(diffs)
     half = scipy.stats.t.ppf(0.975, 2) * statistics.stdev(diffs) / math.sqrt(3)
-    assert f"  s1 C16 N1 - mobilenet_v3_small: {d:+.3f} [{d - half:+.3f}, {d + half:+.3f}] (paired by seed, 3 seeds)" in out
-    assert Image.open(tmp_path / "cmp" / "pareto.png").size[0] > 500
-    sweep = []  # an lr sweep of one network on two selection seeds: the pick by mean validation AUC
-    # 1e-2's first at chance:
+    assert (f"  s1 C16 N1 - mobilenet_v3_small: {d:+.3f} [{d - half:+.3f}, {d + half:+.3f}] "
+            "(paired by seed, 3 seeds)") in out
+    # an lr sweep of one network on two selection seeds: the pick by mean validation AUC; 1e-2's
+    # first run at chance counts in the pick (mean 0.70), or 1e-2 would win by its other run
+    sweep = []
     for lr, val in (("1e-3", (0.80, 0.84)), ("3e-3", (0.86, 0.85)), ("1e-2", (0.50, 0.90))):
-        # it counts in the pick (mean 0.70), or 1e-2 would win by its other run
         for seed, v in zip((100, 101), val):
             sweep.append(str(tmp_path / f"lr{lr}-{seed}"))
-            fake_run(sweep[-1],
-                     vars(train.configure(train.parse_args(["--arch", "mnasnet0_5", "--lr", lr,
-                                                            "--seed", str(seed)]))),
-                     0.9, v, train_ce=0.69 if v == 0.5 else 0.3)
+            argv = ["--arch", "mnasnet0_5", "--lr", lr, "--seed", str(seed)]
+            fake_run(sweep[-1], vars(train.configure(train.parse_args(argv))), 0.9, v,
+                     train_ce=0.69 if v == 0.5 else 0.3)
     train.main(["--compare", *sweep, "--out", str(tmp_path / "cmp-lr")])
     out = capsys.readouterr().out
-    assert "lr pick, mnasnet0_5 -: 0.003 of 0.001, 0.003, 0.01 (mean validation frame AUC 0.855)" in out
+    assert ("lr pick, mnasnet0_5 -: 0.003 of 0.001, 0.003, 0.01 (mean validation frame AUC "
+            "0.855)") in out
     assert "edge" not in out
     train.main(["--compare", *sweep[:4], "--out", str(tmp_path / "cmp-lr2")])
-    assert "0.003 of 0.001, 0.003 (mean validation frame AUC 0.855); at the grid's edge: extend it" in capsys.readouterr().out
+    assert ("0.003 of 0.001, 0.003 (mean validation frame AUC 0.855); at the grid's edge: extend "
+            "it") in capsys.readouterr().out
     with pytest.raises(ops.InputError, match="nothing: not a finished train.py run folder"):
         train.main(["--compare", str(tmp_path / "nothing")])
 
@@ -1559,7 +1574,8 @@ def driver(tmp_path, patch, script):
     makes one rank fail as a disk or the numbers would."""
     path = tmp_path / f"patched_{script}"
     path.write_text(f"import errno, os, runpy, sys\nsys.path.insert(0, {HERE!r})\nimport add\n"
-                    f"{patch}\nrunpy.run_path({os.path.join(HERE, script)!r}, run_name='__main__')\n")
+                    f"{patch}\nrunpy.run_path({os.path.join(HERE, script)!r}, "
+                    "run_name='__main__')\n")
     return str(path)
 
 
@@ -1600,8 +1616,8 @@ def test_a_search_across_two_processes_agrees_stops_and_resumes_as_if_never_stop
     assert wait_for(p, os.path.join(run, "search.pt"), lambda state: state["epoch"] >= 1)
     os.killpg(p.pid, signal.SIGTERM)  # the whole group: torchrun, both processes, their workers
     lines = ours(p.communicate(timeout=120)[1], "search.py")
-    epoch, step = stop_message("\n".join(lines), r"stopped by SIGTERM at epoch (\d), step (\d); its "
-                               r"checkpoint is written: python search.py --resume --run-dir "
+    epoch, step = stop_message("\n".join(lines), r"stopped by SIGTERM at epoch (\d), step (\d); "
+                               r"its checkpoint is written: python search.py --resume --run-dir "
                                + re.escape(run) + " continues there")
     state = torch.load(os.path.join(run, "search.pt"), weights_only=True)
     assert (state["epoch"], state["step"]) == (epoch - 1, step)  # at the step the stop came
@@ -1618,14 +1634,16 @@ def test_a_search_across_two_processes_agrees_stops_and_resumes_as_if_never_stop
     assert logs[0] == logs[1]  # no line lost or repeated: the means over both processes
     assert [line["alpha_steps"] for line in logs[0]] == [0, 0, 2, 2]
     # a NaN in rank 1's loss at its 3rd call (step 2's w step: 2 steps an epoch): both end, one line
-    nan = driver(tmp_path, "real, calls = add.loss_terms, []\ndef terms(*a):\n    ce, mse = real(*a)\n"
-                 "    calls.append(1)\n    bad = os.environ['RANK'] == '1' and len(calls) == 3\n"
-                 "    return ce * float('nan') if bad else ce, mse\nadd.loss_terms = terms", "search.py")
+    nan = driver(tmp_path, "real, calls = add.loss_terms, []\ndef terms(*a):\n"
+                 "    ce, mse = real(*a)\n    calls.append(1)\n"
+                 "    bad = os.environ['RANK'] == '1' and len(calls) == 3\n"
+                 "    return ce * float('nan') if bad else ce, mse\nadd.loss_terms = terms",
+                 "search.py")
     code, _, err = run_cli(*TORCHRUN, nan, *TINY_SEARCH, "--epochs", "2", "--device", "cpu",
                            "--run-dir", str(tmp_path / "nan"), "--out", str(tmp_path / "nan.json"))
     assert code != 0
-    assert ours(err, "search.py") == ["error: non-finite loss at epoch 1, within steps 1-2; the last "
-                                      "checkpoint is intact: lower --w-lr"], err[-3000:]
+    assert ours(err, "search.py") == ["error: non-finite loss at epoch 1, within steps 1-2; the "
+                                      "last checkpoint is intact: lower --w-lr"], err[-3000:]
 
 
 def test_a_stop_in_the_last_epoch_or_the_final_test_ends_in_one_line_and_resume_runs_the_test(
@@ -1638,9 +1656,9 @@ def test_a_stop_in_the_last_epoch_or_the_final_test_ends_in_one_line_and_resume_
         monkeypatch.setattr(train, name, signalled(getattr(train, name), when))
         with pytest.raises(add.Stopped) as stop:
             train.main(argv + ["--out", out])
-        assert str(stop.value) == (f"stopped by SIGINT {where}; the last checkpoint, {out}/last.pt, "
-                                   f"holds epoch 2: python train.py --resume --out {out} runs the "
-                                   "test")
+        assert str(stop.value) == (f"stopped by SIGINT {where}; the last checkpoint, "
+                                   f"{out}/last.pt, holds epoch 2: python train.py --resume --out "
+                                   f"{out} runs the test")
         assert not os.path.exists(os.path.join(out, "metrics.json"))
         monkeypatch.undo()
         with pytest.raises(ops.InputError, match=r"last\.pt: its optimizer and schedule hold --lr "
@@ -1676,14 +1694,15 @@ def test_a_training_across_two_processes_stops_survives_a_kill_evaluates_as_one_
     # torchrun's group signalled once epoch 1 is saved: every rank stops after the same step (the
     # vote), in one line; then a kill -9 of the resumed run once epoch 2 is saved
     held = 0
-    for sig, run in ((signal.SIGTERM, argv), (signal.SIGKILL, ["train.py", "--resume", "--out", out])):
+    resume = ["train.py", "--resume", "--out", out]
+    for sig, run in ((signal.SIGTERM, argv), (signal.SIGKILL, resume)):
         p = in_own_group(*TORCHRUN, *run)
         assert wait_for(p, last, lambda state: state["epoch"] > held)
         os.killpg(p.pid, sig)
         err = p.communicate(timeout=120)[1]
         if sig == signal.SIGTERM:
-            held, = stop_message("\n".join(ours(err)), r"stopped by SIGTERM (?:in epoch \d, after step "
-                                 r"\d of 3|at the end of epoch \d); the last checkpoint, "
+            held, = stop_message("\n".join(ours(err)), r"stopped by SIGTERM (?:in epoch \d, after "
+                                 r"step \d of 3|at the end of epoch \d); the last checkpoint, "
                                  rf"{re.escape(last)}, holds epoch (\d): python train.py --resume "
                                  rf"--out {re.escape(out)} trains epochs \d-3 and runs the test")
             assert held == torch.load(last, weights_only=True)["epoch"] >= 1
@@ -1717,8 +1736,9 @@ def test_a_training_across_two_processes_stops_survives_a_kill_evaluates_as_one_
     advice = "the last good checkpoint is intact: lower --lr, or --resume from it"
     for name, poisoned, line in (
             ("weights", "first.data", f"non-finite weights after epoch 1's last update; {advice}"),
-            ("state", "self.state[first]['exp_avg']", "optimizer.state.0.exp_avg holds a non-finite "
-             f"value: {tmp_path}/state/best.pt was not written (the one on disk is intact)")):
+            ("state", "self.state[first]['exp_avg']", "optimizer.state.0.exp_avg holds a "
+             f"non-finite value: {tmp_path}/state/best.pt was not written (the one on disk is "
+             "intact)")):
         tic = time.time()
         code, _, err = run_cli(*TORCHRUN, driver(tmp_path, step.format(poisoned), "train.py"),
                                *TINY_TRAIN, "--genotype", genotype_file, "--device", "cpu", "--out",
@@ -1752,7 +1772,8 @@ def test_readme_maps_the_paper_to_functions_that_hold_their_tags_and_its_demo_ru
                 assert any(line.split("#")[0].strip() for line in source.splitlines()
                            if tag in line), (name, tag)
             found.add(tag)
-    assert {f"# Eq. {k}" for k in range(1, 8)} | {"# Algorithm 1", "# Fig. 2", "# Sec. III-C"} <= found
+    tags = {f"# Eq. {k}" for k in range(1, 8)} | {"# Algorithm 1", "# Fig. 2", "# Sec. III-C"}
+    assert tags <= found
     finishes("search.py", *TINY_SEARCH, "--epochs", "1", cwd=tmp_path)
     assert ops.load_genotype(str(tmp_path / "g.json")) and os.path.exists(tmp_path / "g.png")
     monkeypatch.chdir(tmp_path)

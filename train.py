@@ -165,9 +165,7 @@ def datasets(args):
     """Train and validation splits of --data/--methods (FF++'s official splits; Celeb-DF:
     masks.py)."""
     methods = parse_methods(args.data, args.methods)
-    return [open_split(args.data, args.root, split, methods, args.image_size, split == "train",
-                       args.videos, args.frames, args.synthetic, args.data_seed)
-            for split in ("train", "val")]
+    return [open_split(args, split, methods, split == "train") for split in ("train", "val")]
 
 
 def test_split(args):
@@ -177,13 +175,10 @@ def test_split(args):
     same = test_data == args.data  # Table III when False: another dataset (--test-data)
     # Table II: other methods
     methods = parse_methods(test_data, args.test_methods or (args.methods if same else None))
-    root = args.test_root or (args.root if same else None)
-    videos, frames = args.videos, args.frames
+    other = dict(data=test_data, root=args.test_root or (args.root if same else None))
     if not same:  # real data -> synthetic: the demo's
-        videos, frames = DEMO["videos"], DEMO["frames"]
-    dataset = open_split(test_data, root, "test", methods, args.image_size, False, videos, frames,
-                         args.synthetic or "easy", args.data_seed)
-    return dataset, f"{test_data}:{','.join(methods)}"
+        other.update(videos=DEMO["videos"], frames=DEMO["frames"])
+    return open_split(args, "test", methods, False, **other), f"{test_data}:{','.join(methods)}"
 
 
 def fit(args, state, device, group=None):
@@ -623,7 +618,6 @@ def compare_row(runs):
                 images_per_s=rate, frame_auc=mean(frame), frame_auc_std=spread(frame),
                 video_auc=mean(video), video_auc_std=spread(video), val_auc=mean(val),
                 n=len(kept), at_chance=len(failed), failed=" ".join(failed),
-                runs=" ".join(sorted(r for r, *_ in runs)),
                 seeds={f"{c['seed']}/{c.get('data_seed', 0)}": m["test"]["frame_auc"]
                        for c, m in kept})
 
