@@ -109,8 +109,8 @@ class ADD(nn.Module):
         self.cells = nn.ModuleList()
         for reduction in layout:
             C_cur *= 2 if reduction else 1
-            cell = None if genotype is None else genotype.reduce if reduction else genotype.normal
-            edges = search_edges() if cell is None else genotype_edges(cell)
+            # a genotype is (normal, reduce): indexed by the reduction flag
+            edges = search_edges() if genotype is None else genotype_edges(genotype[reduction])
             self.cells.append(Cell(edges, C_pp, C_p, C_cur, reduction, reduction_prev,
                                    genotype is not None, partial))
             C_pp, C_p, reduction_prev = C_p, STEPS * C_cur, reduction
@@ -120,7 +120,7 @@ class ADD(nn.Module):
     def forward(self, x, weights=None):
         s0 = s1 = self.stem(x)  # (B, 3C, H/2^r, W/2^r)
         for cell in self.cells:
-            w = None if weights is None else weights[1] if cell.reduction else weights[0]
+            w = None if weights is None else weights[cell.reduction]  # (normal, reduce)
             s0, s1 = s1, cell(s0, s1, w)  # Fig. 2: each cell takes the outputs of the two before it
         return self.heads(s1, x.shape[-2:])
 
@@ -140,8 +140,8 @@ def add_loss(ce, mse, mask_weight):
     return ce if mse is None else ce + mask_weight * mse  # Eq. 7
 
 
-def gradient_step(model, optimizer, params, batch, device, mask_weight, flips=None, penalty=None,
-                  clip=True, world=1):
+def gradient_step(model, optimizer, batch, device, mask_weight, flips=None, penalty=None, clip=True,
+                  world=1):
     """One update of `params` on one batch with the loss of Eq. 7 -> the detached (CE, MSE, loss) on
     the device (MSE 0 without a mask branch). In the search it is Eq. 3's L(y; F(x, alpha, w)): w on
     a training batch (Algorithm 1, lines 2-4) or alpha on a validation batch (lines 5-7), and only
@@ -158,7 +158,8 @@ def gradient_step(model, optimizer, params, batch, device, mask_weight, flips=No
     loss = add_loss(ce, mse, mask_weight)  # Eq. 3
     if penalty:
         loss = loss + penalty()
-    optimizer.zero_grad(set_to_none=True)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad()  # grads set to None (torch >= 2.0's default)
     loss.backward(inputs=params)
     if world > 1:
         average_gradients(params, world)
@@ -319,7 +320,7 @@ class Run:
     def receive(self, signum, frame):
         self.signal = signal.Signals(signum).name
         if self.line:
-            raise Stopped(self.line.replace("{}", self.signal))
+            self.stop_now(self.line)
 
     def stop_now(self, line):
         """From here on a signal raises Stopped(line, "{}" its name); one that came already, now."""
@@ -330,10 +331,9 @@ class Run:
     def vote(self, *flags):
         """Each flag combined over all processes (any rank's True is every rank's); one process:
         as is."""
-        if self.group is None:
-            return [bool(f) for f in flags]
         t = torch.tensor([float(bool(f)) for f in flags])
-        dist.all_reduce(t, dist.ReduceOp.MAX, group=self.group)
+        if self.group is not None:
+            dist.all_reduce(t, dist.ReduceOp.MAX, group=self.group)
         return [bool(v) for v in t]
 
     def on_rank0(self, work):
@@ -478,7 +478,7 @@ def ignore_stop_signals(worker_id=None):
         signal.signal(s, signal.SIG_IGN)
 
 
-def loader(dataset, batch_size, workers, device, sampler=None, drop_last=False):
+def loader(dataset, batch_size, workers, device, sampler, drop_last=False):
     """A DataLoader as both scripts use it: persistent workers that ignore the stop signals and hand
     over uint8 batches (to_device), pinned for a GPU; its workers' seeds drawn from a generator of
     its own, not the global one a checkpoint saves (a resumed epoch starts its loader again)."""
@@ -520,7 +520,7 @@ class FaceCrops(Dataset):
                              f"of methods {','.join(methods)}; both classes are needed")
         repeat = max(1, round(fakes / (len(rows) - fakes))) if train else 1
         self.rows = [r for r in rows for _ in range(repeat if r["label"] == "0" else 1)]
-        self.root, self.size = root, image_size
+        self.root, self.size = root, (image_size, image_size)
         self.labels = [int(r["label"]) for r in self.rows]
         self.samples = [(r["method"], r["video"], int(r["frame"])) for r in self.rows]
 
@@ -531,9 +531,9 @@ class FaceCrops(Dataset):
         r = self.rows[i]
         image = Image.open(os.path.join(self.root, r["image"]))
         mask = Image.open(os.path.join(self.root, r["mask"]))
-        if image.size != (self.size, self.size):
-            image = image.resize((self.size,) * 2, Image.BILINEAR)
-            mask = mask.resize((self.size,) * 2, Image.NEAREST)
+        if image.size != self.size:
+            image = image.resize(self.size, Image.BILINEAR)
+            mask = mask.resize(self.size, Image.NEAREST)
         image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, S, S) uint8
         mask = torch.from_numpy(np.asarray(mask) > 127).to(torch.uint8)[None]  # (1, S, S) in {0, 1}
         return image, mask, self.labels[i], f"{r['method']}/{r['video']}"
@@ -578,21 +578,20 @@ def add_data_arguments(p):
     p.add_argument("--root", help="prepared data folder (default: data/<name>)")
     p.add_argument("--methods", help="manipulations to use, comma-separated (default: all; ff++: "
                    + ",".join(FFPP_METHODS) + "; synthetic: " + ",".join(SYNTHETIC_METHODS) + ")")
-    p.add_argument("--image-size", type=bounded(int, 8), help="input size (paper: 256, Sec. IV-B; "
-                                                              "synthetic demo: 64)")
-    p.add_argument("--synthetic", choices=tuple(SYNTHETIC_PRESETS), help="synthetic only: the "
-                   "benchmark's preset (easy, the default: the demo; hard: JPEG-compressed, "
-                   "re-noised fakes, to compare networks)")
-    p.add_argument("--videos", type=bounded(int, 2), help="synthetic only: real videos in the "
-                                                          "train split (val, test: half)")
-    p.add_argument("--frames", type=bounded(int, 1), help="frames per video: synthetic data "
-                                                          "(default 4), --predict (default 32)")
+    p.add_argument("--image-size", type=bounded(int, 8),
+                   help="input size (paper: 256, Sec. IV-B; synthetic demo: 64)")
+    p.add_argument("--synthetic", choices=tuple(SYNTHETIC_PRESETS),
+                   help="synthetic only: the benchmark's preset (easy, the default: the demo; "
+                   "hard: JPEG-compressed, re-noised fakes, to compare networks)")
+    p.add_argument("--videos", type=bounded(int, 2),
+                   help="synthetic only: real videos in the train split (val, test: half)")
+    p.add_argument("--frames", type=bounded(int, 1),
+                   help="frames per video: synthetic data (default 4), --predict (default 32)")
     p.add_argument("--data-seed", type=bounded(int, 0), help="synthetic only: the seed its people, "
-                                                             "scenes and fakes are drawn "
-                   "with (default 0)")
+                   "scenes and fakes are drawn with (default 0)")
     p.add_argument("--workers", type=bounded(int, 0), help="DataLoader workers per process "
-                                                           "(default: 0 on synthetic data, "
-                   "else the CPUs this process may use / processes per node, at most 8)")
+                   "(default: 0 on synthetic data, else the CPUs this process may use / processes "
+                   "per node, at most 8)")
 
 
 def open_split(args, split, methods, train, **other):
@@ -635,15 +634,14 @@ def save_checkpoint(state, path):
 def nonfinite(state):
     """The dotted name of a floating tensor in nested dicts, lists and tuples that holds a NaN or an
     infinity, or None; one wait a device, not one a tensor."""
-    flags = {}  # device -> [(name, whether finite: 0-dim, on the device)]
+    flags = {}  # device -> {name: whether finite (0-dim, on the device)}
     for name, t in _tensors(state):
         if t.is_floating_point():
-            flags.setdefault(t.device, []).append((name, t.isfinite().all()))
-    for pairs in flags.values():
-        finite = torch.stack([ok for _, ok in pairs]).tolist()
-        bad = [name for (name, _), ok in zip(pairs, finite) if not ok]
-        if bad:
-            return bad[0]
+            flags.setdefault(t.device, {})[name] = t.isfinite().all()
+    for finite in flags.values():
+        for name, ok in zip(finite, torch.stack(list(finite.values())).tolist()):
+            if not ok:
+                return name
 
 
 def _tensors(obj, name=""):
@@ -755,9 +753,9 @@ def write_config(args, path):
     atomic_write(path, lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
 
 
-def scale_milestones(milestones, epochs, paper_epochs=300):
+def scale_milestones(milestones, epochs):
     """The paper's learning-rate milestones (in epochs of 300) scaled to a shorter or longer run."""
-    return sorted({max(1, round(m * epochs / paper_epochs)) for m in milestones})
+    return sorted({max(1, round(m * epochs / 300)) for m in milestones})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -832,7 +830,7 @@ def fold_batchnorm(model):
 # ----------------------------------------------------------------------------------------------
 # --benchmark's timer, and the one plotting helper
 
-def time_alternately(steps, device, calls=10, rounds=3, warmup=2):
+def time_alternately(steps, device, calls, rounds, warmup=2):
     """--benchmark: each of `steps` ({name: step()}) timed in turn, A, B, A, B, ..., `rounds` rounds
     of `calls` calls after `warmup` (the allocator, cuDNN autotuning) -> the best seconds per call
     of

@@ -67,8 +67,8 @@ class FaceFinder:
         # dlib's 68-point model (found: importing needs pkg_resources)
         spec = importlib.util.find_spec("face_recognition_models")
         if spec is None:
-            raise InputError("the 68-point landmark model is missing: pip install "
-                             "face-recognition-models")
+            raise InputError(
+                "the 68-point landmark model is missing: pip install face-recognition-models")
         self.detector = dlib.get_frontal_face_detector()
         self.predictor = dlib.shape_predictor(os.path.join(spec.submodule_search_locations[0],
                                                            "models",
@@ -91,11 +91,10 @@ class FaceFinder:
         if not rects and scale < 1:
             rects, scale = self.detector(image, 0), 1.0
         faces = []
-        for box in ((r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale)
-                    for r in rects):
+        for r in rects:
+            box = (r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale)
             # the keypoints
-            shape = self.predictor(image,
-                                   dlib.rectangle(*(int(round(v)) for v in box)))  # Sec. III-C
+            shape = self.predictor(image, dlib.rectangle(*map(round, box)))  # Sec. III-C
             faces.append(Face(box, np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)))
         return sorted(faces, key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
 
@@ -130,7 +129,7 @@ def crop_face(image, face, size=CROP_SIZE, scale=1.3):
     x0, y0, x1, y1 = face.box
     side = scale * max(x1 - x0, y1 - y0)
     left, top = (x0 + x1 - side) / 2, (y0 + y1 - side) / 2
-    box = tuple(int(round(v)) for v in (left, top, left + side, top + side))
+    box = tuple(map(round, (left, top, left + side, top + side)))  # round(float) is an int
     # 256x256
     crop = Image.fromarray(image).crop(box).resize((size, size), Image.BILINEAR)  # Sec. IV-B
     k = size / (box[2] - box[0])
@@ -180,17 +179,18 @@ def iter_frames(path, k):
     a time."""
     if os.path.isdir(path):
         # 2.png before 10.png
-        files = sorted((f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)),
+        names = sorted((f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)),
                        key=lambda name: [int(t) if t.isdigit() else t.lower()
                                          for t in re.split(r"(\d+)", name)])
-        for i in even_indices(len(files), k):
-            rgb = load_rgb(os.path.join(path, files[i]))
-            yield (i, rgb, *FaceFinder.small(rgb))
+        files = [os.path.join(path, name) for name in names]
     elif path.lower().endswith(IMAGE_EXTENSIONS):
-        rgb = load_rgb(path)
-        yield (0, rgb, *FaceFinder.small(rgb))
+        files = [path]  # frame 0 (k >= 1)
     else:
         yield from _video_frames(path, k)
+        return
+    for i in even_indices(len(files), k):
+        rgb = load_rgb(files[i])
+        yield (i, rgb, *FaceFinder.small(rgb))
 
 
 def _video_frames(path, k, seek_gap=250):
@@ -259,8 +259,8 @@ def _video_path(folder, name):
 def ffpp_videos(src, compression, methods, splits_dir):
     """FaceForensics++ as its download script lays it out, with the official split files (JSON lists
     of ["A", "B"] pairs: the split holds real videos A and B and the fakes A_B and B_A)."""
-    _need(src, "the FaceForensics++ download root (holding original_sequences/, "
-               "manipulated_sequences/)")
+    _need(src,
+          "the FaceForensics++ download root (holding original_sequences/, manipulated_sequences/)")
     # c40
     real_dir = _need(os.path.join(src, "original_sequences", "youtube", compression,
                                   "videos"),  # Table VI
@@ -298,8 +298,8 @@ def celebdf_videos(src, val_fraction=0.1):
     (_validation_people): train and validation share nobody; a swap between the two sides is left
     out of both."""
     _need(src, "the Celeb-DF root (holding Celeb-real/, YouTube-real/, Celeb-synthesis/)")
-    test = _read_test_list(_need(os.path.join(src, "List_of_testing_videos.txt"), "Celeb-DF's list "
-                                                                                  "of test videos"))
+    test = _read_test_list(_need(os.path.join(src, "List_of_testing_videos.txt"),
+                                 "Celeb-DF's list of test videos"))
     all_videos = [(folder, os.path.splitext(file)[0]) for folder in (*CELEBDF_REAL, CELEBDF_FAKE)
                   for file in sorted(os.listdir(_need(os.path.join(src, folder),
                                                       f"Celeb-DF's {folder}/ folder")))
@@ -325,8 +325,7 @@ def _read_test_list(path):
             fields = line.split()
             if fields and (len(fields) != 2 or fields[0] not in ("0", "1") or "/" not in fields[1]):
                 raise InputError(f"{path}, line {n}: expected '<1 real | 0 fake> "
-                                 f"<folder>/<file>.mp4', "
-                                 f"got {line.strip()[:80]!r}")
+                                 f"<folder>/<file>.mp4', got {line.strip()[:80]!r}")
             test.update(fields[1:])
     return test
 
@@ -417,7 +416,7 @@ def prepare_video(video, root, settings):
         record["reason"] = f"{what} ({reason(e)})"
     if not record["reason"] and not record["frames"]:
         record["reason"] = f"no face in any of its {seen} frames" if seen else "no frames decoded"
-    atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
+    write_text(_record_path(root, video), json.dumps(record))
     return record
 
 
@@ -435,7 +434,7 @@ def _record(video, settings, reason=""):
 def _dead_worker(video, root, settings):
     record = _record(video, settings, "failed (the process preparing it died: killed by a signal, "
                      "out of memory, or a crash in native code)")
-    atomic_write(_record_path(root, video), lambda f: f.write(json.dumps(record).encode()))
+    write_text(_record_path(root, video), json.dumps(record))
     return record
 
 
@@ -448,11 +447,10 @@ def _run_jobs(jobs, workers):
     if workers == 1:
         yield from (prepare_video(*job) for job in jobs)
         return
-    pending = list(jobs)
-    while pending:
+    while jobs:
         broken = []
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(prepare_video, *job): job for job in pending}
+            futures = {pool.submit(prepare_video, *job): job for job in jobs}
             try:
                 for future in as_completed(futures):
                     if isinstance(future.exception(), BrokenProcessPool):
@@ -463,16 +461,16 @@ def _run_jobs(jobs, workers):
                 pool.shutdown(cancel_futures=True)
                 raise
         started = [job for job in broken if _started(job[1], job[0])]
-        if len(broken) == len(pending) and not started:  # no video began: it would never end
-            raise InputError("the worker processes ended before preparing any video; try "
-                             "--workers 1 to see why")
+        if len(broken) == len(jobs) and not started:  # no video began: it would never end
+            raise InputError(
+                "the worker processes ended before preparing any video; try --workers 1 to see why")
         for job in started:
             with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
                 try:
                     yield pool.submit(prepare_video, *job).result()
                 except BrokenProcessPool:
                     yield _dead_worker(*job)
-        pending = [job for job in broken if not os.path.exists(_record_path(job[1], job[0]))]
+        jobs = [job for job in broken if not os.path.exists(_record_path(job[1], job[0]))]
 
 
 def prepare(videos, root, settings, workers, redo=False):
@@ -484,21 +482,20 @@ def prepare(videos, root, settings, workers, redo=False):
     other = next((r.get("settings") for r in records.values() if r.get("settings") != settings),
                  settings)
     if other != settings and not redo:
-        flag = {k: f"--{k} " for k in ("frames", "compression")}  # the others are constants
-        changed = [f"{flag.get(k, k + ' ')}{other.get(k)} (now {v})" for k, v in settings.items()
-                   if other.get(k) != v]
+        # --frames and --compression are options, the others constants
+        changed = [f"{'--' if k in ('frames', 'compression') else ''}{k} {other.get(k)} (now {v})"
+                   for k, v in settings.items() if other.get(k) != v]
         raise InputError(f"{root}: prepared with {', '.join(changed)}; prepare into another "
                          "--root, or add --redo to prepare every video again")
-    old = [records.get(_record_path(root, v)) for v in videos]
-    again = [bool(r) and bool(redo or r.get("retry")) for r in old]
-    jobs = [(v, root, settings) for v, r, a in zip(videos, old, again) if a or not r]
+    old = [records.get(_record_path(root, v)) for v in videos]  # None: no record
+    jobs = [(v, root, settings) for v, r in zip(videos, old) if not r or redo or r.get("retry")]
     for video, _, _ in jobs:  # an earlier attempt's record and frames go
         for kind in ("faces", "masks"):
             shutil.rmtree(os.path.join(root, kind, video.method, video.name), ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             os.remove(_record_path(root, video))
     print(f"{len(videos)} videos, {len(videos) - len(jobs)} already prepared, {len(jobs)} to do "
-          f"({sum(again)} of them again), {workers} workers")
+          f"({len(jobs) - old.count(None)} of them again), {workers} workers")
     start, done = time.time(), 0
     try:
         for record in _run_jobs(jobs, workers):
@@ -542,7 +539,7 @@ def write_manifest(root):
     and class."""
     rows, skipped, videos, frames = [], [], collections.Counter(), collections.Counter()
     for r in _records(root, quiet=True).values():
-        video = Video(r["split"], r["label"], r["method"], r["name"], r["path"])
+        video = Video(*(r[k] for k in Video._fields))
         rows += [[video.split, video.label, video.method, video.name, i, *_files(video, i)]
                  for i in r["frames"]]
         skipped += [f"{r['method']}/{r['name']}\tvideo\t{r['reason']}"] * bool(r["reason"])
@@ -553,11 +550,10 @@ def write_manifest(root):
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows([["split", "label", "method", "video", "frame",
                                                       "image", "mask"]] + rows)
-    atomic_write(os.path.join(root, "manifest.csv"), lambda f: f.write(text.getvalue().encode()))
+    write_text(os.path.join(root, "manifest.csv"), text.getvalue())
     header = (f"# {len(rows)} frames prepared; {len(skipped)} videos or frames skipped (name, "
               "what, reason)\n")
-    atomic_write(os.path.join(root, "report.txt"),
-                 lambda f: f.write((header + "\n".join(skipped) + "\n").encode()))
+    write_text(os.path.join(root, "report.txt"), header + "\n".join(skipped) + "\n")
     print(f"wrote {root}/manifest.csv ({len(rows)} frames) and {root}/report.txt ({len(skipped)} "
           f"skipped)")
     for split, label in sorted(videos, key=lambda key: (SPLITS.index(key[0]), key[1])):
@@ -590,8 +586,8 @@ def random_identity(rng):
                 mouth_w=u(0.12, 0.18),
                 lip_up=u(0.018, 0.035), lip_low=u(0.025, 0.045), skin=skin,
                 lips=skin * np.array([u(0.75, 0.95), u(0.45, 0.6), u(0.5, 0.65)]),
-                iris=rng.uniform(0.05, 0.6, 3),
-                hair=rng.uniform(0.02, 0.5) * np.array([1, u(0.6, 0.9), u(0.3, 0.7)]))
+                iris=u(0.05, 0.6, 3),
+                hair=u(0.02, 0.5) * np.array([1, u(0.6, 0.9), u(0.3, 0.7)]))
 
 
 def face_points(idt, ex):
@@ -599,18 +595,19 @@ def face_points(idt, ex):
     17-26, nose bridge 27-30, nostrils 31-35, eyes 36-47 (corner, two upper, corner, two lower),
     mouth 48-59 outside and 60-67 inside, both clockwise from the left corner."""
     t = np.linspace(0, np.pi, 17)
-    jaw = np.stack([-idt["jaw_w"] * np.cos(t), idt["eye_y"] + 0.04 + idt["jaw_h"] * np.sin(t)], 1)
+    eye_y = idt["eye_y"]
+    jaw = np.stack([-idt["jaw_w"] * np.cos(t), eye_y + 0.04 + idt["jaw_h"] * np.sin(t)], 1)
     u = np.linspace(0, 1, 5)
     brow_x = -idt["eye_dx"] - 1.4 * idt["eye_w"] + 2.3 * idt["eye_w"] * u
-    brow_y = (idt["eye_y"] - idt["brow_gap"] - ex["brow_raise"]
+    brow_y = (eye_y - idt["brow_gap"] - ex["brow_raise"]
               - idt["brow_arch"] * np.sin(np.pi * u))
-    nose_y = idt["eye_y"] + idt["nose_len"]
+    nose_y = eye_y + idt["nose_len"]
     v = np.linspace(-1, 1, 5)
     a = np.array([np.pi, 2 * np.pi / 3, np.pi / 3, 0, -np.pi / 3, -2 * np.pi / 3])
-    eye = np.stack([idt["eye_w"] * np.cos(a), idt["eye_y"] - idt["eye_h"] * np.sin(a)], 1)
+    eye = np.stack([idt["eye_w"] * np.cos(a), eye_y - idt["eye_h"] * np.sin(a)], 1)
     return np.concatenate([
         jaw, np.stack([brow_x, brow_y], 1), np.stack([-brow_x[::-1], brow_y[::-1]], 1),
-        np.stack([np.zeros(4), np.linspace(idt["eye_y"] + 0.02, nose_y, 4)], 1),
+        np.stack([np.zeros(4), np.linspace(eye_y + 0.02, nose_y, 4)], 1),
         np.stack([v * idt["nose_w"], nose_y + 0.03 + 0.015 * (1 - v ** 2)], 1),
         eye - [idt["eye_dx"], 0], eye + [idt["eye_dx"], 0],
         _lips(idt, ex, np.pi - np.arange(12) * np.pi / 6, 1.0, (idt["lip_up"], idt["lip_low"])),
@@ -637,31 +634,30 @@ def project(points, pose, turn):
 def random_scene(rng, size):
     """Per video: a background (two-colour gradient and blurred blobs), lighting and the camera."""
     ss = 2 * size
-    top, bottom = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    u = rng.uniform
+    top, bottom = u(0, 1, 3), u(0, 1, 3)
     ramp = np.linspace(0, 1, ss)[:, None, None]
     gradient = 255 * (top + (bottom - top) * ramp) * np.ones((1, ss, 1))
     background = Image.fromarray(np.uint8(gradient))
     draw = ImageDraw.Draw(background)
     for _ in range(4):
-        x, y, r = rng.uniform(0, ss, 2).tolist() + [rng.uniform(0.05, 0.3) * ss]
+        x, y, r = u(0, ss, 2).tolist() + [u(0.05, 0.3) * ss]
         draw.ellipse((x - r, y - r, x + r, y + r),
                      fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
     return dict(background=background.filter(ImageFilter.GaussianBlur(ss / 40)),
-                light=rng.uniform(-0.5, 0.5),
-                light_angle=rng.uniform(0, 2 * np.pi), blur=rng.uniform(0.3, 0.6) * size / 64,
-                noise=rng.uniform(3, 7) / 255)
+                light=u(-0.5, 0.5), light_angle=u(0, 2 * np.pi), blur=u(0.3, 0.6) * size / 64,
+                noise=u(3, 7) / 255)
 
 
 def render_face(idt, ex, pose, scene, size, noise_rng=None, blur=0.0):
     """Draw one face at 2x size (PIL), downsample (anti-aliasing), light it, blur it by the optics
     (+ `blur` px) and, with noise_rng, add sensor noise. -> ((size, size, 3) float32, landmarks (68,
     2))."""
-    ss = 2 * size
     pose2 = dict(pose, x=2 * pose["x"], y=2 * pose["y"], scale=2 * pose["scale"])
     pts = project(face_points(idt, ex), pose2, np.r_[np.zeros(17), np.ones(51)])
     image = scene["background"].copy()
     draw = ImageDraw.Draw(image)
-    _draw_face(draw, idt, pose2, pts, ss)
+    _draw_face(draw, idt, pose2, pts, size)
     small = image.resize((size, size), Image.BOX)
     lit = np.asarray(small.filter(ImageFilter.GaussianBlur(scene["blur"] + blur)),
                      dtype=np.float32) / 255
@@ -677,27 +673,29 @@ def _rgb(colour, k=1.0):
     return tuple(int(255 * min(1.0, max(0.0, v * k))) for v in colour)
 
 
-def _draw_face(draw, idt, pose2, pts, ss):
+def _draw_face(draw, idt, pose2, pts, size):
     """Hair, neck, the skin of the face (the jaw line closed by the forehead), brows, nose,
     eyes, lips."""
     a = np.linspace(np.pi, 2 * np.pi, 15)
+    jaw_w = idt["jaw_w"]
+    skin = idt["skin"]
     top = idt["eye_y"] + 0.04
-    forehead = np.stack([idt["jaw_w"] * np.cos(a), top + 0.55 * np.sin(a)], 1)
-    hair = np.stack([1.18 * idt["jaw_w"] * np.cos(2 * a), top - 0.12
+    forehead = np.stack([jaw_w * np.cos(a), top + 0.55 * np.sin(a)], 1)
+    hair = np.stack([1.18 * jaw_w * np.cos(2 * a), top - 0.12
                      + 0.62 * np.sin(2 * a) * (np.sin(2 * a) < 0)
                      + 0.25 * np.sin(2 * a) * (np.sin(2 * a) >= 0)], 1)
-    neck = np.array([[-0.6 * idt["jaw_w"], 0.2], [0.6 * idt["jaw_w"], 0.2],
-                     [0.7 * idt["jaw_w"], 2.0], [-0.7 * idt["jaw_w"], 2.0]])
+    neck = np.array([[-0.6 * jaw_w, 0.2], [0.6 * jaw_w, 0.2], [0.7 * jaw_w, 2.0],
+                     [-0.7 * jaw_w, 2.0]])
     still = np.zeros(len(a))  # these points do not move with the yaw
     draw.polygon(_xy(project(hair, pose2, still)), fill=_rgb(idt["hair"]))
-    draw.polygon(_xy(project(neck, pose2, np.zeros(4))), fill=_rgb(idt["skin"], 0.8))
+    draw.polygon(_xy(project(neck, pose2, np.zeros(4))), fill=_rgb(skin, 0.8))
     face = np.concatenate([pts[:17], project(forehead, pose2, still)[::-1][1:-1]])
-    draw.polygon(_xy(face), fill=_rgb(idt["skin"]))
-    line = max(1, int(ss * 0.012))
+    draw.polygon(_xy(face), fill=_rgb(skin))
+    line = max(1, int(2 * size * 0.012))  # drawn at 2x
     for brow in (pts[17:22], pts[22:27]):
         draw.line(_xy(brow), fill=_rgb(idt["hair"], 0.8), width=2 * line)
-    draw.line(_xy(pts[27:31]), fill=_rgb(idt["skin"], 0.78), width=line)
-    draw.line(_xy(pts[31:36]), fill=_rgb(idt["skin"], 0.6), width=line)
+    draw.line(_xy(pts[27:31]), fill=_rgb(skin, 0.78), width=line)
+    draw.line(_xy(pts[31:36]), fill=_rgb(skin, 0.6), width=line)
     for eye in (pts[36:42], pts[42:48]):
         draw.polygon(_xy(eye), fill=(235, 235, 230))
         (cx, cy), r = eye.mean(0), 0.32 * (eye[3, 0] - eye[0, 0])
@@ -717,7 +715,7 @@ INNER_FACE = ("eye_y", "eye_dx", "eye_w", "eye_h", "brow_gap", "brow_arch", "nos
               "mouth_w", "lip_up", "lip_low", "skin", "lips", "iris")
 
 
-def manipulate(family, real, pts, idt, ex, pose, scene, size, rng, preset=None):
+def manipulate(family, real, pts, idt, ex, pose, scene, size, rng, p):
     """A fake made from a real frame, as the FF++ families are made from real videos: swap
     (FaceSwap-like: another person's inner face, its skin colour partly matched), mouth
     (NeuralTextures-like: the mouth re-rendered), gan (the face through a down/up-sampling,
@@ -725,7 +723,6 @@ def manipulate(family, real, pts, idt, ex, pose, scene, size, rng, preset=None):
     colour left (mismatch), the GAN's factor (gan_scale) and the camera noise the new content gets
     (fake_noise). -> fake (size, size, 3), its landmarks (68, 2), the blending weight (size, size)
     in [0, 1]."""
-    p = preset or SYNTHETIC_PRESETS["easy"]
     if family == "swap":
         donor = random_identity(rng)
         mixed = dict(idt, **{k: donor[k] for k in INNER_FACE})
@@ -739,14 +736,12 @@ def manipulate(family, real, pts, idt, ex, pose, scene, size, rng, preset=None):
         content, fake_pts = render_face(idt, ex2, pose, scene, size, blur=p["blur"])
         both = np.concatenate([pts[48:68], fake_pts[48:68]])
         region = (both - both.mean(0)) * 1.6 + both.mean(0)
-    elif family == "gan":
+    else:  # gan (synthetic_frame has checked the family: SYNTHETIC_METHODS.index)
         small = Image.fromarray(np.uint8(real * 255)).resize((round(size / p["gan_scale"]),) * 2,
                                                              Image.BOX)
         content = np.asarray(small.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
         content, fake_pts = np.clip(content * rng.uniform(0.92, 1.08, 3), 0, 1), pts
         region = (pts - pts[30]) * 0.95 + pts[30]
-    else:
-        raise ValueError(f"unknown synthetic manipulation {family!r}")
     if p["fake_noise"]:
         content = content + rng.normal(0, p["fake_noise"] * scene["noise"], content.shape)
     inside = hull_mask(region, size) * hull_mask(fake_pts, size)  # a manipulation stays on the face
@@ -755,23 +750,23 @@ def manipulate(family, real, pts, idt, ex, pose, scene, size, rng, preset=None):
     return real * (1 - weight) + content * weight, fake_pts, weight[..., 0]
 
 
-def synthetic_frame(seed, video, frame, size, family=None, preset=None):
+def synthetic_frame(seed, video, frame, size, family=None, preset=SYNTHETIC_PRESETS["easy"]):
     """One frame of synthetic video `video` and, with `family`, its fake -> dict(real, real_points,
     fake, fake_points, weight); images (size, size, 3) float32 in [0, 1]."""
     rng = np.random.default_rng([seed, video])  # the video: person, background, light, camera
     idt, scene = random_identity(rng), random_scene(rng, size)
     rng = np.random.default_rng([seed, video, frame])  # the frame: pose, expression, noise
-    pose = dict(x=size * rng.uniform(0.46, 0.54), y=size * rng.uniform(0.46, 0.54),
-                scale=size * rng.uniform(0.52, 0.62),
-                roll=rng.uniform(-0.2, 0.2), yaw=rng.uniform(-0.35, 0.35))
-    ex = dict(mouth_open=rng.uniform(0, 0.02) if rng.random() < 0.6 else rng.uniform(0.02, 0.07),
-              smile=rng.uniform(-0.01, 0.03), brow_raise=rng.uniform(0, 0.02))
+    u = rng.uniform
+    pose = dict(x=size * u(0.46, 0.54), y=size * u(0.46, 0.54), scale=size * u(0.52, 0.62),
+                roll=u(-0.2, 0.2), yaw=u(-0.35, 0.35))
+    ex = dict(mouth_open=u(0, 0.02) if rng.random() < 0.6 else u(0.02, 0.07),
+              smile=u(-0.01, 0.03), brow_raise=u(0, 0.02))
     real, pts = render_face(idt, ex, pose, scene, size, noise_rng=rng)
     out = dict(real=real, real_points=pts)
     if family:
         fake_rng = np.random.default_rng([seed, video, frame, 1 + SYNTHETIC_METHODS.index(family)])
-        fake = manipulate(family, real, pts, idt, ex, pose, scene, size, fake_rng, preset)
-        out["fake"], out["fake_points"], out["weight"] = fake
+        out["fake"], out["fake_points"], out["weight"] = manipulate(
+            family, real, pts, idt, ex, pose, scene, size, fake_rng, preset)
     return out
 
 
@@ -802,16 +797,16 @@ class Parser(argparse.ArgumentParser):
         raise InputError(message)
 
 
-def bounded(kind, low, high=None):
+def bounded(kind, low, high=math.inf):
     """An argparse type: a finite `kind` (int or float) with low <= value (< high when given)."""
     expected = f"{'a whole number' if kind is int else 'a number'} >= {low}"
-    if high is not None:
+    if high < math.inf:
         expected += f" and < {high}"
 
     def parse(text):
         with contextlib.suppress(ValueError):
             value = kind(text)
-            if math.isfinite(value) and low <= value and (high is None or value < high):
+            if math.isfinite(value) and low <= value < high:
                 return value
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return parse
@@ -834,6 +829,11 @@ def atomic_write(path, write):
         raise
 
 
+def write_text(path, text):
+    """atomic_write of a str (UTF-8)."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def usable_cpus():
     """The CPUs this process may use: its affinity mask, capped by a cgroup v2 quota
     (os.cpu_count() sees neither)."""
@@ -852,8 +852,8 @@ def usable_cpus():
 def main(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", choices=("ff++", "celeb-df"), required=True, help="the dataset to "
-                                                                               "prepare")
+    p.add_argument("--data", choices=("ff++", "celeb-df"), required=True,
+                   help="the dataset to prepare")
     p.add_argument("--src", required=True, help="the dataset as downloaded")
     p.add_argument("--root", help="where to write the prepared data (default: data/<name>)")
     p.add_argument("--compression", default="c23", choices=("raw", "c23", "c40"),
@@ -873,9 +873,8 @@ def main(argv=None):
     if args.data == "celeb-df":
         videos = celebdf_videos(args.src)
     else:
-        methods = parse_methods("ff++", args.methods)
-        splits = args.splits or os.path.join(args.src, "splits")
-        videos = ffpp_videos(args.src, args.compression, methods, splits)
+        videos = ffpp_videos(args.src, args.compression, parse_methods("ff++", args.methods),
+                             args.splits or os.path.join(args.src, "splits"))
     root = args.root or os.path.join("data", args.data)
     prepare(videos, root, settings, args.workers or usable_cpus(), args.redo)
 

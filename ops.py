@@ -26,8 +26,8 @@ STEPS = 4  # intermediate nodes per cell (Sec. III-A calls them blocks)
 # OP_df, the deepfake search space (Sec. III-B)
 
 class ReLUConvBN(nn.Sequential):
-    def __init__(self, C_in, C_out, kernel, stride, padding, affine):
-        super().__init__(nn.ReLU(), nn.Conv2d(C_in, C_out, kernel, stride, padding, bias=False),
+    def __init__(self, C_in, C_out, kernel, stride, affine):
+        super().__init__(nn.ReLU(), nn.Conv2d(C_in, C_out, kernel, stride, kernel // 2, bias=False),
                          nn.BatchNorm2d(C_out, affine=affine))
 
 
@@ -54,13 +54,12 @@ class FactorizedReduce(nn.Module):
     inputs of 2-4 channels corrupts the heap on AVX2-only processors)."""
     def __init__(self, C_in, C_out, affine):
         super().__init__()
-        self.relu = nn.ReLU()
         self.conv1 = nn.Conv2d(C_in, C_out // 2, 1, bias=False)
         self.conv2 = nn.Conv2d(C_in, C_out - C_out // 2, 1, bias=False)
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, ceil(H/2), ceil(W/2))
-        x = self.relu(x)
+        x = F.relu(x)
         even = x[:, :, ::2, ::2]
         odd = x[:, :, 1::2, 1::2]  # the grid a stride-2 conv reads, and the one offset by one
         # odd H, W: a zero row/column
@@ -86,9 +85,9 @@ OPS = {
     else FactorizedReduce(C, C, affine),
     "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(3, stride, 1, count_include_pad=False),
     "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride, 1),
-    "conv_3x3": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 1, affine),
-    "conv_5x5": lambda C, stride, affine: ReLUConvBN(C, C, 5, stride, 2, affine),
-    "conv_7x7": lambda C, stride, affine: ReLUConvBN(C, C, 7, stride, 3, affine),
+    "conv_3x3": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, affine),
+    "conv_5x5": lambda C, stride, affine: ReLUConvBN(C, C, 5, stride, affine),
+    "conv_7x7": lambda C, stride, affine: ReLUConvBN(C, C, 7, stride, affine),
     "sep_conv_3x3": lambda C, stride, affine: SepConv(C, 3, stride, affine),
     "sep_conv_5x5": lambda C, stride, affine: SepConv(C, 5, stride, affine),
     "dil_conv_3x3": lambda C, stride, affine: DilConv(C, 3, stride, 2, affine),
@@ -110,8 +109,7 @@ class MixedOp(nn.Module):
         super().__init__()
         self.partial = partial
         built = [self._op(name, C // partial, stride) for name in PRIMITIVES[1:]]  # all but zero
-        self.after_relu = [isinstance(op, nn.Sequential) and isinstance(op[0], nn.ReLU)
-                           for op in built]
+        self.after_relu = ["conv" in name for name in PRIMITIVES[1:]]  # the seven start with a ReLU
         self.ops = nn.ModuleList(nn.Sequential(*list(op)[1:]) if r else op
                                  for op, r in zip(built, self.after_relu))
         if partial > 1:
@@ -126,7 +124,7 @@ class MixedOp(nn.Module):
     def forward(self, x, weights):
         if self.partial > 1:
             # (B, C/K, ..), (B, C - C/K, ..)
-            x, rest = x[:, :x.shape[1] // self.partial], x[:, x.shape[1] // self.partial:]
+            x, rest = x.tensor_split([x.shape[1] // self.partial], dim=1)
         # (weights[0], zero's, adds nothing)
         out = sum(w * y for w, y in zip(weights[1:], self.outputs(x)))  # Eq. 2
         if self.partial == 1:
@@ -143,11 +141,11 @@ class MixedOp(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The cell (Eq. 1): one wiring for the search cell and the derived cell
 
-def search_edges(steps=STEPS):
+def search_edges():
     """Every edge of a search cell: node i (0-based) takes inputs 0..i+1 (0, 1: the two previous
     cells; k >= 2: node k-2). Returns [(node, input, None)], None meaning "a MixedOp"; the k-th edge
     uses row k of alpha (14 rows for 4 nodes)."""
-    return [(node, inp, None) for node in range(steps) for inp in range(node + 2)]
+    return [(node, inp, None) for node in range(STEPS) for inp in range(node + 2)]
 
 
 class Cell(nn.Module):
@@ -164,26 +162,21 @@ class Cell(nn.Module):
         super().__init__()
         self.reduction = reduction
         # s0 is twice the size of s1 after a reduction cell: bring both to (B, C, H, W)
-        if reduction_prev:
-            self.pre0 = FactorizedReduce(C_pp, C, affine)
-        else:
-            self.pre0 = ReLUConvBN(C_pp, C, 1, 1, 0, affine)
-        self.pre1 = ReLUConvBN(C_p, C, 1, 1, 0, affine)
+        self.pre0 = (FactorizedReduce(C_pp, C, affine) if reduction_prev
+                     else ReLUConvBN(C_pp, C, 1, 1, affine))
+        self.pre1 = ReLUConvBN(C_p, C, 1, 1, affine)
         self.edges = [(node, inp) for node, inp, _ in edges]
-        self.steps = 1 + max(node for node, _ in self.edges)
-        self.ops = nn.ModuleList(
-            self._op(name, C, 2 if reduction and inp < 2 else 1, affine, partial)
-            for _, inp, name in edges)
-
-    @staticmethod
-    def _op(name, C, stride, affine, partial):
-        return MixedOp(C, stride, partial) if name is None else OPS[name](C, stride, affine)
+        self.ops = nn.ModuleList()
+        for _, inp, name in edges:
+            stride = 2 if reduction and inp < 2 else 1
+            self.ops.append(MixedOp(C, stride, partial) if name is None
+                            else OPS[name](C, stride, affine))
 
     def forward(self, s0, s1, weights=None):
         """weights: None (a derived cell), or (op weights (n_edges, n_ops): the softmax of alpha,
         edge weights (n_edges,): PC-DARTS's normalised beta, or None)."""
         states = [self.pre0(s0), self.pre1(s1)]  # each (B, C, H, W)
-        for node in range(self.steps):
+        for node in range(STEPS):
             # (search cell: Eq. 2's sum over H)
             states.append(sum(self._edge(k, states[inp], weights)
                               for k, (n, inp) in enumerate(self.edges) if n == node))  # Eq. 1
@@ -238,8 +231,8 @@ def random_genotype(seed):
     """NAS's random baseline (Li & Talwalkar 2019): per node two distinct inputs among its
     predecessors, each edge one of the ten non-zero operations, uniformly; the two cells drawn
     independently."""
-    rng, ops = random.Random(seed), [p for p in PRIMITIVES if p != "none"]
-    cell = lambda: tuple((rng.choice(ops), inp) for node in range(STEPS)
+    rng = random.Random(seed)
+    cell = lambda: tuple((rng.choice(PRIMITIVES[1:]), inp) for node in range(STEPS)
                          for inp in sorted(rng.sample(range(node + 2), 2)))
     return Genotype(cell(), cell())
 
@@ -251,8 +244,9 @@ def genotype_to_json(genotype, origin=None):
         rows = [f"    {json.dumps(list(a))}, {json.dumps(list(b))}"
                 for a, b in zip(pairs[::2], pairs[1::2])]
         return "[\n" + ",\n".join(rows) + "\n  ]"
-    return ('{\n  "normal": ' + cell(genotype.normal) + ',\n  "reduce": ' + cell(genotype.reduce)
-            + (f',\n  "origin": {json.dumps(origin)}' if origin else "") + "\n}\n")
+    tail = f',\n  "origin": {json.dumps(origin)}' if origin else ""
+    return (f'{{\n  "normal": {cell(genotype.normal)},\n  "reduce": {cell(genotype.reduce)}'
+            f'{tail}\n}}\n')
 
 
 def save_genotype(genotype, path, origin=None):
@@ -299,7 +293,7 @@ def _parse_cell(cell, path, key):
     for k, pair in enumerate(cell):
         node, field = k // 2, f'"{key}"[{k}]'
         if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
-                and isinstance(pair[1], int) and not isinstance(pair[1], bool)):
+                and type(pair[1]) is int):  # not a bool
             raise InputError(f"{path}: {field}: expected [op name, input index], got "
                              f"{json.dumps(pair)}")
         op, inp = pair

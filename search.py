@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 from add import (ADD, BLOCKS, DEMO_SIZE, GRAD_CLIP, PAPER_SIZE, Run, Stopped, add_data_arguments,
-                 all_ranks, append_log, count_parameters, d2_layout, epoch_generator, figure, gradient_step,
-                 init_distributed, loader, loader_workers, new_run_dir,
-                 one_process, open_split, peak_memory_mib, prepare_model, random_batch, rank_world,
+                 all_ranks, append_log, count_parameters, d2_layout, epoch_generator, figure,
+                 gradient_step, init_distributed, loader, loader_workers, new_run_dir, one_process,
+                 open_split, peak_memory_mib, prepare_model, random_batch, rank_world,
                  resolve_defaults, restore, resume, run_main, save_checkpoint, save_figure,
                  scale_milestones, split_batch, sync, time_alternately, write_config)
 from masks import InputError, Parser, bounded, parse_methods
@@ -49,12 +49,12 @@ class SearchNetwork(nn.Module):
         layout = [i in (cells // 3, 2 * cells // 3) for i in range(cells)]
         self.net = ADD(None, C, layout, stem_reductions, True, partial=partial)
         shape = (len(search_edges()), len(PRIMITIVES))  # (14, 11)
-        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(shape))
-        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(shape))
+        for kind in CELL_TYPES:  # alpha_normal, alpha_reduce
+            setattr(self, f"alpha_{kind}", nn.Parameter(1e-3 * torch.randn(shape)))
         self.partial = partial
         if partial > 1:
-            self.beta_normal = nn.Parameter(1e-3 * torch.randn(shape[0]))
-            self.beta_reduce = nn.Parameter(1e-3 * torch.randn(shape[0]))
+            for kind in CELL_TYPES:  # beta_normal, beta_reduce
+                setattr(self, f"beta_{kind}", nn.Parameter(1e-3 * torch.randn(shape[0])))
 
     def cell_weights(self):
         """(normal, reduce), each (the softmax of alpha (n_edges, n_ops): Eq. 2's weights, the
@@ -80,14 +80,13 @@ def derive_cell(weights):
     strength is its strongest operation other than zero; each node keeps its two strongest incoming
     edges (Eq. 1's two inputs), each with that operation. -> ((op, input), ...) two per node."""
     weights = weights.detach().clone()
-    weights[:, PRIMITIVES.index("none")] = -1  # the zero op never wins
-    pairs, row = [], 0
-    for node in range(STEPS):
+    weights[:, 0] = -1  # the zero op (PRIMITIVES[0]) never wins
+    pairs = []
+    for edges in weights.split([node + 2 for node in range(STEPS)]):  # a node's incoming edges
         # the maximum over each edge's ops
-        strength, best = weights[row:row + node + 2].max(dim=1)  # Sec. III-A
+        strength, best = edges.max(dim=1)  # Sec. III-A
         for inp in sorted(strength.topk(2).indices.tolist()):
             pairs.append((PRIMITIVES[best[inp]], inp))
-        row += node + 2
     return tuple(pairs)
 
 
@@ -99,33 +98,30 @@ def search(args, device, state=None, group=None):
     group: several processes (torchrun), each a share of every batch, their gradients averaged."""
     rank, world = rank_world(group)
     # D_train and D_val
-    (train_loader, val_loader), steps, one_pass = loaders(args, device, rank, world)
+    data, steps, one_pass = loaders(args, device, rank, world)  # (train, val)
     model, optimizers, warmup = build(args, device, steps)
     w_opt, a_opt, w_sched, a_sched = optimizers
-    w_params = list(model.net.parameters())
-    a_params = model.arch_parameters()
     alpha_mask_weight = MASK_WEIGHT if args.alpha_loss == "eq7" else 0.0
     penalty = parameter_penalty(args, model) if args.param_weight else None
     start = begin(args, model, optimizers, state, steps, one_pass, warmup)
     first_step = start["epoch"] * steps + start["step"]
     total = sum(1 + (k >= warmup) for k in range(first_step, args.epochs * steps))
     ranks = (rank,) if world > 1 else ()  # the flips' generators: one process's are every version's
-    advice = "the last checkpoint is intact: lower --w-lr"
-    with Run(device, (train_loader, val_loader), total, group, advice) as run:
+    with Run(device, data, total, group, "the last checkpoint is intact: lower --w-lr") as run:
         for epoch in range(start["epoch"], args.epochs):  # Algorithm 1, line 1
-            first, sums = epoch_start(args, model, (train_loader, val_loader), start, epoch, device)
+            first, sums = epoch_start(args, model, data, start, epoch, device)
             tic = time.time()
-            for step, (batch, val_batch) in enumerate(zip(train_loader, val_loader), start=first):
+            for step, (batch, val_batch) in enumerate(zip(*data), start=first):
                 # random flips, the same when resumed
                 flips = [epoch_generator(args.seed, epoch, step, k, *ranks) for k in (2, 3)]
-                w_terms = gradient_step(model, w_opt, w_params, batch, device, MASK_WEIGHT,
-                                        flips[0], world=world)  # Algorithm 1, lines 2-4
+                w_terms = gradient_step(model, w_opt, batch, device, MASK_WEIGHT, flips[0],
+                                        world=world)  # Algorithm 1, lines 2-4
                 sums.add("w", w_terms)
                 loss = w_terms[2]
                 moves = epoch * steps + step >= warmup  # after the warm-up (not in the paper)
                 if moves:
-                    alpha_terms = gradient_step(model, a_opt, a_params, val_batch, device,
-                                                alpha_mask_weight, flips[1], penalty, clip=False,
+                    alpha_terms = gradient_step(model, a_opt, val_batch, device, alpha_mask_weight,
+                                                flips[1], penalty, clip=False,
                                                 world=world)  # Algorithm 1, lines 5-7
                     sums.add("alpha", alpha_terms)
                     loss = loss + alpha_terms[2]
@@ -189,8 +185,8 @@ BUILT_IN = dict(w_optimizer="sgd", momentum=W_MOMENTUM, alpha_lr=ALPHA_LR,
 def build(args, device, steps):
     """The search network, the two optimizers and their schedulers (Sec. IV-B and the departures),
     and the warm-up in steps: the first --warmup of all steps (never all of them)."""
-    model = SearchNetwork(args.channels, args.cells, args.stem_reductions, args.partial_channels)
-    model = prepare_model(model, device)
+    model = prepare_model(SearchNetwork(args.channels, args.cells, args.stem_reductions,
+                                        args.partial_channels), device)
     w_lr = args.w_lr * (args.batch_size / W_LR_BATCH)
     w_opt = torch.optim.SGD(model.net.parameters(), w_lr, momentum=W_MOMENTUM,
                             weight_decay=WEIGHT_DECAY)
@@ -209,13 +205,14 @@ class Sums:
     the training batches and alpha's on the validation batches, each process its own. state() is
     the checkpoint's "means": every process's sums, (processes, 3), from which each resumes its
     own (another number of processes: their mean); losses() the means over steps and processes."""
-    def __init__(self, device, saved=None, rank=0, world=1):
+    def __init__(self, device, saved, rank, world):
         saved = saved or dict(w=torch.zeros(3), alpha=torch.zeros(3), w_steps=0, alpha_steps=0)
         self.sums = {}
+        self.counts = {}
         for k in ("w", "alpha"):
             rows = saved[k].reshape(-1, 3)  # (3,): one process's, as earlier versions saved it
             self.sums[k] = (rows[rank] if len(rows) == world else rows.mean(0)).to(device)
-        self.counts = {k: saved[f"{k}_steps"] for k in ("w", "alpha")}
+            self.counts[k] = saved[f"{k}_steps"]
 
     def add(self, kind, terms):
         self.sums[kind] += terms
@@ -316,15 +313,14 @@ class EpochOrder(Sampler):
     the split cut to `length` (a step budget: a fresh random subset each epoch), from `start` on (a
     resumed epoch). Under torchrun process r takes every world-th sample from the r-th: its share
     of each global batch."""
-    def __init__(self, n, length, seed, stream, rank=0, world=1):
+    def __init__(self, n, length, seed, stream, rank, world):
         self.n = n
         self.length = length
         self.seed = seed
         self.stream = stream
         self.rank = rank
         self.world = world
-        self.epoch = 0
-        self.start = 0
+        self.set_epoch(0)
 
     def set_epoch(self, epoch, start=0):
         self.epoch = epoch
@@ -352,7 +348,7 @@ def loaders(args, device, rank=0, world=1):
             raise InputError(f"--batch-size {args.batch_size}: the {name} split has only {len(s)} "
                              "samples")
     one_pass = len(sets[0]) // args.batch_size
-    steps = min(args.steps_per_epoch, one_pass) if args.steps_per_epoch else one_pass
+    steps = min(args.steps_per_epoch or one_pass, one_pass)  # 0: one pass
     workers = loader_workers(args.data) if args.workers is None else args.workers
     return [loader(s, share, workers, device,
                    EpochOrder(len(s), steps * args.batch_size, args.seed, k, rank, world), True)
@@ -384,17 +380,18 @@ def parameter_costs(cfg=PAPER_SIZE):
     chosen = torch.tensor([2 / (node + 2) for node, _, _ in search_edges()])[:, None]
     nonzero = torch.tensor([name != "none" for name in PRIMITIVES], dtype=torch.float32)
     sizes = {}
-    tables = {kind: torch.zeros(len(search_edges()), len(PRIMITIVES)) for kind in CELL_TYPES}
+    tables = [torch.zeros(len(search_edges()), len(PRIMITIVES)) for _ in CELL_TYPES]
     width = cfg["channels"]
     for reduction in layout:
         width *= 2 if reduction else 1
         for k, (_, inp, _) in enumerate(search_edges()):
             stride = 2 if reduction and inp < 2 else 1
             for o, name in enumerate(PRIMITIVES):
-                if (name, width, stride) not in sizes:
-                    sizes[name, width, stride] = count_parameters(OPS[name](width, stride, True))
-                tables[CELL_TYPES[reduction]][k, o] += sizes[name, width, stride]
-    return torch.tensor(float(base)), chosen, nonzero, tables["normal"], tables["reduce"]
+                key = (name, width, stride)
+                if key not in sizes:
+                    sizes[key] = count_parameters(OPS[name](width, stride, True))
+                tables[reduction][k, o] += sizes[key]
+    return torch.tensor(float(base)), chosen, nonzero, *tables  # normal, reduce
 
 
 def expected_parameters(weights, costs):
@@ -432,7 +429,7 @@ def write_genotype(genotype, path, origin):
                    va="center", fontsize=8, bbox=dict(fc="white", ec="none", pad=0.3))
         a.scatter(*zip(*pos), s=900, c=["#c8e6c8"] * 2 + ["#b4cdf0"] * STEPS + ["#f0dcaa"],
                   edgecolors="black", zorder=3)
-        for (x, y), name in zip(pos, ["c_{k-2}", "c_{k-1}", "0", "1", "2", "3", "c_{k}"]):
+        for (x, y), name in zip(pos, "c_{k-2} c_{k-1} 0 1 2 3 c_{k}".split()):
             a.text(x, y, name, ha="center", va="center", fontsize=8, zorder=4)
         a.set(title=title, xlim=(0, 1.03), ylim=(-0.05, 1))
         a.axis("off")
@@ -446,8 +443,8 @@ def arrow(a, start, end, colour, width):
 
 def colour(op):
     """One colour per operation, in g.png."""
-    return ["black", "dimgray", "teal", "tab:blue", "orangered", "darkorange", "saddlebrown",
-            "tab:green", "seagreen", "purple", "crimson"][PRIMITIVES.index(op)]
+    return ("black dimgray teal tab:blue orangered darkorange saddlebrown tab:green seagreen "
+            "purple crimson").split()[PRIMITIVES.index(op)]
 
 
 def describe(genotype, path):
@@ -469,13 +466,11 @@ def benchmark(args, device, calls=10):
     on the host in one more step (a step of many small operators is bound by their per-call cost,
     not by arithmetic)."""
     model, (w_opt, a_opt, _, _), _ = build(args, device, 1)
-    w_params = list(model.net.parameters())
-    a_params = model.arch_parameters()
     batch = random_batch(args.batch_size, args.image_size)
 
     def step():
-        gradient_step(model, w_opt, w_params, batch, device, MASK_WEIGHT)
-        gradient_step(model, a_opt, a_params, batch, device, MASK_WEIGHT, clip=False)
+        gradient_step(model, w_opt, batch, device, MASK_WEIGHT)
+        gradient_step(model, a_opt, batch, device, MASK_WEIGHT, clip=False)
     before = peak_memory_mib(device)  # the model's, optimisers' and the batch's
     seconds = time_alternately(dict(step=step), device, calls, rounds=1)["step"]
     peak = peak_memory_mib(device)
@@ -485,12 +480,11 @@ def benchmark(args, device, calls=10):
     events = prof.key_averages()
     host = sum(e.self_cpu_time_total for e in events)
     ops = sum(e.count for e in events)
-    b = args.batch_size
-    print(f"search step (w + alpha, batch {b}, {args.image_size} px, C={args.channels}, "
-          f"{args.cells} cells, partial channels K={args.partial_channels}) on {device}: "
-          f"{seconds * 1000:.0f} ms, {b / seconds:.1f} training images/s, peak memory {peak:.0f} "
-          f"MiB ({peak - before:.0f} MiB for the steps); {ops} operator calls a step, "
-          f"{host / ops:.1f} us of host time each")
+    print(f"search step (w + alpha, batch {args.batch_size}, {args.image_size} px, "
+          f"C={args.channels}, {args.cells} cells, partial channels K={args.partial_channels}) on "
+          f"{device}: {seconds * 1000:.0f} ms, {args.batch_size / seconds:.1f} training images/s, "
+          f"peak memory {peak:.0f} MiB ({peak - before:.0f} MiB for the steps); {ops} operator "
+          f"calls a step, {host / ops:.1f} us of host time each")
     return seconds
 
 
@@ -528,9 +522,8 @@ def parse_args(argv=None):
                    help="PC-DARTS: 1/K of each edge's channels go through its operations, with "
                    "edge normalisation (paper: 1; real data: 4; demo: 1)")
     g.add_argument("--steps-per-epoch", type=bounded(int, 0),
-                   help="at most this many steps an epoch, each epoch a fresh random subset, "
-                   "never more than one pass (paper: 0, one pass; real data: 200, 60,000 steps "
-                   "in all)")
+                   help="at most this many steps an epoch, each epoch a fresh random subset, never "
+                   "more than one pass (paper: 0, one pass; real data: 200, 60,000 steps in all)")
     g.add_argument("--param-weight", type=bounded(float, 0),
                    help="add weight * max(0, E[parameters] / 5.6 M - 1) to alpha's loss, E at "
                    "the paper's size (paper: 0, no such term; default: 0.1)")

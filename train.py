@@ -46,8 +46,8 @@ from add import (ADD, BASELINES, BLOCKS, DEMO_SIZE, GRAD_CLIP, PAPER_SIZE, Basel
                  one_process, open_split, peak_memory_mib, prepare_model, random_batch, rank_world,
                  resolve_defaults, restore, resume, run_main, save_checkpoint, save_figure,
                  scale_milestones, split_batch, time_alternately, to_device, write_config)
-from masks import (CROP_SIZE, DETECT_SIZE, METHODS, READ_ERRORS, InputError, Parser, atomic_write,
-                   bounded, parse_methods, read_faces, reason)
+from masks import (CROP_SIZE, DETECT_SIZE, METHODS, READ_ERRORS, InputError, Parser, bounded,
+                   parse_methods, read_faces, reason, write_text)
 from ops import genotype_from_dict, genotype_origin, load_genotype
 
 MOMENTUM = 0.9  # Sec. IV-B: "Adam with a momentum value of 0.9 and a weight decay of 0.0005"
@@ -64,6 +64,11 @@ def build_model(cfg, genotype):
                mask=not cfg.get("no_mask_branch"))
 
 
+def run_file(args, name):
+    """A file of the run folder (--out)."""
+    return os.path.join(args.out, name)
+
+
 def make_optimizer(model, args):
     """Sec. IV-B: "an Adam optimizer with a momentum value of 0.9" (beta1) "and a weight decay of
     0.0005", lr 0.5, divided by 10 at epochs 80 and 140 of 300. Adam diverges at 0.5 and momentum
@@ -75,15 +80,15 @@ def make_optimizer(model, args):
     else:
         opt = torch.optim.SGD(model.parameters(), args.lr, momentum=MOMENTUM,
                               weight_decay=WEIGHT_DECAY)
-    milestones = scale_milestones(args.milestones, args.epochs)
-    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(
+        opt, scale_milestones(args.milestones, args.epochs), 0.1)
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation (Sec. IV-B's ACC and AUC, and the field's AP and EER), per frame and per video
 
 @torch.no_grad()
-def frame_scores(model, loader, device, group=None):
+def frame_scores(model, loader, device, group):
     """This process's part of a split (the loader's), in order, the body under training's autocast,
     the heads and scores in fp32 (bf16 scores would tie) -> the whole split's arrays p (p(fake)),
     label, ce, mse (absent without a mask branch), copied to the host once, and its video ids (the
@@ -100,7 +105,7 @@ def frame_scores(model, loader, device, group=None):
         if m is not None:
             out["mse"].append((m.float() - M).square().mean((1, 2, 3)))  # Eq. 5, per sample
         out["label"].append(y)
-        videos += list(batch[3])
+        videos += batch[3]
     parts = gather(({k: torch.cat(v).cpu().numpy() for k, v in out.items() if v}, videos), group)
     arrays = {k: np.concatenate([a[k] for a, _ in parts if k in a])
               for k in out if any(k in a for a, _ in parts)}
@@ -122,8 +127,10 @@ def equal_error_rate(labels, probs):
     fpr, tpr, _ = roc_curve(labels, probs)
     gap = (1 - tpr) - fpr  # FNR - FPR, decreasing along the curve from 1 to -1
     i = int(np.argmax(gap <= 0))
-    t = gap[i - 1] / (gap[i - 1] - gap[i]) if i > 0 else 0.0
-    return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1])) if i > 0 else float(fpr[0])
+    if i == 0:
+        return float(fpr[0])
+    t = gap[i - 1] / (gap[i - 1] - gap[i])
+    return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
 
 
 def scores(labels, probs):
@@ -133,16 +140,16 @@ def scores(labels, probs):
     from sklearn.metrics import average_precision_score, roc_auc_score
     labels = np.asarray(labels).round()
     correct = (np.asarray(probs) > THRESHOLD) == labels
-    out = dict(acc=float(correct.mean()),  # ACC
-               bacc=float(np.mean([correct[labels == c].mean() for c in np.unique(labels)])))
-    two = len(np.unique(labels)) == 2
-    out.update(auc=float(roc_auc_score(labels, probs)) if two else None,  # AUC (Sec. IV-B)
-               ap=float(average_precision_score(labels, probs)) if two else None,
-               eer=equal_error_rate(labels, probs) if two else None)
-    return out
+    classes = np.unique(labels)
+    two = len(classes) == 2
+    return dict(acc=float(correct.mean()),  # ACC
+                bacc=float(np.mean([correct[labels == c].mean() for c in classes])),
+                auc=float(roc_auc_score(labels, probs)) if two else None,  # AUC (Sec. IV-B)
+                ap=float(average_precision_score(labels, probs)) if two else None,
+                eer=equal_error_rate(labels, probs) if two else None)
 
 
-def evaluate(model, loader, device, group=None):
+def evaluate(model, loader, device, group):
     """Every process scores its part -> (metrics: frames, videos, frame_* and video_* scores, ce,
     mse; per-frame outputs). Scores that are not finite (outputs that overflow) end the run in one
     line."""
@@ -181,7 +188,7 @@ def test_split(args):
     return open_split(args, "test", methods, False, **other), f"{test_data}:{','.join(methods)}"
 
 
-def fit(args, state, device, group=None):
+def fit(args, state, device, group):
     """Sec. IV-B's training: --epochs passes of Eq. 7, the lr / 10 at the milestones, validation
     after each epoch; the epoch of the best validation AUC is tested at the end. Stops, progress and
     the vote of several processes (group: torchrun's, DDP): add.Run; the epoch's end (checkpoints,
@@ -189,16 +196,16 @@ def fit(args, state, device, group=None):
     rank, world = rank_world(group)
     genotype = None
     if state and state["genotype"]:  # a resumed run: the genotype it trains
-        genotype = genotype_from_dict(state["genotype"], os.path.join(args.out, "last.pt"))
+        genotype = genotype_from_dict(state["genotype"], run_file(args, "last.pt"))
     elif args.arch == "add":
         genotype = load_genotype(args.genotype)
     (train_set, val_set), (test_set, test_name) = datasets(args), test_split(args)
     model = prepare_model(build_model(vars(args), genotype), device)
     optimizer, scheduler = make_optimizer(model, args)
     start, best = (state["epoch"], state["best_auc"]) if state else (0, -1.0)
+    parts = dict(model=model, optimizer=optimizer, scheduler=scheduler)
     if state:  # a resumed run: the model, optimizer, scheduler and generator as they were
-        restore(state, dict(model=model, optimizer=optimizer, scheduler=scheduler),
-                os.path.join(args.out, "last.pt"))
+        restore(state, parts, run_file(args, "last.pt"))
     net = model
     if world > 1:  # gradients averaged; rank 0's BatchNorm statistics broadcast before each step
         ids = [device.index] if device.type == "cuda" else None
@@ -207,8 +214,6 @@ def fit(args, state, device, group=None):
                                      device, rank, world)
     train_data, val_data, test_data = data
     steps = len(train_data)
-    params = list(net.parameters())
-    parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, genotype=genotype)
     advice = "the last good checkpoint is intact: lower --lr, or --resume from it"
     with Run(device, data, (args.epochs - start) * steps, group, advice) as run:
         for epoch in range(start, args.epochs):
@@ -219,25 +224,28 @@ def fit(args, state, device, group=None):
             sums = torch.zeros(3, device=device)  # (CE, MSE, loss) on the device
             flips = epoch_generator(args.seed, epoch, rank)  # random flips, the same when resumed
             for step, batch in enumerate(train_data):
-                terms = gradient_step(net, optimizer, params, batch, device, args.mask_weight,
+                terms = gradient_step(net, optimizer, batch, device, args.mask_weight,
                                       flips)  # Eq. 7 (Table V: --mask-weight 0)
                 sums += terms
                 if run.step(terms[2], len(batch[2]), epoch, step, steps) and step + 1 < steps:
-                    where = f"in epoch {epoch + 1}, after step {step + 1} of {steps}"
-                    raise Stopped(stopped(args, run.signal, where, epoch))
+                    raise Stopped(stopped(args, run.signal, f"in epoch {epoch + 1}, after step "
+                                          f"{step + 1} of {steps}", epoch))
             scheduler.step()
             run.check_weights(model, epoch)  # before the validation uses them
             if world > 1:  # each process's last step moved its own: rank 0's, as DDP broadcasts
                 for buffer in model.buffers():
                     dist.broadcast(buffer, 0)
-            train = dict(means=(all_ranks(sums, group).mean(0) / steps).tolist(), lr=lr,
-                         train_seconds=time.time() - tic, train_images=steps * args.batch_size)
+            ce, mse, _ = (all_ranks(sums, group).mean(0) / steps).tolist()
+            line = dict(epoch=epoch + 1, train_ce=ce, train_mse=mse, lr=lr,
+                        train_seconds=time.time() - tic, train_images=steps * args.batch_size)
+            if args.arch != "add" or args.no_mask_branch:
+                line["train_mse"] = None  # no mask branch
             val = evaluate(model, val_data, device, group)
-            train["seconds"] = time.time() - tic
-            best = run.on_rank0(lambda: end_epoch(args, parts, epoch, train, val[0], best))
+            line["seconds"] = time.time() - tic
+            best = run.on_rank0(lambda: end_epoch(args, parts, genotype, line, val[0], best))
             if run.vote(run.signal)[0]:  # came in its last step, or during the validation
-                where = f"at the end of epoch {epoch + 1}"
-                raise Stopped(stopped(args, run.signal, where, epoch + 1))
+                raise Stopped(stopped(args, run.signal, f"at the end of epoch {epoch + 1}",
+                                      epoch + 1))
         run.stop_now(stopped(args, "{}", "during the final test", args.epochs))
         return test(args, model, val_data, (test_set, test_data, test_name), device, run)
 
@@ -272,14 +280,13 @@ CHECKPOINT_KEYS = ("data", "root", "methods", "image_size", "videos", "frames", 
                    "synthetic", "data_seed")
 
 
-def training_loaders(args, sets, test_name, model, device, rank=0, world=1):
+def training_loaders(args, sets, test_name, model, device, rank, world):
     """The loaders (in training each process its share of the global batch, in an order that
     depends on (seed, epoch) only; validation and test: each process a part) and the header."""
     train_set, val_set, test_set = sets
     workers = loader_workers(args.data) if args.workers is None else args.workers
     share = split_batch(args.batch_size, world)
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
+    sampler = DistributedSampler(train_set, world, rank, seed=args.seed, drop_last=True)  # shuffled
     train_data = loader(train_set, share, workers, device, sampler, True)
     if not len(train_data):
         raise InputError(f"--batch-size {args.batch_size}: the train split has only "
@@ -292,7 +299,7 @@ def training_loaders(args, sets, test_name, model, device, rank=0, world=1):
     return sampler, (train_data, *scored)
 
 
-def scoring_loader(dataset, batch_size, workers, device, rank=0, world=1):
+def scoring_loader(dataset, batch_size, workers, device, rank, world):
     """A split every process scores a part of, at its share of the global batch: the rank-th of
     `world` contiguous parts, so that the parts in rank order are the split in order (no sample
     twice, none left out)."""
@@ -307,36 +314,29 @@ def stopped(args, name, where, held):
     if not held:
         return (f"stopped by {name} {where}; no checkpoint yet (one is written at each epoch's "
                 "end): start the run again")
-    command = f"python train.py --resume --out {args.out}"
     then = "" if held == args.epochs else f"trains epochs {held + 1}-{args.epochs} and "
     return (f"stopped by {name} {where}; the last checkpoint, {os.path.join(args.out, 'last.pt')}, "
-            f"holds epoch {held}: {command} {then}runs the test")
+            f"holds epoch {held}: python train.py --resume --out {args.out} {then}runs the test")
 
 
-def end_epoch(args, parts, epoch, train, val, best):
-    """Rank 0, after the validation (val: its metrics): log.jsonl (its line before the checkpoint:
-    add.trim_log), best.pt (the best validation frame AUC so far), last.pt, the epoch's line ->
-    the best AUC. train: the epoch's training CE, MSE and loss (means), lr and times."""
+def end_epoch(args, parts, genotype, line, val, best):
+    """Rank 0, after the validation (val: its metrics): the epoch's line of log.jsonl (line: its
+    training CE and MSE, lr and times; written before the checkpoint: add.trim_log), best.pt (the
+    best validation frame AUC so far), last.pt; the epoch printed -> the best AUC."""
     auc = val["frame_auc"] if val["frame_auc"] is not None else val["frame_acc"]
-    train_ce, train_mse, _ = train["means"]
-    if args.arch != "add" or args.no_mask_branch:
-        train_mse = None
-    append_log(os.path.join(args.out, "log.jsonl"), dict(
-        epoch=epoch + 1, train_ce=train_ce, train_mse=train_mse, val_ce=val["ce"],
-        val_mse=val["mse"], lr=train["lr"], seconds=train["seconds"],
-        train_seconds=train["train_seconds"], train_images=train["train_images"], val=val))
-    state = dict(model=parts["model"].state_dict(), optimizer=parts["optimizer"].state_dict(),
-                 scheduler=parts["scheduler"].state_dict(), epoch=epoch + 1,
-                 rng=torch.get_rng_state(), config=vars(args),
-                 genotype=genotype_dict(parts["genotype"]), best_auc=max(best, auc))
+    append_log(run_file(args, "log.jsonl"), dict(line, val_ce=val["ce"], val_mse=val["mse"],
+                                                 val=val))
+    state = dict({k: part.state_dict() for k, part in parts.items()}, epoch=line["epoch"],
+                 rng=torch.get_rng_state(), config=vars(args), genotype=genotype_dict(genotype),
+                 best_auc=max(best, auc))
     if auc > best:
-        save_checkpoint(state, os.path.join(args.out, "best.pt"))
-    save_checkpoint(state, os.path.join(args.out, "last.pt"))
-    mse = "" if train_mse is None else f" MSE {train_mse:.4f}"
+        save_checkpoint(state, run_file(args, "best.pt"))
+    save_checkpoint(state, run_file(args, "last.pt"))
+    mse = "" if line["train_mse"] is None else f" MSE {line['train_mse']:.4f}"
     val_mse = "" if val["mse"] is None else f" MSE {val['mse']:.4f}"
-    print(f"epoch {epoch + 1}/{args.epochs}  train CE {train_ce:.4f}{mse}  val CE "
+    print(f"epoch {line['epoch']}/{args.epochs}  train CE {line['train_ce']:.4f}{mse}  val CE "
           f"{val['ce']:.4f}{val_mse}  ACC {val['frame_acc']:.4f} AUC "
-          f"{val['frame_auc'] or float('nan'):.4f}  {train['seconds']:.1f} s"
+          f"{val['frame_auc'] or float('nan'):.4f}  {line['seconds']:.1f} s"
           + ("  (best)" if auc > best else ""), flush=True)
     return max(best, auc)
 
@@ -344,7 +344,7 @@ def end_epoch(args, parts, epoch, train, val, best):
 def test(args, model, val_data, split, device, run):
     """The best checkpoint on the validation and test splits -> metrics.json, predictions.csv, the
     table, masks.png (report)."""
-    path = os.path.join(args.out, "best.pt")
+    path = run_file(args, "best.pt")
     best = load_checkpoint(path)
     load_state(model, best["model"], path)
     val = evaluate(model, val_data, device, run.group)
@@ -367,28 +367,26 @@ def report(args, model, split, device, name, state, run, val=None):
         metrics = dict(arch=args.arch, parameters=count_parameters(model), epoch=state["epoch"],
                        mask_weight=args.mask_weight, genotype=state.get("genotype"),
                        **{k.split()[0]: dict(data=k.split()[1], **v) for k, v in rows.items()})
-        atomic_write(os.path.join(args.out, name),
-                     lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+        write_text(run_file(args, name), json.dumps(metrics, indent=1))
         out = test[1]
         lines = [[video, method, frame, int(label), f"{p:.6f}"] for (method, video, frame), label, p
                  in zip(test_set.samples, out["label"], out["p"])]
         text = io.StringIO()
         csv.writer(text).writerows([["video", "method", "frame", "label", "p_fake"]] + lines)
-        atomic_write(os.path.join(args.out, "predictions.csv"),
-                     lambda f: f.write(text.getvalue().encode()))
+        write_text(run_file(args, "predictions.csv"), text.getvalue())
         print_table(rows)
-        visualize(model, test_set, os.path.join(args.out, "masks.png"), device)
+        visualize(model, test_set, run_file(args, "masks.png"), device)
         print(f"wrote {args.out}: {name}, predictions.csv, masks.png")
         return metrics
     return run.on_rank0(write)
 
 
-def eval_only(args, model, state, device, group=None):
+def eval_only(args, model, state, device, group):
     """--eval-only: the checkpoint's network on a test split, its own run's unless --test-data,
     --test-methods or --test-root say otherwise, into a new run folder (never the training
     run's); under torchrun every process scores a part."""
     if rank_world(group)[0] == 0:
-        write_config(args, os.path.join(args.out, "config.json"))
+        write_config(args, run_file(args, "config.json"))
     test_set, test_name = test_split(args)
     workers = loader_workers(args.data) if args.workers is None else args.workers
     data = scoring_loader(test_set, args.batch_size, workers, device, *rank_world(group))
@@ -409,7 +407,7 @@ def print_table(rows):
         print(f"{name:<{width}s}" + "".join(cells))
 
 
-def draw_faces(path, faces, ms, captions, title=None, hulls=None):
+def draw_faces(path, faces, ms, captions, title, hulls=None):
     """A row of faces ((K, S, S, 3) uint8), each with the predicted region m over it as a heat map
     (ms (K, S, S) or None), the hull mask M's outline (hulls or None) and a caption: masks.png,
     --predict's."""
@@ -425,10 +423,15 @@ def draw_faces(path, faces, ms, captions, title=None, hulls=None):
     save_figure(fig, path, title)
 
 
-def visualize(model, dataset, path, device, k=FIG9_FACES):
+def spread_out(n):
+    """Up to FIG9_FACES indices spread evenly over range(n)."""
+    return np.linspace(0, n - 1, min(FIG9_FACES, n)).round().astype(int)
+
+
+def visualize(model, dataset, path, device):
     """masks.png, as Fig. 9: K test faces spread over the split, with m, M and p(fake)."""  # Fig. 9
-    idx = np.linspace(0, len(dataset) - 1, min(k, len(dataset))).round().astype(int)
-    x, M, y, _ = (list(t) for t in zip(*(dataset[i] for i in idx)))
+    idx = spread_out(len(dataset))
+    x, M, y, _ = zip(*(dataset[i] for i in idx))
     faces, hulls = torch.stack(x), torch.stack(M)
     with torch.no_grad():
         logits, m = model.eval()(to_device((faces, hulls, torch.tensor(y)), device)[0])
@@ -504,42 +507,39 @@ def predict_files(args, model, device):
         raise InputError(f"{missing[0]}: no such file or folder (expected a video, a folder of "
                          "frames or a photo)")
     torch.backends.cudnn.benchmark = False  # a batch of each size (faces an input): no tuning
-    out, report = args.out, {}
+    report = {}
     print(f"scoring {len(args.predict)} input(s) with {args.checkpoint} ({args.arch}, "
-          f"{args.image_size} px); writing {out}")
+          f"{args.image_size} px); writing {args.out}")
     with Run(device) as run:
-        run.stop_now("stopped by {}: the inputs above were scored, predictions.json was not "
-                     "written")
+        run.stop_now(
+            "stopped by {}: the inputs above were scored, predictions.json was not written")
         for n, path in enumerate(args.predict):
             result = score_input(model, path, args, device)
+            crops, m = result.pop("crops", None), result.pop("m", None)  # the picture's
             if "reason" in result:
                 print(f"{path}: {result['reason']}")
             else:
                 name = os.path.basename(os.path.normpath(path))
-                picture = os.path.join(out, f"{n:03d}_{name}.png")
-                pick = np.linspace(0, len(result["crops"]) - 1,
-                                   min(FIG9_FACES, len(result["crops"]))).round().astype(int)
-                draw_faces(picture, result["crops"][pick], None if result["m"] is None
-                           else result["m"][pick],
+                picture = run_file(args, f"{n:03d}_{name}.png")
+                pick = spread_out(len(crops))
+                draw_faces(picture, crops[pick], None if m is None else m[pick],
                            [f"frame {result['frames'][j]['frame']}\np(fake) "
                             f"{result['frames'][j]['p_fake']:.2f}" for j in pick],
                            f"{path}: p(fake) {result['p_fake']:.3f} ({result['verdict']})")
                 print(f"{path}: p(fake) {result['p_fake']:.4f}  {result['verdict'].upper()} at "
                       f"threshold {THRESHOLD}  ({result['frames_scored']} of "
                       f"{result['frames_read']} frames scored)  {picture}")
-            report[path] = {key: v for key, v in result.items() if key not in ("crops", "m")}
-    atomic_write(os.path.join(out, "predictions.json"),
-                 lambda f: f.write(json.dumps(report, indent=1).encode()))
-    print(f"wrote {out}/predictions.json")
+            report[path] = result
+    write_text(run_file(args, "predictions.json"), json.dumps(report, indent=1))
+    print(f"wrote {args.out}/predictions.json")
     return report
 
 
 # ----------------------------------------------------------------------------------------------
 # --compare: runs grouped by what makes their network, data and training (but seeds and lr), and
 # their cells
-COMPARE_KEYS = ("arch", "channels", "cells_per_block", "stem_reductions", "image_size",
-                "small_input", "mask_weight", "no_mask_branch", "data", "methods", "synthetic",
-                "videos", "frames", "batch_size", "epochs", "milestones", "optimizer")
+COMPARE_KEYS = MODEL_KEYS + ("no_mask_branch", "data", "methods", "synthetic", "videos", "frames",
+                             "batch_size", "epochs", "milestones", "optimizer")
 # a training CE at or above this in the last epoch: the network did not train (ln 2 = 0.693)
 AT_CHANCE = 0.65
 
@@ -570,20 +570,21 @@ def compare(args):
               f"{r['frame_auc_std']:.3f}  {r['video_auc']:.3f} ± {r['video_auc_std']:.3f}  "
               f"{r['val_auc']:>7.3f}  {r['n']}{chance}")
     verdicts(rows)
-    fig, ax = figure(1, 1, (8, 5.5))
+    fig, axes = figure(1, 1, (8, 5.5))
+    ax = axes[0, 0]
     for kind, mark in (("searched", "o"), ("random", "s"), ("hand-designed", "^"), ("ADD", "D")):
         picked = [r for r in rows if r["kind"] == kind and r["n"]]
         if picked:
-            ax[0, 0].errorbar([r["parameters"] for r in picked], [r["frame_auc"] for r in picked],
-                              [r["frame_auc_std"] for r in picked], fmt=mark, capsize=3, label=kind)
+            ax.errorbar([r["parameters"] for r in picked], [r["frame_auc"] for r in picked],
+                        [r["frame_auc_std"] for r in picked], fmt=mark, capsize=3, label=kind)
         for r in picked:
-            ax[0, 0].annotate(f"{r['name']} {r['width'] if r['width'] != '-' else ''}".strip(),
-                              (r["parameters"], r["frame_auc"]), fontsize=7, xytext=(4, 3),
-                              textcoords="offset points")
-    ax[0, 0].set(xscale="log", xlabel="parameters", title="AUC against size",
-                 ylabel="test frame AUC (mean ± std over seeds)")
-    ax[0, 0].legend()
-    save_figure(fig, os.path.join(args.out, "pareto.png"))
+            ax.annotate(f"{r['name']} {r['width'] if r['width'] != '-' else ''}".strip(),
+                        (r["parameters"], r["frame_auc"]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+    ax.set(xscale="log", xlabel="parameters", title="AUC against size",
+           ylabel="test frame AUC (mean ± std over seeds)")
+    ax.legend()
+    save_figure(fig, run_file(args, "pareto.png"))
     print(f"wrote {args.out}/pareto.png")
     return rows
 
@@ -591,10 +592,13 @@ def compare(args):
 def compare_row(runs):
     """One group of runs (the same but for their seeds) -> its row."""
     _, cfg, metrics, _ = runs[0]
-    is_add = cfg["arch"] == "add"
     kind = "hand-designed"
-    if is_add:
+    name = cfg["arch"]
+    width = "-"
+    if cfg["arch"] == "add":
         kind = {"random": "random", "search": "searched"}.get(cfg.get("genotype_origin"), "ADD")
+        name = os.path.splitext(os.path.basename(cfg.get("genotype") or ""))[0]
+        width = f"C{cfg['channels']} N{cfg['cells_per_block']}"
     failed = [run for run, _, _, log in runs if log[-1]["train_ce"] >= AT_CHANCE]
     kept = [(c, m) for run, c, m, _ in runs if run not in failed]
     frame, video = (np.array([m["test"][f"{level}_auc"] for _, m in kept], dtype=float)
@@ -610,11 +614,8 @@ def compare_row(runs):
     timed = [(e["train_images"], e["train_seconds"]) for _, _, _, log in runs for e in log
              if "train_seconds" in e]
     rate = sum(i for i, _ in timed) / sum(s for _, s in timed) if timed else None
-    name = cfg["arch"]
-    if is_add:
-        name = os.path.splitext(os.path.basename(cfg.get("genotype") or ""))[0]
     return dict(name=name, kind=kind, parameters=metrics["parameters"], lr=cfg["lr"],
-                width=f"C{cfg['channels']} N{cfg['cells_per_block']}" if is_add else "-",
+                width=width,
                 images_per_s=rate, frame_auc=mean(frame), frame_auc_std=spread(frame),
                 video_auc=mean(video), video_auc_std=spread(video), val_auc=mean(val),
                 n=len(kept), at_chance=len(failed), failed=" ".join(failed),
@@ -628,19 +629,20 @@ def verdicts(rows):
     by seed (Student's 95% interval). Rows that differ only in lr are a sweep: its pick (best
     validation AUC)."""
     from scipy.stats import ttest_1samp, ttest_ind
-    sweeps = {}
+    architectures = {}
     for r in rows:
-        sweeps.setdefault(r["architecture"], []).append(r)
-    if any(len(sweep) > 1 for sweep in sweeps.values()):
-        for sweep in (s for s in sweeps.values() if len(s) > 1):
+        architectures.setdefault(r["architecture"], []).append(r)
+    sweeps = [s for s in architectures.values() if len(s) > 1]
+    if sweeps:
+        for sweep in sweeps:
             pick = max(sweep, key=lambda r: r["val_auc"])
             lrs = sorted(r["lr"] for r in sweep)
             edge = "; at the grid's edge: extend it" if pick["lr"] in (lrs[0], lrs[-1]) else ""
             print(f"lr pick, {pick['name']} {pick['width']}: {pick['lr']:g} of "
                   f"{', '.join(f'{lr:g}' for lr in lrs)} (mean validation frame AUC "
                   f"{pick['val_auc']:.3f}){edge}")
-        return print("(an architecture at several lrs: the comparisons take one lr an "
-                     "architecture)")
+        return print(
+            "(an architecture at several lrs: the comparisons take one lr an architecture)")
     kinds = {k: [r for r in rows if r["kind"] == k and r["n"]]
              for k in ("searched", "random", "hand-designed")}
     for other in ("random", "hand-designed"):
@@ -687,14 +689,13 @@ def benchmark(args, device, calls=10, rounds=3):
     steps, sizes, batch = {}, {}, random_batch(args.batch_size, args.image_size)
     x = to_device(batch, device)[0]  # the inference's faces
     for arch in dict.fromkeys((args.arch, "resnet18")):
-        cfg = dict(vars(args), arch=arch, mask_weight=args.mask_weight if arch == "add" else 0.0)
+        cfg = dict(vars(args), arch=arch)
         genotype = load_genotype(args.genotype) if arch == "add" else None
         model = prepare_model(build_model(cfg, genotype), device).train()
         folded = prepare_model(fold_batchnorm(build_model(cfg, genotype)), device)
         optimizer, _ = make_optimizer(model, args)
-        steps[arch, "training"] = functools.partial(gradient_step, model, optimizer,
-                                                    list(model.parameters()), batch, device,
-                                                    cfg["mask_weight"])
+        steps[arch, "training"] = functools.partial(gradient_step, model, optimizer, batch, device,
+                                                    args.mask_weight if arch == "add" else 0.0)
         steps[arch, "inference"] = functools.partial(torch.no_grad()(folded), x)
         sizes[arch] = count_parameters(model)
     seconds = time_alternately(steps, device, calls, rounds)
@@ -759,8 +760,8 @@ def parse_args(argv=None):
                    "it if it exists, unless --resume)")
     g.add_argument("--resume", action="store_true",
                    help="continue from OUT/last.pt: the options given now, else its own")
-    g = p.add_argument_group("extras: evaluation, prediction, comparison, speed (the last three: "
-                             "one process)")
+    g = p.add_argument_group(
+        "extras: evaluation, prediction, comparison, speed (the last three: one process)")
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate --checkpoint on a test split (its run's by default)")
     g.add_argument("--checkpoint",
@@ -778,9 +779,8 @@ def configure(args, cfg=None):
     """Every option left unset from the demo's or the real data's settings; with a checkpoint's
     configuration cfg, its network and (--eval-only) its data unless given; the checks across
     options (of a resumed run: on the checkpoint's options merged with those given)."""
-    mode = "train"
-    if args.predict or args.eval_only or args.compare:
-        mode = "predict" if args.predict else "eval" if args.eval_only else "compare"
+    mode = ("predict" if args.predict else "eval" if args.eval_only
+            else "compare" if args.compare else "train")
     if mode in ("eval", "predict") and not args.checkpoint:
         raise InputError(f"--{'eval-only' if args.eval_only else 'predict'} needs --checkpoint "
                          "PATH (a best.pt or last.pt written by train.py)")
@@ -798,8 +798,8 @@ def configure(args, cfg=None):
         for key in MODEL_KEYS + ("no_mask_branch", "genotype", "epochs", "seed"):
             setattr(args, key, cfg.get(key))
     if args.arch == "add" and not args.genotype and mode == "train" and not args.resume:
-        raise InputError("--genotype: needed for --arch add; write one with: python search.py "
-                         "--out g.json")
+        raise InputError(
+            "--genotype: needed for --arch add; write one with: python search.py --out g.json")
     if args.arch != "add" or args.no_mask_branch:
         args.mask_weight = 0.0  # no mask branch: nothing for Eq. 5 to supervise
     if args.small_input is None:
@@ -836,7 +836,7 @@ def main(argv=None):
             return benchmark(args, device)
         state = None
         if args.resume:
-            path = os.path.join(args.out, "last.pt")
+            path = run_file(args, "last.pt")
             needed = ("optimizer", "scheduler", "epoch", "best_auc")
             args, state = resume(path, given, vars(args), needed, BUILT_IN, SCHEDULE, rank == 0)
             args = configure(args)
@@ -846,7 +846,7 @@ def main(argv=None):
             args.out = new_run_dir(args.out, group)
         print(f"run folder: {args.out}", flush=True)
         if rank == 0:
-            write_config(args, os.path.join(args.out, "config.json"))
+            write_config(args, run_file(args, "config.json"))
         return fit(args, state, device, group)
     finally:
         if group is not None:
