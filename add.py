@@ -6,9 +6,10 @@
 - loss_terms, add_loss: Eq. 5-7, CE' + alpha * MSE (this alpha weighs the mask loss: the paper
   reuses the architecture's letter; the flag is --mask-weight).
 - gradient_step: one update on that loss: the search's w and alpha steps (Eq. 3), a training step.
-Below the divider, written once for both scripts: Table IV's networks, Run (stop signals, the vote
-of several processes, non-finite losses, progress), the data, checkpoints and resume, the device,
-BatchNorm folding, the benchmark's timer, the plotting helper.
+Below the divider, written once for both scripts: Table IV's networks (torchvision's and Xception),
+Run (stop signals, the votes of several processes, non-finite losses, progress), several processes
+(torchrun), the data, checkpoints and resume, the device, BatchNorm folding, the benchmark's timer,
+the plotting helper.
 """
 import argparse
 import contextlib
@@ -31,7 +32,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from masks import (FFPP_METHODS, METHODS, SYNTHETIC_METHODS, SYNTHETIC_PRESETS, InputError,
-                   atomic_write, bounded, hull_mask, jpeg, reason, synthetic_frame, usable_cpus)
+                   atomic_write, bounded, hull_mask, jpeg, reason, synthetic_frame, usable_cpus,
+                   write_text)
 from ops import STEPS, Cell, genotype_edges, search_edges
 
 GRAD_CLIP = 5.0  # gradient norm of every w update (DARTS's value; the paper does not say)
@@ -69,9 +71,8 @@ def stem(C_out, reductions):
 class Heads(nn.Module):
     """The two heads on the last features f (Sec. III-B, III-C). Mask: m' = sigmoid(1x1 conv(f)) at
     f's resolution, bilinearly up-sampled to the input's: m, compared with the hull mask M by Eq. 5.
-    The
-    classifier: f * m' (Eq. 6), a 1x1 conv, global average pooling, two FC layers. mask=False: Eq.
-    4."""
+    The classifier: f * m' (Eq. 6), a 1x1 conv, global average pooling, two FC layers.
+    mask=False: Eq. 4."""
     def __init__(self, C_in, hidden, mask):
         super().__init__()
         self.mask = nn.Conv2d(C_in, 1, 1) if mask else None
@@ -543,9 +544,8 @@ class SyntheticFaces(Dataset):
     """The built-in data: `videos` real videos of `frames` frames and, for each, the same video
     faked frame by frame (as FF++ makes its fakes) by family methods[j % len(methods)];
     deterministic by (seed, split, preset), drawn into memory (~3 ms a pair at 64 px). A sample as
-    FaceCrops gives
-    it: a face of random identity, pose, lighting and background, the hull mask of its 68
-    landmarks."""
+    FaceCrops gives it: a face of random identity, pose, lighting and background, the hull mask of
+    its 68 landmarks."""
     def __init__(self, split, methods, videos, frames, size, seed, preset="easy"):
         # disjoint people per split
         first = {"train": 0, "val": 1_000_000, "test": 2_000_000}[split]
@@ -690,10 +690,10 @@ def resume(path, given, expected, needed, built_in, schedule, trim=True):
             why = f"its configuration has no {', '.join(missing[:3])}"
         raise InputError(f"{path}: written by another version of this script ({why}); "
                          "start a new run")
-    kept = [k for k in schedule if k in given and given[k] != saved.get(k)]
-    if kept:
-        raise InputError(f"{path}: its optimizer and schedule hold --{kept[0].replace('_', '-')} "
-                         f"{saved.get(kept[0])}, "
+    changing = [k for k in schedule if k in given and given[k] != saved.get(k)]
+    if changing:
+        raise InputError(f"{path}: its optimizer and schedule hold "
+                         f"--{changing[0].replace('_', '-')} {saved.get(changing[0])}, "
                          "and a resumed run keeps them; start a new run to change it")
     if trim:
         trim_log(os.path.join(os.path.dirname(path), "log.jsonl"), state["epoch"])
@@ -726,11 +726,14 @@ def trim_log(path, epochs):
     """log.jsonl of a resumed run: only the lines of the epochs its checkpoint holds. An epoch's
     line is written before its checkpoint: a kill between the two leaves a line too many (or half of
     one)."""
-    keep = []
-    for line in open(path).read().splitlines() if os.path.exists(path) else []:
+    lines, keep = [], []
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        lines = f.read().splitlines()
+    for line in lines:
         with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
-            keep += [line + "\n"] if json.loads(line)["epoch"] <= epochs else []
-    atomic_write(path, lambda f: f.write("".join(keep).encode()))
+            if json.loads(line)["epoch"] <= epochs:
+                keep.append(line + "\n")
+    write_text(path, "".join(keep))
 
 
 def new_run_dir(path, group=None):
@@ -750,7 +753,7 @@ def new_run_dir(path, group=None):
 def write_config(args, path):
     """Prints the configuration a run uses and keeps it beside its checkpoint (config.json)."""
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
-    atomic_write(path, lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
+    write_text(path, json.dumps(vars(args), indent=1))
 
 
 def scale_milestones(milestones, epochs):
@@ -833,8 +836,7 @@ def fold_batchnorm(model):
 def time_alternately(steps, device, calls, rounds, warmup=2):
     """--benchmark: each of `steps` ({name: step()}) timed in turn, A, B, A, B, ..., `rounds` rounds
     of `calls` calls after `warmup` (the allocator, cuDNN autotuning) -> the best seconds per call
-    of
-    each: a ratio measured in one run on one machine."""
+    of each: a ratio measured in one run on one machine."""
     best = {name: float("inf") for name in steps}
     for r in range(rounds):
         for name, step in steps.items():

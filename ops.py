@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from masks import InputError, atomic_write
+from masks import InputError, write_text
 
 STEPS = 4  # intermediate nodes per cell (Sec. III-A calls them blocks)
 
@@ -250,7 +250,7 @@ def genotype_to_json(genotype, origin=None):
 
 
 def save_genotype(genotype, path, origin=None):
-    atomic_write(path, lambda f: f.write(genotype_to_json(genotype, origin).encode()))
+    write_text(path, genotype_to_json(genotype, origin))
 
 
 def genotype_origin(path):
