@@ -240,11 +240,16 @@ def test_factorized_reduce_is_darts_two_stride_2_convs_and_the_same_with_the_avx
              "        loss.backward()\n"
              "        out += [loss.item(), x.grad.abs().sum().item()]\n"
              "print(repr(out))\n")
-    results = []
-    for env in (dict(os.environ, OMP_NUM_THREADS="1"), AVX2):
-        code, out, err = run_cli("-c", drive, env=env)
-        assert code == 0, err[-2000:]
-        results.append(eval(out))
+    code, out, err = run_cli("-c", drive, env=AVX2)
+    assert code == 0, err[-2000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the other process; this process's kernels
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as here:
+            exec(drive, {})
+    finally:
+        torch.set_num_threads(threads)
+    results = eval(out), eval(here.getvalue())
     assert len(results[0]) == 80 and np.allclose(*results, rtol=1e-5, atol=1e-5)
 
 
@@ -542,21 +547,11 @@ def test_no_file_is_left_half_written_and_no_checkpoint_holds_a_non_finite_value
                        str(tmp_path / "r")])
     state = torch.load(tmp_path / "r" / "search.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 0)
-    # weights finite but so large that the scores overflow (lr 3e37): one line, not sklearn's;
-    # weights made non-finite by the epoch's last update (one step an epoch): before validation
-    argv = TINY_TRAIN + ["--genotype", genotype_file, "--epochs", "1"]
+    # weights finite but so large that the scores overflow (lr 3e37): one line, not sklearn's
+    # (weights made non-finite: the test across two processes)
     with pytest.raises(add.Diverged, match="the network's scores are not finite"):
-        train.main(argv + ["--lr", "3e37", "--out", str(tmp_path / "overflow")])
-    real_step = torch.optim.Adam.step
-
-    def overflow(self, *args, **kwargs):
-        out = real_step(self, *args, **kwargs)
-        self.param_groups[0]["params"][0].data.fill_(float("inf"))
-        return out
-    monkeypatch.setattr(torch.optim.Adam, "step", overflow)
-    monkeypatch.setattr(train, "evaluate", None)  # it must not be reached
-    with pytest.raises(add.Diverged, match="^non-finite weights after epoch 1's last update"):
-        train.main(argv + ["--out", str(tmp_path / "inf")])
+        train.main(TINY_TRAIN + ["--genotype", genotype_file, "--epochs", "1", "--lr", "3e37",
+                                 "--out", str(tmp_path / "overflow")])
     # a full disk, anywhere: one line
     with pytest.raises(SystemExit, match=r"^error: \[Errno 28\] No space left on device: 'x'$"):
         add.run_main(lambda: exec("raise OSError(28, 'No space left on device', 'x')"))
@@ -972,10 +967,8 @@ def test_a_worker_killed_by_a_signal_is_that_videos_failure_and_the_rest_goes_on
     # SIGXCPU kills a process after 4 s of CPU
     cpu_limit = lambda: resource.setrlimit(resource.RLIMIT_CPU, (4, 120))
     p = subprocess.run([sys.executable, "masks.py", "--data", "ff++", "--src", str(src), "--root",
-                        root, "--methods",
-                        "Deepfakes", "--frames", "3", "--workers", "2"], capture_output=True,
-                        text=True, cwd=HERE,
-                       timeout=240, preexec_fn=cpu_limit)
+                        root, "--methods", "Deepfakes", "--frames", "3", "--workers", "2"],
+                       capture_output=True, text=True, cwd=HERE, timeout=240, preexec_fn=cpu_limit)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "skipped Deepfakes/001_000: failed (the process preparing it died" in p.stdout
     # 3 frames each
@@ -1754,15 +1747,16 @@ def test_a_training_across_two_processes_stops_survives_a_kill_evaluates_as_one_
     assert len(rows[0]) == 11 and [r[:4] for r in rows[0]] == [r[:4] for r in rows[1]]
     assert all(abs(float(a[4]) - float(b[4])) <= 1e-6 for a, b in zip(rows[0][1:], rows[1][1:]))
     # rank 0's end of epoch 1 (one step an epoch) made to fail: weights made non-finite by its last
-    # update; or its optimizer's state, so that its checkpoint is refused. Every process ends by
-    # itself, in rank 0's one line
+    # update (before the validation could read them); or its optimizer's state, so that its
+    # checkpoint is refused. Every process ends by itself, in rank 0's one line; and in one process
     step = ("import torch\nreal = torch.optim.Adam.step\ndef step(self, *a, **k):\n"
             "    out = real(self, *a, **k)\n    first = self.param_groups[0]['params'][0]\n"
-            "    if os.environ['RANK'] == '0':\n        {}.fill_(float('inf'))\n"
+            "    if os.environ.get('RANK', '0') == '0':\n        {}.fill_(float('inf'))\n"
             "    return out\ntorch.optim.Adam.step = step")
+    weights = ("non-finite weights after epoch 1's last update; the last good checkpoint is "
+               "intact: lower --lr, or --resume from it")
     for name, poisoned, line in (
-            ("weights", "first.data", "non-finite weights after epoch 1's last update; the last "
-             "good checkpoint is intact: lower --lr, or --resume from it"),
+            ("weights", "first.data", weights),
             ("state", "self.state[first]['exp_avg']", "optimizer.state.0.exp_avg holds a "
              f"non-finite value: {tmp_path}/state/best.pt was not written (the one on disk is "
              "intact)")):
@@ -1770,6 +1764,9 @@ def test_a_training_across_two_processes_stops_survives_a_kill_evaluates_as_one_
                                 "--genotype", genotype_file, "--device", "cpu", "--out",
                                 str(tmp_path / name))
         assert code != 0 and lines == [f"error: {line}"]
+    code, _, err = run_cli(driver(tmp_path, step.format("first.data"), "train.py"), *TINY_TRAIN,
+                           "--genotype", genotype_file, "--out", str(tmp_path / "one"))
+    assert code == 1 and ours(err) == [f"error: {weights}"]
 
 
 def test_readme_maps_the_paper_to_functions_that_hold_their_tags_and_its_demo_runs(
