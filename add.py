@@ -339,8 +339,8 @@ class Run:
 
     def on_rank0(self, work):
         """work() on rank 0 alone (files, the log, metrics), its failure voted: every rank ends
-        with it, rank 0 raising it and the others Diverged (their line is rank 0's: add.main_of)
-        -> work()'s result on rank 0, None on the others."""
+        with it, rank 0 raising it and the others Diverged("process 0 failed") -> work()'s result
+        on rank 0, None on the others."""
         result, error = None, None
         if self.rank == 0:
             try:
@@ -392,7 +392,7 @@ def init_distributed(device_name):
     """torchrun's RANK, WORLD_SIZE, LOCAL_RANK -> (rank, world size, device, a gloo group for the
     votes and gathers: None in one process). A process per GPU (nccl: LOCAL_RANK's) or per CPU
     slot (gloo); --device cuda:N in one process: GPU N (its kernels and pinned memory). Ranks
-    other than 0 print nothing: their lines would repeat rank 0's."""
+    other than 0 print no progress: their lines would repeat rank 0's."""
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_name)
@@ -460,17 +460,22 @@ def gather(part, group):
 def run_main(main):
     """A script's entry: main(), every end a user can act on as one line on stderr, no traceback
     (InputError: a mistake; Diverged: non-finite numbers; Stopped: a signal; OSError: a full disk, a
-    file that cannot be read). Under torchrun rank 0 prints the line and the others exit without
-    one, except for an OSError, which can be one process's own."""
+    file that cannot be read). Under torchrun each process ends in its line, "process N: " before
+    the others' (rank 0's says why when another rank's says "process 0 failed")."""
     rank = int(os.environ.get("RANK", 0))
     try:
         main()
     except (InputError, Diverged, OSError) as e:
-        if rank == 0:
-            sys.exit(f"error: {e}")
-        sys.exit(f"error (process {rank}): {e}" if isinstance(e, OSError) else 1)
+        line = f"error: {e}"
     except Stopped as e:
-        sys.exit(1 if rank else str(e))
+        line = str(e)
+    else:
+        return
+    finally:
+        if dist.is_initialized():  # torchrun's agent signals the rest once one process ended:
+            ignore_stop_signals()  # their lines must not be cut short
+            dist.destroy_process_group()
+    sys.exit(f"process {rank}: {line}" if rank else line)
 
 
 def ignore_stop_signals(worker_id=None):

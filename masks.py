@@ -479,8 +479,7 @@ def prepare(videos, root, settings, workers, redo=False):
     other settings (every record carries them) is an error; a full disk ends the run in one line,
     the videos finished kept."""
     records = _records(root)
-    other = next((r.get("settings") for r in records.values() if r.get("settings") != settings),
-                 settings)
+    other = next((r["settings"] for r in records.values() if r["settings"] != settings), settings)
     if other != settings and not redo:
         # --frames and --compression are options, the others constants
         changed = [f"{'--' if k in ('frames', 'compression') else ''}{k} {other.get(k)} (now {v})"
@@ -513,7 +512,8 @@ def prepare(videos, root, settings, workers, redo=False):
     return write_manifest(root)
 
 
-RECORD_KEYS = ("split", "label", "method", "name", "path", "frames", "skipped_frames", "reason")
+RECORD_KEYS = ("split", "label", "method", "name", "path", "settings", "frames", "skipped_frames",
+               "reason")
 
 
 def _records(root, quiet=False):

@@ -21,7 +21,6 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Sampler
@@ -576,25 +575,21 @@ def main(argv=None):
     if args.benchmark:
         one_process("--benchmark")
     rank, world, device, group = init_distributed(args.device)
-    try:
-        torch.manual_seed(args.seed)
-        if args.benchmark:
-            return benchmark(args, device)
-        state = None
-        if args.resume:  # the saved configuration, but for the options given now
-            path = os.path.join(args.run_dir, "search.pt")
-            needed = ("epoch", "step", "means", "w_opt", "a_opt")
-            args, state = resume(path, given, vars(args), needed, BUILT_IN, SCHEDULE, rank == 0)
-            args = configure(args)
-        else:
-            args.run_dir = new_run_dir(args.run_dir, group)
-        print(f"run folder: {args.run_dir}")
-        if rank == 0:
-            write_config(args, os.path.join(args.run_dir, "config.json"))
-        return search(args, device, state, group)
-    finally:
-        if group is not None:
-            dist.destroy_process_group()
+    torch.manual_seed(args.seed)
+    if args.benchmark:
+        return benchmark(args, device)
+    state = None
+    if args.resume:  # the saved configuration, but for the options given now
+        path = os.path.join(args.run_dir, "search.pt")
+        needed = ("epoch", "step", "means", "w_opt", "a_opt")
+        args, state = resume(path, given, vars(args), needed, BUILT_IN, SCHEDULE, rank == 0)
+        args = configure(args)
+    else:
+        args.run_dir = new_run_dir(args.run_dir, group)
+    print(f"run folder: {args.run_dir}")
+    if rank == 0:
+        write_config(args, os.path.join(args.run_dir, "config.json"))
+    return search(args, device, state, group)
 
 
 if __name__ == "__main__":

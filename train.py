@@ -822,35 +822,31 @@ def main(argv=None):
         args.out = new_run_dir(args.out)
         return compare(args)
     rank, world, device, group = init_distributed(args.device)
-    try:
-        torch.manual_seed(args.seed)
-        if args.eval_only or args.predict:  # the checkpoint's network, and its data unless given
-            model, cfg, state = model_from_checkpoint(args.checkpoint, device)
-            args = configure(argparse.Namespace(**vars(given)), cfg)
-            args.out = new_run_dir(args.out, group)
-            print(f"run folder: {args.out}", flush=True)
-            if args.predict:
-                return predict_files(args, model, device)
-            return eval_only(args, model, state, device, group)
-        if args.benchmark:
-            return benchmark(args, device)
-        state = None
-        if args.resume:
-            path = run_file(args, "last.pt")
-            needed = ("optimizer", "scheduler", "epoch", "best_auc")
-            args, state = resume(path, given, vars(args), needed, BUILT_IN, SCHEDULE, rank == 0)
-            args = configure(args)
-            complete = " (complete: the test runs)" if state["epoch"] == args.epochs else ""
-            print(f"resumed {path} at epoch {state['epoch']}{complete}")
-        else:
-            args.out = new_run_dir(args.out, group)
+    torch.manual_seed(args.seed)
+    if args.eval_only or args.predict:  # the checkpoint's network, and its data unless given
+        model, cfg, state = model_from_checkpoint(args.checkpoint, device)
+        args = configure(argparse.Namespace(**vars(given)), cfg)
+        args.out = new_run_dir(args.out, group)
         print(f"run folder: {args.out}", flush=True)
-        if rank == 0:
-            write_config(args, run_file(args, "config.json"))
-        return fit(args, state, device, group)
-    finally:
-        if group is not None:
-            dist.destroy_process_group()
+        if args.predict:
+            return predict_files(args, model, device)
+        return eval_only(args, model, state, device, group)
+    if args.benchmark:
+        return benchmark(args, device)
+    state = None
+    if args.resume:
+        path = run_file(args, "last.pt")
+        needed = ("optimizer", "scheduler", "epoch", "best_auc")
+        args, state = resume(path, given, vars(args), needed, BUILT_IN, SCHEDULE, rank == 0)
+        args = configure(args)
+        complete = " (complete: the test runs)" if state["epoch"] == args.epochs else ""
+        print(f"resumed {path} at epoch {state['epoch']}{complete}")
+    else:
+        args.out = new_run_dir(args.out, group)
+    print(f"run folder: {args.out}", flush=True)
+    if rank == 0:
+        write_config(args, run_file(args, "config.json"))
+    return fit(args, state, device, group)
 
 
 if __name__ == "__main__":
