@@ -712,7 +712,7 @@ def ffpp(tmp_path_factory, face_video):
         os.makedirs(fakes)
         for name in ("000_001", "001_000", "002_003", "003_002", "004_005", "005_004"):
             shutil.copy(face_video, fakes / f"{name}.mp4")
-    (src / "manipulated_sequences/Deepfakes/c23/videos/001_000.mp4").write_bytes(os.urandom(4000))
+    (src / "manipulated_sequences/Deepfakes/c23/videos/001_000.mp4").write_bytes(bytes(4000))
     with wave.open(str(src / "manipulated_sequences/FaceSwap/c23/videos/005_004.mp4"),
                    "wb") as audio_only:
         audio_only.setparams((1, 2, 8000, 0, "NONE", ""))  # a media file without a video stream
@@ -1308,7 +1308,7 @@ def test_predict_scores_videos_and_photos_and_reports_the_rest(
     photo, faceless, corrupt = (str(tmp_path / n) for n in ("astronaut.jpg", "grey.mp4", "bad.mp4"))
     Image.fromarray(astronaut()).save(photo)
     write_video(faceless, [np.full((128, 128, 3), 90, np.uint8)] * 3)
-    open(corrupt, "wb").write(os.urandom(3000))
+    open(corrupt, "wb").write(bytes(3000))
     folder = tmp_path / "frames"  # a folder of extracted frames
     os.makedirs(folder)
     for t in range(3):
