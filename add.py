@@ -283,7 +283,8 @@ class Run:
        line. stop_now(line): from there on a signal raises Stopped(line) at once.
     2) The vote: with several processes each step combines every rank's stop flag and whether it saw
        a non-finite loss (MAX over a CPU group): all stop, or all end on a divergence, together;
-       on_rank0 votes the failure of rank 0's work (files, metrics) the same way.
+       a failure in the work at an epoch's end (rank 0's files, every rank's scores) ends all
+       (gather_or_fail).
     3) Non-finite losses, counted on the device, read every CHECK_EVERY steps and at an epoch's end:
        between two checks a step never waits for the device.
     4) Progress at a check: images/s and the time left (a search step that also moves alpha costs
@@ -338,18 +339,10 @@ class Run:
         return [bool(v) for v in t]
 
     def on_rank0(self, work):
-        """work() on rank 0 alone (files, the log, metrics), its failure voted: every rank ends
-        with it, rank 0 raising it and the others Diverged("process 0 failed") -> work()'s result
-        on rank 0, None on the others."""
-        result, error = None, None
-        if self.rank == 0:
-            try:
-                result = work()
-            except Exception as e:  # a full disk, a refused checkpoint: voted, then raised
-                error = e
-        if self.vote(error)[0]:
-            raise error or Diverged("process 0 failed")
-        return result
+        """work() on rank 0 alone (files, the log, metrics), its failure (a full disk, a refused
+        checkpoint) ending every process (gather_or_fail) -> work()'s result on rank 0, None on the
+        others."""
+        return gather_or_fail(work if self.rank == 0 else lambda: None, self.group)[0]
 
     def check_weights(self, model, epoch):
         """At an epoch's end, before anything uses them: weights or statistics made non-finite by
@@ -397,7 +390,7 @@ def init_distributed(device_name):
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_name)
     if "RANK" not in os.environ:
-        if device.type == "cuda":
+        if device.type == "cuda" and device.index is not None:  # "cuda": the current GPU
             torch.cuda.set_device(device)
         return 0, 1, device, None
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -457,11 +450,27 @@ def gather(part, group):
     return parts
 
 
+def gather_or_fail(work, group):
+    """work() on every process -> the results in rank order, on every process; whatever fails on one
+    ends them all together, the process it failed on raising it, the others Diverged with its
+    message and process: every process's line says why (run_main)."""
+    try:
+        result, error = work(), None
+    except Exception as e:
+        result, error = None, e
+    parts = gather((result, None if error is None else str(error)), group)
+    failed = [f"{message} (process {rank})" for rank, (_, message) in enumerate(parts)
+              if message is not None]
+    if failed:
+        raise error or Diverged(failed[0])
+    return [result for result, _ in parts]
+
+
 def run_main(main):
     """A script's entry: main(), every end a user can act on as one line on stderr, no traceback
     (InputError: a mistake; Diverged: non-finite numbers; Stopped: a signal; OSError: a full disk, a
     file that cannot be read). Under torchrun each process ends in its line, "process N: " before
-    the others' (rank 0's says why when another rank's says "process 0 failed")."""
+    the others'."""
     rank = int(os.environ.get("RANK", 0))
     try:
         main()
@@ -511,7 +520,7 @@ class FaceCrops(Dataset):
     training each real frame is repeated round(#fake / #real) times, so that an epoch sees both
     classes equally often."""
     def __init__(self, root, split, methods, train, image_size):
-        manifest = os.path.join(root, "manifest.csv")
+        manifest = f"{root}/manifest.csv"
         if not os.path.exists(manifest):
             raise InputError(f"{root}: no prepared data ({manifest} is missing); run masks.py "
                              f"first, "

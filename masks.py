@@ -262,15 +262,14 @@ def ffpp_videos(src, compression, methods, splits_dir):
     _need(src,
           "the FaceForensics++ download root (holding original_sequences/, manipulated_sequences/)")
     # c40
-    real_dir = _need(os.path.join(src, "original_sequences", "youtube", compression,
-                                  "videos"),  # Table VI
+    real_dir = _need(f"{src}/original_sequences/youtube/{compression}/videos",  # Table VI
                      f"the real videos (download with -c {compression})")
-    fake_dirs = {m: _need(os.path.join(src, "manipulated_sequences", m, compression, "videos"),
+    fake_dirs = {m: _need(f"{src}/manipulated_sequences/{m}/{compression}/videos",
                           f"the {m} videos (download with -d {m} -c {compression})")
                           for m in methods}
     videos = []
     for split in SPLITS:
-        pairs = _read_pairs(_need(os.path.join(splits_dir, f"{split}.json"),
+        pairs = _read_pairs(_need(f"{splits_dir}/{split}.json",
                                   "FaceForensics++'s official split file (dataset/splits/ of its "
                                   "repository)"))
         for name in sorted({a for pair in pairs for a in pair}):
@@ -298,12 +297,12 @@ def celebdf_videos(src, val_fraction=0.1):
     (_validation_people): train and validation share nobody; a swap between the two sides is left
     out of both."""
     _need(src, "the Celeb-DF root (holding Celeb-real/, YouTube-real/, Celeb-synthesis/)")
-    test = _read_test_list(_need(os.path.join(src, "List_of_testing_videos.txt"),
+    test = _read_test_list(_need(f"{src}/List_of_testing_videos.txt",
                                  "Celeb-DF's list of test videos"))
     all_videos = [(folder, os.path.splitext(file)[0]) for folder in (*CELEBDF_REAL, CELEBDF_FAKE)
-                  for file in sorted(os.listdir(_need(os.path.join(src, folder),
+                  for file in sorted(os.listdir(_need(f"{src}/{folder}",
                                                       f"Celeb-DF's {folder}/ folder")))
-                  if file.endswith(".mp4") or os.path.isdir(os.path.join(src, folder, file))]
+                  if file.endswith(".mp4") or os.path.isdir(f"{src}/{folder}/{file}")]
     ids = {v: _identities(*v) for v in all_videos}
     held_out = _validation_people([v for v in all_videos if f"{v[0]}/{v[1]}.mp4" not in test], ids,
                                   val_fraction)
@@ -314,7 +313,7 @@ def celebdf_videos(src, val_fraction=0.1):
                  else "train" if not ids[folder, name] & held_out else None)
         if split:
             videos.append(Video(split, int(folder == CELEBDF_FAKE), folder, name,
-                                _video_path(os.path.join(src, folder), name)))
+                                _video_path(f"{src}/{folder}", name)))
     return videos
 
 
@@ -371,12 +370,12 @@ def parse_methods(data, text):
 
 
 def _files(video, frame):
-    stem = os.path.join(video.method, video.name, f"{frame:04d}.png")
-    return os.path.join("faces", stem), os.path.join("masks", stem)
+    stem = f"{video.method}/{video.name}/{frame:04d}.png"
+    return f"faces/{stem}", f"masks/{stem}"
 
 
 def _record_path(root, video):
-    return os.path.join(root, "records", video.method, video.name + ".json")
+    return f"{root}/records/{video.method}/{video.name}.json"
 
 
 def prepare_video(video, root, settings):
@@ -384,14 +383,14 @@ def prepare_video(video, root, settings):
     is finished, one without is prepared again. Whatever fails in the video's own work (its folder,
     its frames, its PNGs) is recorded as its reason and stops nothing else: a video that cannot be
     read (missing, a partial download) or whose files cannot be written is tried again by the next
-    run (retry), one that fails otherwise, or shows no face, is not. A full disk (ENOSPC) and a
-    record that cannot be written are raised: they end the run (prepare)."""
+    run (retry), one that fails otherwise, or shows no face, is not. A full disk (ENOSPC), a
+    record that cannot be written and an InputError are raised: they end the run (prepare)."""
     record = _record(video, settings)
     seen, size = 0, settings["size"]
     reading = False  # whether a failure came from reading the video, not from writing its files
     try:
         # the attempt began (_started)
-        os.makedirs(os.path.join(root, "faces", video.method, video.name), exist_ok=True)
+        os.makedirs(f"{root}/faces/{video.method}/{video.name}", exist_ok=True)
         reading = True
         for i, crop, points, _ in read_faces(video.path, settings["frames"], size):
             reading = False
@@ -406,7 +405,9 @@ def prepare_video(video, root, settings):
                 atomic_write(mask_file, lambda f: Image.fromarray(mask).save(f, "PNG"))
                 record["frames"].append(i)
             reading = True
-    except Exception as e:  # one video's failure, whatever it is, is that video's recorded reason
+    except InputError:  # not the video's fault (no landmark model): the run ends (prepare)
+        raise
+    except Exception as e:  # one video's failure, whatever else it is, is its recorded reason
         if getattr(e, "errno", None) == errno.ENOSPC:  # the disk's fault: the run ends (prepare)
             raise OSError(errno.ENOSPC, "No space left on device", f"{video.method}/{video.name}")
         record["retry"] = isinstance(e, READ_ERRORS)
@@ -422,7 +423,7 @@ def prepare_video(video, root, settings):
 
 def _started(root, video):
     """An attempt at the video began (its folder of faces exists) and did not end (no record)."""
-    began = os.path.isdir(os.path.join(root, "faces", video.method, video.name))
+    began = os.path.isdir(f"{root}/faces/{video.method}/{video.name}")
     return began and not os.path.exists(_record_path(root, video))
 
 
@@ -490,7 +491,7 @@ def prepare(videos, root, settings, workers, redo=False):
     jobs = [(v, root, settings) for v, r in zip(videos, old) if not r or redo or r.get("retry")]
     for video, _, _ in jobs:  # an earlier attempt's record and frames go
         for kind in ("faces", "masks"):
-            shutil.rmtree(os.path.join(root, kind, video.method, video.name), ignore_errors=True)
+            shutil.rmtree(f"{root}/{kind}/{video.method}/{video.name}", ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             os.remove(_record_path(root, video))
     print(f"{len(videos)} videos, {len(videos) - len(jobs)} already prepared, {len(jobs)} to do "
@@ -520,7 +521,7 @@ def _records(root, quiet=False):
     """Every video's record under root, by path; one that cannot be read is reported and left out
     (its video is prepared again)."""
     found = {}
-    for path in sorted(glob.glob(os.path.join(root, "records", "*", "*.json"))):
+    for path in sorted(glob.glob(f"{root}/records/*/*.json")):
         try:
             with open(path) as f:
                 record = json.load(f)
@@ -550,10 +551,10 @@ def write_manifest(root):
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows([["split", "label", "method", "video", "frame",
                                                       "image", "mask"]] + rows)
-    write_text(os.path.join(root, "manifest.csv"), text.getvalue())
+    write_text(f"{root}/manifest.csv", text.getvalue())
     header = (f"# {len(rows)} frames prepared; {len(skipped)} videos or frames skipped (name, "
               "what, reason)\n")
-    write_text(os.path.join(root, "report.txt"), header + "\n".join(skipped) + "\n")
+    write_text(f"{root}/report.txt", header + "\n".join(skipped) + "\n")
     print(f"wrote {root}/manifest.csv ({len(rows)} frames) and {root}/report.txt ({len(skipped)} "
           f"skipped)")
     for split, label in sorted(videos, key=lambda key: (SPLITS.index(key[0]), key[1])):
@@ -874,8 +875,8 @@ def main(argv=None):
         videos = celebdf_videos(args.src)
     else:
         videos = ffpp_videos(args.src, args.compression, parse_methods("ff++", args.methods),
-                             args.splits or os.path.join(args.src, "splits"))
-    root = args.root or os.path.join("data", args.data)
+                             args.splits or f"{args.src}/splits")
+    root = args.root or f"data/{args.data}"
     prepare(videos, root, settings, args.workers or usable_cpus(), args.redo)
 
 

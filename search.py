@@ -132,6 +132,7 @@ def search(args, device, state=None, group=None):
             w_sched.step()
             if sums.counts["alpha"]:
                 a_sched.step()
+            run.check_weights(model, epoch)  # before a genotype is derived from them
             # g.json by Sec. III-A's rule, log, checkpoint
             end_epoch(args, model, optimizers, epoch, sums, time.time() - tic, run)
             if run.vote(run.signal)[0] and epoch + 1 < args.epochs:
@@ -233,7 +234,7 @@ def begin(args, model, optimizers, state, steps, one_pass, warmup):
     """A resumed search's state (the network with alpha and beta, both optimizers and schedulers,
     the generator), and the plan's line. -> where the run starts: {epoch, step, means}."""
     start = dict(epoch=0, step=0, means=None)
-    path = os.path.join(args.run_dir, "search.pt")
+    path = f"{args.run_dir}/search.pt"
     if state:
         restore(state, dict(zip(("model", *OPTIMIZERS), (model, *optimizers))), path)
         start = {k: state[k] for k in start}
@@ -270,7 +271,7 @@ def save(args, model, optimizers, epoch, step, means):
     optimizer_states = {k: o.state_dict() for k, o in zip(OPTIMIZERS, optimizers)}
     state = dict(model=model.state_dict(), **optimizer_states, epoch=epoch, step=step, means=means,
                  rng=torch.get_rng_state(), config=vars(args))
-    save_checkpoint(state, os.path.join(args.run_dir, "search.pt"))
+    save_checkpoint(state, f"{args.run_dir}/search.pt")
 
 
 def stopped(args, signal_name, epoch, step):
@@ -294,7 +295,7 @@ def end_epoch(args, model, optimizers, epoch, sums, seconds, run):
 
     def write():
         write_genotype(genotype, args.out, "search")
-        append_log(os.path.join(args.run_dir, "log.jsonl"), line)
+        append_log(f"{args.run_dir}/log.jsonl", line)
         save(args, model, optimizers, epoch + 1, 0, None)
     run.on_rank0(write)
     strongest = weights["normal"][0].max().item()
@@ -545,13 +546,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def configure(args):
+def configure(args, check=True):
     """The configuration: every option left unset from the demo's settings (built-in data) or the
-    real data's (--paper: the paper's for the departures); then the checks across options (of a
-    resumed run: on the checkpoint's options merged with those given)."""
+    real data's (--paper: the paper's for the departures); then, if check, the checks across
+    options (of a resumed run: once the checkpoint's options are merged with those given)."""
     paper = {k: PAPER[k] for k in DEPARTURES} if args.paper else {}
     args = resolve_defaults(args, dict(REAL_DATA, **DEFAULTS, **paper),
                             dict(DEMO, **DEFAULTS, **paper))
+    if not check:
+        return args
     if args.channels % args.partial_channels:
         raise InputError(f"--partial-channels {args.partial_channels}: must divide --channels "
                          f"{args.channels}")
@@ -566,7 +569,7 @@ def main(argv=None):
     given = parse_args(argv)
     # weights decaying to 0 (a run at chance) go subnormal: x86 steps 8x slower
     torch.set_flush_denormal(True)
-    args = configure(argparse.Namespace(**vars(given)))
+    args = configure(argparse.Namespace(**vars(given)), check=not given.resume)
     if args.random_genotype is not None:
         one_process("--random-genotype")
         genotype = random_genotype(args.random_genotype)
@@ -580,7 +583,7 @@ def main(argv=None):
         return benchmark(args, device)
     state = None
     if args.resume:  # the saved configuration, but for the options given now
-        path = os.path.join(args.run_dir, "search.pt")
+        path = f"{args.run_dir}/search.pt"
         needed = ("epoch", "step", "means", "w_opt", "a_opt")
         args, state = resume(path, given, vars(args), needed, BUILT_IN, SCHEDULE, rank == 0)
         args = configure(args)
@@ -588,7 +591,7 @@ def main(argv=None):
         args.run_dir = new_run_dir(args.run_dir, group)
     print(f"run folder: {args.run_dir}")
     if rank == 0:
-        write_config(args, os.path.join(args.run_dir, "config.json"))
+        write_config(args, f"{args.run_dir}/config.json")
     return search(args, device, state, group)
 
 

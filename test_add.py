@@ -71,7 +71,7 @@ def run_cli(*args, env=None, timeout=240):
 
 @pytest.fixture
 def genotype_file(tmp_path):
-    path = str(tmp_path / "g.json")
+    path = f"{tmp_path}/g.json"
     ops.save_genotype(GENOTYPE, path)
     return path
 
@@ -383,9 +383,9 @@ def searched(tmp_path_factory):
     tmp, out = tmp_path_factory.mktemp("search"), io.StringIO()
     with contextlib.redirect_stdout(out), counting_host_reads() as (reads, windows):
         model = search.main(STEPS_22 + ["--cells", "3", "--epochs", "1", "--warmup", "0.5",
-                                        "--partial-channels", "2", "--out", str(tmp / "g.json"),
-                                        "--run-dir", str(tmp / "run")])
-    return dict(model=model, g=str(tmp / "g.json"), run=str(tmp / "run"), out=out.getvalue(),
+                                        "--partial-channels", "2", "--out", f"{tmp}/g.json",
+                                        "--run-dir", f"{tmp}/run"])
+    return dict(model=model, g=f"{tmp}/g.json", run=f"{tmp}/run", out=out.getvalue(),
                 reads=reads, windows=windows)
 
 
@@ -428,10 +428,10 @@ def test_the_search_writes_its_genotype_log_and_checkpoint_and_random_genotypes_
     last = [(cell[6][1], cell[7][1]) for cell in cells]  # node 3: its 10 input pairs alike
     assert len(set(last)) == 10
     assert all(abs(last.count(pair) / 1000 - 0.1) < 0.03 for pair in set(last))
-    search.main(["--random-genotype", "3", "--out", str(tmp_path / "r.json")])
-    assert ops.load_genotype(str(tmp_path / "r.json")) == g
+    search.main(["--random-genotype", "3", "--out", f"{tmp_path}/r.json"])
+    assert ops.load_genotype(f"{tmp_path}/r.json") == g
     assert Image.open(tmp_path / "r.png").size[0] > 500
-    assert ops.genotype_origin(str(tmp_path / "r.json")) == "random"
+    assert ops.genotype_origin(f"{tmp_path}/r.json") == "random"
     assert "M parameters at the paper's size" in capsys.readouterr().out
 
 
@@ -457,7 +457,7 @@ def test_a_checkpoint_of_the_previous_version_resumes_to_the_same_search(tmp_pat
     # version wrote it (its options built in here, at these values), resumes to the uninterrupted
     # search: the same log, the same checkpoint in every tensor and value
     argv = TINY_SEARCH + ["--epochs", "1", "--videos", "6", "--partial-channels", "2"]
-    whole, run = str(tmp_path / "whole"), str(tmp_path / "run")
+    whole, run = f"{tmp_path}/whole", f"{tmp_path}/run"
     search.main(argv + ["--out", whole + ".json", "--run-dir", whole])
     real_step = add.Run.step
     monkeypatch.setattr(add.Run, "step", lambda self, loss, images, epoch, step, steps, cost=1:
@@ -497,6 +497,10 @@ def test_a_checkpoint_of_the_previous_version_resumes_to_the_same_search(tmp_pat
         search.main(["--resume", "--run-dir", run, "--epochs", "3"])
     with pytest.raises(ops.InputError, match="--partial-channels 2: must divide --channels 5"):
         search.main(["--resume", "--run-dir", run, "--channels", "5"])
+    # checked once merged: 8 px fit the checkpoint's 1 halving (the demo's 2 need 16 px)
+    torch.save(dict(state, config=dict(old, stem_reductions=1)), path)
+    with pytest.raises(ops.InputError, match="search.pt: the checkpoint's model does not match"):
+        search.main(["--resume", "--run-dir", run, "--image-size", "8"])
     del state["means"]
     torch.save(state, path)
     with pytest.raises(ops.InputError, match=r"search.pt: not a checkpoint this script can resume "
@@ -511,7 +515,7 @@ def test_a_checkpoint_of_the_previous_version_resumes_to_the_same_search(tmp_pat
 
 def test_no_file_is_left_half_written_and_no_checkpoint_holds_a_non_finite_value(
         tmp_path, genotype_file, monkeypatch):
-    path = str(tmp_path / "f.txt")
+    path = f"{tmp_path}/f.txt"
     masks.atomic_write(path, lambda f: f.write(b"old"))
 
     def cut_short(f):  # a write interrupted: the old file stays, no temporary file is left
@@ -520,7 +524,7 @@ def test_no_file_is_left_half_written_and_no_checkpoint_holds_a_non_finite_value
     with pytest.raises(KeyboardInterrupt):
         masks.atomic_write(path, cut_short)
     assert open(path).read() == "old" and sorted(os.listdir(tmp_path)) == ["f.txt", "g.json"]
-    path = str(tmp_path / "c.pt")
+    path = f"{tmp_path}/c.pt"
     add.save_checkpoint(dict(model={"w": torch.ones(2)}), path)
     bad = dict(model={"w": torch.ones(2)},
                opt=dict(state={0: dict(exp_avg=torch.tensor([1.0, float("inf")]))}))
@@ -543,15 +547,31 @@ def test_no_file_is_left_half_written_and_no_checkpoint_holds_a_non_finite_value
     with pytest.raises(add.Diverged, match=r"non-finite loss at epoch 2, within steps 1-2; the "
                                            r"last checkpoint is intact"):
         search.main(TINY_SEARCH[:-1]
-                    + ["0.5", "--epochs", "2", "--out", str(tmp_path / "g.json"), "--run-dir",
-                       str(tmp_path / "r")])
-    state = torch.load(tmp_path / "r" / "search.pt")
+                    + ["0.5", "--epochs", "2", "--out", f"{tmp_path}/g.json", "--run-dir",
+                       f"{tmp_path}/r"])
+    state = torch.load(f"{tmp_path}/r/search.pt")
     assert (state["epoch"], state["step"]) == (1, 0)
+    calls.clear()
+
+    # w made NaN by epoch 1's last update (1 step: w, then alpha), its loss finite: one line,
+    # before a genotype is derived
+    def overflowed(model, *args, **kwargs):
+        terms = real(model, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            model.net.stem[0].weight.data.fill_(float("nan"))
+        return terms
+    monkeypatch.setattr(search, "gradient_step", overflowed)
+    with pytest.raises(add.Diverged, match="^non-finite weights after epoch 1's last update; the "
+                                           "last checkpoint is intact: lower --w-lr$"):
+        search.main(TINY_SEARCH + ["--epochs", "1", "--steps-per-epoch", "1", "--out",
+                                   f"{tmp_path}/nan.json", "--run-dir", f"{tmp_path}/nan"])
+    assert not os.path.exists(f"{tmp_path}/nan.json")
     # weights finite but so large that the scores overflow (lr 3e37): one line, not sklearn's
     # (weights made non-finite: the test across two processes)
     with pytest.raises(add.Diverged, match="the network's scores are not finite"):
         train.main(TINY_TRAIN + ["--genotype", genotype_file, "--epochs", "1", "--lr", "3e37",
-                                 "--out", str(tmp_path / "overflow")])
+                                 "--out", f"{tmp_path}/overflow"])
     # a full disk, anywhere: one line
     with pytest.raises(SystemExit, match=r"^error: \[Errno 28\] No space left on device: 'x'$"):
         add.run_main(lambda: exec("raise OSError(28, 'No space left on device', 'x')"))
@@ -713,11 +733,11 @@ def ffpp(tmp_path_factory, face_video):
         for name in ("000_001", "001_000", "002_003", "003_002", "004_005", "005_004"):
             shutil.copy(face_video, fakes / f"{name}.mp4")
     (src / "manipulated_sequences/Deepfakes/c23/videos/001_000.mp4").write_bytes(bytes(4000))
-    with wave.open(str(src / "manipulated_sequences/FaceSwap/c23/videos/005_004.mp4"),
+    with wave.open(f"{src}/manipulated_sequences/FaceSwap/c23/videos/005_004.mp4",
                    "wb") as audio_only:
         audio_only.setparams((1, 2, 8000, 0, "NONE", ""))  # a media file without a video stream
         audio_only.writeframes(bytes(1600))
-    write_video(str(src / "manipulated_sequences/FaceSwap/c23/videos/003_002.mp4"),
+    write_video(f"{src}/manipulated_sequences/FaceSwap/c23/videos/003_002.mp4",
                 [np.full((256, 256, 3), 90, np.uint8)] * 4)
     os.remove(real / "003.mp4")  # 003 as a folder of extracted frames instead of an mp4
     os.makedirs(real / "003")
@@ -727,7 +747,7 @@ def ffpp(tmp_path_factory, face_video):
     for split, pairs in (("train", [["000", "001"]]), ("val", [["002", "003"]]),
                          ("test", [["004", "005"]])):
         (src / "splits" / f"{split}.json").write_text(json.dumps(pairs))
-    root = str(src / "prepared")
+    root = f"{src}/prepared"
     masks.main(["--data", "ff++", "--src", str(src), "--root", root, "--methods",
                 "Deepfakes,FaceSwap",
                 "--frames", "2", "--workers", "2"])
@@ -785,9 +805,9 @@ def test_ffpp_prepares_to_the_right_counts_a_restart_skips_finished_videos_frame
     x, M, y = add.to_device(batch, CPU)
     for i in range(4):
         r = train_set.rows[i]
-        face = Image.open(os.path.join(root, r["image"])).convert("RGB")
+        face = Image.open(f"{root}/{r['image']}").convert("RGB")
         face = np.asarray(face.resize((64, 64), Image.BILINEAR), dtype=np.float32) / 255
-        hull = Image.open(os.path.join(root, r["mask"])).resize((64, 64), Image.NEAREST)
+        hull = Image.open(f"{root}/{r['mask']}").resize((64, 64), Image.NEAREST)
         assert torch.equal(x[i], torch.from_numpy(face).permute(2, 0, 1))
         assert torch.equal(M[i, 0], torch.from_numpy(np.asarray(hull) > 127).float())
     assert x.is_contiguous(memory_format=torch.channels_last) and y.tolist() == train_set.labels[:8]
@@ -843,7 +863,7 @@ def small_ffpp(tmp_path, face_video):
 
 def test_preparation_survives_any_error_and_odd_inputs_give_faces(tmp_path, face_video, capsys):
     src, real, fake = small_ffpp(tmp_path, face_video)
-    root = str(tmp_path / "prepared")
+    root = f"{tmp_path}/prepared"
     # 001_000 is a folder of frames, one of which is a decompression bomb
     os.remove(fake / "001_000.mp4")
     os.makedirs(fake / "001_000")
@@ -855,7 +875,7 @@ def test_preparation_survives_any_error_and_odd_inputs_give_faces(tmp_path, face
     png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
     open(fake / "001_000" / "1.png", "wb").write(b"\x89PNG\r\n\x1a\n" + png)
     # 002 missing for now (a download still running)
-    os.rename(real / "002.mp4", tmp_path / "002.mp4")
+    os.rename(real / "002.mp4", f"{tmp_path}/002.mp4")
     argv = ["--data", "ff++", "--src", str(src), "--root", root, "--methods", "Deepfakes",
             "--frames", "2", "--workers", "1"]
     masks.main(argv)
@@ -866,7 +886,7 @@ def test_preparation_survives_any_error_and_odd_inputs_give_faces(tmp_path, face
     assert "tried again on the next run" in out
     # the bomb's video keeps the frame read before it: train fakes 000_001 (2) + 001_000 (1)
     assert manifest_counts(root) == {("train", 0): 4, ("train", 1): 3, ("val", 0): 2, ("val", 1): 4}
-    os.rename(tmp_path / "002.mp4", real / "002.mp4")  # the download finished
+    os.rename(f"{tmp_path}/002.mp4", real / "002.mp4")  # the download finished
     # a record without the settings (an older version's)
     record = json.load(open(f"{root}/records/original/003.json"))
     del record["settings"]
@@ -892,16 +912,16 @@ def test_preparation_survives_any_error_and_odd_inputs_give_faces(tmp_path, face
     assert "8 to do" in capsys.readouterr().out  # 3 of 6 frames each
     face = astronaut()[:, 56:456]  # (512, 400, 3): not square, so a turn shows in the shape
     gray = np.asarray(Image.fromarray(face).convert("L"), dtype=np.uint16) * 257
-    Image.fromarray(gray).save(tmp_path / "gray16.png")  # opens as mode I;16
-    read = masks.load_rgb(str(tmp_path / "gray16.png"))[..., 0].astype(int)
+    Image.fromarray(gray).save(f"{tmp_path}/gray16.png")  # opens as mode I;16
+    read = masks.load_rgb(f"{tmp_path}/gray16.png")[..., 0].astype(int)
     assert np.abs(read - gray // 257).max() <= 1
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-    Image.fromarray(np.ascontiguousarray(np.rot90(face))).save(tmp_path / "turned.jpg", exif=exif)
+    Image.fromarray(np.ascontiguousarray(np.rot90(face))).save(f"{tmp_path}/turned.jpg", exif=exif)
     # frames stored sideways, with a display rotation of 90 degrees
-    path = str(tmp_path / "phone.mp4")
+    path = f"{tmp_path}/phone.mp4"
     write_video(path, [np.ascontiguousarray(np.rot90(face, -1))] * 2, rotation=90)
-    for source in (str(tmp_path / "gray16.png"), str(tmp_path / "turned.jpg"), path):
+    for source in (f"{tmp_path}/gray16.png", f"{tmp_path}/turned.jpg", path):
         found = list(masks.read_faces(source, 2, 128))
         assert found and all(crop is not None for _, crop, _, _ in found), source
         assert next(masks.iter_frames(source, 1))[1].shape[:2] == (512, 400), source
@@ -911,7 +931,7 @@ def test_preparation_survives_any_error_and_odd_inputs_give_faces(tmp_path, face
         Image.new("RGB", (10 * t, 10)).save(folder / f"{t}.png")
     # 1, 10 (not 1, 2)
     assert [rgb.shape[1] for _, rgb, _, _ in masks.iter_frames(str(folder), 2)] == [10, 100]
-    path = str(tmp_path / "long.mp4")  # a keyframe every 8 frames
+    path = f"{tmp_path}/long.mp4"  # a keyframe every 8 frames
     write_video(path, [np.full((64, 64, 3), 6 * t, np.uint8) for t in range(40)], keyframes=8)
     through = list(masks._video_frames(path, 4, seek_gap=10**9))
     seeking = list(masks._video_frames(path, 4, seek_gap=2))
@@ -921,13 +941,13 @@ def test_preparation_survives_any_error_and_odd_inputs_give_faces(tmp_path, face
 
 
 def test_preparation_never_spins_a_video_that_cannot_be_written_fails_alone_a_full_disk_ends_it(
-        tmp_path, face_video):
+        tmp_path, face_video, monkeypatch):
     src, _, _ = small_ffpp(tmp_path, face_video)
     argv = ["--data", "ff++", "--src", str(src), "--methods", "Deepfakes", "--frames", "2",
             "--workers", "2"]
     full = {("train", 0): 4, ("train", 1): 4, ("val", 0): 4, ("val", 1): 4}
     # a file where a video's folder of faces goes: that video fails alone, tried again later
-    root = str(tmp_path / "blocked")
+    root = f"{tmp_path}/blocked"
     os.makedirs(f"{root}/faces/Deepfakes")
     open(f"{root}/faces/Deepfakes/000_001", "w").close()
     code, out, err = run_cli("masks.py", *argv, "--root", root, timeout=60)
@@ -939,14 +959,14 @@ def test_preparation_never_spins_a_video_that_cannot_be_written_fails_alone_a_fu
     assert manifest_counts(root) == full
     # a full disk while a worker writes a PNG of 001_000 (ENOSPC, injected in every process): one
     # line naming the disk and the video; the videos finished are kept, the rerun does the rest
-    root = str(tmp_path / "full")
-    os.makedirs(tmp_path / "site")
+    root = f"{tmp_path}/full"
+    os.makedirs(f"{tmp_path}/site")
     (tmp_path / "site" / "sitecustomize.py").write_text(
         "import errno, os\nreal = os.replace\ndef replace(a, b):\n    if '001_000/' in b:\n"
         "        raise OSError(errno.ENOSPC, 'No space left on device', a)\n    return real(a, b)\n"
         "os.replace = replace\n")
     code, _, err = run_cli("masks.py", *argv, "--root", root, timeout=60,
-                           env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")))
+                           env=dict(os.environ, PYTHONPATH=f"{tmp_path}/site"))
     assert code == 1 and err.strip().splitlines() == [
         f"error: {root}: no space left on its disk (preparing Deepfakes/001_000); the videos "
         "finished are kept: free space and run again"], err[-2000:]
@@ -954,6 +974,14 @@ def test_preparation_never_spins_a_video_that_cannot_be_written_fails_alone_a_fu
     assert kept and not os.path.exists(f"{root}/records/Deepfakes/001_000.json")
     masks.main(argv[:-1] + ["1", "--root", root])
     assert manifest_counts(root) == full
+
+    # no landmark model (an install without it): not a video's failure, the run ends at once
+    def missing():
+        raise ops.InputError("the 68-point landmark model is missing")
+    monkeypatch.setattr(masks, "face_finder", missing)
+    with pytest.raises(ops.InputError, match="landmark model is missing"):
+        masks.main(argv[:-1] + ["1", "--root", f"{tmp_path}/no_model"])
+    assert not glob.glob(f"{tmp_path}/no_model/records/*/*.json")
 
 
 def test_a_worker_killed_by_a_signal_is_that_videos_failure_and_the_rest_goes_on(
@@ -965,7 +993,7 @@ def test_a_worker_killed_by_a_signal_is_that_videos_failure_and_the_rest_goes_on
     Image.new("RGB", (5000, 5000), (90, 90, 90)).save(fake / "001_000" / "0.png")
     for k in (1, 2):
         shutil.copy(fake / "001_000" / "0.png", fake / "001_000" / f"{k}.png")
-    root = str(tmp_path / "prepared")
+    root = f"{tmp_path}/prepared"
     # SIGXCPU kills a process after 4 s of CPU
     cpu_limit = lambda: resource.setrlimit(resource.RLIMIT_CPU, (4, 120))
     p = subprocess.run([sys.executable, "masks.py", "--data", "ff++", "--src", str(src), "--root",
@@ -991,7 +1019,7 @@ def test_celebdf_split_follows_the_test_list_and_keeps_identities_apart(tmp_path
             shutil.copy(face_video, src / folder / f"{name}.mp4")
     (src / "List_of_testing_videos.txt").write_text("1 YouTube-real/00001.mp4\n0 "
                                                     "Celeb-synthesis/id2_id0_0001.mp4\n")
-    root = str(src / "prepared")
+    root = f"{src}/prepared"
     masks.main(["--data", "celeb-df", "--src", str(src), "--root", root, "--frames", "1",
                 "--workers", "1"])
     split = {f"{v.method}/{v.name}": v.split for v in masks.celebdf_videos(str(src))}
@@ -1167,14 +1195,14 @@ def trained(tmp_path_factory):
     """Two tiny trained runs: ADD on the swap family (tested on mouth and gan) and resnet18; all
     they print."""
     tmp, out = tmp_path_factory.mktemp("trained"), io.StringIO()
-    ops.save_genotype(GENOTYPE, str(tmp / "g.json"))
+    ops.save_genotype(GENOTYPE, f"{tmp}/g.json")
     with contextlib.redirect_stdout(out):
         with counting_host_reads() as (reads, windows):
-            metrics = train.main(ADD_RUN + ["--genotype", str(tmp / "g.json"), "--out",
-                                            str(tmp / "add")])
+            metrics = train.main(ADD_RUN + ["--genotype", f"{tmp}/g.json", "--out",
+                                            f"{tmp}/add"])
         base = train.main(TINY_TRAIN + ["--arch", "resnet18", "--epochs", "1", "--out",
-                                        str(tmp / "r18"), "--synthetic", "hard"])
-    return dict(add=str(tmp / "add"), add_metrics=metrics, r18=str(tmp / "r18"), r18_metrics=base,
+                                        f"{tmp}/r18", "--synthetic", "hard"])
+    return dict(add=f"{tmp}/add", add_metrics=metrics, r18=f"{tmp}/r18", r18_metrics=base,
                 tmp=tmp, out=out.getvalue(), reads=reads, windows=windows)
 
 
@@ -1270,7 +1298,7 @@ def test_a_checkpoint_of_the_previous_version_resumes_and_others_are_one_line_er
                     f'{searched["run"]}/search.pt'])
     # trained["add"]'s run stopped after epoch 1, its checkpoint as the previous version wrote it
     # (its options that are built in now, at the values built in): it resumes to the same end
-    run = str(tmp_path / "old")
+    run = f"{tmp_path}/old"
     monkeypatch.setattr(train, "end_epoch", signalled(train.end_epoch, 1))
     with pytest.raises(add.Stopped, match="at the end of epoch 1"):
         train.main(ADD_RUN + ["--genotype", str(trained["tmp"] / "g.json"), "--out", run])
@@ -1300,7 +1328,7 @@ def test_a_checkpoint_of_the_previous_version_resumes_and_others_are_one_line_er
         train.main(["--eval-only", "--checkpoint", path])
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ops.InputError, match="corrupt.pt: not a readable checkpoint"):
-        train.main(["--eval-only", "--checkpoint", str(tmp_path / "corrupt.pt")])
+        train.main(["--eval-only", "--checkpoint", f"{tmp_path}/corrupt.pt"])
 
 
 def test_predict_scores_videos_and_photos_and_reports_the_rest(
@@ -1313,7 +1341,7 @@ def test_predict_scores_videos_and_photos_and_reports_the_rest(
     os.makedirs(folder)
     for t in range(3):
         Image.fromarray(np.roll(astronaut(), 3 * t, axis=1)).save(folder / f"{t:04d}.png")
-    out = str(tmp_path / "predicted")
+    out = f"{tmp_path}/predicted"
     report = train.main(["--predict", face_video, photo, faceless, corrupt, str(folder),
                          "--checkpoint", f'{trained["add"]}/best.pt', "--frames", "4",
                          "--out", out])
@@ -1333,14 +1361,14 @@ def test_predict_scores_videos_and_photos_and_reports_the_rest(
     assert json.load(open(f"{out}/predictions.json"))[photo]["frames"][0]["frame"] == 0
     pictures = [name for name in os.listdir(out) if name.endswith(".png")]
     assert len(pictures) == 3
-    assert all(Image.open(os.path.join(out, p)).size[0] > 200 for p in pictures)
+    assert all(Image.open(f"{out}/{p}").size[0] > 200 for p in pictures)
     baseline = train.main(["--predict", photo, "--checkpoint",
                            f'{trained["r18"]}/best.pt', "--out", out])
     assert 0 <= baseline[photo]["p_fake"] <= 1
     assert os.path.exists(out + "-2/predictions.json")  # no m: crops and scores
     with pytest.raises(ops.InputError, match="missing.mp4: no such file or folder .expected a "
                                              "video, a folder of frames"):
-        train.main(["--predict", str(tmp_path / "missing.mp4"), "--checkpoint",
+        train.main(["--predict", f"{tmp_path}/missing.mp4", "--checkpoint",
                     f'{trained["add"]}/best.pt'])
 
 
@@ -1427,9 +1455,9 @@ def test_compare_takes_the_architecture_as_the_unit(tmp_path, capsys):
     # a run of the previous version (its configuration had options built in now): the same group
     cfg["momentum"] = 0.9
     # a fourth shufflenet run at chance
-    fake_run(str(tmp_path / "chance"), dict(cfg, seed=3), 0.5, 0.5, train_ce=0.69)
-    rows = train.main(["--compare", *runs, str(tmp_path / "chance"), "--out",
-                       str(tmp_path / "cmp")])
+    fake_run(f"{tmp_path}/chance", dict(cfg, seed=3), 0.5, 0.5, train_ce=0.69)
+    rows = train.main(["--compare", *runs, f"{tmp_path}/chance", "--out",
+                       f"{tmp_path}/cmp"])
     out = capsys.readouterr().out
     means = [statistics.mean(auc[a, s] for s in range(3)) for a in range(len(archs))]
     assert sorted(r["frame_auc"] for r in rows) == pytest.approx(sorted(means)) and len(rows) == 7
@@ -1463,16 +1491,16 @@ def test_compare_takes_the_architecture_as_the_unit(tmp_path, capsys):
             argv = ["--arch", "mnasnet0_5", "--lr", lr, "--seed", str(seed)]
             fake_run(sweep[-1], vars(train.configure(train.parse_args(argv))), 0.9, v,
                      train_ce=0.69 if v == 0.5 else 0.3)
-    train.main(["--compare", *sweep, "--out", str(tmp_path / "cmp-lr")])
+    train.main(["--compare", *sweep, "--out", f"{tmp_path}/cmp-lr"])
     out = capsys.readouterr().out
     assert ("lr pick, mnasnet0_5 -: 0.003 of 0.001, 0.003, 0.01 (mean validation frame AUC "
             "0.855)") in out
     assert "edge" not in out
-    train.main(["--compare", *sweep[:4], "--out", str(tmp_path / "cmp-lr2")])
+    train.main(["--compare", *sweep[:4], "--out", f"{tmp_path}/cmp-lr2"])
     assert ("0.003 of 0.001, 0.003 (mean validation frame AUC 0.855); at the grid's edge: extend "
             "it") in capsys.readouterr().out
     with pytest.raises(ops.InputError, match="nothing: not a finished train.py run folder"):
-        train.main(["--compare", str(tmp_path / "nothing")])
+        train.main(["--compare", f"{tmp_path}/nothing"])
 
 
 def test_subnormals_flushed_steps_timed_batches_checked_and_no_run_overwritten(
@@ -1482,8 +1510,8 @@ def test_subnormals_flushed_steps_timed_batches_checked_and_no_run_overwritten(
     subnormal = torch.finfo(torch.float32).tiny / 4
     try:
         for main, argv in ((search.main,
-                            ["--random-genotype", "1", "--out", str(tmp_path / "r.json")]),
-                           (train.main, ["--compare", str(tmp_path / "nothing")])):
+                            ["--random-genotype", "1", "--out", f"{tmp_path}/r.json"]),
+                           (train.main, ["--compare", f"{tmp_path}/nothing"])):
             torch.set_flush_denormal(False)
             assert (torch.tensor([subnormal]) * 1).item() > 0
             with contextlib.suppress(ops.InputError):
@@ -1506,17 +1534,24 @@ def test_subnormals_flushed_steps_timed_batches_checked_and_no_run_overwritten(
                        match="--batch-size 64: the train split has only 12 samples"):
         train.main(TINY_TRAIN
                    + ["--genotype", genotype_file, "--batch-size", "64", "--out",
-                      str(tmp_path / "x")])
+                      f"{tmp_path}/x"])
     monkeypatch.setenv("RANK", "0")  # under torchrun
     for main, flag in ((train.main, "--compare"), (search.main, "--benchmark")):
         with pytest.raises(ops.InputError,
                            match=f"^{flag} runs in one process: run it with python, not torchrun$"):
             main([flag, "x"] if flag == "--compare" else [flag])
     monkeypatch.undo()
+    # on a GPU machine (CUDA's own calls replaced): cuda, as auto, the current GPU; cuda:1 GPU 1
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", calls.append)
+    devices = [add.init_distributed(name)[2] for name in ("auto", "cuda", "cuda:1")]
+    assert devices == [torch.device("cuda")] * 2 + [torch.device("cuda", 1)] and calls == [1]
+    monkeypatch.undo()
     with pytest.raises(ops.InputError, match=r"--batch-size 7: the global batch must divide by the "
                                              r"2 processes \(e.g. --batch-size 6\)"):
         add.split_batch(7, 2)
-    out = str(tmp_path / "run")
+    out = f"{tmp_path}/run"
     first = train.main(TINY_TRAIN + ["--genotype", genotype_file, "--epochs", "1", "--out", out])
     best = open(f"{out}/best.pt", "rb").read()
     capsys.readouterr()
@@ -1564,7 +1599,7 @@ def finishes(*argv, cwd):
     loaders with it)."""
     as_run = (f"import gc, runpy, sys; gc.disable(); sys.path.insert(0, {HERE!r}); "
               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    p = subprocess.run([sys.executable, "-c", as_run, os.path.join(HERE, argv[0]), *argv[1:]],
+    p = subprocess.run([sys.executable, "-c", as_run, f"{HERE}/{argv[0]}", *argv[1:]],
                        cwd=cwd, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, (argv, p.stderr[-2000:])
     assert p.stdout.rstrip().splitlines()[-1].startswith("wrote"), (argv, p.stderr[-2000:])
@@ -1630,7 +1665,7 @@ def test_a_search_across_two_processes_agrees_stops_and_resumes_as_if_never_stop
     # global batch of 4; K = 4 (1-channel edges, AVX2 kernels); 2 steps an epoch, w alone in 3 of 6
     argv = ["search.py", *ffpp_flags(ffpp[1]), "--cells", "3", "--epochs", "3", "--steps-per-epoch",
             "2", "--warmup", "0.5", "--partial-channels", "4", "--device", "cpu"]
-    whole, run = str(tmp_path / "whole"), str(tmp_path / "run")
+    whole, run = f"{tmp_path}/whole", f"{tmp_path}/run"
     # alpha and beta of each process at its end
     keep = driver(tmp_path, f"import atexit, torch\nreal, model = add.gradient_step, []\n"
                   "def step(net, *a, **k):\n    model[:] = [net]\n    return real(net, *a, **k)\n"
@@ -1669,7 +1704,7 @@ def test_a_search_across_two_processes_agrees_stops_and_resumes_as_if_never_stop
                  "    return ce * float('nan') if bad else ce, mse\nadd.loss_terms = terms",
                  "search.py")
     code, lines = two_ranks(nan, *TINY_SEARCH, "--epochs", "2", "--device", "cpu", "--run-dir",
-                            str(tmp_path / "nan"), "--out", str(tmp_path / "nan.json"))
+                            f"{tmp_path}/nan", "--out", f"{tmp_path}/nan.json")
     assert code != 0 and each_rank(lines) == (
         "error: non-finite loss at epoch 1, within steps 1-2; the last checkpoint is intact: "
         "lower --w-lr")
@@ -1678,7 +1713,7 @@ def test_a_search_across_two_processes_agrees_stops_and_resumes_as_if_never_stop
 def test_a_stop_in_the_last_epoch_or_the_final_test_ends_in_one_line_and_resume_runs_the_test(
         tmp_path, genotype_file, face_video, monkeypatch):
     argv = TINY_TRAIN + ["--genotype", genotype_file, "--epochs", "2"]
-    whole = train.main(argv + ["--out", str(tmp_path / "whole")])
+    whole = train.main(argv + ["--out", f"{tmp_path}/whole"])
     for name, when, where in (("end_epoch", 2, "at the end of epoch 2"),
                               ("report", 1, "during the final test")):
         out = str(tmp_path / name)
@@ -1697,17 +1732,17 @@ def test_a_stop_in_the_last_epoch_or_the_final_test_ends_in_one_line_and_resume_
                            "this configuration"):  # given now, a 0 wins too
             train.main(["--resume", "--out", out, "--stem-reductions", "0"])
         assert train.main(["--resume", "--out", out])["test"] == whole["test"]
-    best = str(tmp_path / "whole" / "best.pt")
+    best = f"{tmp_path}/whole/best.pt"
     monkeypatch.setattr(train, "report", signalled(train.report, 1))
     with pytest.raises(add.Stopped, match="^stopped by SIGINT during the evaluation; nothing is "
                        "lost: run it again$"):
-        train.main(["--eval-only", "--checkpoint", best, "--out", str(tmp_path / "eval")])
+        train.main(["--eval-only", "--checkpoint", best, "--out", f"{tmp_path}/eval"])
     monkeypatch.setattr(train, "score_input", signalled(train.score_input, 2))
     with pytest.raises(add.Stopped, match="^stopped by SIGINT: the inputs above were scored, "
                        "predictions.json was not written$"):
         train.main(["--predict", face_video, face_video, "--checkpoint", best, "--frames", "1",
-                    "--out", str(tmp_path / "predicted")])
-    assert not os.path.exists(tmp_path / "predicted" / "predictions.json")
+                    "--out", f"{tmp_path}/predicted"])
+    assert not os.path.exists(f"{tmp_path}/predicted/predictions.json")
     # the handlers are put back
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -1716,7 +1751,7 @@ def test_a_training_across_two_processes_stops_survives_a_kill_evaluates_as_one_
         tmp_path, ffpp, genotype_file):
     # torchrun, 2 processes (gloo) on prepared FF++, each with 2 loader workers and half of each
     # global batch of 4: 3 steps an epoch
-    out = str(tmp_path / "ddp")
+    out = f"{tmp_path}/ddp"
     argv = ["train.py", "--genotype", genotype_file, *ffpp_flags(ffpp[1]), "--cells-per-block",
             "1", "--stem-reductions", "2", "--epochs", "3", "--device", "cpu", "--out", out]
     last = f"{out}/last.pt"
@@ -1744,10 +1779,10 @@ def test_a_training_across_two_processes_stops_survives_a_kill_evaluates_as_one_
     # its evaluation by 2 processes: one run folder, the scores and metrics of one process
     best = f"{out}/best.pt"
     assert two_ranks("train.py", "--eval-only", "--checkpoint", best, "--out",
-                     str(tmp_path / "two")) == (0, [])
-    assert not os.path.exists(tmp_path / "two-2")
-    one = train.main(["--eval-only", "--checkpoint", best, "--out", str(tmp_path / "one")])
-    two = json.load(open(tmp_path / "two" / "eval.json"))
+                     f"{tmp_path}/two") == (0, [])
+    assert not os.path.exists(f"{tmp_path}/two-2")
+    one = train.main(["--eval-only", "--checkpoint", best, "--out", f"{tmp_path}/one"])
+    two = json.load(open(f"{tmp_path}/two/eval.json"))
     assert two.keys() == one.keys() and two["test"].keys() == one["test"].keys()
     for key, value in one["test"].items():  # frames, videos, data; the scores
         assert two["test"][key] == (value if key in ("frames", "videos", "data")
@@ -1755,27 +1790,32 @@ def test_a_training_across_two_processes_stops_survives_a_kill_evaluates_as_one_
     rows = [list(csv.reader(open(tmp_path / run / "predictions.csv"))) for run in ("one", "two")]
     assert len(rows[0]) == 11 and [r[:4] for r in rows[0]] == [r[:4] for r in rows[1]]
     assert all(abs(float(a[4]) - float(b[4])) <= 1e-6 for a, b in zip(rows[0][1:], rows[1][1:]))
-    # rank 0's end of epoch 1 (one step an epoch) made to fail: weights made non-finite by its last
-    # update (before the validation could read them); or its optimizer's state, so that its
-    # checkpoint is refused. Every process ends by itself in its line (process 1: the vote's, or
-    # that process 0 failed); and in one process
+    # an end of epoch 1 (one step an epoch) made to fail: rank 0's weights made non-finite by its
+    # last update (before the validation could read them), or its optimizer's state, so that its
+    # checkpoint is refused; or a frame of rank 1's part of the validation unreadable. Every
+    # process ends by itself in its line; and in one process
     step = ("import torch\nreal = torch.optim.Adam.step\ndef step(self, *a, **k):\n"
             "    out = real(self, *a, **k)\n    first = self.param_groups[0]['params'][0]\n"
             "    if os.environ.get('RANK', '0') == '0':\n        {}.fill_(float('inf'))\n"
             "    return out\ntorch.optim.Adam.step = step")
+    unreadable = ("import torch\nreal = add.to_device\ndef to_device(*a):\n"
+                  "    if os.environ['RANK'] == '1' and not torch.is_grad_enabled():\n"
+                  "        raise OSError(errno.EIO, 'Input/output error', 'x.png')\n"
+                  "    return real(*a)\nadd.to_device = to_device")
     weights = ("non-finite weights after epoch 1's last update; the last good checkpoint is "
                "intact: lower --lr, or --resume from it")
-    for name, poisoned, line, other in (
-            ("weights", "first.data", weights, weights),
-            ("state", "self.state[first]['exp_avg']", "optimizer.state.0.exp_avg holds a "
-             f"non-finite value: {tmp_path}/state/best.pt was not written (the one on disk is "
-             "intact)", "process 0 failed")):
-        code, lines = two_ranks(driver(tmp_path, step.format(poisoned), "train.py"), *TINY_TRAIN,
-                                "--genotype", genotype_file, "--device", "cpu", "--out",
-                                str(tmp_path / name))
-        assert code != 0 and lines == [f"error: {line}", f"process 1: error: {other}"]
+    state = (f"optimizer.state.0.exp_avg holds a non-finite value: {tmp_path}/state/best.pt was "
+             "not written (the one on disk is intact)")
+    io_error = "[Errno 5] Input/output error: 'x.png'"
+    for name, patch, first, other in (
+            ("weights", step.format("first.data"), weights, weights),
+            ("state", step.format("self.state[first]['exp_avg']"), state, f"{state} (process 0)"),
+            ("scores", unreadable, f"{io_error} (process 1)", io_error)):
+        code, lines = two_ranks(driver(tmp_path, patch, "train.py"), *TINY_TRAIN, "--genotype",
+                                genotype_file, "--device", "cpu", "--out", f"{tmp_path}/{name}")
+        assert code != 0 and lines == [f"error: {first}", f"process 1: error: {other}"]
     code, _, err = run_cli(driver(tmp_path, step.format("first.data"), "train.py"), *TINY_TRAIN,
-                           "--genotype", genotype_file, "--out", str(tmp_path / "one"))
+                           "--genotype", genotype_file, "--out", f"{tmp_path}/one")
     assert code == 1 and ours(err) == [f"error: {weights}"]
 
 
@@ -1807,10 +1847,10 @@ def test_readme_maps_the_paper_to_functions_that_hold_their_tags_and_its_demo_ru
     tags = {f"# Eq. {k}" for k in range(1, 8)} | {"# Algorithm 1", "# Fig. 2", "# Sec. III-C"}
     assert tags <= found
     finishes("search.py", *TINY_SEARCH, "--epochs", "1", cwd=tmp_path)
-    assert ops.load_genotype(str(tmp_path / "g.json")) and os.path.exists(tmp_path / "g.png")
+    assert ops.load_genotype(f"{tmp_path}/g.json") and os.path.exists(f"{tmp_path}/g.png")
     monkeypatch.chdir(tmp_path)
     assert train.main(["--genotype", "g.json", *TINY_TRAIN, "--epochs",
                        "1"])["test"]["frame_auc"] is not None
-    assert os.path.exists(tmp_path / "runs/train/metrics.json")
+    assert os.path.exists(f"{tmp_path}/runs/train/metrics.json")
     # the effective config, saved
-    assert json.load(open(tmp_path / "runs/search/config.json"))["image_size"] == 32
+    assert json.load(open(f"{tmp_path}/runs/search/config.json"))["image_size"] == 32

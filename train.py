@@ -41,7 +41,7 @@ from torch.utils.data import DistributedSampler
 
 from add import (ADD, BASELINES, BLOCKS, DEMO_SIZE, GRAD_CLIP, PAPER_SIZE, Baseline, Diverged, Run,
                  Stopped, add_data_arguments, all_ranks, append_log, autocast, count_parameters,
-                 d2_layout, epoch_generator, figure, fold_batchnorm, gather, gradient_step,
+                 d2_layout, epoch_generator, figure, fold_batchnorm, gather_or_fail, gradient_step,
                  init_distributed, load_checkpoint, load_state, loader, loader_workers, new_run_dir,
                  one_process, open_split, peak_memory_mib, prepare_model, random_batch, rank_world,
                  resolve_defaults, restore, resume, run_main, save_checkpoint, save_figure,
@@ -66,7 +66,7 @@ def build_model(cfg, genotype):
 
 def run_file(args, name):
     """A file of the run folder (--out)."""
-    return os.path.join(args.out, name)
+    return f"{args.out}/{name}"
 
 
 def make_optimizer(model, args):
@@ -88,11 +88,10 @@ def make_optimizer(model, args):
 # Evaluation (Sec. IV-B's ACC and AUC, and the field's AP and EER), per frame and per video
 
 @torch.no_grad()
-def frame_scores(model, loader, device, group):
+def part_scores(model, loader, device):
     """This process's part of a split (the loader's), in order, the body under training's autocast,
-    the heads and scores in fp32 (bf16 scores would tie) -> the whole split's arrays p (p(fake)),
-    label, ce, mse (absent without a mask branch), copied to the host once, and its video ids (the
-    parts of every process in rank order: add.gather)."""
+    the heads and scores in fp32 (bf16 scores would tie) -> arrays p (p(fake)), label, ce, mse
+    (absent without a mask branch), copied to the host once; its video ids."""
     model.eval()
     out = dict(p=[], label=[], ce=[], mse=[])
     videos = []
@@ -106,9 +105,15 @@ def frame_scores(model, loader, device, group):
             out["mse"].append((m.float() - M).square().mean((1, 2, 3)))  # Eq. 5, per sample
         out["label"].append(y)
         videos += batch[3]
-    parts = gather(({k: torch.cat(v).cpu().numpy() for k, v in out.items() if v}, videos), group)
+    return {k: torch.cat(v).cpu().numpy() for k, v in out.items() if v}, videos
+
+
+def frame_scores(model, loader, device, group):
+    """Every process's part_scores, in rank order -> the whole split's arrays and video ids; a
+    failure on one process (a frame that cannot be read) ends all (add.gather_or_fail)."""
+    parts = gather_or_fail(lambda: part_scores(model, loader, device), group)
     arrays = {k: np.concatenate([a[k] for a, _ in parts if k in a])
-              for k in out if any(k in a for a, _ in parts)}
+              for k in ("p", "label", "ce", "mse") if any(k in a for a, _ in parts)}
     return arrays, [video for _, part in parts for video in part]
 
 
@@ -804,7 +809,7 @@ def configure(args, cfg=None):
         args.mask_weight = 0.0  # no mask branch: nothing for Eq. 5 to supervise
     if args.small_input is None:
         args.small_input = args.image_size < SMALL_INPUT_BELOW
-    args.out = args.out or os.path.join("runs", mode)
+    args.out = args.out or f"runs/{mode}"
     if args.arch == "add" and args.genotype and args.genotype_origin is None:  # --compare's kind
         args.genotype_origin = genotype_origin(args.genotype)
     return args
