@@ -340,8 +340,7 @@ class Run:
 
     def on_rank0(self, work):
         """work() on rank 0 alone (files, the log, metrics), its failure (a full disk, a refused
-        checkpoint) ending every process (gather_or_fail) -> work()'s result on rank 0, None on the
-        others."""
+        checkpoint) ending every process (gather_or_fail) -> its result, on every process."""
         return gather_or_fail(work if self.rank == 0 else lambda: None, self.group)[0]
 
     def check_weights(self, model, epoch):
