@@ -290,7 +290,8 @@ class Run:
     4) Progress at a check: images/s and the time left (a search step that also moves alpha costs
        2 units).
     5) On exit the loaders' workers end (they would hang the interpreter's exit), then the handlers
-       are put back: a second Ctrl-C meanwhile is still only a flag."""
+       are put back: a second Ctrl-C meanwhile is still only a flag. A process of several ending on
+       an error ignores the stop signals from then on instead (its line is printed last)."""
     def __init__(self, device, loaders=(), total=0, group=None, advice=""):
         self.device = device
         self.loaders = loaders
@@ -311,7 +312,10 @@ class Run:
         self.handlers = {s: signal.signal(s, self.receive) for s in STOP_SIGNALS}
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, *exc):
+        if kind is not None and dist.is_initialized():  # the process ends (run_main): a signal
+            self.handlers = dict.fromkeys(STOP_SIGNALS, signal.SIG_IGN)  # from torchrun's agent,
+            ignore_stop_signals()  # sent once another process ended, must not cut its line
         for data in self.loaders:  # persistent workers, once started: ended as DataLoader does
             if getattr(data, "_iterator", None) is not None:
                 data._iterator._shutdown_workers()
@@ -469,7 +473,8 @@ def run_main(main):
     """A script's entry: main(), every end a user can act on as one line on stderr, no traceback
     (InputError: a mistake; Diverged: non-finite numbers; Stopped: a signal; OSError: a full disk, a
     file that cannot be read). Under torchrun each process ends in its line, "process N: " before
-    the others'."""
+    the others', written at once (two processes' lines never interleave), then leaves without the
+    interpreter's finalization, where gloo's threads can abort it (SIGABRT)."""
     rank = int(os.environ.get("RANK", 0))
     try:
         main()
@@ -483,7 +488,12 @@ def run_main(main):
         if dist.is_initialized():  # torchrun's agent signals the rest once one process ended:
             ignore_stop_signals()  # their lines must not be cut short
             dist.destroy_process_group()
-    sys.exit(f"process {rank}: {line}" if rank else line)
+    sys.stdout.flush()
+    sys.stderr.write(f"process {rank}: {line}\n" if rank else f"{line}\n")
+    sys.stderr.flush()
+    if "RANK" in os.environ:
+        os._exit(1)
+    sys.exit(1)
 
 
 def ignore_stop_signals(worker_id=None):

@@ -569,7 +569,7 @@ def main(argv=None):
     given = parse_args(argv)
     # weights decaying to 0 (a run at chance) go subnormal: x86 steps 8x slower
     torch.set_flush_denormal(True)
-    args = configure(argparse.Namespace(**vars(given)), check=not given.resume)
+    args = configure(argparse.Namespace(**vars(given)), check=given.benchmark or not given.resume)
     if args.random_genotype is not None:
         one_process("--random-genotype")
         genotype = random_genotype(args.random_genotype)

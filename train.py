@@ -359,8 +359,8 @@ def test(args, model, val_data, split, device, run):
 def report(args, model, split, device, name, state, run, val=None):
     """The test split (split: its dataset, loader, name) scored by every process; rank 0 writes
     NAME (metrics, with the checkpoint's epoch and genotype, and val's: (metrics, outputs) or
-    None), predictions.csv (a row a frame: it reproduces them), masks.png -> the metrics (rank 0's;
-    None elsewhere)."""
+    None), predictions.csv (a row a frame: it reproduces them), masks.png -> the metrics (rank 0's,
+    on every process)."""
     test_set, test_data, test_name = split
     test = evaluate(model, test_data, device, run.group)
 
