@@ -143,13 +143,13 @@ def add_loss(ce, mse, mask_weight):
 
 def gradient_step(model, optimizer, batch, device, mask_weight, flips=None, penalty=None, clip=True,
                   world=1):
-    """One update of `params` on one batch with the loss of Eq. 7 -> the detached (CE, MSE, loss) on
-    the device (MSE 0 without a mask branch). In the search it is Eq. 3's L(y; F(x, alpha, w)): w on
-    a training batch (Algorithm 1, lines 2-4) or alpha on a validation batch (lines 5-7), and only
-    the gradients of `params` are computed, so the alpha step does not pay for w's. penalty: a term
-    added to the loss (search.py's parameter term); clip: the gradient norm to GRAD_CLIP (w's
-    updates); world > 1: the processes' gradients averaged before (the search: DDP cannot wrap a
-    network whose alpha step leaves w without gradients)."""
+    """One update of the optimizer's parameters on one batch with the loss of Eq. 7 -> the detached
+    (CE, MSE, loss) on the device (MSE 0 without a mask branch). In the search it is Eq. 3's L(y;
+    F(x, alpha, w)): w on a training batch (Algorithm 1, lines 2-4) or alpha on a validation batch
+    (lines 5-7), and only the gradients of those parameters are computed, so the alpha step does not
+    pay for w's. penalty: a term added to the loss (search.py's parameter term); clip: the gradient
+    norm to GRAD_CLIP (w's updates); world > 1: the processes' gradients averaged before (the
+    search: DDP cannot wrap a network whose alpha step leaves w without gradients)."""
     # faces (B, 3, H, W), hull masks M (B, 1, H, W), labels (B,)
     x, M, y = to_device(batch, device, flips)
     with autocast(device):
@@ -336,10 +336,11 @@ class Run:
 
     def vote(self, *flags):
         """Each flag combined over all processes (any rank's True is every rank's); one process:
-        as is."""
+        as is (every step votes: no tensor)."""
+        if self.group is None:
+            return [bool(f) for f in flags]
         t = torch.tensor([float(bool(f)) for f in flags])
-        if self.group is not None:
-            dist.all_reduce(t, dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(t, dist.ReduceOp.MAX, group=self.group)
         return [bool(v) for v in t]
 
     def on_rank0(self, work):

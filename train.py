@@ -320,7 +320,7 @@ def stopped(args, name, where, held):
         return (f"stopped by {name} {where}; no checkpoint yet (one is written at each epoch's "
                 "end): start the run again")
     then = "" if held == args.epochs else f"trains epochs {held + 1}-{args.epochs} and "
-    return (f"stopped by {name} {where}; the last checkpoint, {os.path.join(args.out, 'last.pt')}, "
+    return (f"stopped by {name} {where}; the last checkpoint, {run_file(args, 'last.pt')}, "
             f"holds epoch {held}: python train.py --resume --out {args.out} {then}runs the test")
 
 
